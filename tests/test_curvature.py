@@ -1,0 +1,234 @@
+"""Curvature of real (small) networks against an independent exact computation.
+
+The reference below shares no code with the library: it expands an MLP into its explicit
+neuron graph, takes forward shortest paths with scipy's Dijkstra, builds each connection's two
+measures from the definition, and solves W1 with POT ``ot.emd2``.
+"""
+import numpy as np
+import ot
+import pytest
+import torch
+import torch.nn as nn
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import shortest_path
+from scipy.stats import spearmanr
+
+from tp_curvature import CalibrationError, UnsupportedModelError, connection_curvature
+from tp_curvature.hooks import normalise
+
+ALPHA = 0.5
+
+
+def reference_mlp_curvature(model: nn.Sequential, x: torch.Tensor, alpha=ALPHA,
+                            flow=False, normalize="minmax"):
+    """kappa for every connection of a Flatten/Linear/ReLU MLP, from first principles."""
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    # node values: mean |post-activation| of every layer's neurons
+    acts, h = [], x.flatten(1)
+    acts.append(h.abs().mean(0))
+    mods = list(model)[1:]
+    for i, m in enumerate(mods):
+        h = m(h)
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        if isinstance(m, nn.ReLU) or (isinstance(m, nn.Linear) and nxt is None):
+            acts.append(h.abs().mean(0))
+    acts = [normalise(a.detach().double().numpy(), normalize) for a in acts]
+    sizes = [a.size for a in acts]
+    offs = np.cumsum([0] + sizes)
+    n = offs[-1]
+    a_all = np.concatenate(acts)
+    rows, cols, lens = [], [], []
+    strength = {}
+    for L, lin in enumerate(linears):
+        w = lin.weight.detach().double().abs().numpy()        # (out, in)
+        for u in range(sizes[L]):
+            for v in range(sizes[L + 1]):
+                s = w[v, u] * (acts[L][u] if flow else 1.0)
+                strength[(offs[L] + u, offs[L + 1] + v)] = w[v, u]
+                if s > 0:
+                    rows.append(offs[L] + u)
+                    cols.append(offs[L + 1] + v)
+                    lens.append(1.0 / s)
+    G = csr_matrix((lens, (rows, cols)), shape=(n, n))
+    D = shortest_path(G, method="D", directed=True)
+
+    def neighbours(node, layer, direction):
+        lay = layer - 1 if direction < 0 else layer + 1
+        if lay < 0 or lay >= len(sizes):
+            return [], []
+        nb, wts = [], []
+        for k in range(sizes[lay]):
+            g = offs[lay] + k
+            key = (g, node) if direction < 0 else (node, g)
+            if strength.get(key, 0) > 0 and a_all[g] > 0:
+                nb.append(g)
+                wts.append(a_all[g] * strength[key] if flow else np.exp(-1.0 / a_all[g] ** 2))
+        wts = np.array(wts)
+        return nb, (wts / wts.sum() if len(nb) else wts)
+
+    out = []
+    for L in range(len(linears)):
+        K = np.ones((sizes[L], sizes[L + 1]))
+        for u in range(sizes[L]):
+            x_ = offs[L] + u
+            if a_all[x_] == 0:
+                continue
+            zs, pz = neighbours(x_, L, -1)
+            for v in range(sizes[L + 1]):
+                y_ = offs[L + 1] + v
+                if a_all[y_] == 0 or not np.isfinite(D[x_, y_]):
+                    continue
+                ws, pw = neighbours(y_, L + 1, +1)
+                src = zs + [x_]
+                dst = ws + [y_]
+                a = np.append((1 - alpha) * pz, alpha) if zs else np.array([1.0])
+                b = np.append((1 - alpha) * pw, alpha) if ws else np.array([1.0])
+                src = src if zs else [x_]
+                dst = dst if ws else [y_]
+                C = D[np.ix_(src, dst)]
+                K[u, v] = (1 - ot.emd2(a, b, C) / D[x_, y_]) / (1 - alpha)
+        out.append(K)
+    return out
+
+
+def small_mlp(seed=0, sizes=(12, 10, 8, 6)):
+    torch.manual_seed(seed)
+    layers = [nn.Flatten()]
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers).eval()
+
+
+@pytest.mark.parametrize("variant", ["paper", "flow"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_backend_matches_independent_reference(variant, seed):
+    model = small_mlp(seed)
+    x = torch.randn(32, 12, generator=torch.Generator().manual_seed(seed))
+    ref = reference_mlp_curvature(model, x, flow=(variant == "flow"))
+    got = connection_curvature(model, x, variant=variant, topk=None, backend="exact")
+    for K_ref, lc in zip(ref, got.values()):
+        assert lc.kappa.shape == K_ref.shape
+        np.testing.assert_allclose(lc.kappa, K_ref, atol=1e-6)  # float32 activations
+
+
+@pytest.mark.parametrize("variant", ["paper", "flow"])
+def test_sinkhorn_backend_close_to_reference(variant):
+    model = small_mlp(3, sizes=(16, 12, 10, 8))
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))
+    ref = reference_mlp_curvature(model, x, flow=(variant == "flow"))
+    got = connection_curvature(model, x, variant=variant, topk=None, backend="sinkhorn")
+    for K_ref, lc in zip(ref, got.values()):
+        # entropic bias is one-sided (kappa_eps <= kappa) and small at the default eps
+        assert np.max(np.abs(lc.kappa - K_ref)) < 0.03
+        assert np.all(lc.kappa <= K_ref + 1e-6)
+        assert spearmanr(lc.kappa.ravel(), K_ref.ravel()).statistic > 0.99
+
+
+def test_single_layer_closed_form_kappa_zero():
+    """Input -> output only: both measures are deltas, W1 = d(x, y), kappa = 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(5, 4))
+    x = torch.rand(16, 5) + 0.1
+    lc = next(iter(connection_curvature(model, x, topk=None, backend="exact",
+                                        normalize="max").values()))
+    assert np.allclose(lc.kappa, 0.0)
+
+
+@pytest.mark.parametrize("backend", ["exact", "sinkhorn"])
+def test_two_layer_closed_form(backend):
+    """X (input) -> Y -> W (output): m_x = delta_x, so all mass leaves x and
+    W1 = alpha d(x,y) + (1-alpha) sum_w r_y(w) c(x,w), i.e.
+    kappa = 1 - sum_w r_y(w) c(x, w) / d(x, y) with c(x, w) = min_y' d(x,y') + d(y',w)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)).eval()
+    x = torch.rand(64, 6) + 0.05
+    with torch.no_grad():
+        h = torch.relu(model[1](x))
+        out = model[3](h)
+    a_y = normalise(h.abs().mean(0).double().numpy(), "max")
+    a_w = normalise(out.abs().mean(0).double().numpy(), "max")
+    d1 = 1 / model[1].weight.detach().double().abs().numpy().T          # (6, 5)
+    d2 = 1 / model[3].weight.detach().double().abs().numpy().T          # (5, 4)
+    c_xw = (d1[:, :, None] + d2[None, :, :]).min(1)                       # (6, 4)
+    r = np.exp(-1 / a_w ** 2) * (a_w > 0)
+    r /= r.sum()
+    expected = 1 - (c_xw @ r)[:, None] / d1
+    expected[:, a_y == 0] = 1.0
+    lc = list(connection_curvature(model, x, topk=None, backend=backend, normalize="max",
+                                   alpha=ALPHA).values())[0]
+    tol = 1e-6 if backend == "exact" else 0.03
+    np.testing.assert_allclose(lc.kappa, expected, atol=tol)
+
+
+def test_dead_channel_and_zero_weight_give_documented_kappa():
+    model = small_mlp(5)
+    with torch.no_grad():
+        model[1].weight[3].zero_()          # hidden neuron 3 of layer 1 is dead (and has no input)
+        model[1].bias[3] = -1.0
+        model[3].weight[2, 4] = 0.0         # one zero-weight connection
+    x = torch.randn(32, 12)
+    res = list(connection_curvature(model, x, topk=None, backend="exact").values())
+    assert np.all(res[0].kappa[:, 3] == 1.0)       # dead endpoint
+    assert np.all(res[1].kappa[3, :] == 1.0)
+    assert res[1].kappa[4, 2] == 1.0               # zero weight
+    for lc in res:
+        assert np.all(np.isfinite(lc.kappa))
+
+
+def test_conv_graph_groups_and_bn_fold():
+    """Depthwise conv: only diagonal connections exist; BN scale enters the lengths."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.uniform_(0.5, 2.0)
+    x = torch.randn(8, 3, 8, 8)
+    res = connection_curvature(model, x, topk=None, backend="exact")
+    dw = res["3"]
+    assert np.array_equal(dw.exists, np.eye(4, dtype=bool))
+    assert np.all(np.isnan(dw.kappa[~np.eye(4, dtype=bool)]))
+    first = res["0"]
+    bn = model[1]
+    scale = (bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)).abs()
+    w = model[0].weight.detach().double().flatten(2).norm(dim=2)       # (4 out, 3 in)
+    np.testing.assert_allclose(first.length, (1 / (w * scale[:, None])).T.numpy(), rtol=1e-10)
+
+
+def test_flatten_maps_features_to_channels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+    res = connection_curvature(model, torch.randn(4, 1, 6, 6), topk=None, backend="exact")
+    fc = res["3"]
+    assert fc.kappa.shape == (3, 5)
+    assert np.array_equal(fc.in_group, np.repeat(np.arange(3), 16))
+    w = model[3].weight.detach().double().reshape(5, 3, 16).norm(dim=2)
+    np.testing.assert_allclose(fc.length, (1 / w).T.numpy(), rtol=1e-10)
+
+
+def test_bad_input_errors():
+    model = small_mlp(0)
+    with pytest.raises(CalibrationError, match="empty"):
+        connection_curvature(model, [])
+    with pytest.raises(CalibrationError, match="no calibration data"):
+        connection_curvature(model, None)
+    x = torch.randn(4, 12)
+    x[0, 0] = float("nan")
+    with pytest.raises(CalibrationError, match="non-finite.*layer '1'"):
+        connection_curvature(model, x)
+    with pytest.raises(UnsupportedModelError, match="no Linear or Conv"):
+        connection_curvature(nn.Sequential(nn.ReLU()), torch.randn(2, 3))
+
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) * torch.sigmoid(x)
+
+    with pytest.raises(UnsupportedModelError, match="mul"):
+        connection_curvature(Gate(), torch.randn(2, 4))

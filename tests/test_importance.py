@@ -1,0 +1,216 @@
+"""CurvatureImportance inside Torch-Pruning pruners, end to end on real architectures."""
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+import torchvision
+
+from tp_curvature import CalibrationError, CurvatureImportance, UnsupportedModelError
+from tp_curvature import models as zoo
+
+FAST = dict(topk=8)
+
+
+def _final_linear(model):
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+MODELS = {
+    "mlp": (lambda: zoo.mlp(64, hidden=(32, 16), num_classes=10), (1, 8, 8)),
+    "lenet5": (lambda: zoo.lenet5(1, 10, 28), (1, 28, 28)),
+    "vgg_bn": (lambda: zoo.vgg9(3, 10, 32, width=0.25), (3, 32, 32)),
+    "resnet20": (lambda: zoo.resnet20(10, 3), (3, 32, 32)),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (3, 32, 32)),
+    "densenet121": (lambda: torchvision.models.densenet121(num_classes=10), (3, 32, 32)),
+    "timm_resnet18": (lambda: timm.create_model("resnet18", num_classes=10), (3, 32, 32)),
+}
+
+
+def _calib(shape, n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g)
+
+
+def _randomise_bn(model, seed=0):
+    """Fresh BN layers have unit statistics; give them a trained-like spread."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_prune_half_lowest_scored_removed(name):
+    build, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    with torch.no_grad():
+        _randomise_bn(model)
+    x = _calib(shape)
+    out_shape = model(x).shape
+    imp = CurvatureImportance(**FAST).calibrate(model, x)
+    pruner = tp.pruner.BasePruner(model, x[:2], importance=imp, pruning_ratio=0.5,
+                                  ignored_layers=[_final_linear(model)])
+    seen = {}
+    original = pruner.estimate_importance
+
+    def record(group):
+        s = original(group)
+        if s is not None:
+            dep = group[0].dep
+            ch = pruner._get_channel_groups(group)
+            seen[(id(dep.target.module), dep.handler)] = s.view(ch, -1).mean(0) if ch > 1 else s
+        return s
+
+    pruner.estimate_importance = record
+    n_before = tp.utils.count_ops_and_params(model, x[:1])[1]
+    checked = 0
+    for group in pruner.step(interactive=True):
+        dep = group[0].dep
+        scores = seen[(id(dep.target.module), dep.handler)]
+        pruned = torch.as_tensor(group[0].idxs)
+        pruned = pruned[pruned < scores.numel()]
+        kept = torch.ones(scores.numel(), dtype=torch.bool)
+        kept[pruned] = False
+        if kept.any() and pruned.numel():
+            assert scores[pruned].max() <= scores[kept].min() + 1e-5, name
+            checked += 1
+        group.prune()
+    assert checked > 0
+    y = model(x)
+    assert y.shape == out_shape
+    assert torch.isfinite(y).all()
+    assert tp.utils.count_ops_and_params(model, x[:1])[1] < n_before
+
+
+def test_scores_shape_and_root_scatter():
+    torch.manual_seed(0)
+    model = zoo.lenet5(1, 10, 28).eval()
+    x = _calib((1, 28, 28))
+    imp = CurvatureImportance(**FAST).calibrate(model, x)
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+    conv2 = [m for m in model.modules() if isinstance(m, nn.Conv2d)][1]
+    # Torch-Pruning scores full groups (root_idxs are channel indices of the root layer)
+    group = DG.get_pruning_group(conv2, tp.prune_conv_out_channels, idxs=list(range(16)))
+    s = imp(group)
+    assert s.shape == (16,)
+    assert torch.all(s > 0)
+    torch.testing.assert_close(s.mean(), torch.tensor(1.0))     # normalizer="mean"
+    # the flattened fc input features of a channel count once (Linear after flatten):
+    # with group_reduction="first" / normalizer=None the channel score is the conv's alone
+    imp_first = CurvatureImportance(group_reduction="first", normalizer=None, **FAST)
+    imp_first.calibrate(model, x)
+    full = DG.get_pruning_group(conv2, tp.prune_conv_out_channels, idxs=list(range(16)))
+    _, out_scores = imp_first.channel_scores()[
+        [n for n, m in model.named_modules() if m is conv2][0]]
+    torch.testing.assert_close(imp_first(full), torch.as_tensor(out_scores, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("mode", ["global", "iterative", "isomorphic", "round_to"])
+def test_pruner_modes(mode):
+    torch.manual_seed(0)
+    model = zoo.resnet20(10, 3).eval()
+    with torch.no_grad():
+        _randomise_bn(model)
+    x = _calib((3, 32, 32), n=8)
+    imp = CurvatureImportance(**FAST).calibrate(model, x)
+    kw = dict(pruning_ratio=0.5, ignored_layers=[model.fc if hasattr(model, "fc")
+                                                 else _final_linear(model)])
+    if mode == "global":
+        kw.update(global_pruning=True)
+    elif mode == "iterative":
+        kw.update(iterative_steps=2)
+    elif mode == "isomorphic":
+        kw.update(global_pruning=True, isomorphic=True)
+    elif mode == "round_to":
+        kw.update(round_to=4)
+    pruner = tp.pruner.BasePruner(model, x[:2], importance=imp, **kw)
+    steps = kw.get("iterative_steps", 1)
+    fps = []
+    for _ in range(steps):
+        pruner.step()
+        assert model(x).shape == (8, 10)
+        # scores follow the pruned model: every kappa matrix matches the current layers
+        for name, lc in imp.curvatures().items():
+            m = lc.module
+            n_out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+            assert lc.kappa.shape[1] == n_out
+        fps.append(imp._fingerprint)
+    if mode == "round_to":
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d) and m is not model.conv1:
+                assert m.out_channels % 4 == 0 or m.out_channels == 16
+    if mode == "iterative":
+        assert fps[0] != fps[1]
+
+
+def test_dead_channel_is_pruned_first():
+    torch.manual_seed(0)
+    model = zoo.mlp(64, hidden=(32, 16), num_classes=10).eval()
+    lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        lin[0].weight[5].zero_()
+        lin[0].bias[5] = -1.0           # hidden neuron 5: always 0 after ReLU
+    x = _calib((1, 8, 8), n=32)
+    imp = CurvatureImportance(**FAST).calibrate(model, x)
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+    g = DG.get_pruning_group(lin[0], tp.prune_linear_out_channels, idxs=list(range(32)))
+    s = imp(g)
+    assert torch.isfinite(s).all()
+    assert int(torch.argmin(s)) == 5
+
+
+def test_errors():
+    model = zoo.mlp(64, hidden=(16,), num_classes=10)
+    imp = CurvatureImportance()
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 1, 8, 8))
+    lin = [m for m in model.modules() if isinstance(m, nn.Linear)][0]
+    g = DG.get_pruning_group(lin, tp.prune_linear_out_channels, idxs=[0, 1])
+    with pytest.raises(RuntimeError, match="calibrate"):
+        imp(g)
+    with pytest.raises(CalibrationError):
+        imp.calibrate(model, [])
+    with pytest.raises(UnsupportedModelError, match="no Linear or Conv"):
+        CurvatureImportance().calibrate(nn.Sequential(nn.Flatten(), nn.ReLU()),
+                                        torch.randn(2, 4))
+    with pytest.raises(ValueError, match="reduction"):
+        CurvatureImportance(reduction="median")
+
+
+def test_calibration_leaves_model_untouched():
+    torch.manual_seed(0)
+    model = zoo.lenet5(1, 10, 28)
+    model.train()
+    calls = []
+    h = model.register_forward_hook(lambda m, i, o: calls.append(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n_hooks = sum(len(m._forward_hooks) for m in model.modules())
+    x = _calib((1, 28, 28), n=8)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(8).long()),
+                                         batch_size=4)
+    imp = CurvatureImportance(**FAST).calibrate(model, loader)
+    imp.curvatures()
+    assert model.training
+    assert sum(len(m._forward_hooks) for m in model.modules()) == n_hooks
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert len(calls) >= 2                # the user's hook still fires
+    h.remove()
+    # hooks are removed even when calibration fails
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(CalibrationError, match="non-finite"):
+        CurvatureImportance().calibrate(model, bad)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == n_hooks - 1
+
+
+def test_forward_fn_for_dict_batches():
+    torch.manual_seed(0)
+    model = zoo.mlp(64, hidden=(16,), num_classes=10).eval()
+    batches = [{"pixels": torch.randn(8, 1, 8, 8)} for _ in range(2)]
+    imp = CurvatureImportance(**FAST).calibrate(model, batches,
+                                                forward_fn=lambda m, b: m(b["pixels"]))
+    assert all(np.isfinite(lc.kappa).all() for lc in imp.curvatures().values())

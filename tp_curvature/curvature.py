@@ -1,0 +1,293 @@
+"""Ollivier-Ricci curvature of every connection of a network's channel graph.
+
+For a connection :math:`x \\to y` of a weight layer (x an input channel, y an output channel)
+
+.. math::
+
+    \\kappa(x, y) = \\frac{1}{1 - \\alpha}\\Big(1 - \\frac{W_1(m_x, m_y)}{d(x, y)}\\Big),
+
+with the measures and ground costs of :mod:`tp_curvature.problem`. Negative curvature marks a
+bottleneck that carries the network's flow; positive curvature a redundant connection.
+
+Definitions (``variant`` picks a consistent pair; each part can be set on its own):
+
+============  =====================================  ==========================================
+option        ``"weight"`` / ``"activation"`` (paper) ``"flow"``
+============  =====================================  ==========================================
+length        :math:`d(u,v) = 1/|w_{uv}|`             :math:`d(u,v) = 1/(a_u |w_{uv}|)`
+measure       :math:`p_x(z) \\propto e^{-1/a_z^2}`     :math:`p_x(z) \\propto a_z |w_{zx}|`,
+                                                     :math:`r_y(w) \\propto a_w |w_{yw}|`
+============  =====================================  ==========================================
+
+:math:`|w_{uv}|` is the node-level strength of :mod:`tp_curvature.graph` (kernel-slice norm,
+BatchNorm scale folded in). Node values :math:`a` are min-max normalised per junction
+(:mod:`tp_curvature.hooks`); the paper's weights :math:`e^{-1/a^2}` are normalised in the log
+domain, so small activations keep their (tiny) share instead of underflowing to zero as in
+float32 reference code. Only active neighbours (``a > 0``) joined by an edge carry mass; a node
+with none keeps all its mass (``m_x = delta_x``).
+
+Conventions for connections that are not solved (documented, finite):
+
+* a dead endpoint (``a_x = 0`` or ``a_y = 0``) or a zero weight: :math:`\\kappa = 1` (removable;
+  a zero-weight connection is absent from the graph and carries nothing);
+* a pair of channels in different groups of a grouped/depthwise conv: ``NaN`` (there is no
+  connection; :class:`LayerCurvature` marks it in ``exists``).
+
+Unreachable pairs inside a cost matrix (no forward path) get a finite cap, twice the largest
+finite cost of that layer pair, so every transport problem is well posed.
+
+``topk`` keeps each measure's k heaviest neighbours (renormalised). With the paper's
+:math:`e^{-1/a^2}` weights the mass is concentrated on the most active neighbours and the cost
+is small (see ``benchmarks/kernels.py``); the kernels' work grows as :math:`(k+1)^2`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .graph import ChannelGraph, WeightLayer
+from .hooks import as_batches, default_forward, normalise, record_activations
+from .problem import LayerPairProblem
+from .shortest_paths import minplus
+
+VARIANTS = {"paper": ("weight", "activation"), "flow": ("flow", "flow")}
+
+
+@dataclass
+class CurvatureConfig:
+    """Every knob of the curvature definition and its solver."""
+    alpha: float = 0.5
+    variant: Optional[str] = "paper"
+    length: Optional[str] = None       # "weight" | "flow" (overrides variant)
+    measure: Optional[str] = None      # "activation" | "flow" (overrides variant)
+    p: float = 2.0                     # norm of a kernel slice
+    normalize: str = "minmax"          # node values: "minmax" (paper) | "max"
+    topk: Optional[int] = 32           # keep the k heaviest atoms of each measure (None: all)
+    backend: str = "sinkhorn"          # "sinkhorn" | "exact" | "pot-sinkhorn"
+    backend_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.variant is not None and self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+        base = VARIANTS.get(self.variant or "paper")
+        self.length = self.length or base[0]
+        self.measure = self.measure or base[1]
+        if self.length not in ("weight", "flow"):
+            raise ValueError(f"length must be 'weight' or 'flow', got {self.length!r}")
+        if self.measure not in ("activation", "flow"):
+            raise ValueError(f"measure must be 'activation' or 'flow', got {self.measure!r}")
+        if not 0.0 <= self.alpha < 1.0:
+            raise ValueError(f"alpha must be in [0, 1), got {self.alpha}")
+        if self.topk is not None and self.topk < 1:
+            raise ValueError(f"topk must be a positive int or None, got {self.topk}")
+        if self.backend not in ("sinkhorn", "exact", "pot-sinkhorn"):
+            raise ValueError(f"backend must be 'sinkhorn', 'exact' or 'pot-sinkhorn', got "
+                             f"{self.backend!r}")
+
+
+@dataclass
+class LayerCurvature:
+    """Curvature of the connections of one weight layer.
+
+    ``kappa[u, v]`` is the curvature of input node (channel) ``u`` -> output channel ``v``;
+    ``exists`` is False for structurally absent pairs (grouped convs), where kappa is NaN;
+    ``solved`` marks the connections that went through the transport solver (the others are
+    dead-endpoint or zero-weight connections with kappa = 1). ``in_group`` maps each input
+    feature of the module (e.g. a Linear's flattened input) to its node ``u``.
+    """
+    name: str
+    module: nn.Module
+    kappa: np.ndarray
+    exists: np.ndarray
+    solved: np.ndarray
+    in_group: np.ndarray
+    length: np.ndarray           # d(u, v), inf where no connection
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.kappa)
+
+
+def _lengths(strength: np.ndarray, a_src: Optional[np.ndarray], flow: bool) -> np.ndarray:
+    """d = 1/s (or 1/(a_src s)); inf where there is no edge."""
+    s = strength * a_src[:, None] if flow else strength
+    with np.errstate(divide="ignore"):
+        d = np.where(s > 0, 1.0 / np.where(s > 0, s, 1.0), np.inf)
+    return d
+
+
+def _neighbour_weights(strength: np.ndarray, a_nb: np.ndarray, measure: str, axis: int):
+    """Unnormalised log-weights of neighbours (-inf = no mass). ``strength`` has the neighbour
+    on ``axis`` (0: rows are neighbours z; 1: columns are neighbours w)."""
+    shape = [1, 1]
+    shape[axis] = -1
+    a = a_nb.reshape(shape)
+    ok = (strength > 0) & (a > 0)
+    with np.errstate(divide="ignore"):
+        if measure == "activation":
+            logw = np.where(ok, -1.0 / np.where(a > 0, a, 1.0) ** 2, -np.inf)
+        else:
+            logw = np.where(ok, np.log(np.where(ok, a * strength, 1.0)), -np.inf)
+    return logw
+
+
+def _support(logw: np.ndarray, topk: Optional[int]):
+    """Per row of ``logw`` (rows = the measure's centre): indices and normalised masses of
+    the (top-k) support, padded with -1 / 0."""
+    n, m = logw.shape
+    k = m if topk is None else min(topk, m)
+    if k == 0 or n == 0:
+        return np.zeros((n, 0), np.int64), np.zeros((n, 0))
+    if k < m:
+        idx = np.argpartition(-logw, k - 1, axis=1)[:, :k]
+    else:
+        idx = np.tile(np.arange(m), (n, 1))
+    lw = np.take_along_axis(logw, idx, axis=1)
+    order = np.argsort(-lw, axis=1, kind="stable")
+    idx = np.take_along_axis(idx, order, axis=1)
+    lw = np.take_along_axis(lw, order, axis=1)
+    finite = np.isfinite(lw)
+    mx = np.where(finite.any(1), np.max(np.where(finite, lw, -np.inf), axis=1), 0.0)
+    w = np.where(finite, np.exp(lw - mx[:, None]), 0.0)
+    tot = w.sum(1, keepdims=True)
+    mass = np.divide(w, tot, out=np.zeros_like(w), where=tot > 0)
+    idx = np.where(mass > 0, idx, -1).astype(np.int64)
+    return idx, mass
+
+
+def _restrict(idx: np.ndarray):
+    """Union of the used indices and ``idx`` re-indexed into that union."""
+    used = np.unique(idx[idx >= 0])
+    remap = np.full(int(idx.max()) + 1 if idx.size and idx.max() >= 0 else 0, -1, np.int64)
+    remap[used] = np.arange(used.size)
+    out = np.where(idx >= 0, remap[np.maximum(idx, 0)] if remap.size else -1, -1)
+    return used, out.astype(np.int64)
+
+
+def build_layer_problem(graph: ChannelGraph, layer: WeightLayer, acts: list,
+                        cfg: CurvatureConfig):
+    """Assemble the :class:`LayerPairProblem` of ``layer`` (all its connections x -> y).
+
+    Returns ``(problem, exists, zero_or_dead, d_xy)`` where ``exists`` marks structural
+    connections and ``d_xy`` the direct lengths (before capping).
+    """
+    flow_len = cfg.length == "flow"
+    X, Y = layer.in_junction, layer.out_junctions[0]
+    a_x, a_yn = acts[X], acts[Y]
+    s_xy_layer, cols, exists = graph.layer_edges(layer, Y, cfg.p)
+    if np.any(cols < 0):
+        raise ValueError(f"layer {layer.name!r}: some output channels do not reach junction "
+                         f"{graph.junctions[Y].name!r}")
+    s_direct = s_xy_layer[:, cols]                           # (n_x, C_out)
+    a_y = a_yn[cols]
+
+    # predecessors Z of X and successors W of Y (several junctions are stacked)
+    preds = graph.predecessors(X)
+    succs = graph.successors(Y)
+    s_zx = (np.vstack([graph.junction_edges(z, X, cfg.p) for z in preds]) if preds
+            else np.zeros((0, a_x.size)))
+    a_z = np.concatenate([acts[z] for z in preds]) if preds else np.zeros(0)
+    s_yw = (np.hstack([graph.junction_edges(Y, w, cfg.p) for w in succs]) if succs
+            else np.zeros((a_yn.size, 0)))
+    a_w = np.concatenate([acts[w] for w in succs]) if succs else np.zeros(0)
+    s_xy_all = graph.junction_edges(X, Y, cfg.p)
+
+    # measures (top-k supports)
+    pred_idx, pred_mass = _support(_neighbour_weights(s_zx, a_z, cfg.measure, 0).T, cfg.topk)
+    succ_logw = _neighbour_weights(s_yw, a_w, cfg.measure, 1)[cols]
+    succ_idx, succ_mass = _support(succ_logw, cfg.topk)
+    z_used, pred_idx = _restrict(pred_idx)
+    w_used, succ_idx = _restrict(succ_idx)
+
+    # ground costs: forward shortest paths
+    d_zx = _lengths(s_zx[z_used], a_z[z_used], flow_len)
+    d_xy_all = _lengths(s_xy_all, a_x, flow_len)
+    d_yw = _lengths(s_yw[:, w_used], a_yn, flow_len)
+    c_zy_all = minplus(d_zx, d_xy_all)
+    c_zw = minplus(c_zy_all, d_yw)
+    c_zy = c_zy_all[:, cols]
+    c_xw = minplus(d_xy_all, d_yw)
+    d_xy = _lengths(s_direct, a_x, flow_len)
+
+    solve = exists & np.isfinite(d_xy) & (a_x[:, None] > 0) & (a_y[None, :] > 0)
+    finite = [c[np.isfinite(c)] for c in (c_zw, c_zy, c_xw, d_xy[solve])]
+    top = max((f.max() for f in finite if f.size), default=1.0)
+    cap = 2.0 * top
+    c_zw, c_zy, c_xw = (np.where(np.isfinite(c), c, cap) for c in (c_zw, c_zy, c_xw))
+    prob = LayerPairProblem(d_xy=np.where(solve, d_xy, np.inf), c_zw=c_zw, c_zy=c_zy,
+                            c_xw=c_xw, pred_idx=pred_idx, pred_mass=pred_mass,
+                            succ_idx=succ_idx, succ_mass=succ_mass, alpha=cfg.alpha,
+                            solve=solve, name=layer.name)
+    return prob, exists, d_xy
+
+
+def kappa_from_w1(w1: np.ndarray, d_xy: np.ndarray, alpha: float) -> np.ndarray:
+    """:math:`\\kappa = (1 - W_1/d)/(1-\\alpha)` elementwise."""
+    return (1.0 - w1 / d_xy) / (1.0 - alpha)
+
+
+def layer_curvature(graph: ChannelGraph, layer: WeightLayer, acts: list,
+                    cfg: CurvatureConfig) -> LayerCurvature:
+    """Curvature of every connection of ``layer``."""
+    from .kernels import solve_w1
+
+    prob, exists, d_xy = build_layer_problem(graph, layer, acts, cfg)
+    prob.validate()
+    kappa = np.where(exists, 1.0, np.nan)
+    if prob.solve.any():
+        w1 = solve_w1(prob, backend=cfg.backend, **cfg.backend_options)
+        kappa[prob.solve] = kappa_from_w1(w1[prob.solve], d_xy[prob.solve], cfg.alpha)
+    return LayerCurvature(name=layer.name, module=layer.module, kappa=kappa, exists=exists,
+                          solved=prob.solve, in_group=graph.junctions[layer.in_junction].group,
+                          length=np.where(exists, d_xy, np.inf))
+
+
+def graph_curvature(graph: ChannelGraph, acts: list, cfg: CurvatureConfig,
+                    progress: bool = False) -> dict:
+    """:class:`LayerCurvature` of every scoreable weight layer of ``graph``, by layer name."""
+    layers = [l for l in graph.layers if l.out_junctions]
+    it = layers
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(layers, desc="curvature", leave=False)
+    out = {}
+    for layer in it:
+        out[layer.name] = layer_curvature(graph, layer, acts, cfg)
+    return out
+
+
+def normalised_activations(graph: ChannelGraph, raw: list, mode: str) -> list:
+    return [normalise(a, mode) for a in raw]
+
+
+def connection_curvature(model: nn.Module, data, forward_fn: Optional[Callable] = None,
+                         max_batches: Optional[int] = None, progress: bool = False,
+                         **config) -> dict:
+    """Per-connection curvature of every Linear/Conv layer of ``model``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A torch.fx-traceable network.
+    data : tensor, (inputs, targets), list of batches or DataLoader
+        Calibration data (see :func:`tp_curvature.hooks.as_batches`).
+    forward_fn : callable, optional
+        ``forward_fn(model, batch) -> output`` for batches that are not a plain tensor.
+    **config
+        Fields of :class:`CurvatureConfig` (``alpha``, ``variant``, ``topk``, ``backend``...).
+
+    Returns
+    -------
+    dict
+        Layer name -> :class:`LayerCurvature` (``kappa`` is ``(in_channels, out_channels)``).
+    """
+    cfg = CurvatureConfig(**config)
+    forward_fn = forward_fn or default_forward
+    batches = as_batches(data, max_batches)
+    graph = ChannelGraph.from_model(model, batches[0], forward_fn)
+    raw = record_activations(graph, batches, forward_fn, progress)
+    return graph_curvature(graph, normalised_activations(graph, raw, cfg.normalize), cfg,
+                           progress)

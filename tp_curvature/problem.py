@@ -1,0 +1,119 @@
+"""The transport problems of one layer pair: the contract between the graph and the kernels.
+
+For a weight layer with input nodes X (``n_x`` channels) and output nodes Y (``n_y``), the
+connection :math:`x \\to y` has two measures
+
+.. math::
+
+    m_x = \\alpha\\,\\delta_x + (1-\\alpha) \\sum_{z \\in Z} p_x(z)\\,\\delta_z, \\qquad
+    m_y = \\alpha\\,\\delta_y + (1-\\alpha) \\sum_{w \\in W} r_y(w)\\,\\delta_w,
+
+where Z are the predecessors of the X layer and W the successors of the Y layer. When
+:math:`p_x` is empty (no active neighbour, or an input layer) ``m_x`` is :math:`\\delta_x`
+(all mass stays on x); the same for ``m_y``.
+
+The ground cost between a source point (a row: some z, or x itself) and a target point (a
+column: some w, or y itself) is the forward shortest-path length in the layered graph:
+
+=========  ===========  ============================================
+row        column       cost
+=========  ===========  ============================================
+z          w            ``c_zw[z, w]`` (3 hops: z -> x' -> y' -> w)
+z          y            ``c_zy[z, y]`` (2 hops: z -> x' -> y)
+x          w            ``c_xw[x, w]`` (2 hops: x -> y' -> w)
+x          y            ``d_xy[x, y]`` (the connection itself)
+=========  ===========  ============================================
+
+Every connection of the pair shares ``c_zw``; only one row (x) and one column (y) differ.
+The kernels return :math:`W_1(m_x, m_y)`; the curvature is
+:math:`\\kappa(x, y) = (1 - W_1 / d(x, y)) / (1 - \\alpha)` (see :mod:`tp_curvature.curvature`).
+
+All cost arrays are finite float64 (the graph caps unreachable pairs before building the
+problem); ``d_xy`` may hold ``inf`` only where ``solve`` is False.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class LayerPairProblem:
+    """All W1 problems :math:`W_1(m_x, m_y)` of the connections of one layer pair.
+
+    Attributes
+    ----------
+    d_xy : (n_x, n_y) float64
+        Length of the connection x -> y (``inf`` where there is none).
+    c_zw : (n_z, n_w) float64
+        3-hop forward shortest-path lengths from predecessors z to successors w.
+    c_zy : (n_z, n_y) float64
+        2-hop lengths z -> y.
+    c_xw : (n_x, n_w) float64
+        2-hop lengths x -> w.
+    pred_idx : (n_x, k_z) int64
+        Support of :math:`p_x`: indices into Z, padded with -1 (``k_z`` may be 0).
+    pred_mass : (n_x, k_z) float64
+        :math:`p_x` on that support; each row sums to 1, or is all 0 when x has no active
+        predecessor (then ``m_x = delta_x``). Padding entries are 0.
+    succ_idx : (n_y, k_w) int64
+        Support of :math:`r_y`: indices into W, padded with -1.
+    succ_mass : (n_y, k_w) float64
+        :math:`r_y`, rows sum to 1 or are all 0 (``m_y = delta_y``).
+    alpha : float
+        Idleness, the mass each measure keeps on its own node, in [0, 1).
+    solve : (n_x, n_y) bool
+        Connections whose W1 is wanted; the others are left NaN by the solvers.
+    name : str
+        The layer this pair belongs to (for messages and progress bars).
+    """
+
+    d_xy: np.ndarray
+    c_zw: np.ndarray
+    c_zy: np.ndarray
+    c_xw: np.ndarray
+    pred_idx: np.ndarray
+    pred_mass: np.ndarray
+    succ_idx: np.ndarray
+    succ_mass: np.ndarray
+    alpha: float
+    solve: np.ndarray
+    name: str = ""
+
+    @property
+    def n_x(self) -> int:
+        return self.d_xy.shape[0]
+
+    @property
+    def n_y(self) -> int:
+        return self.d_xy.shape[1]
+
+    @property
+    def n_connections(self) -> int:
+        return int(self.solve.sum())
+
+    def validate(self) -> None:
+        """Check shapes and invariants; raise ValueError naming the layer on violation."""
+        n_x, n_y = self.d_xy.shape
+        n_z, n_w = self.c_zw.shape
+        where = f"layer pair {self.name!r}" if self.name else "layer pair"
+        checks = [
+            (self.c_zy.shape == (n_z, n_y), f"c_zy shape {self.c_zy.shape} != {(n_z, n_y)}"),
+            (self.c_xw.shape == (n_x, n_w), f"c_xw shape {self.c_xw.shape} != {(n_x, n_w)}"),
+            (self.pred_idx.shape == self.pred_mass.shape and self.pred_idx.shape[0] == n_x,
+             "pred_idx / pred_mass must both be (n_x, k_z)"),
+            (self.succ_idx.shape == self.succ_mass.shape and self.succ_idx.shape[0] == n_y,
+             "succ_idx / succ_mass must both be (n_y, k_w)"),
+            (self.solve.shape == (n_x, n_y), "solve must be (n_x, n_y)"),
+            (0.0 <= self.alpha < 1.0, f"alpha must be in [0, 1), got {self.alpha}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"{where}: {msg}")
+        for arr, nm in ((self.c_zw, "c_zw"), (self.c_zy, "c_zy"), (self.c_xw, "c_xw")):
+            if arr.size and not np.all(np.isfinite(arr)):
+                raise ValueError(f"{where}: {nm} has non-finite entries")
+        d = self.d_xy[self.solve]
+        if d.size and not (np.all(np.isfinite(d)) and np.all(d > 0)):
+            raise ValueError(f"{where}: d_xy must be finite and > 0 where solve is True")
