@@ -171,30 +171,49 @@ def build_layer_problem(graph: ChannelGraph, layer: WeightLayer, acts: list,
                         cfg: CurvatureConfig):
     """Assemble the :class:`LayerPairProblem` of ``layer`` (all its connections x -> y).
 
-    Returns ``(problem, exists, zero_or_dead, d_xy)`` where ``exists`` marks structural
-    connections and ``d_xy`` the direct lengths (before capping).
+    Returns ``(problem, exists, d_xy)``: ``exists`` marks structural connections and ``d_xy``
+    holds the direct lengths.
     """
-    flow_len = cfg.length == "flow"
     X, Y = layer.in_junction, layer.out_junctions[0]
-    a_x, a_yn = acts[X], acts[Y]
     s_xy_layer, cols, exists = graph.layer_edges(layer, Y, cfg.p)
     if np.any(cols < 0):
         raise ValueError(f"layer {layer.name!r}: some output channels do not reach junction "
                          f"{graph.junctions[Y].name!r}")
-    s_direct = s_xy_layer[:, cols]                           # (n_x, C_out)
-    a_y = a_yn[cols]
-
     # predecessors Z of X and successors W of Y (several junctions are stacked)
     preds = graph.predecessors(X)
     succs = graph.successors(Y)
+    n_x, n_yn = acts[X].size, acts[Y].size
     s_zx = (np.vstack([graph.junction_edges(z, X, cfg.p) for z in preds]) if preds
-            else np.zeros((0, a_x.size)))
+            else np.zeros((0, n_x)))
     a_z = np.concatenate([acts[z] for z in preds]) if preds else np.zeros(0)
     s_yw = (np.hstack([graph.junction_edges(Y, w, cfg.p) for w in succs]) if succs
-            else np.zeros((a_yn.size, 0)))
+            else np.zeros((n_yn, 0)))
     a_w = np.concatenate([acts[w] for w in succs]) if succs else np.zeros(0)
-    s_xy_all = graph.junction_edges(X, Y, cfg.p)
+    return problem_from_strengths(
+        s_zx=s_zx, a_z=a_z, a_x=acts[X], s_xy_all=graph.junction_edges(X, Y, cfg.p),
+        s_direct=s_xy_layer[:, cols], cols=cols, a_yn=acts[Y], s_yw=s_yw, a_w=a_w,
+        exists=exists, cfg=cfg, name=layer.name)
 
+
+def problem_from_strengths(*, s_zx, a_z, a_x, s_xy_all, s_direct, cols, a_yn, s_yw, a_w,
+                           exists, cfg: CurvatureConfig, name: str = ""):
+    """Build the transport problems of one layer pair from edge strengths ``|w|``.
+
+    Parameters (``n_yn`` nodes in the Y layer; the connections' columns are ``cols`` of them)
+    ----------
+    s_zx : (n_z, n_x)      strengths predecessors -> X (0 = no edge)
+    a_z, a_x : (n_z,), (n_x,)   normalised node values
+    s_xy_all : (n_x, n_yn) strengths of every edge X -> Y (for the shortest paths)
+    s_direct : (n_x, n_c)  strengths of the scored connections (columns ``cols`` of Y)
+    cols : (n_c,)          Y node of each connection column
+    a_yn : (n_yn,)         node values of Y
+    s_yw : (n_yn, n_w)     strengths Y -> successors; ``a_w`` (n_w,) their values
+    exists : (n_x, n_c)    structural connections
+
+    Returns ``(problem, exists, d_xy)``.
+    """
+    flow_len = cfg.length == "flow"
+    a_y = a_yn[cols]
     # measures (top-k supports)
     pred_idx, pred_mass = _support(_neighbour_weights(s_zx, a_z, cfg.measure, 0).T, cfg.topk)
     succ_logw = _neighbour_weights(s_yw, a_w, cfg.measure, 1)[cols]
@@ -220,8 +239,21 @@ def build_layer_problem(graph: ChannelGraph, layer: WeightLayer, acts: list,
     prob = LayerPairProblem(d_xy=np.where(solve, d_xy, np.inf), c_zw=c_zw, c_zy=c_zy,
                             c_xw=c_xw, pred_idx=pred_idx, pred_mass=pred_mass,
                             succ_idx=succ_idx, succ_mass=succ_mass, alpha=cfg.alpha,
-                            solve=solve, name=layer.name)
+                            solve=solve, name=name)
     return prob, exists, d_xy
+
+
+def solve_problem(prob: LayerPairProblem, exists: np.ndarray, d_xy: np.ndarray,
+                  cfg: CurvatureConfig) -> np.ndarray:
+    """kappa of every connection: solved ones from W1, dead/zero-weight ones 1, absent NaN."""
+    from .kernels import solve_w1
+
+    prob.validate()
+    kappa = np.where(exists, 1.0, np.nan)
+    if prob.solve.any():
+        w1 = solve_w1(prob, backend=cfg.backend, **cfg.backend_options)
+        kappa[prob.solve] = kappa_from_w1(w1[prob.solve], d_xy[prob.solve], cfg.alpha)
+    return kappa
 
 
 def kappa_from_w1(w1: np.ndarray, d_xy: np.ndarray, alpha: float) -> np.ndarray:
@@ -232,14 +264,8 @@ def kappa_from_w1(w1: np.ndarray, d_xy: np.ndarray, alpha: float) -> np.ndarray:
 def layer_curvature(graph: ChannelGraph, layer: WeightLayer, acts: list,
                     cfg: CurvatureConfig) -> LayerCurvature:
     """Curvature of every connection of ``layer``."""
-    from .kernels import solve_w1
-
     prob, exists, d_xy = build_layer_problem(graph, layer, acts, cfg)
-    prob.validate()
-    kappa = np.where(exists, 1.0, np.nan)
-    if prob.solve.any():
-        w1 = solve_w1(prob, backend=cfg.backend, **cfg.backend_options)
-        kappa[prob.solve] = kappa_from_w1(w1[prob.solve], d_xy[prob.solve], cfg.alpha)
+    kappa = solve_problem(prob, exists, d_xy, cfg)
     return LayerCurvature(name=layer.name, module=layer.module, kappa=kappa, exists=exists,
                           solved=prob.solve, in_group=graph.junctions[layer.in_junction].group,
                           length=np.where(exists, d_xy, np.inf))
