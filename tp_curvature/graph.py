@@ -441,8 +441,17 @@ class ChannelGraph:
 
         For a conv the norm runs over the kernel slice ``W[v, u, ...]``; for a Linear after
         flatten over the features of input channel ``u``. Pairs of different groups of a
-        grouped / depthwise conv are structurally absent (mask False).
+        grouped / depthwise conv are structurally absent (mask False). Cached per graph (a
+        graph is rebuilt whenever the model changes).
         """
+        key = (layer.index, float(p))
+        if not hasattr(self, "_nw_cache"):
+            self._nw_cache = {}
+        if key not in self._nw_cache:
+            self._nw_cache[key] = self._node_weights(layer, p)
+        return self._nw_cache[key]
+
+    def _node_weights(self, layer: WeightLayer, p: float):
         m = layer.module
         junc = self.junctions[layer.in_junction]
         w = m.weight.detach().to(torch.float64).abs().cpu()
