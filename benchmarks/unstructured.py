@@ -1,0 +1,429 @@
+"""The curvature paper's own experiment: unstructured per-weight pruning, no retraining.
+
+For each (dataset, model) pair: train or reload a baseline with ``train_or_load``, draw the
+calibration set the paper uses (``per_class`` correctly classified images of each class, one by
+default), score every weight with :func:`tp_curvature.unstructured.weight_curvature` (min kappa
+over the weight's unrolled positions and over the calibration images), then sweep the global
+sparsity and measure test accuracy for
+
+* ``curvature``: highest kappa removed first (the paper's method),
+* ``curvature-neg-first``: lowest (most negative) kappa first (the paper's control),
+* ``magnitude``: smallest ``|w|`` first,
+* ``random``: uniformly at random (several seeds).
+
+Also reported: the number of weights each criterion removes before test accuracy drops by more
+than one point (first crossing of the grid, refined by bisection on the number of weights
+between the last grid point above and the first below), the Spearman correlation of the
+curvature score with ``|w|`` per layer, and the wall time of scoring (per image, and cumulative
+over images, which shows the linear scaling).
+
+Usage::
+
+    python benchmarks/unstructured.py            # LeNet / Fashion-MNIST and MLP / digits
+    python benchmarks/unstructured.py --quick    # classes 0-1 only, coarse grid, 1 random seed
+    python benchmarks/unstructured.py --pairs digits:mlp --per-class 2 --alpha 0.5
+
+Writes ``results/unstructured.csv``, ``results/unstructured.png`` (one panel per dataset) and
+``results/unstructured.md`` (``results/_scratch/unstructured_quick.*`` with ``--quick``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tp_curvature.data import calibration_batch, load_dataset  # noqa: E402
+from tp_curvature.training import TrainConfig, evaluate, train_or_load  # noqa: E402
+from tp_curvature.unstructured import (  # noqa: E402
+    DEFAULT_TOPK, apply_masks, magnitude_scores, masks_from_scores, random_scores,
+    weight_curvature,
+)
+
+# CPU-friendly baselines (epochs): LeNet 3 epochs of Fashion-MNIST (~10 s), MLP 30 of digits
+PAIRS = {"fashion-mnist:paper_lenet": 3, "digits:mlp": 30}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__)
+    p.add_argument("--pairs", nargs="+", default=list(PAIRS),
+                   help="dataset:model pairs (default: %(default)s)")
+    p.add_argument("--per-class", type=int, nargs="+", default=[1],
+                   help="correctly classified calibration images per class (paper: 1); several "
+                        "values score and sweep each")
+    p.add_argument("--alpha", type=float, default=0.9, help="idleness (paper's scripts: 0.9)")
+    p.add_argument("--variant", default="paper", choices=["paper", "flow"])
+    p.add_argument("--topk", type=int, default=DEFAULT_TOPK,
+                   help="atoms kept per measure (0: all)")
+    p.add_argument("--backend", default=None, help="solver backend (default: library default)")
+    p.add_argument("--output", default="softmax", choices=["softmax", "logits"])
+    p.add_argument("--reduce", default="min", choices=["min", "mean"])
+    p.add_argument("--scope", default="global", choices=["global", "layer"])
+    p.add_argument("--random-seeds", type=int, default=3)
+    p.add_argument("--sparsities", type=float, nargs="+", default=None,
+                   help="default: 0, 0.05, ..., 0.95")
+    p.add_argument("--drop", type=float, default=0.01, help="accuracy drop threshold (0.01)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None, help="output prefix (default results/unstructured)")
+    p.add_argument("--exact-check", action="store_true",
+                   help="also score the first pair with backend='exact' (same images) and "
+                        "compare the scores and the time")
+    p.add_argument("--topk-scan", type=int, nargs="*", default=None,
+                   help="also time one image of the first pair at these topk values and compare "
+                        "the scores with the largest (e.g. 4 8 16 32)")
+    return p.parse_args(argv)
+
+
+def accuracy_with_masks(model, masks, test):
+    m = copy.deepcopy(model)
+    apply_masks(m, masks)
+    return evaluate(m, test)
+
+
+def sweep(model, scores, order, sparsities, test, seed=0, scope="global", secondary=None):
+    n_total = sum(s.numel() for s in scores.values())
+    out = []
+    for sp in sparsities:
+        masks = masks_from_scores(scores, sp, order=order, scope=scope, seed=seed,
+                                  secondary=secondary)
+        n_rm = sum(int((~m).sum()) for m in masks.values())
+        out.append((sp, n_rm, n_total, accuracy_with_masks(model, masks, test)))
+    return out
+
+
+def removed_before_drop(model, scores, order, curve, base, drop, test, seed=0, scope="global",
+                        secondary=None, steps=12):
+    """Largest number of removed weights with accuracy >= base - drop, refined by bisection
+    between the last grid point above the threshold and the first one below."""
+    thr = base - drop + 1e-12
+    n_total = curve[0][2]
+    first_bad = next((i for i, r in enumerate(curve) if r[3] < thr), None)
+    if first_bad is None:
+        return curve[-1][1], False
+    lo = curve[first_bad - 1][1] if first_bad > 0 else 0
+    hi = curve[first_bad][1]
+    for _ in range(steps):
+        if hi - lo <= 1:
+            break
+        mid = (lo + hi) // 2
+        masks = masks_from_scores(scores, mid / n_total, order=order, scope=scope, seed=seed,
+                                  secondary=secondary)
+        if accuracy_with_masks(model, masks, test) >= thr:
+            lo = mid
+        else:
+            hi = mid
+    return lo, True
+
+
+def run_pair(pair, args, sparsities, rows, summary, timing, diag, layer_sp):
+    dataset, model_name = pair.split(":")
+    torch.manual_seed(0)
+    cfg = TrainConfig(dataset=dataset, model=model_name, epochs=PAIRS.get(pair),
+                      num_threads=args.threads)
+    model, info = train_or_load(cfg, progress=False)
+    model.eval()
+    train, test, meta = load_dataset(dataset)
+    test_xy = test.tensors()
+    if args.quick and len(test_xy[1]) > 2000:
+        idx = torch.arange(0, len(test_xy[1]), len(test_xy[1]) // 2000)[:2000]
+        test_xy = (test_xy[0][idx], test_xy[1][idx])
+    base = evaluate(model, test_xy)
+    ccfg = dict(alpha=args.alpha, variant=args.variant, topk=args.topk or None)
+    if args.backend:
+        ccfg["backend"] = args.backend
+    mag = magnitude_scores(model)
+    criteria = []
+    for ci, per_class in enumerate(args.per_class):
+        calib_x, _ = calibration_batch(train, per_class, per_class=True, model=model)
+        if args.quick:
+            calib_x = calib_x[:2 * per_class]   # classes 0 and 1 only
+        n_img = len(calib_x)
+        print(f"[{pair}] base acc {base:.4f}; scoring with {n_img} calibration images {ccfg}")
+        scores, sinfo = weight_curvature(model, calib_x, output=args.output,
+                                         reduce=args.reduce, return_info=True, **ccfg)
+        cum = np.cumsum(sinfo["per_image_s"])
+        timing.append(dict(pair=pair, n_images=n_img, total_s=sinfo["total_s"],
+                           per_image_s=[round(t, 2) for t in sinfo["per_image_s"]],
+                           cumulative_s=[round(t, 2) for t in cum],
+                           layers={k: {kk: (round(vv, 2) if isinstance(vv, float) else vv)
+                                       for kk, vv in v.items()}
+                                   for k, v in sinfo["layers"].items()},
+                           backend=sinfo["config"]["backend"], topk=sinfo["config"]["topk"]))
+        print(f"[{pair}] scoring took {sinfo['total_s']:.1f}s "
+              f"({np.mean(sinfo['per_image_s']):.2f}s per image)")
+        # diagnostics: how much of the score is magnitude
+        tag = f"{pair} ({n_img} img)"
+        for k, sc in list(scores.items()) + [("(all)", None)]:
+            if sc is None:
+                sv = torch.cat([v.reshape(-1) for v in scores.values()]).numpy()
+                mv = torch.cat([v.reshape(-1) for v in mag.values()]).numpy()
+            else:
+                sv, mv = sc.reshape(-1).numpy(), mag[k].reshape(-1).numpy()
+            diag.append(dict(pair=tag, layer=k, n=sv.size,
+                             spearman_score_absw=float(spearmanr(sv, mv).statistic),
+                             frac_negative=float((sv < 0).mean()),
+                             frac_one=float((sv == 1).mean()), score_min=float(sv.min()),
+                             score_median=float(np.median(sv)), score_max=float(sv.max())))
+        sfx = f" ({per_class}/class)" if len(args.per_class) > 1 else ""
+        criteria.append(("curvature" + sfx, scores, "highest", 0, None))
+        if ci == 0:
+            criteria.append(("curvature-ties-by-magnitude" + sfx, scores, "highest", 0, mag))
+        criteria.append(("curvature-neg-first" + sfx, scores, "lowest", 0, None))
+    criteria.append(("magnitude", mag, "lowest", 0, None))
+    criteria += [("random", random_scores(model, s), "lowest", s, None)
+                 for s in range(args.random_seeds)]
+    for name, sc, order, seed, sec in criteria:
+        if seed == 0:   # where does each criterion prune? per-layer sparsity at 50% global
+            masks = masks_from_scores(sc, 0.5, order=order, scope=args.scope, seed=seed,
+                                      secondary=sec)
+            layer_sp.append(dict(pair=pair, criterion=name, **{
+                k: float((~m).float().mean()) for k, m in masks.items()}))
+        t0 = time.perf_counter()
+        curve = sweep(model, sc, order, sparsities, test_xy, seed, args.scope, sec)
+        n_ok, crossed = removed_before_drop(model, sc, order, curve, base, args.drop, test_xy,
+                                            seed, args.scope, sec)
+        for sp, n_rm, n_tot, acc in curve:
+            rows.append(dict(dataset=dataset, model=model_name, criterion=name, seed=seed,
+                             sparsity=sp, n_removed=n_rm, n_total=n_tot, accuracy=acc))
+        summary.append(dict(pair=pair, criterion=name, seed=seed, base=base, n_total=curve[0][2],
+                            removed_before_drop=n_ok, crossed=crossed,
+                            acc={sp: acc for sp, _, _, acc in curve}))
+        print(f"[{pair}] {name:20s} seed {seed}: {n_ok} weights before a {args.drop:.0%} drop "
+              f"({time.perf_counter() - t0:.1f}s)")
+    return base
+
+
+def topk_scan(pair, args, ks):
+    """Time one calibration image at several ``topk`` and compare the per-weight scores with
+    those at the largest ``topk`` (Spearman over all weights; max abs difference)."""
+    dataset, model_name = pair.split(":")
+    cfg = TrainConfig(dataset=dataset, model=model_name, epochs=PAIRS.get(pair),
+                      num_threads=args.threads)
+    model, _ = train_or_load(cfg, progress=False, verbose=False)
+    train, _, _ = load_dataset(dataset)
+    x, _ = calibration_batch(train, 1, per_class=True, model=model)
+    out = {}
+    for k in sorted(ks, key=lambda k: (k == 0, k)):
+        ccfg = dict(alpha=args.alpha, variant=args.variant, topk=k or None)
+        if args.backend:
+            ccfg["backend"] = args.backend
+        t0 = time.perf_counter()
+        sc = weight_curvature(model, x[:1], output=args.output, reduce=args.reduce,
+                              progress=False, **ccfg)
+        out[k] = (time.perf_counter() - t0, torch.cat([v.reshape(-1) for v in sc.values()]))
+        print(f"[topk scan {pair}] topk={k or 'all'}: {out[k][0]:.1f}s")
+    ref_k = sorted(ks, key=lambda k: (k == 0, k))[-1]
+    ref = out[ref_k][1].numpy()
+    return [dict(pair=pair, topk=k or "all", seconds=t, ref=ref_k or "all",
+                 spearman=float(spearmanr(v.numpy(), ref).statistic),
+                 max_abs_diff=float(np.abs(v.numpy() - ref).max()))
+            for k, (t, v) in out.items()]
+
+
+def exact_check(pair, args):
+    """Score the first pair with the default backend and with ``"exact"`` on the same images;
+    compare per-weight scores (Spearman, max abs difference) and wall time."""
+    dataset, model_name = pair.split(":")
+    cfg = TrainConfig(dataset=dataset, model=model_name, epochs=PAIRS.get(pair),
+                      num_threads=args.threads)
+    model, _ = train_or_load(cfg, progress=False, verbose=False)
+    train, _, _ = load_dataset(dataset)
+    x, _ = calibration_batch(train, args.per_class[0], per_class=True, model=model)
+    if args.quick:
+        x = x[:2 * args.per_class[0]]
+    res = {}
+    for be in (args.backend or "sinkhorn", "exact"):
+        t0 = time.perf_counter()
+        sc = weight_curvature(model, x, output=args.output, reduce=args.reduce, progress=False,
+                              alpha=args.alpha, variant=args.variant, topk=args.topk or None,
+                              backend=be)
+        res[be] = (time.perf_counter() - t0, torch.cat([v.reshape(-1) for v in sc.values()]))
+        print(f"[exact check {pair}] {be}: {res[be][0]:.1f}s")
+    (ta, a), (tb, b) = res.values()
+    a, b = a.numpy(), b.numpy()
+    return dict(pair=pair, n_images=len(x), backend=list(res)[0], seconds=ta, exact_seconds=tb,
+                spearman=float(spearmanr(a, b).statistic),
+                max_abs_diff=float(np.abs(a - b).max()),
+                mean_diff=float((a - b).mean()))
+
+
+def plot(rows, summary, path, sparsities):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pairs = list(dict.fromkeys((r["dataset"], r["model"]) for r in rows))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6.5 * len(pairs), 5.6), squeeze=False)
+    colors = {"curvature": "C0", "curvature-ties-by-magnitude": "C9", "curvature-neg-first": "C3",
+              "magnitude": "C2", "random": "C7"}
+    styles = ["-o", "--s", ":^", "-.v"]
+    for ax, (ds, mdl) in zip(axes[0], pairs):
+        sub = [r for r in rows if r["dataset"] == ds and r["model"] == mdl]
+        crits = list(dict.fromkeys(r["criterion"] for r in sub))
+        n_seen = {}
+        for crit in crits:
+            base_c = crit.split(" (")[0]
+            st = styles[n_seen.get(base_c, 0) % len(styles)]
+            n_seen[base_c] = n_seen.get(base_c, 0) + 1
+            rs = [r for r in sub if r["criterion"] == crit]
+            if not rs:
+                continue
+            seeds = sorted({r["seed"] for r in rs})
+            acc = np.array([[r["accuracy"] for r in rs if r["seed"] == s] for s in seeds]) * 100
+            sp = [r["sparsity"] for r in rs if r["seed"] == seeds[0]]
+            lab = crit + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else "")
+            ax.plot(sp, acc.mean(0), st, ms=3, color=colors[base_c], label=lab)
+            if len(seeds) > 1:
+                ax.fill_between(sp, acc.min(0), acc.max(0), color=colors[base_c], alpha=0.2)
+        base = next(s["base"] for s in summary if s["pair"] == f"{ds}:{mdl}") * 100
+        ax.axhline(base - 1, color="k", ls=":", lw=0.8, label="base - 1 pt")
+        ax.set_title(f"{mdl} on {ds} (no retraining)")
+        ax.set_xlabel("fraction of weights removed (global)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cum_txt(cum):
+    n = len(cum)
+    at = [k for k in (1, 2, 5, 10, 20, 50, 100, 200, 500) if k < n] + [n]
+    return ", ".join(f"{k}: {cum[k - 1]:.1f}" for k in at)
+
+
+def markdown(summary, timing, diag, args, show_sp, layer_sp=()):
+    lines = ["# Unstructured per-weight curvature pruning (the paper's experiment)", "",
+             f"Settings: alpha={args.alpha}, variant={args.variant}, topk={args.topk or 'all'}, "
+             f"output={args.output}, reduce={args.reduce} over positions and images, "
+             f"scope={args.scope}, {'/'.join(map(str, args.per_class))} correctly classified "
+             f"calibration image(s) per "
+             f"class{' (quick: classes 0 and 1 only)' if args.quick else ''}, no retraining. "
+             f"Accuracy in %, test set{' subset (2,000)' if args.quick else ''}.", ""]
+    head = ("| model / dataset | criterion | base | " + " | ".join(f"{s:.0%}" for s in show_sp)
+            + f" | weights removed before a {args.drop * 100:g}-pt drop |")
+    lines += [head, "|" + "---|" * (4 + len(show_sp))]
+    pairs = list(dict.fromkeys(s["pair"] for s in summary))
+    for pair in pairs:
+        sub = [s for s in summary if s["pair"] == pair]
+        ds, mdl = pair.split(":")
+        for crit in dict.fromkeys(s["criterion"] for s in sub):
+            ss = [s for s in sub if s["criterion"] == crit]
+            if not ss:
+                continue
+            accs = []
+            for sp in show_sp:
+                v = np.array([s["acc"][sp] for s in ss]) * 100
+                accs.append(f"{v.mean():.1f}" + (f" ± {v.std():.1f}" if len(v) > 1 else ""))
+            n = np.array([s["removed_before_drop"] for s in ss])
+            tot = ss[0]["n_total"]
+            ntxt = (f"{n.mean():,.0f} ({n.mean() / tot:.1%})" + (
+                f" [{n.min():,}-{n.max():,}]" if len(n) > 1 else "")
+                    + ("" if all(s["crossed"] for s in ss) else " (never dropped)"))
+            lab = crit + (f" ({len(ss)} seeds)" if len(ss) > 1 else "")
+            lines.append(f"| {mdl} / {ds} | {lab} | {ss[0]['base'] * 100:.1f} | "
+                         + " | ".join(accs) + f" | {ntxt} of {tot:,} |")
+    lines += ["", "## Scoring time", "",
+              "| model / dataset | backend | topk | images | total (s) | per image (s) | "
+              "cumulative (images: s) | solved problems per image |",
+              "|---|---|---|---|---|---|---|---|"]
+    for t in timing:
+        solved = sum(v["solved"] for v in t["layers"].values()) / t["n_images"]
+        lines.append(f"| {t['pair'].split(':')[1]} / {t['pair'].split(':')[0]} | {t['backend']} "
+                     f"| {t['topk']} | {t['n_images']} | {t['total_s']:.1f} | "
+                     f"{np.mean(t['per_image_s']):.2f} | "
+                     f"{cum_txt(t['cumulative_s'])} | {solved:,.0f} |")
+    lines += ["", "Per layer (all images): edges, solved transport problems, problem build and "
+              "solve time (s):", ""]
+    for t in timing:
+        for k, v in t["layers"].items():
+            lines.append(f"- {t['pair']} `{k}`: {v['n_edges']:,} edges per image for "
+                         f"{v['n_weights']:,} weights, {v['solved']:,} solved, build "
+                         f"{v['build_s']:.1f}, solve {v['solve_s']:.1f}")
+    lines += ["", "## How much of the score is magnitude", "",
+              "| model / dataset | layer | weights | Spearman(score, abs w) | negative | "
+              "exactly 1 (no active edge) | min | median | max |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for d in diag:
+        lines.append(f"| {d['pair']} | {d['layer']} | {d['n']:,} | {d['spearman_score_absw']:.3f} "
+                     f"| {d['frac_negative']:.1%} | {d['frac_one']:.1%} | {d['score_min']:.2f} | "
+                     f"{d['score_median']:.2f} | {d['score_max']:.2f} |")
+    lines += ["", "## Where each criterion prunes: per-layer fraction removed at 50% global "
+              "sparsity", ""]
+    for pair in dict.fromkeys(r["pair"] for r in layer_sp):
+        sub = [r for r in layer_sp if r["pair"] == pair]
+        keys = [k for k in sub[0] if k not in ("pair", "criterion")]
+        lines += [f"{pair}:", "", "| criterion | " + " | ".join(f"`{k}`" for k in keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        for r in sub:
+            lines.append(f"| {r['criterion']} | " + " | ".join(f"{r[k]:.0%}" for k in keys)
+                         + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        sparsities = args.sparsities or [0.0, 0.2, 0.4, 0.6, 0.8, 0.9]
+        args.random_seeds = min(args.random_seeds, 1)
+        out = Path(args.out or "results/_scratch/unstructured_quick")
+    else:
+        sparsities = args.sparsities or [round(float(s), 2) for s in np.arange(0, 0.96, 0.05)]
+        out = Path(args.out or "results/unstructured")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows, summary, timing, diag, layer_sp = [], [], [], [], []
+    t0 = time.perf_counter()
+    for pair in args.pairs:
+        run_pair(pair, args, sparsities, rows, summary, timing, diag, layer_sp)
+    scan = topk_scan(args.pairs[0], args, args.topk_scan) if args.topk_scan else []
+    check = exact_check(args.pairs[0], args) if args.exact_check else None
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, summary, out.with_suffix(".png"), sparsities)
+    show = [s for s in sparsities if round(s * 100) % 10 == 0 and s > 0] or sparsities
+    md = markdown(summary, timing, diag, args, show, layer_sp)
+    if check:
+        md += (f"\n## {check['backend']} against exact (POT emd2 loop), same {check['n_images']} "
+               f"images, {check['pair']}\n\n"
+               f"Per-weight scores: Spearman {check['spearman']:.5f}, max abs difference "
+               f"{check['max_abs_diff']:.3f}, mean difference {check['mean_diff']:+.4f} "
+               f"(scores span about [-6, 2]); wall time {check['seconds']:.1f} s against "
+               f"{check['exact_seconds']:.1f} s exact.\n")
+    if scan:
+        md += ("\n## topk: time and agreement (one calibration image)\n\n| model / dataset | topk "
+               "| seconds | Spearman with topk=" + str(scan[0]["ref"]) + " | max abs diff |\n"
+               "|---|---|---|---|---|\n")
+        for r in scan:
+            md += (f"| {r['pair']} | {r['topk']} | {r['seconds']:.1f} | {r['spearman']:.4f} | "
+                   f"{r['max_abs_diff']:.3f} |\n")
+    md += (f"\nCommand: `python benchmarks/unstructured.py {' '.join(argv or sys.argv[1:])}` "
+           f"({time.perf_counter() - t0:.0f} s in all; torch {args.threads} thread(s), Numba "
+           f"{numba.get_num_threads()} thread(s)).\n")
+    out.with_suffix(".md").write_text(md)
+    with open(out.with_suffix(".json"), "w") as f:
+        json.dump({"summary": summary, "timing": timing, "diagnostics": diag, "topk_scan": scan,
+                   "exact_check": check,
+                   "layer_sparsity_at_50": layer_sp,
+                   "args": vars(args)}, f, indent=1, default=str)
+    print(md)
+    print(f"wrote {out}.csv / .png / .md / .json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""Unstructured (per-weight) curvature against an independent element-level computation.
+
+The reference shares no code with the library: it unrolls convolutions with explicit Python
+loops over output positions and kernel taps, builds the element graph as a scipy sparse
+matrix, takes forward shortest paths with Dijkstra, builds each edge's measures from the
+definition and solves W1 with POT ``ot.emd2``.
+"""
+import numpy as np
+import ot
+import pytest
+import torch
+import torch.nn as nn
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import shortest_path
+
+from tp_curvature.graph import UnsupportedModelError
+from tp_curvature.unstructured import (
+    edge_curvature, element_graph, magnitude_scores, masks_from_scores, prune_by_curvature,
+    prune_by_magnitude, prune_random, remove_pruning, weight_curvature, weight_sparsity,
+)
+
+ALPHA = 0.5
+
+
+def tiny_model(seed=0, bn=False):
+    """6x6 input -> conv 2@3x3 s2 p1 (2x3x3) -> conv 3@2x2 (3x2x2) -> fc 5 -> fc 3."""
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.ReLU(),
+              nn.Conv2d(2, 3, 2)]
+    if bn:
+        layers.append(nn.BatchNorm2d(3))
+    layers += [nn.ReLU(), nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 3)]
+    model = nn.Sequential(*layers)
+    if bn:
+        with torch.no_grad():
+            model[3].running_var.uniform_(0.5, 2.0)
+            model[3].running_mean.uniform_(-0.2, 0.2)
+            model[3].weight.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def _minmax(a):
+    lo, hi = a.min(), a.max()
+    return (a - lo) / (hi - lo) if hi > lo else np.ones_like(a)
+
+
+def reference(model, x, alpha=ALPHA, flow=False, output="softmax"):
+    """Per layer: kappa (n_in, n_out) (NaN = no edge) and weight index (n_in, n_out)."""
+    mods = list(model)
+    # node values by running the layers one by one
+    vals, h = [], x[None]
+    vals.append(h.flatten())
+    weight_mods, bn_of = [], {}
+    for i, m in enumerate(mods):
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and i > 0:
+            vals.append(h.flatten())
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            weight_mods.append(m)
+        if isinstance(m, nn.BatchNorm2d):
+            bn_of[len(weight_mods) - 1] = m
+        h = m(h)
+    vals.append(torch.softmax(h, 1).flatten() if output == "softmax" else h.flatten())
+    acts = [_minmax(v.detach().double().abs().numpy()) for v in vals]
+    sizes = [a.size for a in acts]
+    offs = np.cumsum([0] + sizes)
+    n = offs[-1]
+    a_all = np.concatenate(acts)
+    # explicit edges (global ids), strength, layer, weight index
+    edges = {}
+    shape_in = x.shape
+    for L, m in enumerate(weight_mods):
+        w = m.weight.detach().double()
+        scale = np.ones(w.shape[0])
+        if L in bn_of:
+            b = bn_of[L]
+            scale = (b.weight.detach().double()
+                     / torch.sqrt(b.running_var.double() + b.eps)).abs().numpy()
+        if isinstance(m, nn.Conv2d):
+            C, H, W = shape_in
+            O, _, kh, kw = w.shape
+            s, p = m.stride[0], m.padding[0]
+            Ho, Wo = (H + 2 * p - kh) // s + 1, (W + 2 * p - kw) // s + 1
+            for o in range(O):
+                for oh in range(Ho):
+                    for ow in range(Wo):
+                        for c in range(C):
+                            for i in range(kh):
+                                for j in range(kw):
+                                    ih, iw = oh * s - p + i, ow * s - p + j
+                                    if not (0 <= ih < H and 0 <= iw < W):
+                                        continue
+                                    u = offs[L] + (c * H + ih) * W + iw
+                                    v = offs[L + 1] + (o * Ho + oh) * Wo + ow
+                                    edges[(u, v)] = (abs(w[o, c, i, j].item()) * scale[o], L,
+                                                     ((o * C + c) * kh + i) * kw + j)
+            shape_in = (O, Ho, Wo)
+        else:
+            O, I = w.shape
+            for o in range(O):
+                for i in range(I):
+                    edges[(offs[L] + i, offs[L + 1] + o)] = (abs(w[o, i].item()) * scale[o], L,
+                                                             o * I + i)
+            shape_in = (O,)
+    rows, cols, lens = [], [], []
+    for (u, v), (s, L, _) in edges.items():
+        st = s * (a_all[u] if flow else 1.0)
+        if st > 0:
+            rows.append(u), cols.append(v), lens.append(1.0 / st)
+    D = shortest_path(csr_matrix((lens, (rows, cols)), shape=(n, n)), method="D",
+                      directed=True)
+    pred = {v: [] for v in range(n)}
+    succ = {u: [] for u in range(n)}
+    for (u, v), (s, _, _) in edges.items():
+        pred[v].append((u, s))
+        succ[u].append((v, s))
+
+    def measure(node, nbrs):
+        nb, logw = [], []
+        for g, s in nbrs:
+            if s > 0 and a_all[g] > 0:
+                nb.append(g)
+                logw.append(np.log(a_all[g] * s) if flow else -1.0 / a_all[g] ** 2)
+        if not nb:
+            return [node], np.array([1.0])
+        logw = np.array(logw)
+        p = np.exp(logw - logw.max())
+        p /= p.sum()
+        return nb + [node], np.append((1 - alpha) * p, alpha)
+
+    out = []
+    for L in range(len(weight_mods)):
+        K = np.full((sizes[L], sizes[L + 1]), np.nan)
+        WI = np.full((sizes[L], sizes[L + 1]), -1)
+        for (u, v), (s, LL, widx) in edges.items():
+            if LL != L:
+                continue
+            iu, iv = u - offs[L], v - offs[L + 1]
+            WI[iu, iv] = widx
+            if s == 0 or a_all[u] == 0 or a_all[v] == 0:
+                K[iu, iv] = 1.0
+                continue
+            src, a = measure(u, pred[u])
+            dst, b = measure(v, succ[v])
+            C = D[np.ix_(src, dst)]
+            K[iu, iv] = (1 - ot.emd2(a, b, C) / D[u, v]) / (1 - alpha)
+        out.append((K, WI))
+    return out
+
+
+def _ref_scores(model, images, **kw):
+    per_layer = None
+    for x in images:
+        ref = reference(model, x, **kw)
+        if per_layer is None:
+            per_layer = [np.full(int(WI.max()) + 1, np.inf) for _, WI in ref]
+        for acc, (K, WI) in zip(per_layer, ref):
+            ok = WI >= 0
+            np.minimum.at(acc, WI[ok], K[ok])
+    return per_layer
+
+
+@pytest.mark.parametrize("variant,bn,output,seed", [
+    ("paper", False, "softmax", 0), ("flow", False, "logits", 1), ("paper", True, "logits", 2)])
+def test_edge_kappa_matches_independent_reference(variant, bn, output, seed):
+    model = tiny_model(seed, bn=bn)
+    x = torch.randn(6, 6, generator=torch.Generator().manual_seed(seed))[None]
+    ref = reference(model, x, flow=(variant == "flow"), output=output)
+    got = edge_curvature(model, x[None], output=output, variant=variant, alpha=ALPHA, topk=None,
+                         backend="exact")
+    assert len(got) == len(ref) == 4
+    for (K, WI), ek in zip(ref, got):
+        assert ek.kappa.shape == K.shape
+        np.testing.assert_array_equal(ek.weight_index, WI)
+        np.testing.assert_array_equal(np.isnan(ek.kappa), np.isnan(K))
+        np.testing.assert_allclose(ek.kappa, K, atol=1e-6, equal_nan=True)
+        assert ek.solved.sum() > 0
+
+
+def test_weight_scores_shapes_and_min_over_images():
+    model = tiny_model(3)
+    imgs = torch.randn(3, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    scores, info = weight_curvature(model, imgs, topk=None, backend="exact", alpha=ALPHA,
+                                    progress=False, return_info=True)
+    params = dict(model.named_parameters())
+    assert list(scores) == ["0.weight", "2.weight", "5.weight", "7.weight"]
+    for k, s in scores.items():
+        assert s.shape == params[k].shape
+        assert torch.isfinite(s).all()
+    ref = _ref_scores(model, imgs)
+    for s, r in zip(scores.values(), ref):
+        np.testing.assert_allclose(s.reshape(-1).numpy(), r, atol=1e-6)
+    # min over images = elementwise min of the single-image scores
+    singles = [weight_curvature(model, imgs[i:i + 1], topk=None, backend="exact", alpha=ALPHA,
+                                progress=False) for i in range(3)]
+    for k in scores:
+        np.testing.assert_allclose(
+            scores[k], torch.stack([s[k] for s in singles]).amin(0),
+            atol=1e-6)  # fp32 forward of a batch vs single images
+    assert info["n_images"] == 3 and len(info["per_image_s"]) == 3
+    mean = weight_curvature(model, imgs, topk=None, backend="exact", alpha=ALPHA,
+                            progress=False, reduce="mean")
+    assert all((mean[k] >= scores[k] - 1e-12).all() for k in scores)
+
+
+def test_default_sinkhorn_backend_close_to_exact():
+    """The default (Numba Sinkhorn) scores: one-sided small bias, same ranking."""
+    from scipy.stats import spearmanr
+    model = tiny_model(6)
+    imgs = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(6))
+    ex = weight_curvature(model, imgs, topk=None, backend="exact", progress=False)
+    sk = weight_curvature(model, imgs, topk=None, progress=False)
+    a = torch.cat([v.reshape(-1) for v in sk.values()]).numpy()
+    b = torch.cat([v.reshape(-1) for v in ex.values()]).numpy()
+    assert np.abs(a - b).max() < 0.05
+    assert np.all(a <= b + 1e-6)
+    assert spearmanr(a, b).statistic > 0.99
+
+
+def test_padding_only_taps_and_zero_weights_score_one():
+    """A kernel tap that never meets a real input (only padding) and a zero weight score 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 5, padding=2, stride=4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(2, 3)).eval()
+    with torch.no_grad():
+        model[3].weight[0, 0] = 0.0
+    g = element_graph(model, torch.zeros(1, 1, 2, 2))
+    # 2x2 input, pad 2, 5x5 kernel -> one output; taps with row or column 0, 1 or 4 read padding
+    used = np.unique(g.layers[0].weight_index[g.layers[0].weight_index >= 0])
+    assert used.tolist() == [12, 13, 17, 18, 37, 38, 42, 43]  # rows/cols 2, 3 of each kernel
+    s = weight_curvature(model, torch.randn(3, 1, 2, 2), topk=None, backend="exact",
+                         progress=False)
+    assert s["0.weight"][0, 0, 0, 0] == 1.0 and s["0.weight"][1, 0, 0, 0] == 1.0
+    assert s["3.weight"][0, 0] == 1.0
+
+
+def test_pruning_masks_exact_and_model_runs():
+    model = tiny_model(4)
+    imgs = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(4))
+    scores = weight_curvature(model, imgs, backend="exact", progress=False)
+    n_total = sum(s.numel() for s in scores.values())
+    before = model(imgs)
+    masks = prune_by_curvature(model, scores, 0.3, order="highest")
+    n_rm = sum(int((~m).sum()) for m in masks.values())
+    assert n_rm == round(0.3 * n_total)
+    # the removed weights are the highest-scoring ones
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    removed = torch.cat([(~m).reshape(-1) for m in masks.values()])
+    assert flat[removed].min() >= flat[~removed].max()
+    for k, m in masks.items():
+        mod = model.get_submodule(k.rsplit(".", 1)[0])
+        assert hasattr(mod, "weight_mask")
+        assert torch.equal(mod.weight_mask.bool(), m)
+        assert (mod.weight[~m] == 0).all()
+    out = model(imgs)
+    assert out.shape == before.shape and torch.isfinite(out).all()
+    assert abs(weight_sparsity(model) - n_rm / n_total) < 1e-12
+    remove_pruning(model)
+    assert not any(hasattr(m, "weight_mask") for m in model.modules())
+    assert abs(weight_sparsity(model) - n_rm / n_total) < 1e-12
+
+
+def test_layer_scope_lowest_order_and_baselines():
+    model = tiny_model(5)
+    scores = magnitude_scores(model)
+    masks = masks_from_scores(scores, 0.5, order="lowest", scope="layer")
+    for k, m in masks.items():
+        assert int((~m).sum()) == round(0.5 * m.numel())
+        assert scores[k][~m].max() <= scores[k][m].min()
+    m1 = prune_by_magnitude(tiny_model(5), 0.4)
+    assert sum(int((~m).sum()) for m in m1.values()) == round(0.4 * sum(
+        m.numel() for m in m1.values()))
+    r1 = prune_random(tiny_model(5), 0.4, seed=1)
+    r2 = prune_random(tiny_model(5), 0.4, seed=1)
+    assert all(torch.equal(r1[k], r2[k]) for k in r1)
+    with pytest.raises(ValueError):
+        masks_from_scores(scores, 1.5)
+    # ties broken by |w| when asked: all scores equal -> exactly magnitude pruning
+    ones = {k: torch.ones_like(v) for k, v in scores.items()}
+    mt = prune_by_curvature(tiny_model(5), ones, 0.4, tie_break="magnitude")
+    mm = masks_from_scores(scores, 0.4, order="lowest")
+    assert all(torch.equal(mt[k], mm[k]) for k in mm)
+
+
+def test_paper_lenet_graph_sizes():
+    from tp_curvature.models import paper_lenet
+    g = element_graph(paper_lenet(), torch.zeros(1, 1, 28, 28))
+    assert g.layer_sizes == [784, 864, 256, 120, 84, 10]
+    # conv1: 6 x 12 x 12 outputs, 36 taps each, no padding
+    assert [l.n_edges for l in g.layers] == [6 * 144 * 36, 16 * 16 * 6 * 36, 256 * 120,
+                                             120 * 84, 84 * 10]
+
+
+@pytest.mark.parametrize("model,needle", [
+    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                   nn.Linear(2, 3)), "MaxPool2d"),
+    (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(2, 3)), "groups"),
+    (nn.Sequential(nn.Flatten(), nn.LayerNorm(16), nn.Linear(16, 3)), "LayerNorm"),
+])
+def test_unsupported_models_raise_naming_the_module(model, needle):
+    with pytest.raises(UnsupportedModelError, match=needle):
+        element_graph(model, torch.zeros(1, 2 if needle == "groups" else 1, 4, 4))
+    assert issubclass(UnsupportedModelError, ValueError)
+
+
+def test_residual_raises():
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(self.a(x) + x)
+
+    with pytest.raises(UnsupportedModelError, match="previous chain tensor"):
+        element_graph(Res(), torch.zeros(1, 4))
