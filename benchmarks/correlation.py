@@ -78,7 +78,7 @@ def main(argv=None):
     for name in args.models:
         cfg = TrainConfig(dataset=args.dataset, model=name, epochs=args.epochs,
                           train_subset=args.train_subset, model_kwargs=MODEL_KW.get(name, {}))
-        model, info = train_or_load(cfg, progress=True, verbose=False)
+        model, info = train_or_load(cfg, progress=False, verbose=False)
         model.eval()
         for variant in ("paper", "flow"):
             t0 = time.perf_counter()
