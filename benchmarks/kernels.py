@@ -1,0 +1,317 @@
+"""Benchmark of the W1 kernels on random dense layer pairs.
+
+For each layer width n (random dense layers Z -> X -> Y -> W with n channels each, lengths
+1/|w|, the paper's measures p ~ exp(-1/a^2) over active neighbours, or ``--measure flow``;
+see :mod:`tp_curvature.testing`), on the SAME problems:
+
+* ``numba``: :func:`tp_curvature.kernels.solve_w1` (default backend) on the whole layer pair
+  (or on a random subset of ``--max-numba`` connections for very wide layers), wall clock;
+* ``pot-emd2``: the exact ``ot.emd2`` loop (the reference; on a random subset of connections
+  for wide layers, until ``--budget`` seconds), reported as connections/s;
+* ``pot-sinkhorn2``: ``ot.sinkhorn2`` loop on ``M / d`` with the same relative eps;
+* ``pot-solve_batch``: POT 0.9.7's batched entropic solver ``ot.batch.solve_batch`` (one call
+  on up to ``--batch`` connections of the exact subset, cost scaled by 1/d, same eps).
+
+Accuracy is measured against ``pot-emd2`` on its subset: max |delta kappa| and the Spearman
+rank correlation of kappa = (1 - W1/d) / (1 - alpha). With ``--topk K`` the solvers other than
+``pot-emd2`` get measures truncated to their K heaviest atoms (renormalised) and their accuracy
+is measured against the exact W1 of the untruncated problem.
+
+Writes ``results/kernels.csv`` and ``results/kernels.png`` and prints a Markdown table.
+
+    python benchmarks/kernels.py                # default run (a few minutes on 2 cores)
+    python benchmarks/kernels.py --quick        # ~30 s smoke run
+    python benchmarks/kernels.py --topk 32 --sizes 64 128 256
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tp_curvature import kernels as K  # noqa: E402
+from tp_curvature.kernels import connection_problem, pot_sinkhorn_w1, solve_w1  # noqa: E402
+from tp_curvature.testing import random_layer_pair, truncate_topk  # noqa: E402
+
+FIELDS = ["n", "measure", "alpha", "topk", "backend", "layer_connections", "timed_connections",
+          "seconds", "conn_per_s", "speedup_vs_emd2", "acc_connections", "max_abs_dkappa",
+          "mean_dkappa", "spearman", "iterations_mean", "eps", "tol", "threads"]
+
+
+def with_solve(problem, pairs):
+    """A shallow copy of ``problem`` that solves only ``pairs`` (k, 2)."""
+    from dataclasses import replace
+
+    solve = np.zeros_like(problem.solve)
+    if len(pairs):
+        solve[pairs[:, 0], pairs[:, 1]] = True
+    return replace(problem, solve=solve)
+
+
+def truncated(problem, k):
+    from dataclasses import replace
+
+    if not k:
+        return problem
+    pi, pm = truncate_topk(problem.pred_idx, problem.pred_mass, k)
+    si, sm = truncate_topk(problem.succ_idx, problem.succ_mass, k)
+    return replace(problem, pred_idx=pi, pred_mass=pm, succ_idx=si, succ_mass=sm)
+
+
+def pot_loop(problem, pairs, budget, kind, eps, tol, max_iter=1000):
+    """ot.emd2 / ot.sinkhorn2 loop over ``pairs`` until ``budget`` seconds; (W dict, n, secs)."""
+    import ot
+
+    out = {}
+    t0 = time.perf_counter()
+    for i, j in pairs:
+        a, b, M = connection_problem(problem, i, j)
+        if kind == "emd2":
+            w = ot.emd2(a, b, M, numItermax=10_000_000)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                w = pot_sinkhorn_w1(a, b, M, problem.d_xy[i, j], eps, tol, max_iter)
+        out[(int(i), int(j))] = float(w)
+        if time.perf_counter() - t0 > budget:
+            break
+    return out, len(out), time.perf_counter() - t0
+
+
+def pot_batch(problem, pairs, eps, tol, max_iter=1000):
+    """One ot.batch.solve_batch call on the connections of ``pairs`` with the most common
+    problem shape (the batch needs equal shapes). Returns (W dict, n, seconds)."""
+    from ot.batch import solve_batch
+
+    probs = [connection_problem(problem, i, j) for i, j in pairs]
+    shapes = [p[2].shape for p in probs]
+    if not shapes:
+        return {}, 0, 0.0
+    vals, counts = np.unique(np.array(shapes), axis=0, return_counts=True)
+    shape = tuple(vals[np.argmax(counts)])
+    keep = [k for k, s in enumerate(shapes) if s == shape]
+    d = np.array([problem.d_xy[pairs[k][0], pairs[k][1]] for k in keep])
+    a = np.stack([probs[k][0] for k in keep])
+    b = np.stack([probs[k][1] for k in keep])
+    M = np.stack([probs[k][2] for k in keep]) / d[:, None, None]
+    method = "sinkhorn" if M.max() / eps < 600 else "log_sinkhorn"
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = solve_batch(M, reg=eps, a=a, b=b, max_iter=max_iter, tol=tol, method=method,
+                          grad="detach")
+    secs = time.perf_counter() - t0
+    val = np.asarray(res.value_linear) * d
+    return {(int(pairs[k][0]), int(pairs[k][1])): float(v) for k, v in zip(keep, val)}, \
+        len(keep), secs
+
+
+def accuracy(problem, ref, got):
+    """max |dkappa|, mean dkappa (exact - approx), Spearman on the common connections."""
+    from scipy.stats import spearmanr
+
+    keys = [k for k in ref if k in got and np.isfinite(got[k])]
+    if len(keys) < 3:
+        return len(keys), np.nan, np.nan, np.nan
+    al = problem.alpha
+    d = np.array([problem.d_xy[k] for k in keys])
+    ke = (1 - np.array([ref[k] for k in keys]) / d) / (1 - al)
+    ka = (1 - np.array([got[k] for k in keys]) / d) / (1 - al)
+    rho = spearmanr(ke, ka).statistic
+    return len(keys), float(np.abs(ka - ke).max()), float((ke - ka).mean()), float(rho)
+
+
+def run(args):
+    from numba import get_num_threads, set_num_threads
+    from tqdm.auto import tqdm
+
+    if args.threads:
+        set_num_threads(args.threads)
+    threads = get_num_threads()
+    opts = dict(eps=args.eps, tol=args.tol, max_iter=args.max_iter)
+    # compile (or load the cache) outside the timings
+    t0 = time.perf_counter()
+    solve_w1(random_layer_pair(8, 0, measure=args.measure), **opts)
+    print(f"numba warm-up (compile or cache load): {time.perf_counter() - t0:.1f} s", flush=True)
+    rows = []
+    for n in tqdm(args.sizes, desc="layer widths"):
+        P = random_layer_pair(n, args.seed, measure=args.measure, alpha=args.alpha)
+        Pk = truncated(P, args.topk)
+        rng = np.random.default_rng(args.seed + n)
+        pairs = np.argwhere(P.solve)
+        perm = pairs[rng.permutation(len(pairs))]
+        n_layer = len(pairs)
+        common = dict(n=n, measure=args.measure, alpha=args.alpha, topk=args.topk or 0,
+                      layer_connections=n_layer, threads=threads)
+        # ---- exact reference (on a random subset, time budget)
+        ref, n_e, t_e = pot_loop(P, perm, args.budget, "emd2", args.eps, args.tol)
+        rate_e = n_e / t_e
+        rows.append(dict(common, backend="pot-emd2", timed_connections=n_e, seconds=t_e,
+                         conn_per_s=rate_e, speedup_vs_emd2=1.0, acc_connections=n_e,
+                         max_abs_dkappa=0.0, mean_dkappa=0.0, spearman=1.0,
+                         iterations_mean=np.nan, eps=np.nan, tol=np.nan))
+        sub = perm[:n_e]
+        # ---- numba on the whole layer pair (or a subset that contains the exact subset)
+        if n_layer > args.max_numba:
+            extra = perm[n_e:args.max_numba]
+            Pn = with_solve(Pk, np.concatenate([sub, extra]))
+        else:
+            Pn = Pk
+        t0 = time.perf_counter()
+        W = solve_w1(Pn, **opts)
+        t_n = time.perf_counter() - t0
+        st = dict(K.last_stats)
+        got = {(int(i), int(j)): float(W[i, j]) for i, j in sub}
+        n_acc, mx, mean, rho = accuracy(P, ref, got)
+        rows.append(dict(common, backend="numba", timed_connections=Pn.n_connections,
+                         seconds=t_n, conn_per_s=Pn.n_connections / t_n,
+                         speedup_vs_emd2=Pn.n_connections / t_n / rate_e, acc_connections=n_acc,
+                         max_abs_dkappa=mx, mean_dkappa=mean, spearman=rho,
+                         iterations_mean=st.get("iterations_mean", np.nan), eps=args.eps,
+                         tol=args.tol))
+        if st.get("n_not_converged"):
+            print(f"  n={n}: numba: {st['n_not_converged']} problems hit max_iter", flush=True)
+        # ---- POT sinkhorn2 loop on the exact subset
+        if not args.no_sinkhorn2:
+            got, n_s, t_s = pot_loop(Pk, sub, args.budget, "sinkhorn2", args.eps, args.tol)
+            n_acc, mx, mean, rho = accuracy(P, ref, got)
+            rows.append(dict(common, backend="pot-sinkhorn2", timed_connections=n_s,
+                             seconds=t_s, conn_per_s=n_s / t_s,
+                             speedup_vs_emd2=n_s / t_s / rate_e, acc_connections=n_acc,
+                             max_abs_dkappa=mx, mean_dkappa=mean, spearman=rho,
+                             iterations_mean=np.nan, eps=args.eps, tol=args.tol))
+        # ---- POT batched entropic solver on (part of) the exact subset
+        if not args.no_batch:
+            m = (Pk.pred_mass > 0).sum(1).max() + 1
+            nbytes = 8 * m * m * 6  # M, kernel, plan and temporaries per problem
+            nb = int(min(args.batch, len(sub), max(8, args.batch_mem_mb * 2**20 // nbytes)))
+            got, n_b, t_b = pot_batch(Pk, sub[:nb], args.eps, args.tol)
+            n_acc, mx, mean, rho = accuracy(P, ref, got)
+            rows.append(dict(common, backend="pot-solve_batch", timed_connections=n_b,
+                             seconds=t_b, conn_per_s=n_b / t_b if t_b else np.nan,
+                             speedup_vs_emd2=n_b / t_b / rate_e if t_b else np.nan,
+                             acc_connections=n_acc, max_abs_dkappa=mx, mean_dkappa=mean,
+                             spearman=rho, iterations_mean=np.nan, eps=args.eps, tol=args.tol))
+    return rows
+
+
+def write_outputs(rows, args):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / f"{args.name}.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in FIELDS})
+    # ---- figure
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for be in dict.fromkeys(r["backend"] for r in rows):
+        rr = [r for r in rows if r["backend"] == be]
+        ns = [r["n"] for r in rr]
+        ax[0].plot(ns, [r["conn_per_s"] for r in rr], "o-", label=be)
+        if be != "pot-emd2":
+            ax[1].plot(ns, [r["max_abs_dkappa"] for r in rr], "o-", label=be)
+    ax[0].set(yscale="log", xlabel="channels per layer",
+              ylabel="connections / s", title="W1 throughput (wall clock)")
+    ax[1].axhline(0.02, color="grey", ls="--", lw=1)
+    ax[1].set(yscale="log", xlabel="channels per layer",
+              ylabel="max |delta kappa| vs exact", title="accuracy")
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    for a in ax:
+        a.set_xscale("log", base=2)
+        a.xaxis.set_minor_locator(NullLocator())
+        a.xaxis.set_minor_formatter(NullFormatter())
+        a.set_xticks(args.sizes, [str(s) for s in args.sizes])
+        a.legend(fontsize=8)
+        a.grid(alpha=0.3)
+    fig.suptitle(f"measure={args.measure}, alpha={args.alpha}, eps={args.eps}, tol={args.tol}, "
+                 f"topk={args.topk or 'none'}, threads={rows[0]['threads'] if rows else '?'}")
+    fig.tight_layout()
+    png_path = out / f"{args.name}.png"
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return csv_path, png_path
+
+
+def markdown(rows):
+    head = ("| n | backend | conns timed | conn/s | x emd2 | max abs dkappa | Spearman | "
+            "mean iters |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        it = r["iterations_mean"]
+        its = f"{it:.1f}" if np.isfinite(it) else ""
+        lines.append(
+            f"| {r['n']} | {r['backend']} | {r['timed_connections']} | "
+            f"{r['conn_per_s']:,.0f} | {r['speedup_vs_emd2']:.1f} | "
+            f"{r['max_abs_dkappa']:.4f} | {r['spearman']:.5f} | {its} |")
+    return "\n".join(lines)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
+    p.add_argument("--measure", choices=["paper", "flow"], default="paper")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--eps", type=float, default=K.DEFAULTS["eps"])
+    p.add_argument("--tol", type=float, default=K.DEFAULTS["tol"])
+    p.add_argument("--max-iter", type=int, default=K.DEFAULTS["max_iter"])
+    p.add_argument("--topk", type=int, default=None,
+                   help="truncate each measure to its K heaviest atoms (renormalised)")
+    p.add_argument("--budget", type=float, default=6.0,
+                   help="seconds per POT loop and width (random subset of connections)")
+    p.add_argument("--max-numba", type=int, default=70_000,
+                   help="solve at most this many connections of a layer pair with numba")
+    p.add_argument("--batch", type=int, default=256, help="max problems in one solve_batch")
+    p.add_argument("--batch-mem-mb", type=int, default=256)
+    p.add_argument("--no-sinkhorn2", action="store_true")
+    p.add_argument("--no-batch", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="numba threads (0: numba default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="~30 s smoke run")
+    p.add_argument("--out", default=str(ROOT / "results"))
+    p.add_argument("--name", default="kernels", help="output file stem")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes = [s for s in args.sizes if s <= 64] or [16, 32, 64]
+        args.budget = min(args.budget, 1.0)
+        args.batch = min(args.batch, 64)
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    t0 = time.perf_counter()
+    rows = run(args)
+    csv_path, png_path = write_outputs(rows, args)
+    print()
+    print(markdown(rows))
+    print(f"\nwrote {csv_path} and {png_path} in {time.perf_counter() - t0:.0f} s")
+    ok = [r for r in rows if r["backend"] == "numba" and 64 <= r["n"] <= 256]
+    if ok:
+        good = all(r["speedup_vs_emd2"] >= 50 and r["spearman"] >= 0.995
+                   and r["max_abs_dkappa"] <= 0.02 for r in ok)
+        print("target (64-256 channels: >= 50x emd2, Spearman >= 0.995, max |dkappa| <= 0.02):",
+              "MET" if good else "NOT met")
+
+
+if __name__ == "__main__":
+    main()
