@@ -138,7 +138,7 @@ def run(args):
     if args.threads:
         set_num_threads(args.threads)
     threads = get_num_threads()
-    opts = dict(eps=args.eps, tol=args.tol, max_iter=args.max_iter)
+    opts = dict(eps=args.eps, tol=args.tol, max_iter=args.max_iter, precision=args.precision)
     # compile (or load the cache) outside the timings
     t0 = time.perf_counter()
     solve_w1(random_layer_pair(8, 0, measure=args.measure), **opts)
@@ -242,7 +242,8 @@ def write_outputs(rows, args):
         a.legend(fontsize=8)
         a.grid(alpha=0.3)
     fig.suptitle(f"measure={args.measure}, alpha={args.alpha}, eps={args.eps}, tol={args.tol}, "
-                 f"topk={args.topk or 'none'}, threads={rows[0]['threads'] if rows else '?'}")
+                 f"{args.precision}, topk={args.topk or 'none'}, "
+                 f"threads={rows[0]['threads'] if rows else '?'}")
     fig.tight_layout()
     png_path = out / f"{args.name}.png"
     fig.savefig(png_path, dpi=120)
@@ -273,6 +274,8 @@ def parse(argv=None):
     p.add_argument("--eps", type=float, default=K.DEFAULTS["eps"])
     p.add_argument("--tol", type=float, default=K.DEFAULTS["tol"])
     p.add_argument("--max-iter", type=int, default=K.DEFAULTS["max_iter"])
+    p.add_argument("--precision", choices=["float32", "float64", "log"], default="float32",
+                   help="numba engine precision (float64: for small eps / alpha near 1)")
     p.add_argument("--topk", type=int, default=None,
                    help="truncate each measure to its K heaviest atoms (renormalised)")
     p.add_argument("--budget", type=float, default=6.0,

@@ -78,13 +78,19 @@ How it is made fast (all of it exploits that the connections share :math:`C_{zw}
   matrix products over the problems still running (``np.dot`` in Numba -> BLAS sgemm, ~5x
   the flop rate of matrix-vector loops). Each problem keeps its own row x / column y, masses,
   scalings and **its own early stop** (L1 error of the violated marginal ``<= tol``): converged
-  problems are swapped out of the active set. ``prange`` runs over the batches; the per-thread
+  problems are swapped out of the active set. The batches are spread over
+  ``numba.get_num_threads()`` worker threads running ``nogil`` Numba code (a ``prange`` version
+  compiled ~10 s longer for the same speed and nested OpenBLAS in OpenMP); the per-thread
   workspace is O(batch * (k_z + k_w)). Rows with different supports (e.g. after top-k
   truncation) are solved one problem per thread on the gathered block (O(k_z k_w) workspace).
   No (connections x n x m) tensor is ever built.
-* **Fallbacks.** A problem whose float32 scalings leave the safe range (``max u * max v >
-  1e25``, i.e. its potentials moved far from the shared ones) is redone alone in float64 on its
-  own kernel, and in the (stabilised) log domain if that overflows. ``max_iter`` caps the
+* **Fallbacks.** Problems whose float32 scalings leave the safe range (``max u * max v >
+  1e25``, i.e. their potentials moved far from the shared ones; checked after each stage) are
+  redone as a float64 batch on the level's float64 kernel (built from the reduced costs), and
+  alone in the (stabilised) log domain if that overflows (ragged supports: float64 alone, then
+  log domain). On the layered test problems at the defaults none falls back; at ``eps=0.005``
+  most do (use ``precision="float64"`` there), on random non-metric costs many do. ``max_iter``
+  caps the
   iterations per stage; counts of non-converged / float64 / log-domain problems are in
   :data:`last_stats` (a non-converged value is still a feasible-plan cost, >= W1).
 * **Negligible atoms.** Atoms whose largest mass over all rows is tiny (cumulative <=
@@ -95,9 +101,10 @@ How it is made fast (all of it exploits that the connections share :math:`C_{zw}
 Cost: one Sinkhorn iteration is about :math:`4 (k_z+1)(k_w+1)` flops, so the kernel scales with
 :math:`(k_z+1)(k_w+1)` per connection: truncating the measures to their ``k`` heaviest atoms (the
 graph code does this before building the problem) is the lever for wide layers. Measured on this
-2-core machine (one core, full layer pairs, paper measures): ~3.7 us per connection at 64
-channels, ~8 us at 128, ~22 us at 256 (about 70x, 200x and 270x the ``ot.emd2`` loop); a
-layer with few solved connections pays the per-level kernels (a few exps per block entry).
+2-core machine (CPU time of one core, full layer pairs, paper measures, defaults): ~4 us per
+connection at 64 channels, ~8 us at 128, ~22 us at 256, i.e. about 70x, 170x and 250x the
+``ot.emd2`` loop per core; a layer with few solved connections pays the per-level kernels
+(a few exps per block entry).
 
 Degenerate cases are solved in closed form: both measures deltas gives :math:`W_1 = d(x,y)`;
 a delta on one side fixes the plan (:math:`W_1 = \sum_w b_w c_{xw} + b_y d` and symmetrically).
@@ -111,7 +118,7 @@ import time
 import warnings
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .problem import LayerPairProblem
 
@@ -426,22 +433,31 @@ def _log_domain(M, a, b, eps_st, tol_st, max_iter, omega):
             if err <= tol_st[s]:
                 status = _OK
                 break
+    # plan, Altschuler rounding (explicit loops: cheaper to compile than axis sums)
     P = np.empty((n, m))
+    er = np.zeros(n)
+    ec = np.zeros(m)
     for i in range(n):
+        r = 0.0
         for j in range(m):
             P[i, j] = math.exp((f[i] + g[j] - M[i, j]) / eps)
-    r = P.sum(axis=1)
-    for i in range(n):
-        P[i, :] *= min(1.0, a[i] / r[i]) if r[i] > 0 else 0.0
-    c = P.sum(axis=0)
+            r += P[i, j]
+        x = min(1.0, a[i] / r) if r > 0 else 0.0
+        for j in range(m):
+            P[i, j] *= x
+            ec[j] += P[i, j]
     for j in range(m):
-        P[:, j] *= min(1.0, b[j] / c[j]) if c[j] > 0 else 0.0
-    er = a - P.sum(axis=1)
-    ec = b - P.sum(axis=0)
+        y = min(1.0, b[j] / ec[j]) if ec[j] > 0 else 0.0
+        ec[j] = 0.0
+        for i in range(n):
+            P[i, j] *= y
+            ec[j] += P[i, j]
+            er[i] += P[i, j]
+        ec[j] = b[j] - ec[j]
+    nr = 0.0
     for i in range(n):
-        if er[i] < 0:
-            er[i] = 0.0
-    nr = er.sum()
+        er[i] = max(a[i] - er[i], 0.0)
+        nr += er[i]
     cost = 0.0
     for i in range(n):
         for j in range(m):
@@ -603,7 +619,7 @@ def _solve_one(x, y, Ks, KsT, C, C32, fz, gw, eps_st, tol_st, uniform, ploc, pm,
     # ---- float32 on the shared kernels
     u[: kz + 1] = 1.0
     v[: kw + 1] = 1.0
-    s0 = 0
+    s0 = S - S  # 0, not a literal (int literals as call arguments compile callees twice)
     u_ = u[: kz + 1]
     v_ = v[: kw + 1]
     status = _OVERFLOW
@@ -653,8 +669,9 @@ def _solve_one(x, y, Ks, KsT, C, C32, fz, gw, eps_st, tol_st, uniform, ploc, pm,
         kzy64 = np.empty(kz)
         iloc = np.arange(kz)
         jloc = np.arange(kw)
+        gather64 = kz < 0  # False, not a literal
         its, status, B64, kxy = _run_stages(
-            K64, K64T, False, iloc, jloc, K64[0].ravel(), K64T[0].ravel(), eps_st, tol_st, 0,
+            K64, K64T, gather64, iloc, jloc, K64[0].ravel(), K64T[0].ravel(), eps_st, tol_st, s0,
             wa[: kz + 1], wb[: kw + 1], cw[:kw], gwl[:kw], fx, cz[:kz], fzl[:kz], gy, d, u64, v64,
             kxw64, kzy64, np.empty(kw + 1), np.empty(kz + 1), max_iter, omega, 0.5, 1e300, 0.0)
         total += its
@@ -675,7 +692,7 @@ def _solve_one(x, y, Ks, KsT, C, C32, fz, gw, eps_st, tol_st, uniform, ploc, pm,
     return cost_r + shift, total + its, _LOG + st
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy", inline="always")
+@njit(cache=True, fastmath=_FM, error_model="numpy")
 def _expneg(x):
     """exp(-x) for x >= 0 to ~1e-5 relative, 0 beyond 80.6 (the float32 kernel floor):
     (Taylor of degree 8 at -x/128) ** 128, plain arithmetic so that loops vectorise."""
@@ -990,7 +1007,7 @@ def _batch_uniform(xs, ys, Kl, KlT, KCT, CT, C, C32, R, CT64, fz, gw, eps_st, to
     GY = np.empty(nq)
     who = np.empty(nq, np.int64)
     st = np.zeros(nq, np.int64)
-    nb = 0
+    nb = nq - nq  # 0, not a literal
     for q in range(nq):
         x = xs[q]
         y = ys[q]
@@ -1029,15 +1046,17 @@ def _batch_uniform(xs, ys, Kl, KlT, KCT, CT, C, C32, R, CT64, fz, gw, eps_st, to
         nb += 1
     if nb == 0:
         return 0
+    yes = nq > 0  # bool variables, not literals (a literal would compile _batch_core twice)
+    no = nq < 0
     # ---- float32 batch on the shared per-level kernels (path 0)
     if path == 0:
         _batch_core(xs, ys, who, nb, Kl, KlT, KCT, CT, fz, gw, eps_st, tol_st, A, Bw, FX, GY,
-                    czyT, cxw_u, dxy, alpha, max_iter, omega, True, _F32_FLOOR, _F32_UVMAX, 1e37,
+                    czyT, cxw_u, dxy, alpha, max_iter, omega, yes, _F32_FLOOR, _F32_UVMAX, 1e37,
                     out, iters, status, st)
     else:
         for r in range(nb):
             st[r] = _OVERFLOW
-    n2 = 0
+    n2 = nq - nq
     who2 = np.empty(nb, np.int64)
     for r in range(nb):
         if st[r] == _OVERFLOW:
@@ -1046,6 +1065,8 @@ def _batch_uniform(xs, ys, Kl, KlT, KCT, CT, C, C32, R, CT64, fz, gw, eps_st, to
     if n2 == 0:
         return 0
     # ---- float64 batch for the problems that left the float32 range
+    uniform = yes
+    log_path = path + 2 - path  # 2, typed like path (not a literal)
     A64 = np.empty((nq, kz))
     Bw64 = np.empty((nq, kw))
     for r in range(n2):
@@ -1068,16 +1089,16 @@ def _batch_uniform(xs, ys, Kl, KlT, KCT, CT, C, C32, R, CT64, fz, gw, eps_st, to
                     KCT64[j, i] = t * C[i, j]
     st2 = np.zeros(n2, np.int64)
     _batch_core(xs, ys, who2, n2, K64, K64T, KCT64, CT64, fz, gw, eps_st, tol_st, A64, Bw64, FX,
-                GY, czyT, cxw_u, dxy, alpha, max_iter, omega, False, 0.0, 1e290, 1e300, out,
+                GY, czyT, cxw_u, dxy, alpha, max_iter, omega, no, 0.0, 1e290, 1e300, out,
                 iters, status, st2)
     for r in range(n2):
         q = who2[r]
         x = xs[q]
         y = ys[q]
         if st2[r] == _OVERFLOW:  # alone, in the log domain
-            w1, it2, st3 = _solve_one(x, y, Kl, KlT, C, C32, fz, gw, eps_st, tol_st, True, ploc,
-                                      pm, pk, sloc, sm, sk, czy_u, cxw_u, dxy, alpha, max_iter,
-                                      omega, ws32, ws64, 2)
+            w1, it2, st3 = _solve_one(x, y, Kl, KlT, C, C32, fz, gw, eps_st, tol_st, uniform,
+                                      ploc, pm, pk, sloc, sm, sk, czy_u, cxw_u, dxy, alpha,
+                                      max_iter, omega, ws32, ws64, log_path)
             out[x, y] = w1
             iters[x, y] = it2
             status[x, y] = st3
@@ -1115,50 +1136,77 @@ def _swap_rows(U, V, Ux, Vy, who, its, st, a, b):
     st[b] = ti
 
 
-@njit(parallel=True, cache=True, fastmath=_FM, error_model="numpy")
-def _solve_chunks(Ks, KsT, KCT, CT, C, C32, R, CT64, fz, gw, eps_lv, tol_st, uniform, cx, cyy,
-                  chunk_ptr, chunk_lv, ploc, pm, pk, sloc, sm, sk, czy_u, czyT, cxw_u, dxy, alpha,
-                  max_iter, omega, path, out, iters, status):
-    """Solve connections (cx[k], cyy[k]) in chunks; prange over chunks.
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def _run_chunk(k0, k1, Kl, KlT, KCTl, CT, C, C32, R, CT64, fz, gw, eps_st, tol_st, uniform, cx,
+               cyy, ploc, pm, pk, sloc, sm, sk, czy_u, czyT, cxw_u, dxy, alpha, max_iter, omega,
+               path, out, iters, status):
+    """Connections k0:k1 (one eps level): one batch (uniform supports) or one at a time."""
+    KZ = ploc.shape[1]
+    KW = sloc.shape[1]
+    nb = 1 if uniform else KZ * KW
+    f4 = np.float32
+    ws32 = (np.empty(nb, f4), np.empty(nb, f4), np.ones(KZ + 1, f4), np.ones(KW + 1, f4),
+            np.empty(KW + 1, f4), np.empty(KZ + 1, f4), np.empty(KW, f4), np.empty(KZ, f4),
+            np.empty(KZ + 1, f4), np.empty(KW + 1, f4), np.empty(KZ, f4), np.empty(KW, f4),
+            np.empty(KZ + 1, f4), np.empty(KW + 1, f4), np.empty(KW + 1, f4), np.empty(nb, f4))
+    ws64 = (np.empty(KZ + 1), np.empty(KW + 1), np.empty(KZ), np.empty(KW), np.empty(KZ),
+            np.empty(KW), np.empty(KZ, np.int64), np.empty(KW, np.int64))
+    if uniform and path <= 1:
+        _batch_uniform(cx[k0:k1], cyy[k0:k1], Kl, KlT, KCTl, CT, C, C32, R, CT64, fz, gw,
+                       eps_st, tol_st, ploc, pm, pk, sloc, sm, sk, czy_u, czyT, cxw_u, dxy,
+                       alpha, max_iter, omega, out, iters, status, ws32, ws64, path)
+    else:
+        for k in range(k0, k1):
+            x = cx[k]
+            y = cyy[k]
+            w1, its, st = _solve_one(x, y, Kl, KlT, C, C32, fz, gw, eps_st, tol_st, uniform,
+                                     ploc, pm, pk, sloc, sm, sk, czy_u, cxw_u, dxy, alpha,
+                                     max_iter, omega, ws32, ws64, path)
+            out[x, y] = w1
+            iters[x, y] = its
+            status[x, y] = st
+    return 0
+
+
+@njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
+def _solve_chunks(first, step, Ks, KsT, KCT, CT, C, C32, R, CT64, fz, gw, eps_lv, tol_st,
+                  uniform, cx, cyy, chunk_ptr, chunk_lv, ploc, pm, pk, sloc, sm, sk, czy_u, czyT,
+                  cxw_u, dxy, alpha, max_iter, omega, path, out, iters, status):
+    """Solve the chunks first, first + step, ... (one worker thread; the GIL is released).
 
     Chunk c holds connections chunk_ptr[c]:chunk_ptr[c+1], all of eps level chunk_lv[c], whose
     stage kernels are Ks[chunk_lv[c]] (float32) and stage eps eps_lv[chunk_lv[c]]. Uniform
     supports: the chunk is one batch (:func:`_batch_uniform`); otherwise one problem at a time.
     """
-    KZ = ploc.shape[1]
-    KW = sloc.shape[1]
     n_chunks = chunk_ptr.shape[0] - 1
     om32 = np.float32(omega)
-    for c in prange(n_chunks):
+    for c in range(first, n_chunks, step):
         lv = chunk_lv[c]
-        Kl = Ks[lv]
-        KlT = KsT[lv]
-        eps_st = eps_lv[lv]
-        nb = 1 if uniform else KZ * KW
-        f4 = np.float32
-        ws32 = (np.empty(nb, f4), np.empty(nb, f4), np.ones(KZ + 1, f4), np.ones(KW + 1, f4),
-                np.empty(KW + 1, f4), np.empty(KZ + 1, f4), np.empty(KW, f4), np.empty(KZ, f4),
-                np.empty(KZ + 1, f4), np.empty(KW + 1, f4), np.empty(KZ, f4), np.empty(KW, f4),
-                np.empty(KZ + 1, f4), np.empty(KW + 1, f4), np.empty(KW + 1, f4), np.empty(nb, f4))
-        ws64 = (np.empty(KZ + 1), np.empty(KW + 1), np.empty(KZ), np.empty(KW), np.empty(KZ),
-                np.empty(KW), np.empty(KZ, np.int64), np.empty(KW, np.int64))
-        k0 = chunk_ptr[c]
-        k1 = chunk_ptr[c + 1]
-        if uniform and path <= 1:
-            _batch_uniform(cx[k0:k1], cyy[k0:k1], Kl, KlT, KCT[lv], CT, C, C32, R, CT64, fz, gw,
-                           eps_st, tol_st, ploc, pm, pk, sloc, sm, sk, czy_u, czyT, cxw_u, dxy,
-                           alpha, max_iter, om32, out, iters, status, ws32, ws64, path)
-        else:
-            for k in range(k0, k1):
-                x = cx[k]
-                y = cyy[k]
-                w1, its, st = _solve_one(x, y, Kl, KlT, C, C32, fz, gw, eps_st, tol_st, uniform,
-                                         ploc, pm, pk, sloc, sm, sk, czy_u, cxw_u, dxy, alpha,
-                                         max_iter, om32, ws32, ws64, path)
-                out[x, y] = w1
-                iters[x, y] = its
-                status[x, y] = st
+        _run_chunk(chunk_ptr[c], chunk_ptr[c + 1], Ks[lv], KsT[lv], KCT[lv], CT, C, C32, R, CT64,
+                   fz, gw, eps_lv[lv], tol_st, uniform, cx, cyy, ploc, pm, pk, sloc, sm, sk,
+                   czy_u, czyT, cxw_u, dxy, alpha, max_iter, om32, path, out, iters, status)
     return 0
+
+
+_POOL = []
+
+
+def _run_parallel(n_threads, args):
+    """Run :func:`_solve_chunks` on ``n_threads`` threads (chunks interleaved)."""
+    if n_threads <= 1:
+        _solve_chunks(0, 1, *args)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not _POOL or _POOL[0][0] < n_threads:
+        if _POOL:
+            _POOL[0][1].shutdown(wait=False)
+            _POOL.clear()
+        _POOL.append((n_threads, ThreadPoolExecutor(n_threads, thread_name_prefix="tp-w1")))
+    ex = _POOL[0][1]
+    futs = [ex.submit(_solve_chunks, w, n_threads, *args) for w in range(n_threads)]
+    for f in futs:
+        f.result()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1219,8 +1267,8 @@ _BLAS_CTL = []
 
 
 def _one_blas_thread():
-    """Context manager: BLAS single-threaded while the Numba threads call sgemm (a threaded
-    OpenBLAS inside an OpenMP region oversubscribes and may hang). No-op without threadpoolctl."""
+    """Context manager: BLAS single-threaded while the worker threads call sgemm (a threaded
+    OpenBLAS under our threads would oversubscribe the cores). No-op without threadpoolctl."""
     import contextlib
 
     if not _BLAS_CTL:
@@ -1357,22 +1405,22 @@ def _sinkhorn_backend(problem, eps, tol, max_iter, omega, eps_scaling, levels, m
         for g0 in range(0, n_lv, lv_per_group):
             g1 = min(n_lv, g0 + lv_per_group)
             ng = g1 - g0
-            kz_, kw_ = (nzu, nwu) if path == 0 else (0, 0)
-            Ks = np.empty((ng, n_stages, kz_, kw_), np.float32)
-            KsT = np.empty((ng, n_stages, kw_, kz_), np.float32)
-            KCT = np.empty((ng, kw_, kz_), np.float32)
-            eps_lv = np.empty((ng, n_stages))
-            for q in range(ng):
-                e_fine = eps * dmin * rho ** lev[starts[g0 + q]]
-                eps_lv[q] = np.array([eps_scaling * e_fine, e_fine][2 - n_stages:])
-                for st_ in range(n_stages if path == 0 else 0):
-                    kq = Ks[q, st_]
-                    np.multiply(R32, np.float32(-1.0 / eps_lv[q, st_]), out=kq)
-                    np.exp(kq, out=kq)
-                    kq[kq < _F32_FLOOR] = 0.0
-                    KsT[q, st_] = kq.T
-                if batched and path == 0:
-                    KCT[q] = (Ks[q, n_stages - 1] * C32).T
+            e_fine = eps * dmin * rho ** lev[starts[g0:g1]].astype(np.float64)
+            eps_lv = np.stack([eps_scaling * e_fine, e_fine], axis=1)[:, 2 - n_stages:].copy()
+            if path == 0:  # all stage kernels of the group in a few vectorised numpy calls
+                Ks = np.multiply(R32[None, None], (-1.0 / eps_lv).astype(np.float32)[:, :, None,
+                                                                                   None])
+                np.exp(Ks, out=Ks)
+                Ks[Ks < _F32_FLOOR] = 0.0
+                KsT = np.ascontiguousarray(Ks.transpose(0, 1, 3, 2))
+                if batched:
+                    KCT = np.ascontiguousarray((Ks[:, n_stages - 1] * C32[None]).transpose(0, 2, 1))
+                else:
+                    KCT = np.empty((ng, 0, 0), np.float32)
+            else:
+                Ks = np.empty((ng, n_stages, 0, 0), np.float32)
+                KsT = np.empty((ng, n_stages, 0, 0), np.float32)
+                KCT = np.empty((ng, 0, 0), np.float32)
             s, e = starts[g0], ends[g1 - 1]
             cx = np.ascontiguousarray(pairs[s:e, 0])
             cy = np.ascontiguousarray(pairs[s:e, 1])
@@ -1380,25 +1428,24 @@ def _sinkhorn_backend(problem, eps, tol, max_iter, omega, eps_scaling, levels, m
             # `batch` connections (uniform supports), else enough chunks to balance the
             # threads; at most chunk_rows distinct x rows per chunk if given
             target = batch if batched else max(1, (e - s) // (8 * nthr))
-            ptr = [0]
-            clv = []
-            for q in range(ng):
-                ls, le = starts[g0 + q] - s, ends[g0 + q] - s
-                cuts = list(range(ls, le, target))
-                if chunk_rows:
-                    xs = cx[ls:le]
-                    row_starts = ls + np.flatnonzero(np.r_[True, np.diff(xs) != 0])
-                    cuts = sorted(set(cuts) | set(row_starts[::chunk_rows].tolist()))
-                for cpos in cuts[1:] + [le]:
-                    ptr.append(cpos)
-                    clv.append(q)
+            lv_loc = np.repeat(np.arange(ng), ends[g0:g1] - starts[g0:g1])
+            first = np.r_[True, lv_loc[1:] != lv_loc[:-1]]
+            pos = np.arange(e - s) - np.maximum.accumulate(np.where(first, np.arange(e - s), 0))
+            cut = first | (pos % target == 0)
+            if chunk_rows:
+                newrow = np.r_[True, cx[1:] != cx[:-1]] | first
+                row_id = np.cumsum(newrow) - 1
+                row_in_lv = row_id - np.maximum.accumulate(np.where(first, row_id, 0))
+                cut |= newrow & (row_in_lv % chunk_rows == 0)
+            ptr = np.r_[np.flatnonzero(cut), e - s]
+            clv = lv_loc[ptr[:-1]]
             chunk_ptr = np.asarray(ptr, dtype=np.int64)
             chunk_lv = np.asarray(clv, dtype=np.int64)
+            args = (Ks, KsT, KCT, CT, C, C32, R, CT64, fz, gw, eps_lv, tol_st, uniform, cx, cy,
+                    chunk_ptr, chunk_lv, ploc, pm, pk, sloc, sm, sk, czy_u, czyT, cxw_u, dxy, al,
+                    int(max_iter), float(omega), path, out, iters, status)
             with _one_blas_thread() if batched else contextlib.nullcontext():
-                _solve_chunks(Ks, KsT, KCT, CT, C, C32, R, CT64, fz, gw, eps_lv, tol_st,
-                              uniform, cx, cy, chunk_ptr, chunk_lv, ploc, pm, pk, sloc, sm, sk,
-                              czy_u, czyT, cxw_u, dxy, al, int(max_iter), float(omega), path,
-                              out, iters, status)
+                _run_parallel(min(nthr, len(chunk_ptr) - 1), args)
             if pbar is not None:
                 pbar.update(e - s)
         if pbar is not None:
@@ -1443,6 +1490,16 @@ def solve_w1(
 ) -> np.ndarray:
     r"""W1(m_x, m_y) of every connection of a layer pair, as an ``(n_x, n_y)`` float64 array.
 
+    The ``"sinkhorn"`` backend (see the module docstring) returns, for every connection, the
+    cost of a feasible transport plan: an upper bound of W1 (so kappa is biased low), within
+    ``eps*log(n*m) + 2*tol*max(M)/d`` of it relative to d. It uses
+    ``numba.get_num_threads()`` threads (``numba.set_num_threads`` / ``NUMBA_NUM_THREADS``).
+    Defaults (:data:`DEFAULTS`): eps 0.02, tol 1e-2, max_iter 2000, omega 1.5, eps_scaling 3,
+    levels 4, mass_tol 1e-4, batch 32, float32 -- on random dense 64-256-channel layers (paper
+    measures, alpha 0.5): max |delta kappa| ~0.015, Spearman > 0.9999, >= 50x the emd2 loop.
+    For alpha = 0.9 the same W1 error is 10x larger in kappa: use eps ~0.005, tol ~3e-3 and
+    ``precision="float64"`` (max |delta kappa| ~0.01, ~20x the emd2 loop).
+
     Parameters
     ----------
     problem : LayerPairProblem
@@ -1466,11 +1523,13 @@ def solve_w1(
         Over-relaxation factor of the Sinkhorn updates, in [1, 2) (1 = plain Sinkhorn).
     eps_scaling : float
         First solve at ``eps_scaling * eps`` (tolerance ``max(tol, 0.1)``); ``<= 1`` disables.
+        An integer keeps the stage change cheap (powers instead of ``pow``).
     levels : int
         eps levels per factor 2 of d(x, y) (bucketing; the eps used is in
         ``[eps / 2**(1/levels), eps]`` relative to d).
     mass_tol : float
-        Drop atoms of total mass ``<= mass_tol`` per measure (renormalise), ``0`` keeps all.
+        Drop the atoms whose largest mass over all rows sums to ``<= mass_tol`` (renormalise
+        the rest; W1 moves by at most ``2 (1-alpha) mass_tol max(M)``); ``0`` keeps all.
     batch : int
         Connections solved together by one thread when all rows share their support: the
         shared block enters each iteration as one matrix product (BLAS) over the problems
