@@ -122,7 +122,7 @@ def test_sinkhorn_backend_close_to_reference(variant):
     for K_ref, lc in zip(ref, got.values()):
         # entropic bias is one-sided (kappa_eps <= kappa) and small at the default eps
         assert np.max(np.abs(lc.kappa - K_ref)) < 0.03
-        assert np.all(lc.kappa <= K_ref + 1e-6)
+        assert np.all(lc.kappa <= K_ref + 1e-5)  # up to float32 rounding in the kernel
         assert spearmanr(lc.kappa.ravel(), K_ref.ravel()).statistic > 0.99
 
 
