@@ -178,7 +178,9 @@ class ChannelGraph:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_model(cls, model: nn.Module, example_batch, forward_fn: Optional[Callable] = None):
+        """Trace ``model`` and propagate one sample of ``example_batch`` for the shapes."""
         gm = trace(model)
+        example_batch = _first_sample(example_batch)
         runner = _InterpreterModule(gm)
         was_training = model.training
         model.eval()
@@ -519,6 +521,18 @@ class ChannelGraph:
                 for s in self.predecessors(d):
                     self._succ[s].append(d)
         return self._succ[j]
+
+
+def _first_sample(batch):
+    """The first sample of a batch (tensors sliced to ``[:1]``, recursively); the shape pass
+    needs one sample, not the whole calibration batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:1] if batch.dim() > 0 else batch
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_first_sample(b) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _first_sample(v) for k, v in batch.items()}
+    return batch
 
 
 def _bn_scale(m: nn.modules.batchnorm._BatchNorm) -> np.ndarray:

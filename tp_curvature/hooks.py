@@ -94,13 +94,15 @@ def record_activations(graph: ChannelGraph, batches: list,
         if not isinstance(t, torch.Tensor):
             raise CalibrationError(f"{where}: expected a tensor, got {type(t).__name__}")
         t = t.detach()
-        if not torch.isfinite(t).all():
+        dims = [0] + list(range(2, t.dim()))
+        # one pass, float64 accumulation; a NaN/inf anywhere makes its channel sum non-finite
+        feat = t.abs().sum(dim=dims, dtype=torch.float64)
+        if not torch.isfinite(feat).all():
             raise CalibrationError(
                 f"non-finite (NaN/inf) activations at the input of {where}: check the model and "
                 "the calibration data")
+        feat = (feat / (t.numel() / t.shape[1])).cpu().numpy()      # mean |a| per feature
         j = graph.junctions[ji]
-        a = t.abs().double()
-        feat = a.transpose(0, 1).reshape(a.shape[1], -1).mean(1).cpu().numpy()   # per feature
         node = np.zeros(j.n_nodes)
         np.add.at(node, j.group, feat)
         node /= np.bincount(j.group, minlength=j.n_nodes)
