@@ -21,13 +21,7 @@ from tp_curvature import data as D
 from tp_curvature.data import calibration_batch, load_dataset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this module (the 2 shared cores make OpenMP spin badly), restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ writers

@@ -9,13 +9,7 @@ from torch import fx, nn
 from tp_curvature.models import build_model, count_parameters, lenet5, mlp, paper_lenet, vgg9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this module (the 2 shared cores make OpenMP spin badly), restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (in_channels, image_size): Fashion-MNIST / MNIST, scikit-learn digits, CIFAR
 CONFIGS = [(1, 28), (1, 8), (3, 32)]

@@ -19,13 +19,7 @@ from tp_curvature.training import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this module (the 2 shared cores make OpenMP spin badly), restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_or_load_caches_and_is_deterministic(tmp_path):

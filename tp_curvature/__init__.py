@@ -5,13 +5,16 @@ Data flow, one module each: :mod:`~tp_curvature.hooks` (calibration statistics) 
 :mod:`~tp_curvature.curvature` (measures, shortest paths, transport problems) ->
 :mod:`~tp_curvature.kernels` (Numba Sinkhorn / exact POT solvers) ->
 :mod:`~tp_curvature.importance` (channel scores for Torch-Pruning).
+:mod:`~tp_curvature.unstructured` is the paper's per-weight mode on the same kernels.
 """
 from .curvature import CurvatureConfig, LayerCurvature, connection_curvature
 from .graph import ChannelGraph, UnsupportedModelError
 from .hooks import CalibrationError
 from .importance import CurvatureImportance
 from .problem import LayerPairProblem
+from .unstructured import prune_by_curvature, weight_curvature
 
 __all__ = ["CurvatureImportance", "connection_curvature", "CurvatureConfig", "LayerCurvature",
-           "ChannelGraph", "LayerPairProblem", "UnsupportedModelError", "CalibrationError"]
+           "ChannelGraph", "LayerPairProblem", "UnsupportedModelError", "CalibrationError",
+           "weight_curvature", "prune_by_curvature"]
 __version__ = "0.1.0"
