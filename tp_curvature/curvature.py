@@ -271,17 +271,35 @@ def layer_curvature(graph: ChannelGraph, layer: WeightLayer, acts: list,
                           length=np.where(exists, d_xy, np.inf))
 
 
+AUTO_PROGRESS_CONNECTIONS = 1_000_000   # progress=None shows a bar above this many connections
+
+
 def graph_curvature(graph: ChannelGraph, acts: list, cfg: CurvatureConfig,
-                    progress: bool = False) -> dict:
-    """:class:`LayerCurvature` of every scoreable weight layer of ``graph``, by layer name."""
+                    progress: Optional[bool] = None) -> dict:
+    """:class:`LayerCurvature` of every scoreable weight layer of ``graph``, by layer name.
+
+    ``progress=None`` shows a tqdm bar (one step per layer, weighted by its connections) when
+    the graph has more than ``AUTO_PROGRESS_CONNECTIONS`` connections (several seconds of work).
+    """
     layers = [l for l in graph.layers if l.out_junctions]
-    it = layers
+    sizes = [graph.junctions[l.in_junction].n_nodes * l.out_channels for l in layers]
+    if progress is None:
+        progress = sum(sizes) > AUTO_PROGRESS_CONNECTIONS
+    bar = None
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(layers, desc="curvature", leave=False)
+        bar = tqdm(total=sum(sizes), desc="curvature", unit="conn", unit_scale=True, leave=False)
     out = {}
-    for layer in it:
-        out[layer.name] = layer_curvature(graph, layer, acts, cfg)
+    try:
+        for layer, n in zip(layers, sizes):
+            if bar is not None:
+                bar.set_postfix_str(layer.name, refresh=False)
+            out[layer.name] = layer_curvature(graph, layer, acts, cfg)
+            if bar is not None:
+                bar.update(n)
+    finally:
+        if bar is not None:
+            bar.close()
     return out
 
 
@@ -290,7 +308,7 @@ def normalised_activations(graph: ChannelGraph, raw: list, mode: str) -> list:
 
 
 def connection_curvature(model: nn.Module, data, forward_fn: Optional[Callable] = None,
-                         max_batches: Optional[int] = None, progress: bool = False,
+                         max_batches: Optional[int] = None, progress: Optional[bool] = None,
                          **config) -> dict:
     """Per-connection curvature of every Linear/Conv layer of ``model``.
 
@@ -314,6 +332,6 @@ def connection_curvature(model: nn.Module, data, forward_fn: Optional[Callable] 
     forward_fn = forward_fn or default_forward
     batches = as_batches(data, max_batches)
     graph = ChannelGraph.from_model(model, batches[0], forward_fn)
-    raw = record_activations(graph, batches, forward_fn, progress)
+    raw = record_activations(graph, batches, forward_fn, bool(progress))
     return graph_curvature(graph, normalised_activations(graph, raw, cfg.normalize), cfg,
                            progress)

@@ -101,8 +101,9 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         Passed to the solver (``eps``, ``tol``, ``max_iter``...).
     max_batches : int, optional
         Cap on calibration batches taken from an iterable.
-    progress : bool
-        tqdm progress bars for calibration and curvature.
+    progress : bool or None
+        tqdm progress bars for calibration and curvature; None (default) shows the curvature
+        bar only for graphs of over a million connections.
     """
 
     def __init__(self, alpha: float = 0.5, variant: str = "paper", reduction: str = "mean",
@@ -110,7 +111,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
                  topk: Optional[int] = 32, backend: str = "sinkhorn", p: float = 2.0,
                  normalize: str = "minmax", length: Optional[str] = None,
                  measure: Optional[str] = None, backend_options: Optional[dict] = None,
-                 max_batches: Optional[int] = None, progress: bool = False):
+                 max_batches: Optional[int] = None, progress: Optional[bool] = None):
         super().__init__(p=p, group_reduction=group_reduction, normalizer=normalizer)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -158,7 +159,8 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         fp = self._model_fingerprint()
         if fp != self._fingerprint:
             self._graph = ChannelGraph.from_model(self.model, self._batches[0], self._forward_fn)
-            raw = record_activations(self._graph, self._batches, self._forward_fn, self.progress)
+            raw = record_activations(self._graph, self._batches, self._forward_fn,
+                                     bool(self.progress))
             self._acts = normalised_activations(self._graph, raw, self.config.normalize)
             self._curv = None
             self._fingerprint = fp
