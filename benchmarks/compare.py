@@ -1,0 +1,870 @@
+#!/usr/bin/env python
+"""At the same compression, does CurvatureImportance keep more accuracy than the built-in criteria?
+
+For every seed a baseline is trained (or reloaded from ``checkpoints/`` by
+:func:`tp_curvature.training.train_or_load`, the cache ``scripts/train.py`` fills), a calibration
+batch is drawn from its training set, and every criterion scores the channels of that same
+network on that same batch. Then, for every pruning mode and ratio, a fresh copy of the baseline
+is pruned by ``tp.pruner.BasePruner`` (one shot, final classifier ignored) with those scores, and
+its test accuracy is measured at three stages:
+
+``pruned``  right after pruning (the paper's post-training setting: no repair at all);
+``bn``      after re-estimating BatchNorm statistics on the calibration batch (models with BN);
+``ft``      after a short fine-tune (``--finetune-epochs`` on ``--finetune-subset`` images).
+
+A criterion's scores depend only on the baseline weights and the calibration batch, so each
+criterion scores each seed once (the time of that one computation is ``importance_s``) and the
+scores are reused for every mode and ratio (keyed by the root layer's qualified name and the
+pruning handler; valid for deep copies of that baseline).
+
+Criteria
+--------
+``random``           Torch-Pruning's ``RandomImportance`` (seeded per seed).
+``l1``, ``l2``       ``GroupMagnitudeImportance(p=1 / 2)`` (group mean, mean-normalised).
+``lamp``             ``LAMPImportance`` (p=2).
+``fpgm``             ``FPGMImportance`` (optional, not in the default list).
+``taylor``           ``GroupTaylorImportance`` after ``loss.backward()`` on the calibration batch
+                     (mean cross-entropy, model in eval mode). Torch-Pruning 1.6.1 never scores
+                     BatchNorm layers in it (its BN branch tests the GroupNorm handler); kept as is.
+``hessian``          ``GroupHessianImportance`` (OBD, diagonal empirical Fisher) with a *fixed*
+                     ``accumulate_grad``: Torch-Pruning 1.6.1 tests ``name not in self._accu_grad``
+                     but stores by parameter, so every sample overwrites the buffer and only the
+                     last sample's squared gradient is used. :class:`FixedHessianImportance`
+                     averages the per-sample squared gradients over the whole calibration batch.
+``hessian-tp``       Torch-Pruning's original (last sample only), for reference; not default.
+``curvature``        ``CurvatureImportance(variant="paper")``: calibrate + score.
+``curvature-flow``   ``CurvatureImportance(variant="flow")``.
+``curvature[-flow]-min`` / ``-negsum``: the ``min`` / ``neg_sum`` channel reductions.
+
+Modes: ``uniform`` (local pruning, every group loses ``ratio`` of its channels) and ``global``
+(one ranking over all groups; every group keeps at least its best-scored channel so that no
+layer is emptied -- Torch-Pruning would otherwise silently skip such a group -- the same rule
+for every criterion). In global mode the *channel* ratio is shared but the MACs / parameters
+removed depend on where a criterion cuts (LAMP, for instance, mostly cuts cheap fully connected
+neurons), so the summary lists the compression each criterion actually reached. In uniform mode
+``lamp`` ranks like ``l2`` (its normalisation is monotone within a group).
+
+Outputs in ``results/compare/<dataset>-<model>/`` (or ``--out``): ``rows.csv`` / ``rows.json``
+(one row per seed x criterion x mode x ratio), ``summary.md`` (mean +- std over seeds, best mean
+per column in bold), ``accuracy.png`` and ``meta.json`` (arguments, baselines, timings).
+
+``--report-only`` rewrites ``summary.md`` / ``accuracy.png`` from ``rows.json`` + ``meta.json``.
+
+Examples (the CPU-sized Fashion-MNIST runs behind ``results/compare/``)::
+
+    python benchmarks/compare.py                       # digits + MLP, 3 seeds, under a minute
+    python benchmarks/compare.py --quick               # smoke run (1 seed, 2 ratios, uniform)
+    FM="--dataset fashion-mnist --seeds 0 1 2 --ratios 0.3 0.5 0.7 --finetune-epochs 1"
+    python benchmarks/compare.py $FM --model lenet5 --epochs 3 --modes uniform global \\
+        --finetune-subset 5000 --eval-subset 5000 --backend exact --threads 2
+    python benchmarks/compare.py $FM --model vgg9 --width 0.25 --epochs 3 --train-subset 20000 \\
+        --modes uniform --finetune-subset 5000 --eval-subset 5000 --backend exact --threads 2
+    python benchmarks/compare.py $FM --model resnet20 --epochs 2 --train-subset 20000 \\
+        --modes uniform --finetune-subset 1000 --eval-subset 2000 --backend exact --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch_pruning as tp  # noqa: E402
+
+DEFAULT_CRITERIA = ("random", "l1", "l2", "lamp", "taylor", "hessian", "curvature",
+                    "curvature-flow")
+STAGES = ("pruned", "bn", "ft")
+STAGE_TITLES = {"pruned": "right after pruning (no repair)",
+                "bn": "after BN recalibration on the calibration batch",
+                "ft": "after a short fine-tune"}
+MODES = ("uniform", "global")
+
+
+# ============================================================================================
+# Baseline criteria: Torch-Pruning's, with the Hessian accumulation fixed
+# ============================================================================================
+class FixedHessianImportance(tp.importance.GroupHessianImportance):
+    """``GroupHessianImportance`` whose ``accumulate_grad`` really averages over samples.
+
+    Torch-Pruning 1.6.1 checks ``if name not in self._accu_grad`` but stores the buffer under
+    the parameter, so the check always fails and every call *replaces* the buffer (and resets
+    the counter to 1): the score uses only the last sample's squared gradient. Here the buffer
+    and the counter are keyed by the parameter, so after ``n`` calls ``p.grad`` holds
+    :math:`\\frac1n \\sum_i g_i^2` when the group is scored (the diagonal empirical Fisher that
+    approximates the Hessian in Optimal Brain Damage).
+    """
+
+    def accumulate_grad(self, model: nn.Module) -> None:
+        for _, param in model.named_parameters():
+            if param.grad is None:
+                continue
+            g2 = param.grad.detach().clone().pow(2)
+            if param in self._accu_grad:
+                self._accu_grad[param] += g2
+                self._counter[param] += 1
+            else:
+                self._accu_grad[param] = g2
+                self._counter[param] = 1
+
+
+def per_sample_squared_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                             hessian_imp, chunk: int = 1) -> int:
+    """Backward each sample's loss separately and feed ``hessian_imp.accumulate_grad``.
+
+    The model is in eval mode (BatchNorm uses running statistics, so the samples of a chunk
+    are independent). ``chunk=1`` runs one forward per sample, which on a CPU is cheaper than
+    back-propagating every sample through a shared batch graph. Returns the number of samples.
+    """
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    n = 0
+    for s in range(0, len(x), chunk):
+        losses = loss_fn(model(x[s:s + chunk]), y[s:s + chunk])
+        for i, l in enumerate(losses):
+            model.zero_grad(set_to_none=True)
+            l.backward(retain_graph=i < len(losses) - 1)
+            hessian_imp.accumulate_grad(model)
+            n += 1
+    return n
+
+
+# ============================================================================================
+# Criteria registry
+# ============================================================================================
+@dataclass
+class Criterion:
+    """A named importance plus what it needs before scoring (``prepare(model, x, y)``)."""
+    name: str
+    importance: object
+    prepare: Callable = field(default=lambda model, x, y: None)
+    note: str = ""
+
+
+def _curvature_parts(name: str):
+    """``curvature[-flow][-min|-negsum|-mean]`` -> (variant, reduction) or None."""
+    parts = name.split("-")
+    if parts[0] != "curvature":
+        return None
+    variant, reduction = "paper", "mean"
+    for p in parts[1:]:
+        if p in ("flow", "paper"):
+            variant = p
+        elif p in ("min", "mean"):
+            reduction = p
+        elif p in ("negsum", "neg_sum"):
+            reduction = "neg_sum"
+        else:
+            raise ValueError(f"unknown curvature option {p!r} in {name!r} "
+                             "(use curvature[-flow][-min|-negsum])")
+    return variant, reduction
+
+
+def make_criterion(name: str, seed: int, args) -> Criterion:
+    """Build criterion ``name`` for one seed (fresh importance object: no state is shared)."""
+    name = name.strip().lower()
+    imp_mod = tp.importance
+
+    def backward_mean_loss(model, x, y):
+        model.eval()
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+
+    if name == "random":
+        def seed_rng(model, x, y):
+            torch.manual_seed(10_000 + seed)
+        return Criterion(name, imp_mod.RandomImportance(), seed_rng)
+    if name == "l1":
+        return Criterion(name, imp_mod.GroupMagnitudeImportance(p=1))
+    if name in ("l2", "magnitude"):
+        return Criterion(name, imp_mod.GroupMagnitudeImportance(p=2))
+    if name == "lamp":
+        return Criterion(name, imp_mod.LAMPImportance(p=2))
+    if name == "fpgm":
+        return Criterion(name, imp_mod.FPGMImportance(p=2))
+    if name == "taylor":
+        return Criterion(name, imp_mod.GroupTaylorImportance(), backward_mean_loss,
+                         note="Torch-Pruning's GroupTaylorImportance does not score BatchNorm "
+                              "layers (its BN branch tests the GroupNorm handler)")
+    if name in ("hessian", "hessian-tp"):
+        imp = FixedHessianImportance() if name == "hessian" else imp_mod.GroupHessianImportance()
+
+        def accumulate(model, x, y):
+            imp.zero_grad()
+            per_sample_squared_grads(model, x, y, imp)
+        note = ("accumulate_grad fixed: per-sample squared gradients averaged over the whole "
+                "calibration batch" if name == "hessian" else
+                "Torch-Pruning 1.6.1 as shipped: only the last sample's squared gradient")
+        return Criterion(name, imp, accumulate, note=note)
+    parts = _curvature_parts(name)
+    if parts is not None:
+        from tp_curvature import CurvatureImportance
+        variant, reduction = parts
+        opts = {}
+        if args.backend_options:
+            opts = json.loads(args.backend_options)
+        imp = CurvatureImportance(alpha=args.alpha, variant=variant, reduction=reduction,
+                                  topk=args.topk, backend=args.backend, backend_options=opts)
+
+        def calibrate(model, x, y):
+            imp.calibrate(model, x)
+        return Criterion(name, imp, calibrate,
+                         note=f"alpha={args.alpha}, variant={variant}, reduction={reduction}, "
+                              f"topk={args.topk}, backend={args.backend}")
+    raise ValueError(f"unknown criterion {name!r}; choose from random, l1, l2, lamp, fpgm, "
+                     "taylor, hessian, hessian-tp, curvature[-flow][-min|-negsum]")
+
+
+# ============================================================================================
+# Score cache
+# ============================================================================================
+def _handler_name(handler) -> str:
+    return getattr(handler, "__qualname__", None) or repr(handler)
+
+
+def group_key(group, names: dict) -> tuple:
+    """(qualified name of the root layer, name of the root pruning handler)."""
+    dep = group[0].dep
+    return names[id(dep.target.module)], _handler_name(dep.handler)
+
+
+def final_classifier(model: nn.Module) -> nn.Module:
+    """The output layer, left unpruned (timm's ``get_classifier()``, else the last Linear)."""
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        head = get()
+        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+            return head
+    lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if lin:
+        return lin[-1]
+    convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    if not convs:
+        raise ValueError("model has no Linear or Conv layer")
+    return convs[-1]
+
+
+def make_pruner(model, example_inputs, importance, ratio=0.0, mode="uniform"):
+    return tp.pruner.BasePruner(
+        model, example_inputs, importance=importance, global_pruning=(mode == "global"),
+        pruning_ratio=ratio, ignored_layers=[final_classifier(model)], iterative_steps=1)
+
+
+def compute_scores(model: nn.Module, example_inputs, crit: Criterion, x, y) -> tuple[dict, float]:
+    """Score every prunable group of ``model`` (modified: gradients, calibration) once.
+
+    Returns ``({group_key: 1-D scores or None}, seconds)``; the time covers ``prepare`` (backward
+    passes / calibration) and the scoring calls, not Torch-Pruning's dependency graph.
+    """
+    pruner = make_pruner(model, example_inputs, crit.importance)
+    names = {id(m): n for n, m in model.named_modules()}
+    groups = list(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                           root_module_types=pruner.root_module_types))
+    scores = {}
+    t0 = time.perf_counter()
+    crit.prepare(model, x, y)
+    with torch.no_grad():
+        for g in groups:
+            key = group_key(g, names)
+            s = crit.importance(g)
+            if s is not None:
+                s = s.detach().float().cpu().clone()
+                if s.shape != (len(g[0].idxs),) or not torch.isfinite(s).all():
+                    raise RuntimeError(f"{crit.name}: bad scores for group {key}: {s}")
+            scores[key] = s
+    return scores, time.perf_counter() - t0
+
+
+class CachedImportance(tp.importance.Importance):
+    """Replays precomputed group scores on a deep copy of the model they were computed on.
+
+    ``bind(model)`` before building a pruner on a copy. With ``keep_best=True`` (global mode)
+    the best-scored channel of every group is made unprunable (+inf) so that a global threshold
+    never empties a layer (Torch-Pruning would skip that group entirely).
+    """
+
+    def __init__(self, scores: dict, name: str = ""):
+        self.scores = scores
+        self.name = name
+        self.keep_best = False
+        self._names: dict = {}
+
+    def bind(self, model: nn.Module, keep_best: bool = False) -> "CachedImportance":
+        self._names = {id(m): n for n, m in model.named_modules()}
+        self.keep_best = keep_best
+        return self
+
+    @torch.no_grad()
+    def __call__(self, group):
+        key = group_key(group, self._names)
+        if key not in self.scores:
+            raise KeyError(f"{self.name}: no cached scores for group {key} (was the model "
+                           "changed since the scores were computed?)")
+        s = self.scores[key]
+        if s is None:
+            return None
+        if len(s) != len(group[0].idxs):
+            raise RuntimeError(f"{self.name}: group {key} has {len(group[0].idxs)} channels, "
+                               f"cached scores have {len(s)}")
+        s = s.clone()
+        if self.keep_best and len(s):
+            s[int(torch.argmax(s))] = float("inf")
+        return s
+
+
+# ============================================================================================
+# helpers
+# ============================================================================================
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def count_ops(model, example_inputs) -> tuple[int, int]:
+    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    return int(macs), int(params)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    if len(a) < 3:
+        return float("nan")
+    from scipy.stats import spearmanr
+    r = spearmanr(a.numpy(), b.numpy()).statistic
+    return float(r) if np.isfinite(r) else float("nan")
+
+
+def mean_group_spearman(sa: dict, sb: dict) -> float:
+    vals = [spearman(sa[k], sb[k]) for k in sa
+            if sa[k] is not None and sb.get(k) is not None]
+    vals = [v for v in vals if np.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def mean_std(vals) -> tuple[float, float, int]:
+    v = np.asarray([x for x in vals if x is not None and np.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else 0.0), int(v.size)
+
+
+# ============================================================================================
+# the experiment
+# ============================================================================================
+def build_train_config(args, seed: int):
+    from tp_curvature.training import TrainConfig
+    mk = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    if args.width is not None:
+        mk["width"] = args.width
+    return TrainConfig(
+        dataset=args.dataset, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, seed=seed,
+        train_subset=args.train_subset, augment=args.augment, model_kwargs=mk,
+        data_root=args.data_root, download=args.download, device=args.device,
+        checkpoint_dir=args.checkpoint_dir)
+
+
+def load_data(args):
+    """``(train, test, meta)`` of the full dataset, and the fixed evaluation set."""
+    from tp_curvature.data import load_dataset, stratified_subset
+    train, test, meta = load_dataset(args.dataset, args.data_root, args.download)
+    if args.eval_subset is not None and args.eval_subset < len(test):
+        test = test.subset(stratified_subset(test.targets.numpy(), args.eval_subset, 0))
+    return train, test, meta
+
+
+def run_seed(args, seed: int, data, rows: list, meta: dict, bar) -> None:
+    """Everything for one seed: baseline, calibration batch, scores, pruning sweep."""
+    from tp_curvature.data import calibration_batch, stratified_subset
+    from tp_curvature.training import (evaluate, finetune, make_loader, recalibrate_bn, set_seed,
+                                       train_or_load)
+
+    cfg = build_train_config(args, seed)
+    bar.set_description(f"seed {seed}: baseline")
+    base, info = train_or_load(cfg, progress=args.progress, verbose=False)
+    base.eval()
+    train_ds, test_ds, _ = data
+    # the training subset this seed's baseline saw (as tp_curvature.data.load_dataset draws it)
+    if cfg.train_subset is not None and cfg.train_subset < len(train_ds):
+        train_ds = train_ds.subset(stratified_subset(train_ds.targets.numpy(), cfg.train_subset,
+                                                     seed))
+    train_ds.augment = bool(cfg.augment)
+    dev = torch.device(args.device)
+    base_acc = evaluate(base, test_ds, dev)
+    meta["n_eval"] = len(test_ds)
+
+    x, y = calibration_batch(train_ds, args.calib_size, seed=seed,
+                             per_class=args.calib_per_class,
+                             model=base if args.calib_correct else None)
+    x, y = x.to(dev), y.to(dev)
+    example = x[:1]
+    base_macs, base_params = count_ops(base, example)
+    bn = has_batchnorm(base)
+
+    ft_ds = None
+    if args.finetune_epochs > 0:
+        ft_ds = train_ds
+        if args.finetune_subset is not None and args.finetune_subset < len(train_ds):
+            ft_ds = train_ds.subset(stratified_subset(train_ds.targets.numpy(),
+                                                      args.finetune_subset, seed))
+
+    seed_meta = {"seed": seed, "checkpoint": info.get("checkpoint"), "cached": info.get("cached"),
+                 "train_time_s": info.get("train_time_s"), "test_acc_full": info.get("test_acc"),
+                 "base_acc": base_acc, "base_params": base_params, "base_macs": base_macs,
+                 "calib_n": int(len(x)), "importance_s": {}, "spearman_vs_l2": {},
+                 "notes": {}}
+    meta["seeds"].append(seed_meta)
+    tqdm_write(f"seed {seed}: baseline {100 * base_acc:.2f}% on {len(test_ds)} test images "
+               f"({'cached' if info.get('cached') else 'trained'} {info.get('checkpoint')}), "
+               f"{base_params:,} params, {base_macs:,} MACs, calibration {len(x)} images")
+
+    all_scores = {}
+    for cname in args.criteria:
+        bar.set_description(f"seed {seed}: score {cname}")
+        crit = make_criterion(cname, seed, args)
+        work = copy.deepcopy(base)
+        scores, secs = compute_scores(work, example, crit, x, y)
+        del work
+        all_scores[cname] = scores
+        seed_meta["importance_s"][cname] = secs
+        if crit.note:
+            seed_meta["notes"][cname] = crit.note
+        cached = CachedImportance(scores, cname)
+
+        for mode in args.modes:
+            for ratio in args.ratios:
+                bar.set_description(f"seed {seed}: {cname} {mode} {ratio:g}")
+                m = copy.deepcopy(base).to(dev)
+                t0 = time.perf_counter()
+                pruner = make_pruner(m, example, cached.bind(m, keep_best=(mode == "global")),
+                                     ratio, mode)
+                pruner.step()
+                prune_s = time.perf_counter() - t0
+                macs, params = count_ops(m, example)
+                acc_pruned = evaluate(m, test_ds, dev)
+                acc_bn = float("nan")
+                if bn:
+                    recalibrate_bn(m, x, dev)
+                    acc_bn = evaluate(m, test_ds, dev)
+                acc_ft = float("nan")
+                if ft_ds is not None:
+                    # the same batches in the same order (and augmentation) for every run
+                    set_seed(seed)
+                    loader = make_loader(ft_ds, args.batch_size, shuffle=True, seed=seed)
+                    finetune(m, loader, epochs=args.finetune_epochs, lr=args.finetune_lr,
+                             device=dev)
+                    acc_ft = evaluate(m, test_ds, dev)
+                rows.append({
+                    "dataset": cfg.dataset, "model": cfg.model, "seed": seed,
+                    "criterion": cname, "mode": mode, "ratio": ratio,
+                    "acc_pruned": acc_pruned, "acc_bn": acc_bn, "acc_ft": acc_ft,
+                    "params": params, "macs": macs,
+                    "params_kept": params / base_params, "macs_kept": macs / base_macs,
+                    "importance_s": secs, "prune_s": prune_s, "base_acc": base_acc,
+                    "base_params": base_params, "base_macs": base_macs,
+                })
+                bar.update(1)
+                del m, pruner
+
+    if "l2" in all_scores:
+        for cname, sc in all_scores.items():
+            if cname != "l2":
+                seed_meta["spearman_vs_l2"][cname] = mean_group_spearman(sc, all_scores["l2"])
+
+
+def warm_up_kernels(args) -> None:
+    """Run the curvature solver once on a tiny network (compiles the Numba kernels)."""
+    from tp_curvature import CurvatureImportance
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(),
+                          nn.Linear(4, 3)).eval()
+    imp = CurvatureImportance(alpha=args.alpha, topk=args.topk, backend=args.backend)
+    imp.calibrate(model, torch.randn(8, 6, generator=g))
+    imp.curvatures()
+
+
+def tqdm_write(msg: str) -> None:
+    from tqdm.auto import tqdm
+    tqdm.write(msg)
+
+
+# ============================================================================================
+# reports
+# ============================================================================================
+FIELDS = ("dataset", "model", "seed", "criterion", "mode", "ratio", "acc_pruned", "acc_bn",
+          "acc_ft", "params", "macs", "params_kept", "macs_kept", "importance_s", "prune_s",
+          "base_acc", "base_params", "base_macs")
+
+
+def write_rows(rows: list, out: Path) -> None:
+    with open(out / "rows.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k])
+                        for k in FIELDS})
+    with open(out / "rows.json", "w") as f:
+        json.dump([{k: (None if isinstance(r[k], float) and math.isnan(r[k]) else r[k])
+                    for k in FIELDS} for r in rows], f, indent=1)
+
+
+def _stages_present(rows) -> list:
+    return [s for s in STAGES
+            if any(np.isfinite(r[f"acc_{s}"]) for r in rows if r[f"acc_{s}"] is not None)]
+
+
+def _fmt(m, s, n, scale=100.0, digits=1):
+    if not np.isfinite(m):
+        return "-"
+    if n > 1:
+        return f"{scale * m:.{digits}f} ± {scale * s:.{digits}f}"
+    return f"{scale * m:.{digits}f}"
+
+
+def summary_markdown(rows: list, meta: dict) -> str:
+    criteria = list(dict.fromkeys(r["criterion"] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    ratios = sorted(set(r["ratio"] for r in rows))
+    seeds = sorted(set(r["seed"] for r in rows))
+    stages = _stages_present(rows)
+    a = meta["args"]
+    lines = [f"# Pruning criteria compared: {a['dataset']} / {a['model']}", ""]
+    base = [s["base_acc"] for s in meta["seeds"]]
+    bm, bs, bn = mean_std(base)
+    lines += [
+        f"Seeds {seeds} (each: its own baseline, calibration batch and random criterion); "
+        f"mean ± std over seeds (sample std, n={len(seeds)}), test accuracy in % on "
+        f"{meta.get('n_eval', '?')} test images. Baseline: {_fmt(bm, bs, bn, digits=2)}%. "
+        f"Params {meta['seeds'][0]['base_params']:,}, MACs {meta['seeds'][0]['base_macs']:,}.",
+        "",
+        f"Pruner: `tp.pruner.BasePruner`, one shot, final classifier ignored; ratio = fraction "
+        f"of channels removed from every group (`uniform`) or overall (`global`, each group "
+        f"keeps at least one channel). Calibration: {meta['seeds'][0]['calib_n']} training "
+        f"images per seed, the same for every criterion and used for BN recalibration. "
+        f"Fine-tune: {a['finetune_epochs']} epoch(s) on "
+        f"{a['finetune_subset'] or 'all'} training images, Adam lr {a['finetune_lr']}.",
+        "",
+        f"Baseline training: {a['epochs'] or 'default'} epochs, train subset "
+        f"{a['train_subset'] or 'all'}, optimizer {a['optimizer']}"
+        + (f", width {a['width']}" if a.get("width") is not None else "")
+        + (f", model kwargs {a['model_kwargs']}" if a.get("model_kwargs") not in (None, "{}")
+           else "") + ".",
+        "",
+    ]
+    for mode in modes:
+        for stage in stages:
+            lines += [f"## {mode} pruning, accuracy {STAGE_TITLES[stage]}", ""]
+            head = "| criterion | " + " | ".join(f"{r:g}" for r in ratios) + " | mean |"
+            lines += [head, "|---" * (len(ratios) + 2) + "|"]
+            cells, means = {}, {}
+            for c in criteria:
+                per_ratio = []
+                for r in ratios:
+                    v = [x[f"acc_{stage}"] for x in rows
+                         if x["criterion"] == c and x["mode"] == mode and x["ratio"] == r]
+                    per_ratio.append(mean_std(v))
+                # mean over ratios, per seed, then over seeds
+                per_seed = []
+                for s in seeds:
+                    v = [x[f"acc_{stage}"] for x in rows if x["criterion"] == c
+                         and x["mode"] == mode and x["seed"] == s]
+                    v = [t for t in v if t is not None and np.isfinite(t)]
+                    if v:
+                        per_seed.append(float(np.mean(v)))
+                per_ratio.append(mean_std(per_seed))
+                cells[c] = per_ratio
+            ncol = len(ratios) + 1
+            best = []
+            for j in range(ncol):
+                col = [cells[c][j][0] for c in criteria if np.isfinite(cells[c][j][0])]
+                best.append(max(col) if col else None)
+            for c in criteria:
+                out = []
+                for j in range(ncol):
+                    m, s, n = cells[c][j]
+                    t = _fmt(m, s, n)
+                    if best[j] is not None and np.isfinite(m) and m >= best[j] - 1e-12:
+                        t = f"**{t}**"
+                    out.append(t)
+                lines.append(f"| {c} | " + " | ".join(out) + " |")
+            lines.append("")
+        if mode == "global":
+            lines += ["Compression in global mode (it depends on the criterion): MACs / params "
+                      "kept, % of the baseline, mean over seeds.", "",
+                      "| criterion | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+                      "|---" * (len(ratios) + 1) + "|"]
+            for c in criteria:
+                out = []
+                for r in ratios:
+                    v = [(x["macs_kept"], x["params_kept"]) for x in rows
+                         if x["criterion"] == c and x["mode"] == mode and x["ratio"] == r]
+                    out.append(f"{100 * np.mean([t[0] for t in v]):.1f} / "
+                               f"{100 * np.mean([t[1] for t in v]):.1f}" if v else "-")
+                lines.append(f"| {c} | " + " | ".join(out) + " |")
+            lines.append("")
+        if mode == "uniform":
+            lines += ["Compression in uniform mode (the same for every criterion): "
+                      + ", ".join(
+                          f"ratio {r:g}: params "
+                          f"{100 * np.mean([x['params_kept'] for x in rows if x['mode'] == mode and x['ratio'] == r]):.1f}%"
+                          f", MACs "
+                          f"{100 * np.mean([x['macs_kept'] for x in rows if x['mode'] == mode and x['ratio'] == r]):.1f}%"
+                          for r in ratios) + " of the baseline.", ""]
+
+    # paired differences: curvature criteria minus every other criterion, per seed
+    curv = [c for c in criteria if c.startswith("curvature")]
+    others = [c for c in criteria if not c.startswith("curvature")]
+    if curv and others and len(seeds) > 1:
+        lines += ["## Paired differences (percentage points, same seed), curvature minus "
+                  "baseline criterion", "",
+                  "Mean ± std over seeds of (curvature - other) at each ratio; `w/n` = seeds "
+                  "where curvature was strictly better.", ""]
+        for mode in modes:
+            for stage in stages:
+                lines += [f"### {mode}, {stage}", "",
+                          "| curvature | vs | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+                          "|---" * (len(ratios) + 2) + "|"]
+                for c in curv:
+                    for o in others:
+                        out = []
+                        for r in ratios:
+                            d = []
+                            for s in seeds:
+                                a1 = [x[f"acc_{stage}"] for x in rows if x["criterion"] == c
+                                      and x["mode"] == mode and x["ratio"] == r and x["seed"] == s]
+                                a2 = [x[f"acc_{stage}"] for x in rows if x["criterion"] == o
+                                      and x["mode"] == mode and x["ratio"] == r and x["seed"] == s]
+                                if a1 and a2 and np.isfinite(a1[0]) and np.isfinite(a2[0]):
+                                    d.append(a1[0] - a2[0])
+                            m, sd, n = mean_std(d)
+                            wins = sum(1 for t in d if t > 0)
+                            out.append(f"{100 * m:+.1f} ± {100 * sd:.1f} ({wins}/{n})"
+                                       if n else "-")
+                        lines.append(f"| {c} | {o} | " + " | ".join(out) + " |")
+                lines.append("")
+
+    # timings and diagnostics
+    lines += ["## Importance computation time (s, per seed: scores computed once and reused "
+              "for every mode and ratio)", "",
+              "| criterion | time (s) | Spearman with L2 scores (mean over groups) |",
+              "|---|---|---|"]
+    for c in criteria:
+        m, s, n = mean_std([sd["importance_s"].get(c) for sd in meta["seeds"]])
+        rho = mean_std([sd["spearman_vs_l2"].get(c) for sd in meta["seeds"]])
+        rt = f"{rho[0]:+.2f}" + (f" ± {rho[1]:.2f}" if rho[2] > 1 else "") if rho[2] else "-"
+        lines.append(f"| {c} | {_fmt(m, s, n, scale=1.0, digits=2)} | {rt} |")
+    lines.append("")
+    notes = {}
+    for sd in meta["seeds"]:
+        notes.update(sd["notes"])
+    if notes:
+        lines += ["Notes:", ""] + [f"- `{c}`: {t}" for c, t in notes.items()] + [""]
+    lines += [f"Total wall time {meta.get('wall_s', 0):.0f} s on {meta['platform']} "
+              f"({meta['threads']} torch threads)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list, out_png: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    criteria = list(dict.fromkeys(r["criterion"] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    ratios = sorted(set(r["ratio"] for r in rows))
+    stages = _stages_present(rows)
+    base_m = float(np.mean(list({r["seed"]: r["base_acc"] for r in rows}.values())))
+    fig, axes = plt.subplots(len(modes), len(stages), squeeze=False,
+                             figsize=(4.2 * len(stages), 3.4 * len(modes)), sharey=True)
+    cmap = plt.get_cmap("tab10")
+    for i, mode in enumerate(modes):
+        for j, stage in enumerate(stages):
+            ax = axes[i][j]
+            for k, c in enumerate(criteria):
+                ms = [mean_std([x[f"acc_{stage}"] for x in rows if x["criterion"] == c
+                                and x["mode"] == mode and x["ratio"] == r]) for r in ratios]
+                m = np.array([t[0] for t in ms]) * 100
+                s = np.array([t[1] for t in ms]) * 100
+                style = "-" if c.startswith("curvature") else "--"
+                lw = 2.2 if c.startswith("curvature") else 1.3
+                ax.errorbar(ratios, m, yerr=s, label=c, marker="o", ms=3.5, capsize=3,
+                            linestyle=style, lw=lw, color=cmap(k % 10))
+            ax.axhline(100 * base_m, color="k", lw=0.8, ls=":", label="baseline")
+            ax.set_title(f"{mode}: {stage}", fontsize=10)
+            ax.set_xlabel("pruning ratio")
+            if j == 0:
+                ax.set_ylabel("test accuracy (%)")
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center right", frameon=False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1 - 1.3 / fig.get_figwidth(), 1))
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+
+
+# ============================================================================================
+# CLI
+# ============================================================================================
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n", 1)[1])
+    g = p.add_argument_group("baseline (the same options as scripts/train.py; cached)")
+    g.add_argument("--dataset", default="digits",
+                   help="digits (default, offline), fashion-mnist, mnist, cifar10, cifar100")
+    g.add_argument("--model", default="mlp",
+                   help="mlp, lenet5, paper_lenet, vgg9, resnet20, resnet56 or timm:<name>")
+    g.add_argument("--epochs", type=int, default=None, help="default: 30 for digits, else 5")
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--train-subset", type=int, default=None, help="cap the training set")
+    g.add_argument("--augment", action="store_true")
+    g.add_argument("--width", type=float, default=None, help="vgg9 width multiplier")
+    g.add_argument("--model-kwargs", default="{}", help="JSON for build_model")
+    g.add_argument("--data-root", default=None)
+    g.add_argument("--download", action="store_true")
+    g.add_argument("--checkpoint-dir", default="checkpoints")
+    g = p.add_argument_group("comparison")
+    g.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2")
+    g.add_argument("--criteria", nargs="+", default=list(DEFAULT_CRITERIA),
+                   help=f"default: {' '.join(DEFAULT_CRITERIA)}; also fpgm, hessian-tp, "
+                        "curvature[-flow][-min|-negsum]")
+    g.add_argument("--ratios", type=float, nargs="+", default=None, help="default: 0.3 0.5 0.7")
+    g.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                   help="default: uniform global")
+    g.add_argument("--calib-size", type=int, default=256,
+                   help="calibration images (per class with --calib-per-class)")
+    g.add_argument("--calib-per-class", action="store_true")
+    g.add_argument("--calib-correct", action="store_true",
+                   help="only correctly classified images (as in the curvature paper)")
+    g.add_argument("--eval-subset", type=int, default=None,
+                   help="evaluate on a fixed stratified subset of the test set")
+    g.add_argument("--finetune-epochs", type=int, default=1, help="0: no fine-tune stage")
+    g.add_argument("--finetune-subset", type=int, default=None,
+                   help="fine-tune on this many training images (stratified, per seed)")
+    g.add_argument("--finetune-lr", type=float, default=1e-3)
+    g = p.add_argument_group("curvature")
+    g.add_argument("--alpha", type=float, default=0.5)
+    g.add_argument("--topk", type=int, default=32, help="0: full measures")
+    g.add_argument("--backend", default="sinkhorn", choices=["sinkhorn", "exact", "pot-sinkhorn"])
+    g.add_argument("--backend-options", default=None, help='JSON, e.g. \'{"eps": 0.02}\'')
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="default: results/compare/<dataset>-<model>")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    g.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 seed, ratios 0.3 0.6, uniform only, small fine-tune")
+    g.add_argument("--no-plot", action="store_true")
+    g.add_argument("--report-only", action="store_true",
+                   help="rewrite summary.md / accuracy.png from the rows.json and meta.json "
+                        "already in the output folder (no computation)")
+    g.add_argument("--progress", action="store_true", help="also show training progress bars")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.seeds = a.seeds or [0]
+        a.ratios = a.ratios or [0.3, 0.6]
+        a.modes = a.modes or ["uniform"]
+        a.finetune_subset = a.finetune_subset or 1000
+        a.eval_subset = a.eval_subset or 2000
+        if a.epochs is None and a.dataset != "digits":
+            a.epochs = 1
+        if a.train_subset is None and a.dataset != "digits":
+            a.train_subset = 10000
+    a.seeds = a.seeds if a.seeds is not None else [0, 1, 2]
+    a.ratios = a.ratios if a.ratios is not None else [0.3, 0.5, 0.7]
+    a.modes = a.modes if a.modes is not None else list(MODES)
+    if any(not 0.0 < r < 1.0 for r in a.ratios):
+        p.error("--ratios must lie in (0, 1)")
+    if a.topk == 0:
+        a.topk = None
+    return a
+
+
+def write_reports(rows: list, meta: dict, out: Path, no_plot: bool = False) -> str:
+    md = summary_markdown(rows, meta)
+    (out / "summary.md").write_text(md)
+    if not no_plot:
+        a = meta["args"]
+        plot(rows, out / "accuracy.png", f"{a['dataset']} / {a['model']}: accuracy vs pruning "
+             f"ratio (mean ± std over {len(meta['seeds'])} seed(s))")
+    return md
+
+
+def report_only(out: Path, no_plot: bool = False) -> int:
+    try:
+        rows = json.loads((out / "rows.json").read_text())
+        meta = json.loads((out / "meta.json").read_text())
+    except FileNotFoundError as e:
+        print(f"error: --report-only needs rows.json and meta.json in {out}: {e}", file=sys.stderr)
+        return 1
+    for r in rows:
+        for k, v in r.items():
+            if v is None:
+                r[k] = float("nan")
+    write_reports(rows, meta, out, no_plot)
+    print(f"rewrote {out}/summary.md" + ("" if no_plot else " and accuracy.png"))
+    return 0
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from tqdm.auto import tqdm
+
+    slug = f"{a.dataset.lower()}-{a.model.replace(':', '_').replace('/', '_')}"
+    out = Path(a.out) if a.out else Path("results") / "compare" / slug
+    if a.report_only:
+        return report_only(out, a.no_plot)
+    out.mkdir(parents=True, exist_ok=True)
+    # fail early on a bad criterion name
+    for c in a.criteria:
+        make_criterion(c, 0, a)
+    if any(c.startswith("curvature") for c in a.criteria):
+        import importlib.util
+        if importlib.util.find_spec("tp_curvature.kernels") is None:
+            print("error: tp_curvature.kernels is not available (the curvature solvers); "
+                  "drop the curvature criteria or install the full package", file=sys.stderr)
+            return 1
+    meta = {"args": vars(a), "argv": sys.argv if argv is None else ["compare.py", *argv],
+            "seeds": [], "torch": torch.__version__, "torch_pruning": tp.__version__,
+            "platform": f"{platform.machine()} {platform.processor() or platform.system()}",
+            "threads": torch.get_num_threads()}
+    rows: list = []
+    total = len(a.seeds) * len(a.criteria) * len(a.modes) * len(a.ratios)
+    t0 = time.perf_counter()
+    if a.backend == "sinkhorn" and any(c.startswith("curvature") for c in a.criteria):
+        warm_up_kernels(a)   # Numba's one-time compilation is not charged to the first seed
+    try:
+        data = load_data(a)
+    except (FileNotFoundError, RuntimeError) as e:   # missing files / failed download
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    with tqdm(total=total, desc="compare", unit="run", dynamic_ncols=True) as bar:
+        for seed in a.seeds:
+            run_seed(a, seed, data, rows, meta, bar)
+    meta["wall_s"] = time.perf_counter() - t0
+    write_rows(rows, out)
+    with open(out / "meta.json", "w") as f:
+        json.dump(meta, f, indent=1, default=str)
+    md = write_reports(rows, meta, out, a.no_plot)
+    print(md)
+    print(f"wrote {out}/rows.csv, rows.json, summary.md, meta.json"
+          + ("" if a.no_plot else ", accuracy.png") + f" in {meta['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

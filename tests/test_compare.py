@@ -1,0 +1,172 @@
+"""benchmarks/compare.py: a tiny end-to-end run, the fixed Hessian baseline, the score cache."""
+import copy
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
+compare = importlib.util.module_from_spec(_spec)
+sys.modules["compare"] = compare
+_spec.loader.exec_module(compare)
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_end_to_end_digits_mlp(tmp_path):
+    out = tmp_path / "out"
+    rc = compare.main([
+        "--dataset", "digits", "--model", "mlp", "--model-kwargs", '{"hidden": [32, 16]}',
+        "--epochs", "3", "--seeds", "0", "--criteria", "l2", "curvature",
+        "--ratios", "0.5", "--modes", "uniform", "--finetune-epochs", "0",
+        "--calib-size", "32", "--topk", "8", "--backend", "exact", "--threads", "1",
+        "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(out),
+    ])
+    assert rc == 0
+    for name in ("rows.csv", "rows.json", "summary.md", "accuracy.png", "meta.json"):
+        assert (out / name).is_file(), name
+    rows = _read_csv(out / "rows.csv")
+    assert len(rows) == 2                                   # 1 seed x 2 criteria x 1 mode x 1 ratio
+    assert {r["criterion"] for r in rows} == {"l2", "curvature"}
+    for r in rows:
+        assert r["mode"] == "uniform" and float(r["ratio"]) == 0.5 and r["seed"] == "0"
+        assert 0.0 <= float(r["acc_pruned"]) <= 1.0
+        assert r["acc_bn"] == "" and r["acc_ft"] == ""      # no BatchNorm, no fine-tune
+        assert int(r["params"]) < int(r["base_params"])
+        assert float(r["importance_s"]) >= 0.0
+        assert 0.0 < float(r["base_acc"]) <= 1.0
+    # uniform pruning removes the same number of channels whatever the criterion
+    assert rows[0]["params"] == rows[1]["params"] and rows[0]["macs"] == rows[1]["macs"]
+    js = json.loads((out / "rows.json").read_text())
+    assert len(js) == 2 and js[0]["acc_ft"] is None
+    assert {"acc_pruned", "acc_bn", "acc_ft", "params", "macs", "importance_s",
+            "base_acc"} <= set(js[0])
+    md = (out / "summary.md").read_text()
+    assert "| criterion | 0.5 | mean |" in md and "| curvature |" in md and "| l2 |" in md
+    assert "**" in md                                       # best per column in bold
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the reports can be rewritten from rows.json / meta.json alone
+    (out / "summary.md").unlink()
+    assert compare.main(["--report-only", "--out", str(out), "--no-plot"]) == 0
+    assert (out / "summary.md").read_text() == md
+
+
+def test_end_to_end_bn_global(tmp_path):
+    """A CNN with BatchNorm: global mode, BN recalibration and fine-tune stages."""
+    out = tmp_path / "out"
+    rc = compare.main([
+        "--dataset", "digits", "--model", "vgg9", "--width", "0.125", "--epochs", "2",
+        "--seeds", "0", "--criteria", "random", "taylor", "hessian", "--ratios", "0.5",
+        "--modes", "uniform", "global", "--finetune-epochs", "1", "--finetune-subset", "200",
+        "--calib-size", "16", "--threads", "1", "--no-plot",
+        "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(out),
+    ])
+    assert rc == 0
+    rows = _read_csv(out / "rows.csv")
+    assert len(rows) == 6
+    for r in rows:
+        assert r["acc_bn"] != "" and r["acc_ft"] != ""
+        assert int(r["params"]) < int(r["base_params"])
+    assert not (out / "accuracy.png").exists()
+    md = (out / "summary.md").read_text()
+    assert "after BN recalibration" in md and "global pruning" in md and "MACs / params" in md
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
+    rc = compare.main(["--dataset", "mnist", "--data-root", str(tmp_path), "--seeds", "0",
+                       "--criteria", "l2", "--out", str(tmp_path / "out")])
+    assert rc == 1
+    assert "mnist" in capsys.readouterr().err
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+
+
+def _group(model):
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 4))
+    return DG.get_pruning_group(model[0], tp.prune_linear_out_channels, idxs=list(range(5)))
+
+
+def _scores_from_grad2(model, grad2):
+    """Score the group with Torch-Pruning's own Hessian code fed ``p.grad = grad2[p]``."""
+    m = copy.deepcopy(model)
+    for (_, p), (_, g) in zip(m.named_parameters(), grad2):
+        p.grad = g.clone()
+    return tp.importance.GroupHessianImportance()(_group(m))
+
+
+def test_fixed_hessian_averages_over_samples():
+    model = _tiny_model()
+    torch.manual_seed(1)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    # per-sample gradients by hand
+    per_sample = []
+    for i in range(len(x)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        per_sample.append([(n, p.grad.detach().clone()) for n, p in model.named_parameters()])
+    mean_g2 = [(n, torch.stack([s[k][1] ** 2 for s in per_sample]).mean(0))
+               for k, (n, _) in enumerate(per_sample[0])]
+    last_g2 = [(n, g ** 2) for n, g in per_sample[-1]]
+    want_mean = _scores_from_grad2(model, mean_g2)
+    want_last = _scores_from_grad2(model, last_g2)
+    assert not torch.allclose(want_mean, want_last)
+
+    fixed_model = copy.deepcopy(model)
+    fixed = compare.FixedHessianImportance()
+    assert compare.per_sample_squared_grads(fixed_model, x, y, fixed) == len(x)
+    # batched chunks give the same per-sample gradients
+    fixed_chunked = compare.FixedHessianImportance()
+    chunk_model = copy.deepcopy(model)
+    compare.per_sample_squared_grads(chunk_model, x, y, fixed_chunked, chunk=4)
+    torch.testing.assert_close(fixed(_group(fixed_model)), want_mean)
+    torch.testing.assert_close(fixed_chunked(_group(chunk_model)), want_mean)
+
+    # Torch-Pruning 1.6.1 as shipped keeps only the last sample
+    orig_model = copy.deepcopy(model)
+    orig = tp.importance.GroupHessianImportance()
+    compare.per_sample_squared_grads(orig_model, x, y, orig)
+    torch.testing.assert_close(orig(_group(orig_model)), want_last)
+
+
+def test_cached_scores_replay_the_same_pruning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 3)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    crit = compare.Criterion("l2", tp.importance.GroupMagnitudeImportance(p=2))
+    scores, secs = compare.compute_scores(copy.deepcopy(model), x[:1], crit, x, None)
+    assert secs >= 0 and len(scores) == 2
+    direct = copy.deepcopy(model)
+    compare.make_pruner(direct, x[:1], tp.importance.GroupMagnitudeImportance(p=2), 0.5).step()
+    cached = copy.deepcopy(model)
+    compare.make_pruner(cached, x[:1], compare.CachedImportance(scores, "l2").bind(cached),
+                        0.5).step()
+    sd_direct, sd_cached = direct.state_dict(), cached.state_dict()
+    assert sd_direct.keys() == sd_cached.keys()
+    for k in sd_direct:
+        torch.testing.assert_close(sd_direct[k], sd_cached[k])
+    # global, 75% of the 16 channels: every group keeps its best channel (no layer emptied)
+    glob = copy.deepcopy(model)
+    imp = compare.CachedImportance(scores, "l2").bind(glob, keep_best=True)
+    compare.make_pruner(glob, x[:1], imp, 0.75, "global").step()
+    kept = [m.out_channels for m in glob.modules() if isinstance(m, nn.Conv2d)]
+    assert sum(kept) == 4 and min(kept) >= 1
+    assert glob(x).shape == (2, 3)
+    # scores of another model do not silently apply
+    other = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    imp = compare.CachedImportance(scores, "l2").bind(other)
+    with pytest.raises(KeyError):
+        compare.make_pruner(other, torch.randn(1, 4), imp, 0.5).step()
