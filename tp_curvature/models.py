@@ -124,6 +124,17 @@ class _ConvFC(nn.Module):
         return self.classifier(x)
 
 
+def _lenet_classifier(in_features: int, num_classes: int) -> nn.Sequential:
+    """LeNet's fully connected head: in_features -> 120 -> 84 -> num_classes (ReLU between)."""
+    return nn.Sequential(
+        nn.Linear(in_features, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, num_classes),
+    )
+
+
 def lenet5(
     in_channels: int = 1,
     num_classes: int = 10,
@@ -153,14 +164,7 @@ def lenet5(
         nn.ReLU(),
         nn.MaxPool2d(2),
     )
-    classifier = nn.Sequential(
-        nn.Linear(16 * s * s, 120),
-        nn.ReLU(),
-        nn.Linear(120, 84),
-        nn.ReLU(),
-        nn.Linear(84, num_classes),
-    )
-    return _ConvFC(features, classifier)
+    return _ConvFC(features, _lenet_classifier(16 * s * s, num_classes))
 
 
 def paper_lenet(
@@ -189,14 +193,7 @@ def paper_lenet(
         nn.Conv2d(6, 16, kernel_size=6, stride=2, padding=padding),
         nn.ReLU(),
     )
-    classifier = nn.Sequential(
-        nn.Linear(16 * s * s, 120),
-        nn.ReLU(),
-        nn.Linear(120, 84),
-        nn.ReLU(),
-        nn.Linear(84, num_classes),
-    )
-    return _ConvFC(features, classifier)
+    return _ConvFC(features, _lenet_classifier(16 * s * s, num_classes))
 
 
 # --------------------------------------------------------------------------------------------
