@@ -43,7 +43,7 @@ from tp_curvature import kernels as K  # noqa: E402
 from tp_curvature.kernels import connection_problem, pot_sinkhorn_w1, solve_w1  # noqa: E402
 from tp_curvature.testing import random_layer_pair, truncate_topk  # noqa: E402
 
-FIELDS = ["n", "measure", "alpha", "topk", "backend", "layer_connections", "timed_connections",
+FIELDS = ["source", "layer", "n", "measure", "alpha", "topk", "backend", "layer_connections", "timed_connections",
           "seconds", "conn_per_s", "speedup_vs_emd2", "acc_connections", "max_abs_dkappa",
           "mean_dkappa", "spearman", "iterations_mean", "eps", "tol", "threads"]
 
@@ -146,62 +146,95 @@ def run(args):
     rows = []
     for n in tqdm(args.sizes, desc="layer widths"):
         P = random_layer_pair(n, args.seed, measure=args.measure, alpha=args.alpha)
-        Pk = truncated(P, args.topk)
-        rng = np.random.default_rng(args.seed + n)
-        pairs = np.argwhere(P.solve)
-        perm = pairs[rng.permutation(len(pairs))]
-        n_layer = len(pairs)
-        common = dict(n=n, measure=args.measure, alpha=args.alpha, topk=args.topk or 0,
-                      layer_connections=n_layer, threads=threads)
-        # ---- exact reference (on a random subset, time budget)
-        ref, n_e, t_e = pot_loop(P, perm, args.budget, "emd2", args.eps, args.tol)
-        rate_e = n_e / t_e
-        rows.append(dict(common, backend="pot-emd2", timed_connections=n_e, seconds=t_e,
-                         conn_per_s=rate_e, speedup_vs_emd2=1.0, acc_connections=n_e,
-                         max_abs_dkappa=0.0, mean_dkappa=0.0, spearman=1.0,
-                         iterations_mean=np.nan, eps=np.nan, tol=np.nan))
-        sub = perm[:n_e]
-        # ---- numba on the whole layer pair (or a subset that contains the exact subset)
-        if n_layer > args.max_numba:
-            extra = perm[n_e:args.max_numba]
-            Pn = with_solve(Pk, np.concatenate([sub, extra]))
-        else:
-            Pn = Pk
-        t0 = time.perf_counter()
-        W = solve_w1(Pn, **opts)
-        t_n = time.perf_counter() - t0
-        st = dict(K.last_stats)
-        got = {(int(i), int(j)): float(W[i, j]) for i, j in sub}
+        rows += bench_problem(P, dict(source="random", n=n), args, opts, threads)
+    for spec in tqdm(args.trained, desc="trained models"):
+        for name, P in trained_layer_problems(spec, args).items():
+            if P.n_connections >= 16:
+                rows += bench_problem(P, dict(source=spec, layer=name, n=int(np.sqrt(P.n_x * P.n_y))),
+                                      args, opts, threads)
+    return rows
+
+
+def trained_layer_problems(spec: str, args) -> dict:
+    """The untruncated layer-pair problems of a trained baseline ``dataset:model``.
+
+    Trains (or reloads from ``checkpoints/``) with :func:`tp_curvature.training.train_or_load`
+    and builds every layer's problem with ``CurvatureImportance(topk=None)`` on 256
+    calibration images, so they are the problems the importance really solves.
+    """
+    from tp_curvature import CurvatureImportance
+    from tp_curvature.data import calibration_batch, load_dataset
+    from tp_curvature.training import TrainConfig, train_or_load
+
+    dataset, model_name = spec.split(":", 1)
+    model, _ = train_or_load(TrainConfig(dataset=dataset, model=model_name), progress=False,
+                             verbose=False)
+    train, _, _ = load_dataset(dataset)
+    x, _ = calibration_batch(train, 256, seed=args.seed)
+    imp = CurvatureImportance(alpha=args.alpha, variant=args.measure, topk=None)
+    return imp.calibrate(model.eval(), x).layer_problems()
+
+
+def bench_problem(P, where: dict, args, opts, threads) -> list:
+    """Time every backend on the same layer-pair problem ``P``; accuracy vs the exact loop."""
+    rows = []
+    n = where["n"]
+    Pk = truncated(P, args.topk)
+    rng = np.random.default_rng(args.seed + n)
+    pairs = np.argwhere(P.solve)
+    perm = pairs[rng.permutation(len(pairs))]
+    n_layer = len(pairs)
+    common = dict(where, measure=args.measure, alpha=P.alpha, topk=args.topk or 0,
+                  layer_connections=n_layer, threads=threads)
+    # ---- exact reference (on a random subset, time budget)
+    ref, n_e, t_e = pot_loop(P, perm, args.budget, "emd2", args.eps, args.tol)
+    rate_e = n_e / t_e
+    rows.append(dict(common, backend="pot-emd2", timed_connections=n_e, seconds=t_e,
+                     conn_per_s=rate_e, speedup_vs_emd2=1.0, acc_connections=n_e,
+                     max_abs_dkappa=0.0, mean_dkappa=0.0, spearman=1.0,
+                     iterations_mean=np.nan, eps=np.nan, tol=np.nan))
+    sub = perm[:n_e]
+    # ---- numba on the whole layer pair (or a subset that contains the exact subset)
+    if n_layer > args.max_numba:
+        extra = perm[n_e:args.max_numba]
+        Pn = with_solve(Pk, np.concatenate([sub, extra]))
+    else:
+        Pn = Pk
+    t0 = time.perf_counter()
+    W = solve_w1(Pn, **opts)
+    t_n = time.perf_counter() - t0
+    st = dict(K.last_stats)
+    got = {(int(i), int(j)): float(W[i, j]) for i, j in sub}
+    n_acc, mx, mean, rho = accuracy(P, ref, got)
+    rows.append(dict(common, backend="numba", timed_connections=Pn.n_connections,
+                     seconds=t_n, conn_per_s=Pn.n_connections / t_n,
+                     speedup_vs_emd2=Pn.n_connections / t_n / rate_e, acc_connections=n_acc,
+                     max_abs_dkappa=mx, mean_dkappa=mean, spearman=rho,
+                     iterations_mean=st.get("iterations_mean", np.nan), eps=args.eps,
+                     tol=args.tol))
+    if st.get("n_not_converged"):
+        print(f"  n={n}: numba: {st['n_not_converged']} problems hit max_iter", flush=True)
+    # ---- POT sinkhorn2 loop on the exact subset
+    if not args.no_sinkhorn2:
+        got, n_s, t_s = pot_loop(Pk, sub, args.budget, "sinkhorn2", args.eps, args.tol)
         n_acc, mx, mean, rho = accuracy(P, ref, got)
-        rows.append(dict(common, backend="numba", timed_connections=Pn.n_connections,
-                         seconds=t_n, conn_per_s=Pn.n_connections / t_n,
-                         speedup_vs_emd2=Pn.n_connections / t_n / rate_e, acc_connections=n_acc,
+        rows.append(dict(common, backend="pot-sinkhorn2", timed_connections=n_s,
+                         seconds=t_s, conn_per_s=n_s / t_s,
+                         speedup_vs_emd2=n_s / t_s / rate_e, acc_connections=n_acc,
                          max_abs_dkappa=mx, mean_dkappa=mean, spearman=rho,
-                         iterations_mean=st.get("iterations_mean", np.nan), eps=args.eps,
-                         tol=args.tol))
-        if st.get("n_not_converged"):
-            print(f"  n={n}: numba: {st['n_not_converged']} problems hit max_iter", flush=True)
-        # ---- POT sinkhorn2 loop on the exact subset
-        if not args.no_sinkhorn2:
-            got, n_s, t_s = pot_loop(Pk, sub, args.budget, "sinkhorn2", args.eps, args.tol)
-            n_acc, mx, mean, rho = accuracy(P, ref, got)
-            rows.append(dict(common, backend="pot-sinkhorn2", timed_connections=n_s,
-                             seconds=t_s, conn_per_s=n_s / t_s,
-                             speedup_vs_emd2=n_s / t_s / rate_e, acc_connections=n_acc,
-                             max_abs_dkappa=mx, mean_dkappa=mean, spearman=rho,
-                             iterations_mean=np.nan, eps=args.eps, tol=args.tol))
-        # ---- POT batched entropic solver on (part of) the exact subset
-        if not args.no_batch:
-            m = (Pk.pred_mass > 0).sum(1).max() + 1
-            nbytes = 8 * m * m * 6  # M, kernel, plan and temporaries per problem
-            nb = int(min(args.batch, len(sub), max(8, args.batch_mem_mb * 2**20 // nbytes)))
-            got, n_b, t_b = pot_batch(Pk, sub[:nb], args.eps, args.tol)
-            n_acc, mx, mean, rho = accuracy(P, ref, got)
-            rows.append(dict(common, backend="pot-solve_batch", timed_connections=n_b,
-                             seconds=t_b, conn_per_s=n_b / t_b if t_b else np.nan,
-                             speedup_vs_emd2=n_b / t_b / rate_e if t_b else np.nan,
-                             acc_connections=n_acc, max_abs_dkappa=mx, mean_dkappa=mean,
-                             spearman=rho, iterations_mean=np.nan, eps=args.eps, tol=args.tol))
+                         iterations_mean=np.nan, eps=args.eps, tol=args.tol))
+    # ---- POT batched entropic solver on (part of) the exact subset
+    if not args.no_batch:
+        m = (Pk.pred_mass > 0).sum(1).max() + 1
+        nbytes = 8 * m * m * 6  # M, kernel, plan and temporaries per problem
+        nb = int(min(args.batch, len(sub), max(8, args.batch_mem_mb * 2**20 // nbytes)))
+        got, n_b, t_b = pot_batch(Pk, sub[:nb], args.eps, args.tol)
+        n_acc, mx, mean, rho = accuracy(P, ref, got)
+        rows.append(dict(common, backend="pot-solve_batch", timed_connections=n_b,
+                         seconds=t_b, conn_per_s=n_b / t_b if t_b else np.nan,
+                         speedup_vs_emd2=n_b / t_b / rate_e if t_b else np.nan,
+                         acc_connections=n_acc, max_abs_dkappa=mx, mean_dkappa=mean,
+                         spearman=rho, iterations_mean=np.nan, eps=args.eps, tol=args.tol))
     return rows
 
 
@@ -222,7 +255,7 @@ def write_outputs(rows, args):
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for be in dict.fromkeys(r["backend"] for r in rows):
-        rr = [r for r in rows if r["backend"] == be]
+        rr = [r for r in rows if r["backend"] == be and r.get("source", "random") == "random"]
         ns = [r["n"] for r in rr]
         ax[0].plot(ns, [r["conn_per_s"] for r in rr], "o-", label=be)
         if be != "pot-emd2":
@@ -258,8 +291,9 @@ def markdown(rows):
     for r in rows:
         it = r["iterations_mean"]
         its = f"{it:.1f}" if np.isfinite(it) else ""
+        where = r['n'] if r.get("source", "random") == "random" else f"{r['source']} {r['layer']}"
         lines.append(
-            f"| {r['n']} | {r['backend']} | {r['timed_connections']} | "
+            f"| {where} | {r['backend']} | {r['timed_connections']} | "
             f"{r['conn_per_s']:,.0f} | {r['speedup_vs_emd2']:.1f} | "
             f"{r['max_abs_dkappa']:.4f} | {r['spearman']:.5f} | {its} |")
     return "\n".join(lines)
@@ -287,6 +321,9 @@ def parse(argv=None):
     p.add_argument("--no-sinkhorn2", action="store_true")
     p.add_argument("--no-batch", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="numba threads (0: numba default)")
+    p.add_argument("--trained", nargs="*", default=["digits:mlp", "digits:lenet5"],
+                   help="dataset:model baselines whose real layers are benchmarked too "
+                        "(trained or reloaded with scripts/train.py's cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="~30 s smoke run")
     p.add_argument("--out", default=str(ROOT / "results"))
@@ -308,7 +345,8 @@ def main(argv=None):
     print()
     print(markdown(rows))
     print(f"\nwrote {csv_path} and {png_path} in {time.perf_counter() - t0:.0f} s")
-    ok = [r for r in rows if r["backend"] == "numba" and 64 <= r["n"] <= 256]
+    ok = [r for r in rows if r["backend"] == "numba" and 64 <= r["n"] <= 256
+          and r.get("source") == "random"]
     if ok:
         good = all(r["speedup_vs_emd2"] >= 50 and r["spearman"] >= 0.995
                    and r["max_abs_dkappa"] <= 0.02 for r in ok)
