@@ -232,3 +232,35 @@ def test_bad_input_errors():
 
     with pytest.raises(UnsupportedModelError, match="mul"):
         connection_curvature(Gate(), torch.randn(2, 4))
+
+
+def test_conv1d_residual_and_concat_graph():
+    """Conv1d, a residual add and a channel concatenation: the graph and kappa stay consistent."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv1d(2, 4, 3, padding=1)
+            self.b1 = nn.BatchNorm1d(4)
+            self.c2 = nn.Conv1d(4, 4, 3, padding=1)
+            self.c3 = nn.Conv1d(4, 3, 1)
+            self.fc = nn.Linear(7 * 8, 5)
+
+        def forward(self, x):
+            h = torch.relu(self.b1(self.c1(x)))
+            r = torch.relu(self.c2(h) + h)                  # residual add
+            cat = torch.cat([r, self.c3(r)], dim=1)         # 4 + 3 channels
+            return self.fc(torch.flatten(cat, 1))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(16, 2, 8)
+    res = connection_curvature(model, x, topk=None, backend="exact")
+    assert set(res) == {"c1", "c2", "c3", "fc"}
+    assert res["fc"].kappa.shape == (7, 5)                 # flatten groups 8 positions per channel
+    assert res["c3"].kappa.shape == (4, 3)
+    for lc in res.values():
+        assert np.all(np.isfinite(lc.kappa))
+    approx = connection_curvature(model, x, topk=None, backend="sinkhorn")
+    for k, lc in res.items():
+        assert np.max(np.abs(approx[k].kappa - lc.kappa)) < 0.03
