@@ -214,3 +214,16 @@ def test_forward_fn_for_dict_batches():
     imp = CurvatureImportance(**FAST).calibrate(model, batches,
                                                 forward_fn=lambda m, b: m(b["pixels"]))
     assert all(np.isfinite(lc.kappa).all() for lc in imp.curvatures().values())
+
+
+def test_reduce_kappa_closed_values():
+    from tp_curvature.importance import reduce_kappa
+
+    nan = float("nan")
+    K = np.array([[0.5, nan, nan], [-1.0, 1.0, nan]])       # column 2: no connection at all
+    # alpha 0.5: kappa_max = 2, scores are kappa_max - reduced kappa (neg_sum: total negativity)
+    np.testing.assert_allclose(reduce_kappa(K, 0, "mean", 0.5), [2.25, 1.0, 1.0])
+    np.testing.assert_allclose(reduce_kappa(K, 0, "min", 0.5), [3.0, 1.0, 1.0])
+    np.testing.assert_allclose(reduce_kappa(K, 0, "neg_sum", 0.5), [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(reduce_kappa(K, 1, "mean", 0.5), [1.5, 2.0])
+    assert np.all(reduce_kappa(K, 0, "mean", 0.9) >= 0)

@@ -324,7 +324,7 @@ class ChannelGraph:
                 return cls._add(n, [lin_of(a) for a in n.args[:2]], n.args[:2])
             if t is torch.cat:
                 dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
-                return cls._cat(n, n.args[0], dim, lineage)
+                return cls._cat(n, n.args[0], dim, lineage, shape)
             if t is torch.flatten:
                 start = n.kwargs.get("start_dim", n.args[1] if len(n.args) > 1 else 0)
                 if start not in (1,):
@@ -390,11 +390,10 @@ class ChannelGraph:
                         all(l.from_input for l in lins))
 
     @staticmethod
-    def _cat(n, parts, dim, lineage):
-        if dim not in (1, -3) and not (dim == -1 and False):
-            if dim != 1:
-                raise UnsupportedModelError(f"fx node {n.name!r}: concatenation along dim {dim}; "
-                                            "only the channel dim (1) is supported")
+    def _cat(n, parts, dim, lineage, shape):
+        if dim % len(shape) != 1:
+            raise UnsupportedModelError(f"fx node {n.name!r}: concatenation along dim {dim}; "
+                                        "only the channel dim (1) is supported")
         lins = [lineage.get(p) for p in parts]
         if any(l is None for l in lins):
             raise UnsupportedModelError(f"fx node {n.name!r}: concatenates an untraced tensor")

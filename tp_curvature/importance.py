@@ -50,19 +50,17 @@ REDUCTIONS = ("mean", "min", "neg_sum")
 def reduce_kappa(kappa: np.ndarray, axis: int, reduction: str, alpha: float) -> np.ndarray:
     """Channel scores from a kappa matrix, reducing over ``axis`` (NaN = no connection)."""
     kmax = 1.0 / (1.0 - alpha)
-    k = np.where(np.isnan(kappa), np.nan, kappa)
-    has = (~np.isnan(k)).any(axis=axis)
-    filled = np.where(np.isnan(k), 1.0, k)   # channels without any connection count as kappa=1
+    absent = np.isnan(kappa)
+    has = (~absent).any(axis=axis)             # channels without any connection count as kappa=1
     if reduction == "mean":
-        cnt = (~np.isnan(k)).sum(axis=axis)
-        s = np.where(np.isnan(k), 0.0, k).sum(axis=axis)
-        red = np.where(has, s / np.maximum(cnt, 1), 1.0)
+        cnt = (~absent).sum(axis=axis)
+        red = np.where(has, np.where(absent, 0.0, kappa).sum(axis=axis) / np.maximum(cnt, 1), 1.0)
         return kmax - red
     if reduction == "min":
-        red = np.where(has, np.min(np.where(np.isnan(k), np.inf, k), axis=axis), 1.0)
+        red = np.where(has, np.min(np.where(absent, np.inf, kappa), axis=axis), 1.0)
         return kmax - red
     if reduction == "neg_sum":
-        return np.maximum(-filled, 0.0).sum(axis=axis)
+        return np.maximum(-np.where(absent, 1.0, kappa), 0.0).sum(axis=axis)
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
