@@ -565,7 +565,7 @@ def summary_markdown(rows: list, meta: dict) -> str:
             lines += [f"## {mode} pruning, accuracy {STAGE_TITLES[stage]}", ""]
             head = "| criterion | " + " | ".join(f"{r:g}" for r in ratios) + " | mean |"
             lines += [head, "|---" * (len(ratios) + 2) + "|"]
-            cells, means = {}, {}
+            cells = {}
             for c in criteria:
                 per_ratio = []
                 for r in ratios:

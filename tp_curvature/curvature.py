@@ -303,7 +303,8 @@ def graph_curvature(graph: ChannelGraph, acts: list, cfg: CurvatureConfig,
     return out
 
 
-def normalised_activations(graph: ChannelGraph, raw: list, mode: str) -> list:
+def normalised_activations(raw: list, mode: str) -> list:
+    """Per-junction :func:`~tp_curvature.hooks.normalise` of raw node values."""
     return [normalise(a, mode) for a in raw]
 
 
@@ -333,5 +334,5 @@ def connection_curvature(model: nn.Module, data, forward_fn: Optional[Callable] 
     batches = as_batches(data, max_batches)
     graph = ChannelGraph.from_model(model, batches[0], forward_fn)
     raw = record_activations(graph, batches, forward_fn, bool(progress))
-    return graph_curvature(graph, normalised_activations(graph, raw, cfg.normalize), cfg,
+    return graph_curvature(graph, normalised_activations(raw, cfg.normalize), cfg,
                            progress)

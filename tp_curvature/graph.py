@@ -231,7 +231,7 @@ class ChannelGraph:
                 if lin is None:
                     raise UnsupportedModelError(f"fx node {n.name!r} feeds a layer but is not a "
                                                 "traced tensor")
-                j = cls._make_junction(n, lin, junctions, shape)
+                j = cls._make_junction(n, lin, junctions)
                 junction_nodes[n] = j.index
                 if n.op == "placeholder":
                     j.is_input = True
@@ -252,7 +252,7 @@ class ChannelGraph:
         return cls(model, junctions, layers, out_j)
 
     @staticmethod
-    def _make_junction(n, lin: _Lineage, junctions: list, shape) -> Junction:
+    def _make_junction(n, lin: _Lineage, junctions: list) -> Junction:
         group = lin.group
         n_nodes = int(group.max()) + 1 if group.size else 0
         spatial = lin.n_features // max(n_nodes, 1)
@@ -321,7 +321,7 @@ class ChannelGraph:
             if t in PASS_FUNCTIONS:
                 return cls._same_channels(first, shape, n)
             if t in ADD_FUNCTIONS:
-                return cls._add(n, [lin_of(a) for a in n.args[:2]], n.args[:2])
+                return cls._add(n, [lin_of(a) for a in n.args[:2]])
             if t is torch.cat:
                 dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
                 return cls._cat(n, n.args[0], dim, lineage, shape)
@@ -348,7 +348,7 @@ class ChannelGraph:
             if t in PASS_METHODS:
                 return cls._same_channels(first, shape, n)
             if t in ADD_METHODS:
-                return cls._add(n, [lin_of(a) for a in n.args[:2]], n.args[:2])
+                return cls._add(n, [lin_of(a) for a in n.args[:2]])
             if t in ("view", "reshape", "flatten"):
                 return cls._flatten(first, _tensor_shape(n.args[0]), shape, n)
             if t in ("mean", "amax"):
@@ -379,7 +379,7 @@ class ChannelGraph:
         return _Lineage(terms, lin.n_features, lin.group, lin.from_input)
 
     @staticmethod
-    def _add(n, lins, args):
+    def _add(n, lins):
         lins = [l for l in lins if l is not None]
         if not lins:
             return None

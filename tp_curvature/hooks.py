@@ -16,7 +16,7 @@ Calibration runs in eval mode (BatchNorm uses its running statistics, dropout is
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch

@@ -159,7 +159,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             self._graph = ChannelGraph.from_model(self.model, self._batches[0], self._forward_fn)
             raw = record_activations(self._graph, self._batches, self._forward_fn,
                                      bool(self.progress))
-            self._acts = normalised_activations(self._graph, raw, self.config.normalize)
+            self._acts = normalised_activations(raw, self.config.normalize)
             self._curv = None
             self._fingerprint = fp
         if compute_curvature and self._curv is None:
