@@ -26,7 +26,6 @@ Writes ``results/kernels.csv`` and ``results/kernels.png`` and prints a Markdown
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 import warnings
@@ -236,14 +235,11 @@ def bench_problem(P, where: dict, args, opts, threads) -> list:
 
 
 def write_outputs(rows, args):
+    from engine.utils import write_csv
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / f"{args.name}.csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in FIELDS})
+    csv_path = write_csv(out / f"{args.name}.csv", rows, FIELDS)
     # ---- figure
     import matplotlib
 
