@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import math
 import platform
@@ -83,6 +82,7 @@ from engine.criteria import CachedImportance, compute_scores, make_criterion, ma
 from engine.data import calibration_batch, load_dataset, stratified_subset
 from engine.training import (TrainConfig, evaluate, finetune, make_loader, recalibrate_bn,
                              set_seed, train_or_load)
+from engine.utils import write_csv
 
 DEFAULT_CRITERIA = ("random", "l1", "l2", "lamp", "taylor", "hessian", "curvature",
                     "curvature-flow")
@@ -270,15 +270,12 @@ FIELDS = ("dataset", "model", "seed", "criterion", "mode", "ratio", "acc_pruned"
 
 
 def write_rows(rows: list, out: Path) -> None:
-    with open(out / "rows.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k])
-                        for k in FIELDS})
+    """``rows.csv`` (NaN as an empty cell) and ``rows.json`` (NaN as null)."""
+    rows = [{k: (None if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in FIELDS}
+            for r in rows]
+    write_csv(out / "rows.csv", rows, FIELDS)   # None is written as an empty cell
     with open(out / "rows.json", "w") as f:
-        json.dump([{k: (None if isinstance(r[k], float) and math.isnan(r[k]) else r[k])
-                    for k in FIELDS} for r in rows], f, indent=1)
+        json.dump(rows, f, indent=1)
 
 
 def _stages_present(rows) -> list:
