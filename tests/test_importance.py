@@ -8,7 +8,7 @@ import torch_pruning as tp
 import torchvision
 
 from tp_curvature import CalibrationError, CurvatureImportance, UnsupportedModelError
-from tp_curvature import models as zoo
+from engine import models as zoo
 
 FAST = dict(topk=8)
 

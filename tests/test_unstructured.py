@@ -282,7 +282,7 @@ def test_layer_scope_lowest_order_and_baselines():
 
 
 def test_paper_lenet_graph_sizes():
-    from tp_curvature.models import paper_lenet
+    from engine.models import paper_lenet
     g = element_graph(paper_lenet(), torch.zeros(1, 1, 28, 28))
     assert g.layer_sizes == [784, 864, 256, 120, 84, 10]
     # conv1: 6 x 12 x 12 outputs, 36 taps each, no padding
