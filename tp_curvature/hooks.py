@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ._tracing import eval_mode
 from .graph import ChannelGraph
 
 
@@ -118,21 +119,18 @@ def record_activations(graph: ChannelGraph, batches: list,
             accumulate(ji, inp[0], f"layer {where!r}")
         handles.append(layer.module.register_forward_hook(hook))
 
-    was_training = model.training
     it = batches
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(batches, desc="calibration", leave=False)
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for b in it:
                 out = forward_fn(model, b)
                 accumulate(graph.output_junction, out, "the model output")
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     acts = []
     for j, s, c in zip(graph.junctions, sums, counts):
         if c == 0:

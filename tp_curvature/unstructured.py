@@ -88,8 +88,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import prune as torch_prune
 
+from ._tracing import (BN_TYPES, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS,
+                       ELEMENTWISE_MODULES, RESHAPE_METHODS, Recorder, UnsupportedModelError,
+                       bn_scale, eval_mode, trace)
 from .curvature import CurvatureConfig, problem_from_strengths, solve_problem
-from .graph import UnsupportedModelError
 from .hooks import normalise
 
 __all__ = [
@@ -103,20 +105,6 @@ __all__ = [
 DEFAULT_TOPK = 32
 
 WEIGHT_TYPES = (nn.Linear, nn.Conv2d)
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
-ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Softmax, nn.LogSoftmax,
-)
-ELEMENTWISE_FUNCTIONS = {
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish,
-    F.hardsigmoid, F.hardtanh, F.sigmoid, F.tanh, F.dropout, F.softmax, F.log_softmax,
-    torch.relu, torch.sigmoid, torch.tanh, torch.softmax, torch.log_softmax,
-}
-ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "detach", "float",
-                       "softmax", "log_softmax"}
-RESHAPE_METHODS = {"flatten", "view", "reshape"}
 AUX_METHODS = {"size", "dim"}
 
 
@@ -190,19 +178,6 @@ def _unsupported(node: fx.Node, gm: fx.GraphModule, why: str) -> UnsupportedMode
         f"BatchNorm / elementwise activations only; {_describe(node, gm)}: {why}")
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm, keep):
-        super().__init__(gm)
-        self.keep = set(keep)
-        self.values = {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n in self.keep or n.op == "output":
-            self.values[n] = out
-        return out
-
-
 def _tensor_args(node: fx.Node) -> list:
     out = []
 
@@ -217,12 +192,7 @@ def _tensor_args(node: fx.Node) -> list:
 def _trace_chain(model: nn.Module):
     """Trace ``model`` and check it is a chain; return (gm, ops) with ops = list of
     (kind, node) where kind is "weight", "bn", "elementwise" or "reshape"."""
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many types
-        raise UnsupportedModelError(
-            f"unstructured curvature traces the model with torch.fx, and tracing "
-            f"{type(model).__name__} failed: {exc}") from exc
+    gm = trace(model, "unstructured curvature traces the model")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise UnsupportedModelError(
@@ -310,15 +280,6 @@ def _trace_chain(model: nn.Module):
     return gm, ops, cur
 
 
-def _bn_scale(bn: nn.Module) -> torch.Tensor:
-    if bn.running_var is None:
-        raise UnsupportedModelError(f"BatchNorm {bn} has no running statistics")
-    s = 1.0 / torch.sqrt(bn.running_var.detach().double() + bn.eps)
-    if bn.affine and bn.weight is not None:
-        s = s * bn.weight.detach().double()
-    return s.abs().cpu()
-
-
 def _conv_index(m: nn.Conv2d, in_shape: tuple, out_shape: tuple) -> np.ndarray:
     """``weight_index`` (n_in, n_out) of an unrolled Conv2d, by unfold of an index image."""
     C, H, W = in_shape
@@ -351,7 +312,7 @@ def _strength(layer_module: nn.Module, weight_index: np.ndarray, bn: Optional[nn
     w = layer_module.weight.detach().double().abs().cpu().reshape(-1).numpy()
     s = np.where(weight_index >= 0, w[np.maximum(weight_index, 0)], 0.0)
     if bn is not None:
-        scale = _bn_scale(bn).numpy()
+        scale = bn_scale(bn)
         per_out = np.repeat(scale, int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 1)
         s = s * per_out[None, :]
     return s
@@ -369,14 +330,9 @@ def element_graph(model: nn.Module, example: torch.Tensor,
     gm, ops, last = _trace_chain(model)
     weight_nodes = [n for k, n in ops if k == "weight"]
     in_nodes = [n.args[0] for n in weight_nodes]
-    rec = _Recorder(gm, set(in_nodes) | set(weight_nodes) | {n for _, n in ops})
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            rec.run(example[:1])
-    finally:
-        model.train(was)
+    rec = Recorder(gm, set(in_nodes) | set(weight_nodes) | {n for _, n in ops})
+    with eval_mode(model), torch.no_grad():
+        rec.run(example[:1])
     vals = rec.values
     layers = []
     # BN after each weight layer
@@ -426,14 +382,9 @@ def node_values(graph: ElementGraph, images: torch.Tensor, output: str = "softma
     if output not in ("softmax", "logits"):
         raise ValueError(f"output must be 'softmax' or 'logits', got {output!r}")
     model = graph.gm
-    rec = _Recorder(model, set(graph.taps) | {graph.output_node})
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        try:
-            rec.run(images)
-        finally:
-            model.train(was)
+    rec = Recorder(model, set(graph.taps) | {graph.output_node})
+    with eval_mode(model), torch.no_grad():
+        rec.run(images)
     per_layer = []
     for t in graph.taps:
         per_layer.append(rec.values[t].detach().flatten(1).double().abs().cpu().numpy())
