@@ -176,7 +176,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
     def layer_problems(self) -> dict:
         """Layer name -> :class:`~tp_curvature.problem.LayerPairProblem` (for benchmarks)."""
         self._refresh(compute_curvature=False)
-        return {l.name: build_layer_problem(self._graph, l, self._acts, self.config)[0]
+        return {l.name: build_layer_problem(self._graph, l, self._acts, self.config)
                 for l in self._graph.layers if l.out_junctions}
 
     @property

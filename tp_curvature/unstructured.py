@@ -435,12 +435,12 @@ def _image_edges(graph: ElementGraph, a: list, cfg: CurvatureConfig,
         else:
             s_yw, a_w = np.zeros((lay.n_out, 0)), np.zeros(0)
         t0 = time.perf_counter()
-        prob, exists, d_xy = problem_from_strengths(
+        prob = problem_from_strengths(
             s_zx=s_zx, a_z=a_z, a_x=a[l], s_xy_all=lay.strength, s_direct=lay.strength,
             cols=np.arange(lay.n_out), a_yn=a[l + 1], s_yw=s_yw, a_w=a_w,
             exists=lay.exists, cfg=cfg, name=lay.name)
         t1 = time.perf_counter()
-        kappa = solve_problem(prob, exists, d_xy, cfg)
+        kappa = solve_problem(prob, cfg)
         t2 = time.perf_counter()
         out.append(EdgeCurvature(name=lay.name, kappa=kappa, weight_index=lay.weight_index,
                                  solved=prob.solve, build_s=t1 - t0, solve_s=t2 - t1))
