@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 
 from .graph import ChannelGraph, WeightLayer
-from .hooks import as_batches, default_forward, normalise, record_activations
+from .hooks import as_batches, calibrate_graph
 from .problem import LayerPairProblem
 from .shortest_paths import minplus
 
@@ -87,6 +87,7 @@ class CurvatureConfig:
         if self.backend not in ("sinkhorn", "exact", "pot-sinkhorn"):
             raise ValueError(f"backend must be 'sinkhorn', 'exact' or 'pot-sinkhorn', got "
                              f"{self.backend!r}")
+        self.backend_options = dict(self.backend_options or {})
 
 
 @dataclass
@@ -300,11 +301,6 @@ def graph_curvature(graph: ChannelGraph, acts: list, cfg: CurvatureConfig,
     return out
 
 
-def normalised_activations(raw: list, mode: str) -> list:
-    """Per-junction :func:`~tp_curvature.hooks.normalise` of raw node values."""
-    return [normalise(a, mode) for a in raw]
-
-
 def connection_curvature(model: nn.Module, data, forward_fn: Optional[Callable] = None,
                          max_batches: Optional[int] = None, progress: Optional[bool] = None,
                          **config) -> dict:
@@ -327,9 +323,6 @@ def connection_curvature(model: nn.Module, data, forward_fn: Optional[Callable] 
         Layer name -> :class:`LayerCurvature` (``kappa`` is ``(in_channels, out_channels)``).
     """
     cfg = CurvatureConfig(**config)
-    forward_fn = forward_fn or default_forward
-    batches = as_batches(data, max_batches)
-    graph = ChannelGraph.from_model(model, batches[0], forward_fn)
-    raw = record_activations(graph, batches, forward_fn, bool(progress))
-    return graph_curvature(graph, normalised_activations(raw, cfg.normalize), cfg,
-                           progress)
+    cal = calibrate_graph(model, as_batches(data, max_batches), forward_fn, cfg.normalize,
+                          bool(progress))
+    return graph_curvature(cal.graph, cal.acts, cfg, progress)

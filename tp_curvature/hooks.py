@@ -16,6 +16,7 @@ Calibration runs in eval mode (BatchNorm uses its running statistics, dropout is
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -137,6 +138,26 @@ def record_activations(graph: ChannelGraph, batches: list,
             raise CalibrationError(f"junction {j.name!r} saw no activation during calibration")
         acts.append(s / c)
     return acts
+
+
+@dataclass
+class Calibration:
+    """The result of :func:`calibrate_graph`: the channel graph of a model and the normalised
+    value of every node, one float64 array per junction (``acts[j][u]`` in [0, 1])."""
+    graph: ChannelGraph
+    acts: list
+
+
+def calibrate_graph(model: nn.Module, batches: list, forward_fn: Optional[Callable] = None,
+                    normalize: str = "minmax", progress: bool = False) -> Calibration:
+    """The calibration pipeline: trace ``model`` into its :class:`~tp_curvature.graph.ChannelGraph`
+    (shapes from one sample of the first batch), record the mean |activation| of every node over
+    ``batches`` (:func:`record_activations`) and normalise them per junction
+    (:func:`normalise`). ``batches`` is a list, as :func:`as_batches` returns."""
+    forward_fn = forward_fn or default_forward
+    graph = ChannelGraph.from_model(model, batches[0], forward_fn)
+    raw = record_activations(graph, batches, forward_fn, progress)
+    return Calibration(graph, [normalise(a, normalize) for a in raw])
 
 
 def normalise(a: np.ndarray, mode: str = "minmax") -> np.ndarray:
