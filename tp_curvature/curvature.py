@@ -277,7 +277,7 @@ def graph_curvature(graph: ChannelGraph, acts: list, cfg: CurvatureConfig,
     """:class:`LayerCurvature` of every scoreable weight layer of ``graph``, by layer name.
 
     ``progress=None`` shows a tqdm bar (one step per layer, weighted by its connections) when
-    the graph has more than ``AUTO_PROGRESS_CONNECTIONS`` connections (several seconds of work).
+    the graph has more than ``AUTO_PROGRESS_CONNECTIONS`` connections.
     """
     layers = [l for l in graph.layers if l.out_junctions]
     sizes = [graph.junctions[l.in_junction].n_nodes * l.out_channels for l in layers]

@@ -10,8 +10,11 @@ uses the min-max normalised value per junction (:func:`normalise`).
 
 Hooks sit on the first layer that reads each junction (the tensor that layer receives is the
 junction) and the model's output gives the last junction. They are removed afterwards even on
-error, and the model's train/eval mode is restored; user hooks are left untouched.
-Calibration runs in eval mode (BatchNorm uses its running statistics, dropout is off).
+error, and every submodule's train/eval flag is restored (:func:`~tp_curvature._tracing.eval_mode`);
+user hooks are left untouched. Calibration runs in eval mode (BatchNorm uses its running
+statistics, dropout is off). :func:`calibrate_graph` is the whole pipeline (trace, record,
+normalise) that :func:`~tp_curvature.curvature.connection_curvature` and
+:class:`~tp_curvature.importance.CurvatureImportance` share.
 """
 from __future__ import annotations
 

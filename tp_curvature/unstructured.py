@@ -2,9 +2,10 @@
 
 Tan, Sia, Bogdan, Ivanov ("Post-Training Neural Network Pruning using Graph Curvature", TMLR
 2026) score individual weights, not channels. This module rebuilds that mode on top of the
-library's transport problems (:func:`tp_curvature.curvature.problem_from_strengths`) and
-kernels (:func:`tp_curvature.curvature.solve_problem`), so the two modes share one definition
-of curvature and one solver.
+library's tracing core (:mod:`tp_curvature._tracing`), transport problems
+(:func:`tp_curvature.curvature.problem_from_strengths`) and kernels
+(:func:`tp_curvature.curvature.solve_problem`), so the two modes share one definition of
+curvature and one solver.
 
 Element graph
     Every scalar activation is a node. For a chain ``N_0 -W_1-> N_1 -W_2-> ... -W_n-> N_n``
@@ -62,18 +63,11 @@ Cost
     ``(topk + 1) x (topk + 1)``: it grows linearly with the number of calibration images.
     ``topk`` (:data:`DEFAULT_TOPK` = 32, the library default) keeps the ``k`` heaviest atoms of
     every measure; with the paper's ``exp(-1/a^2)`` weights almost all mass sits on the few most
-    active neighbours. Measured on the paper's LeNet (Fashion-MNIST, one image, Numba Sinkhorn):
-    per-weight scores at topk 32 have Spearman 0.9999 (max abs difference 0.04) with topk 64, at
-    topk 16 0.9989 (0.27), at 4 0.990 (1.09); 0.4 s per image at topk 4, 0.5 s at 16, 0.7 s
-    at 32 and 64 (``benchmarks/unstructured.py --topk-scan``).
-
-    Measured times (2 shared cores, Numba Sinkhorn, topk 32; ``results/unstructured.md``): the
-    paper's LeNet 0.63 s per calibration image (about 60,000 solved edges per image), the
-    64-256-128-10 digits MLP 0.17 s; linear in the number of images (50 LeNet images: 32 s). The
-    exact backend (POT loop) takes 8.5 s per LeNet image; scores agree (Spearman 1.0000, max abs
-    difference 0.06). About a third of the time is building the problems (min-plus shortest
-    paths, recomputed per image). The first call in a fresh environment also compiles the Numba
-    kernels (tens of seconds, cached afterwards).
+    active neighbours. The shortest paths of the problems are recomputed per image. The first
+    call in a fresh environment also compiles the Numba kernels (cached afterwards). Timings,
+    and the agreement of topk 4..64 and of the exact backend with the default, are in
+    ``results/unstructured.md`` and the README, with the commands that produced them
+    (``benchmarks/unstructured.py --exact-check --topk-scan ...``).
 """
 from __future__ import annotations
 
