@@ -38,7 +38,7 @@ def test_exact_backend_matches_independent_reference(variant, seed):
         np.testing.assert_allclose(lc.kappa, K_ref, atol=1e-6)  # float32 activations
 
 
-@pytest.mark.parametrize("variant", [pytest.param("paper", marks=pytest.mark.slow), "flow"])
+@pytest.mark.parametrize("variant", ["paper", "flow"])
 def test_sinkhorn_backend_close_to_reference(variant):
     model = small_mlp(3, sizes=(16, 12, 10, 8))
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))

@@ -115,8 +115,7 @@ def test_scores_shape_and_root_scatter():
     torch.testing.assert_close(imp_first(full), torch.as_tensor(out_scores, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("mode", [pytest.param("global", marks=pytest.mark.slow), "iterative",
-                                  "isomorphic", "round_to"])
+@pytest.mark.parametrize("mode", ["global", "iterative", "isomorphic", "round_to"])
 def test_pruner_modes(mode):
     torch.manual_seed(0)
     model = zoo.resnet20(10, 3).eval()

@@ -258,12 +258,17 @@ class ChannelGraph:
                 f"module {n.target!r} of type {type(m).__name__} is not supported by the "
                 "channel graph (supported: Linear, Conv1d/2d incl. grouped/depthwise, BatchNorm, "
                 "activations, pooling, dropout, flatten, residual add, concatenation)")
-        if n.op == "call_function":
+        if n.op in ("call_function", "call_method"):
+            # function targets are callables, method targets names: one table lookup serves both
             t = n.target
-            if t in PASS_FUNCTIONS:
+            if t in PASS_FUNCTIONS or t in PASS_METHODS:
                 return cls._same_channels(first, shape, n)
-            if t in ADD_FUNCTIONS:
+            if t in ADD_FUNCTIONS or t in ADD_METHODS:
                 return cls._add(n, [lin_of(a) for a in n.args[:2]])
+            if t in (torch.mean, torch.amax, "mean", "amax"):
+                return cls._reduce_spatial(n, first, shape)
+            if t in RESHAPE_METHODS:
+                return cls._flatten(first, tensor_shape(n.args[0]), shape, n)
             if t is torch.cat:
                 dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
                 return cls._cat(n, n.args[0], dim, lineage, shape)
@@ -280,23 +285,10 @@ class ChannelGraph:
                         f = 1.0 / f if f else math.inf
                     return cls._scaled(first if first is not None else lin_of(n.args[1]),
                                        np.full(shape[1], f), n)
-            if t is torch.mean or t is torch.amax:
-                return cls._reduce_spatial(n, first, shape)
+            what = (f"tensor method .{t}()" if n.op == "call_method"
+                    else f"function {getattr(t, '__name__', t)}")
             raise UnsupportedModelError(
-                f"fx node {n.name!r}: function {getattr(t, '__name__', t)} is not supported by "
-                "the channel graph")
-        if n.op == "call_method":
-            t = n.target
-            if t in PASS_METHODS:
-                return cls._same_channels(first, shape, n)
-            if t in ADD_METHODS:
-                return cls._add(n, [lin_of(a) for a in n.args[:2]])
-            if t in RESHAPE_METHODS:
-                return cls._flatten(first, tensor_shape(n.args[0]), shape, n)
-            if t in ("mean", "amax"):
-                return cls._reduce_spatial(n, first, shape)
-            raise UnsupportedModelError(
-                f"fx node {n.name!r}: tensor method .{t}() is not supported by the channel graph")
+                f"fx node {n.name!r}: {what} is not supported by the channel graph")
         raise UnsupportedModelError(f"fx node {n.name!r}: op {n.op} is not supported")
 
     # ------------------------------------------------------------------ lineage algebra
