@@ -18,9 +18,10 @@ Edges and their strength ``s(u, v)`` (the length is ``d = 1 / s``)
     * an identity path (residual add, concatenation) from a junction to a later junction with
       ``s = |BN scale|`` (1 without BN).
     Channel-preserving operations (activations, pooling, dropout, identity, flatten,
-    reshape to ``(N, -1)``) are collapsed; BatchNorm only scales. Grouped and depthwise
-    convolutions connect only channels of the same group; the other pairs are *structurally
-    absent* (no edge, no connection).
+    reshape to ``(N, -1)``; the op tables of :mod:`tp_curvature._tracing`, shared with the
+    element graph of :mod:`tp_curvature.unstructured`) are collapsed; BatchNorm only scales.
+    Grouped and depthwise convolutions connect only channels of the same group; the other pairs
+    are *structurally absent* (no edge, no connection).
 
 Anything else (attention, channel shuffles, multiplicative gates, LayerNorm, transposed
 convolutions, a module called twice) raises :class:`UnsupportedModelError` naming the fx node,
