@@ -478,7 +478,7 @@ def weight_curvature(model: nn.Module, images: torch.Tensor, output: str = "soft
     model : nn.Module
         A supported sequential chain (see the module docstring).
     images : tensor ``(N, ...)`` or ``(x, y)`` pair
-        Calibration images, e.g. :func:`tp_curvature.data.calibration_batch` with
+        Calibration images, e.g. ``engine.data.calibration_batch`` (benchmarks) with
         ``per_class=True, model=model`` (the paper: one correctly classified image per class).
     output : ``"softmax"`` | ``"logits"``
         Node values of the output layer.
