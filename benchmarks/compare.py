@@ -2,7 +2,7 @@
 """At the same compression, does CurvatureImportance keep more accuracy than the built-in criteria?
 
 For every seed a baseline is trained (or reloaded from ``checkpoints/`` by
-:func:`tp_curvature.training.train_or_load`, the cache ``scripts/train.py`` fills), a calibration
+:func:`engine.training.train_or_load`, the cache ``benchmarks/train.py`` fills), a calibration
 batch is drawn from its training set, and every criterion scores the channels of that same
 network on that same batch. Then, for every pruning mode and ratio, a fresh copy of the baseline
 is pruned by ``tp.pruner.BasePruner`` (one shot, final classifier ignored) with those scores, and
@@ -52,7 +52,7 @@ per column in bold), ``accuracy.png`` and ``meta.json`` (arguments, baselines, t
 
 Examples (the CPU-sized Fashion-MNIST runs behind ``results/compare/``)::
 
-    python benchmarks/compare.py                       # digits + MLP, 3 seeds, under a minute
+    python benchmarks/compare.py                       # digits + MLP, 3 seeds
     python benchmarks/compare.py --quick               # smoke run (1 seed, 2 ratios, uniform)
     FM="--dataset fashion-mnist --seeds 0 1 2 --ratios 0.3 0.5 0.7 --finetune-epochs 1"
     python benchmarks/compare.py $FM --model lenet5 --epochs 3 --modes uniform global \\
@@ -66,22 +66,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import math
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+import numpy as np
+import torch
+import torch.nn as nn
+import torch_pruning as tp
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch_pruning as tp  # noqa: E402
+from engine.criteria import CachedImportance, compute_scores, make_criterion, make_pruner
+from engine.data import calibration_batch, load_dataset, stratified_subset
+from engine.training import (TrainConfig, evaluate, finetune, make_loader, recalibrate_bn,
+                             set_seed, train_or_load)
+from engine.utils import write_csv
 
 DEFAULT_CRITERIA = ("random", "l1", "l2", "lamp", "taylor", "hessian", "curvature",
                     "curvature-flow")
@@ -90,237 +91,6 @@ STAGE_TITLES = {"pruned": "right after pruning (no repair)",
                 "bn": "after BN recalibration on the calibration batch",
                 "ft": "after a short fine-tune"}
 MODES = ("uniform", "global")
-
-
-# ============================================================================================
-# Baseline criteria: Torch-Pruning's, with the Hessian accumulation fixed
-# ============================================================================================
-class FixedHessianImportance(tp.importance.GroupHessianImportance):
-    """``GroupHessianImportance`` whose ``accumulate_grad`` really averages over samples.
-
-    Torch-Pruning 1.6.1 checks ``if name not in self._accu_grad`` but stores the buffer under
-    the parameter, so the check always fails and every call *replaces* the buffer (and resets
-    the counter to 1): the score uses only the last sample's squared gradient. Here the buffer
-    and the counter are keyed by the parameter, so after ``n`` calls ``p.grad`` holds
-    :math:`\\frac1n \\sum_i g_i^2` when the group is scored (the diagonal empirical Fisher that
-    approximates the Hessian in Optimal Brain Damage).
-    """
-
-    def accumulate_grad(self, model: nn.Module) -> None:
-        for _, param in model.named_parameters():
-            if param.grad is None:
-                continue
-            g2 = param.grad.detach().clone().pow(2)
-            if param in self._accu_grad:
-                self._accu_grad[param] += g2
-                self._counter[param] += 1
-            else:
-                self._accu_grad[param] = g2
-                self._counter[param] = 1
-
-
-def per_sample_squared_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                             hessian_imp, chunk: int = 1) -> int:
-    """Backward each sample's loss separately and feed ``hessian_imp.accumulate_grad``.
-
-    The model is in eval mode (BatchNorm uses running statistics, so the samples of a chunk
-    are independent). ``chunk=1`` runs one forward per sample, which on a CPU is cheaper than
-    back-propagating every sample through a shared batch graph. Returns the number of samples.
-    """
-    model.eval()
-    loss_fn = nn.CrossEntropyLoss(reduction="none")
-    n = 0
-    for s in range(0, len(x), chunk):
-        losses = loss_fn(model(x[s:s + chunk]), y[s:s + chunk])
-        for i, l in enumerate(losses):
-            model.zero_grad(set_to_none=True)
-            l.backward(retain_graph=i < len(losses) - 1)
-            hessian_imp.accumulate_grad(model)
-            n += 1
-    return n
-
-
-# ============================================================================================
-# Criteria registry
-# ============================================================================================
-@dataclass
-class Criterion:
-    """A named importance plus what it needs before scoring (``prepare(model, x, y)``)."""
-    name: str
-    importance: object
-    prepare: Callable = field(default=lambda model, x, y: None)
-    note: str = ""
-
-
-def _curvature_parts(name: str):
-    """``curvature[-flow][-min|-negsum|-mean]`` -> (variant, reduction) or None."""
-    parts = name.split("-")
-    if parts[0] != "curvature":
-        return None
-    variant, reduction = "paper", "mean"
-    for p in parts[1:]:
-        if p in ("flow", "paper"):
-            variant = p
-        elif p in ("min", "mean"):
-            reduction = p
-        elif p in ("negsum", "neg_sum"):
-            reduction = "neg_sum"
-        else:
-            raise ValueError(f"unknown curvature option {p!r} in {name!r} "
-                             "(use curvature[-flow][-min|-negsum])")
-    return variant, reduction
-
-
-def make_criterion(name: str, seed: int, args) -> Criterion:
-    """Build criterion ``name`` for one seed (fresh importance object: no state is shared)."""
-    name = name.strip().lower()
-    imp_mod = tp.importance
-
-    def backward_mean_loss(model, x, y):
-        model.eval()
-        model.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-
-    if name == "random":
-        def seed_rng(model, x, y):
-            torch.manual_seed(10_000 + seed)
-        return Criterion(name, imp_mod.RandomImportance(), seed_rng)
-    if name == "l1":
-        return Criterion(name, imp_mod.GroupMagnitudeImportance(p=1))
-    if name in ("l2", "magnitude"):
-        return Criterion(name, imp_mod.GroupMagnitudeImportance(p=2))
-    if name == "lamp":
-        return Criterion(name, imp_mod.LAMPImportance(p=2))
-    if name == "fpgm":
-        return Criterion(name, imp_mod.FPGMImportance(p=2))
-    if name == "taylor":
-        return Criterion(name, imp_mod.GroupTaylorImportance(), backward_mean_loss,
-                         note="Torch-Pruning's GroupTaylorImportance does not score BatchNorm "
-                              "layers (its BN branch tests the GroupNorm handler)")
-    if name in ("hessian", "hessian-tp"):
-        imp = FixedHessianImportance() if name == "hessian" else imp_mod.GroupHessianImportance()
-
-        def accumulate(model, x, y):
-            imp.zero_grad()
-            per_sample_squared_grads(model, x, y, imp)
-        note = ("accumulate_grad fixed: per-sample squared gradients averaged over the whole "
-                "calibration batch" if name == "hessian" else
-                "Torch-Pruning 1.6.1 as shipped: only the last sample's squared gradient")
-        return Criterion(name, imp, accumulate, note=note)
-    parts = _curvature_parts(name)
-    if parts is not None:
-        from tp_curvature import CurvatureImportance
-        variant, reduction = parts
-        opts = {}
-        if args.backend_options:
-            opts = json.loads(args.backend_options)
-        imp = CurvatureImportance(alpha=args.alpha, variant=variant, reduction=reduction,
-                                  topk=args.topk, backend=args.backend, backend_options=opts)
-
-        def calibrate(model, x, y):
-            imp.calibrate(model, x)
-        return Criterion(name, imp, calibrate,
-                         note=f"alpha={args.alpha}, variant={variant}, reduction={reduction}, "
-                              f"topk={args.topk}, backend={args.backend}")
-    raise ValueError(f"unknown criterion {name!r}; choose from random, l1, l2, lamp, fpgm, "
-                     "taylor, hessian, hessian-tp, curvature[-flow][-min|-negsum]")
-
-
-# ============================================================================================
-# Score cache
-# ============================================================================================
-def _handler_name(handler) -> str:
-    return getattr(handler, "__qualname__", None) or repr(handler)
-
-
-def group_key(group, names: dict) -> tuple:
-    """(qualified name of the root layer, name of the root pruning handler)."""
-    dep = group[0].dep
-    return names[id(dep.target.module)], _handler_name(dep.handler)
-
-
-def final_classifier(model: nn.Module) -> nn.Module:
-    """The output layer, left unpruned (timm's ``get_classifier()``, else the last Linear)."""
-    get = getattr(model, "get_classifier", None)
-    if callable(get):
-        head = get()
-        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
-            return head
-    lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if lin:
-        return lin[-1]
-    convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    if not convs:
-        raise ValueError("model has no Linear or Conv layer")
-    return convs[-1]
-
-
-def make_pruner(model, example_inputs, importance, ratio=0.0, mode="uniform"):
-    return tp.pruner.BasePruner(
-        model, example_inputs, importance=importance, global_pruning=(mode == "global"),
-        pruning_ratio=ratio, ignored_layers=[final_classifier(model)], iterative_steps=1)
-
-
-def compute_scores(model: nn.Module, example_inputs, crit: Criterion, x, y) -> tuple[dict, float]:
-    """Score every prunable group of ``model`` (modified: gradients, calibration) once.
-
-    Returns ``({group_key: 1-D scores or None}, seconds)``; the time covers ``prepare`` (backward
-    passes / calibration) and the scoring calls, not Torch-Pruning's dependency graph.
-    """
-    pruner = make_pruner(model, example_inputs, crit.importance)
-    names = {id(m): n for n, m in model.named_modules()}
-    groups = list(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                           root_module_types=pruner.root_module_types))
-    scores = {}
-    t0 = time.perf_counter()
-    crit.prepare(model, x, y)
-    with torch.no_grad():
-        for g in groups:
-            key = group_key(g, names)
-            s = crit.importance(g)
-            if s is not None:
-                s = s.detach().float().cpu().clone()
-                if s.shape != (len(g[0].idxs),) or not torch.isfinite(s).all():
-                    raise RuntimeError(f"{crit.name}: bad scores for group {key}: {s}")
-            scores[key] = s
-    return scores, time.perf_counter() - t0
-
-
-class CachedImportance(tp.importance.Importance):
-    """Replays precomputed group scores on a deep copy of the model they were computed on.
-
-    ``bind(model)`` before building a pruner on a copy. With ``keep_best=True`` (global mode)
-    the best-scored channel of every group is made unprunable (+inf) so that a global threshold
-    never empties a layer (Torch-Pruning would skip that group entirely).
-    """
-
-    def __init__(self, scores: dict, name: str = ""):
-        self.scores = scores
-        self.name = name
-        self.keep_best = False
-        self._names: dict = {}
-
-    def bind(self, model: nn.Module, keep_best: bool = False) -> "CachedImportance":
-        self._names = {id(m): n for n, m in model.named_modules()}
-        self.keep_best = keep_best
-        return self
-
-    @torch.no_grad()
-    def __call__(self, group):
-        key = group_key(group, self._names)
-        if key not in self.scores:
-            raise KeyError(f"{self.name}: no cached scores for group {key} (was the model "
-                           "changed since the scores were computed?)")
-        s = self.scores[key]
-        if s is None:
-            return None
-        if len(s) != len(group[0].idxs):
-            raise RuntimeError(f"{self.name}: group {key} has {len(group[0].idxs)} channels, "
-                               f"cached scores have {len(s)}")
-        s = s.clone()
-        if self.keep_best and len(s):
-            s[int(torch.argmax(s))] = float("inf")
-        return s
 
 
 # ============================================================================================
@@ -361,7 +131,6 @@ def mean_std(vals) -> tuple[float, float, int]:
 # the experiment
 # ============================================================================================
 def build_train_config(args, seed: int):
-    from tp_curvature.training import TrainConfig
     mk = json.loads(args.model_kwargs) if args.model_kwargs else {}
     if args.width is not None:
         mk["width"] = args.width
@@ -375,7 +144,6 @@ def build_train_config(args, seed: int):
 
 def load_data(args):
     """``(train, test, meta)`` of the full dataset, and the fixed evaluation set."""
-    from tp_curvature.data import load_dataset, stratified_subset
     train, test, meta = load_dataset(args.dataset, args.data_root, args.download)
     if args.eval_subset is not None and args.eval_subset < len(test):
         test = test.subset(stratified_subset(test.targets.numpy(), args.eval_subset, 0))
@@ -384,16 +152,12 @@ def load_data(args):
 
 def run_seed(args, seed: int, data, rows: list, meta: dict, bar) -> None:
     """Everything for one seed: baseline, calibration batch, scores, pruning sweep."""
-    from tp_curvature.data import calibration_batch, stratified_subset
-    from tp_curvature.training import (evaluate, finetune, make_loader, recalibrate_bn, set_seed,
-                                       train_or_load)
-
     cfg = build_train_config(args, seed)
     bar.set_description(f"seed {seed}: baseline")
     base, info = train_or_load(cfg, progress=args.progress, verbose=False)
     base.eval()
     train_ds, test_ds, _ = data
-    # the training subset this seed's baseline saw (as tp_curvature.data.load_dataset draws it)
+    # the training subset this seed's baseline saw (as engine.data.load_dataset draws it)
     if cfg.train_subset is not None and cfg.train_subset < len(train_ds):
         train_ds = train_ds.subset(stratified_subset(train_ds.targets.numpy(), cfg.train_subset,
                                                      seed))
@@ -506,15 +270,12 @@ FIELDS = ("dataset", "model", "seed", "criterion", "mode", "ratio", "acc_pruned"
 
 
 def write_rows(rows: list, out: Path) -> None:
-    with open(out / "rows.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k])
-                        for k in FIELDS})
+    """``rows.csv`` (NaN as an empty cell) and ``rows.json`` (NaN as null)."""
+    rows = [{k: (None if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in FIELDS}
+            for r in rows]
+    write_csv(out / "rows.csv", rows, FIELDS)   # None is written as an empty cell
     with open(out / "rows.json", "w") as f:
-        json.dump([{k: (None if isinstance(r[k], float) and math.isnan(r[k]) else r[k])
-                    for k in FIELDS} for r in rows], f, indent=1)
+        json.dump(rows, f, indent=1)
 
 
 def _stages_present(rows) -> list:
@@ -719,7 +480,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 1)[1])
-    g = p.add_argument_group("baseline (the same options as scripts/train.py; cached)")
+    g = p.add_argument_group("baseline (the same options as benchmarks/train.py; cached)")
     g.add_argument("--dataset", default="digits",
                    help="digits (default, offline), fashion-mnist, mnist, cifar10, cifar100")
     g.add_argument("--model", default="mlp",
@@ -832,12 +593,6 @@ def main(argv=None) -> int:
     # fail early on a bad criterion name
     for c in a.criteria:
         make_criterion(c, 0, a)
-    if any(c.startswith("curvature") for c in a.criteria):
-        import importlib.util
-        if importlib.util.find_spec("tp_curvature.kernels") is None:
-            print("error: tp_curvature.kernels is not available (the curvature solvers); "
-                  "drop the curvature criteria or install the full package", file=sys.stderr)
-            return 1
     meta = {"args": vars(a), "argv": sys.argv if argv is None else ["compare.py", *argv],
             "seeds": [], "torch": torch.__version__, "torch_pruning": tp.__version__,
             "platform": f"{platform.machine()} {platform.processor() or platform.system()}",

@@ -9,7 +9,7 @@ definition and the flow variant, with the channel-level score correlation as wel
 
 Usage::
 
-    python benchmarks/correlation.py                      # digits MLP + LeNet-5 (fast)
+    python benchmarks/correlation.py                      # digits MLP + LeNet-5
     python benchmarks/correlation.py --dataset fashion-mnist --models mlp lenet5 vgg9 resnet20
 
 Writes ``results/correlation.csv``, ``results/correlation.md`` and ``results/correlation.png``.
@@ -17,18 +17,16 @@ Writes ``results/correlation.csv``, ``results/correlation.md`` and ``results/cor
 from __future__ import annotations
 
 import argparse
-import csv
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tp_curvature import CurvatureImportance  # noqa: E402
-from tp_curvature.data import calibration_batch, load_dataset  # noqa: E402
-from tp_curvature.training import TrainConfig, train_or_load  # noqa: E402
+from engine.data import calibration_batch, load_dataset
+from engine.training import TrainConfig, train_or_load
+from engine.utils import write_csv
+from tp_curvature import CurvatureImportance
 
 MODEL_KW = {"vgg9": {"width": 0.5}}
 
@@ -89,10 +87,7 @@ def main(argv=None):
             rows.extend(r)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out.with_suffix(".csv"), rows)
     lines = [f"Spearman rank correlation on trained {args.dataset} baselines "
              f"({args.calib} calibration images, topk={args.topk}, backend={args.backend}).",
              "", "| model | layer | variant | connections | rho(kappa, abs w) | "

@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -30,25 +29,17 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tp_curvature import CurvatureImportance  # noqa: E402
-from tp_curvature.models import resnet56  # noqa: E402
+from engine.criteria import score_all_groups
+from engine.models import resnet56
+from tp_curvature import CurvatureImportance
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def score_all_groups(model, example, imp):
-    """Run the importance on every group one pruner step would score (no pruning)."""
-    DG = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-    ignored = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
-    n = 0
-    for group in DG.get_all_groups(ignored_layers=ignored,
-                                   root_module_types=(nn.Conv2d, nn.Linear)):
-        if imp(group) is not None:
-            n += 1
-    return n
+def n_scored(scores: dict) -> int:
+    return sum(s is not None for s in scores.values())
 
 
 def bench_resnet56(calib: int, topk, backend: str, seed: int = 0) -> dict:
@@ -66,7 +57,7 @@ def bench_resnet56(calib: int, topk, backend: str, seed: int = 0) -> dict:
     t_fb = time.perf_counter() - t0
     taylor = tp.importance.GroupTaylorImportance()
     t1 = time.perf_counter()
-    n_groups = score_all_groups(m_t, example, taylor)
+    n_groups = n_scored(score_all_groups(m_t, example, taylor)[0])
     t_taylor_score = time.perf_counter() - t1
 
     # Curvature: calibrate (hooks + one forward) + graph + kernels + scoring

@@ -19,16 +19,14 @@ is measured against the exact W1 of the untruncated problem.
 
 Writes ``results/kernels.csv`` and ``results/kernels.png`` and prints a Markdown table.
 
-    python benchmarks/kernels.py                # default run (a few minutes on 2 cores)
-    python benchmarks/kernels.py --quick        # ~30 s smoke run
+    python benchmarks/kernels.py                # default run
+    python benchmarks/kernels.py --quick        # smoke run (widths <= 64, 1 s POT budget)
     python benchmarks/kernels.py --topk 32 --sizes 64 128 256
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,8 +34,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from tp_curvature import kernels as K  # noqa: E402
 from tp_curvature.kernels import connection_problem, pot_sinkhorn_w1, solve_w1  # noqa: E402
@@ -158,13 +154,13 @@ def run(args):
 def trained_layer_problems(spec: str, args) -> dict:
     """The untruncated layer-pair problems of a trained baseline ``dataset:model``.
 
-    Trains (or reloads from ``checkpoints/``) with :func:`tp_curvature.training.train_or_load`
+    Trains (or reloads from ``checkpoints/``) with :func:`engine.training.train_or_load`
     and builds every layer's problem with ``CurvatureImportance(topk=None)`` on 256
     calibration images, so they are the problems the importance really solves.
     """
     from tp_curvature import CurvatureImportance
-    from tp_curvature.data import calibration_batch, load_dataset
-    from tp_curvature.training import TrainConfig, train_or_load
+    from engine.data import calibration_batch, load_dataset
+    from engine.training import TrainConfig, train_or_load
 
     dataset, model_name = spec.split(":", 1)
     model, _ = train_or_load(TrainConfig(dataset=dataset, model=model_name), progress=False,
@@ -239,14 +235,11 @@ def bench_problem(P, where: dict, args, opts, threads) -> list:
 
 
 def write_outputs(rows, args):
+    from engine.utils import write_csv
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / f"{args.name}.csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in FIELDS})
+    csv_path = write_csv(out / f"{args.name}.csv", rows, FIELDS)
     # ---- figure
     import matplotlib
 
@@ -323,9 +316,10 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=0, help="numba threads (0: numba default)")
     p.add_argument("--trained", nargs="*", default=["digits:mlp", "digits:lenet5"],
                    help="dataset:model baselines whose real layers are benchmarked too "
-                        "(trained or reloaded with scripts/train.py's cache)")
+                        "(trained or reloaded with benchmarks/train.py's cache)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="~30 s smoke run")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: widths <= 64, 1 s per POT loop, batch <= 64")
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--name", default="kernels", help="output file stem")
     args = p.parse_args(argv)

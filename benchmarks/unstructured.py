@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import sys
 import time
@@ -41,15 +40,15 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tp_curvature.data import calibration_batch, load_dataset  # noqa: E402
-from tp_curvature.training import TrainConfig, evaluate, train_or_load  # noqa: E402
-from tp_curvature.unstructured import (  # noqa: E402
+from engine.data import calibration_batch, load_dataset
+from engine.training import TrainConfig, evaluate, train_or_load
+from engine.utils import write_csv
+from tp_curvature.unstructured import (
     DEFAULT_TOPK, apply_masks, magnitude_scores, masks_from_scores, random_scores,
     weight_curvature,
 )
 
-# CPU-friendly baselines (epochs): LeNet 3 epochs of Fashion-MNIST (~10 s), MLP 30 of digits
+# CPU-friendly baselines (epochs): LeNet 3 epochs of Fashion-MNIST, MLP 30 of digits
 PAIRS = {"fashion-mnist:paper_lenet": 3, "digits:mlp": 30}
 
 
@@ -127,14 +126,21 @@ def removed_before_drop(model, scores, order, curve, base, drop, test, seed=0, s
     return lo, True
 
 
+def load_pair(pair, args, verbose=True):
+    """``(model, train, test)``: the baseline of ``dataset:model`` (trained, or reloaded by
+    ``train_or_load``), in eval mode, and its dataset."""
+    dataset, model_name = pair.split(":")
+    cfg = TrainConfig(dataset=dataset, model=model_name, epochs=PAIRS.get(pair),
+                      num_threads=args.threads)
+    model, _ = train_or_load(cfg, progress=False, verbose=verbose)
+    train, test, _ = load_dataset(dataset)
+    return model.eval(), train, test
+
+
 def run_pair(pair, args, sparsities, rows, summary, timing, diag, layer_sp):
     dataset, model_name = pair.split(":")
     torch.manual_seed(0)
-    cfg = TrainConfig(dataset=dataset, model=model_name, epochs=PAIRS.get(pair),
-                      num_threads=args.threads)
-    model, info = train_or_load(cfg, progress=False)
-    model.eval()
-    train, test, meta = load_dataset(dataset)
+    model, train, test = load_pair(pair, args)
     test_xy = test.tensors()
     if args.quick and len(test_xy[1]) > 2000:
         idx = torch.arange(0, len(test_xy[1]), len(test_xy[1]) // 2000)[:2000]
@@ -208,11 +214,7 @@ def run_pair(pair, args, sparsities, rows, summary, timing, diag, layer_sp):
 def topk_scan(pair, args, ks):
     """Time one calibration image at several ``topk`` and compare the per-weight scores with
     those at the largest ``topk`` (Spearman over all weights; max abs difference)."""
-    dataset, model_name = pair.split(":")
-    cfg = TrainConfig(dataset=dataset, model=model_name, epochs=PAIRS.get(pair),
-                      num_threads=args.threads)
-    model, _ = train_or_load(cfg, progress=False, verbose=False)
-    train, _, _ = load_dataset(dataset)
+    model, train, _ = load_pair(pair, args, verbose=False)
     x, _ = calibration_batch(train, 1, per_class=True, model=model)
     out = {}
     for k in sorted(ks, key=lambda k: (k == 0, k)):
@@ -235,11 +237,7 @@ def topk_scan(pair, args, ks):
 def exact_check(pair, args):
     """Score the first pair with the default backend and with ``"exact"`` on the same images;
     compare per-weight scores (Spearman, max abs difference) and wall time."""
-    dataset, model_name = pair.split(":")
-    cfg = TrainConfig(dataset=dataset, model=model_name, epochs=PAIRS.get(pair),
-                      num_threads=args.threads)
-    model, _ = train_or_load(cfg, progress=False, verbose=False)
-    train, _, _ = load_dataset(dataset)
+    model, train, _ = load_pair(pair, args, verbose=False)
     x, _ = calibration_batch(train, args.per_class[0], per_class=True, model=model)
     if args.quick:
         x = x[:2 * args.per_class[0]]
@@ -391,10 +389,7 @@ def main(argv=None):
         run_pair(pair, args, sparsities, rows, summary, timing, diag, layer_sp)
     scan = topk_scan(args.pairs[0], args, args.topk_scan) if args.topk_scan else []
     check = exact_check(args.pairs[0], args) if args.exact_check else None
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out.with_suffix(".csv"), rows)
     plot(rows, summary, out.with_suffix(".png"), sparsities)
     show = [s for s in sparsities if round(s * 100) % 10 == 0 and s > 0] or sparsities
     md = markdown(summary, timing, diag, args, show, layer_sp)

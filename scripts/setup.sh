@@ -8,4 +8,4 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch pinned to the release this machine serves from disk; never a newer one
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[bench,test]"

@@ -1,21 +1,15 @@
-"""benchmarks/compare.py: a tiny end-to-end run, the fixed Hessian baseline, the score cache."""
+"""benchmarks/compare.py (a tiny end-to-end run) and engine.criteria (the fixed Hessian baseline, the
+score cache)."""
 import copy
 import csv
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
+import compare  # benchmarks/compare.py: benchmarks/ is on pytest's pythonpath (pyproject.toml)
 import pytest
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
-compare = importlib.util.module_from_spec(_spec)
-sys.modules["compare"] = compare
-_spec.loader.exec_module(compare)
+from engine import criteria
 
 
 def _read_csv(path):
@@ -125,19 +119,19 @@ def test_fixed_hessian_averages_over_samples():
     assert not torch.allclose(want_mean, want_last)
 
     fixed_model = copy.deepcopy(model)
-    fixed = compare.FixedHessianImportance()
-    assert compare.per_sample_squared_grads(fixed_model, x, y, fixed) == len(x)
+    fixed = criteria.FixedHessianImportance()
+    assert criteria.per_sample_squared_grads(fixed_model, x, y, fixed) == len(x)
     # batched chunks give the same per-sample gradients
-    fixed_chunked = compare.FixedHessianImportance()
+    fixed_chunked = criteria.FixedHessianImportance()
     chunk_model = copy.deepcopy(model)
-    compare.per_sample_squared_grads(chunk_model, x, y, fixed_chunked, chunk=4)
+    criteria.per_sample_squared_grads(chunk_model, x, y, fixed_chunked, chunk=4)
     torch.testing.assert_close(fixed(_group(fixed_model)), want_mean)
     torch.testing.assert_close(fixed_chunked(_group(chunk_model)), want_mean)
 
     # Torch-Pruning 1.6.1 as shipped keeps only the last sample
     orig_model = copy.deepcopy(model)
     orig = tp.importance.GroupHessianImportance()
-    compare.per_sample_squared_grads(orig_model, x, y, orig)
+    criteria.per_sample_squared_grads(orig_model, x, y, orig)
     torch.testing.assert_close(orig(_group(orig_model)), want_last)
 
 
@@ -146,13 +140,13 @@ def test_cached_scores_replay_the_same_pruning():
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
                           nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 3)).eval()
     x = torch.randn(2, 1, 8, 8)
-    crit = compare.Criterion("l2", tp.importance.GroupMagnitudeImportance(p=2))
-    scores, secs = compare.compute_scores(copy.deepcopy(model), x[:1], crit, x, None)
+    crit = criteria.Criterion("l2", tp.importance.GroupMagnitudeImportance(p=2))
+    scores, secs = criteria.compute_scores(copy.deepcopy(model), x[:1], crit, x, None)
     assert secs >= 0 and len(scores) == 2
     direct = copy.deepcopy(model)
-    compare.make_pruner(direct, x[:1], tp.importance.GroupMagnitudeImportance(p=2), 0.5).step()
+    criteria.make_pruner(direct, x[:1], tp.importance.GroupMagnitudeImportance(p=2), 0.5).step()
     cached = copy.deepcopy(model)
-    compare.make_pruner(cached, x[:1], compare.CachedImportance(scores, "l2").bind(cached),
+    criteria.make_pruner(cached, x[:1], criteria.CachedImportance(scores, "l2").bind(cached),
                         0.5).step()
     sd_direct, sd_cached = direct.state_dict(), cached.state_dict()
     assert sd_direct.keys() == sd_cached.keys()
@@ -160,13 +154,13 @@ def test_cached_scores_replay_the_same_pruning():
         torch.testing.assert_close(sd_direct[k], sd_cached[k])
     # global, 75% of the 16 channels: every group keeps its best channel (no layer emptied)
     glob = copy.deepcopy(model)
-    imp = compare.CachedImportance(scores, "l2").bind(glob, keep_best=True)
-    compare.make_pruner(glob, x[:1], imp, 0.75, "global").step()
+    imp = criteria.CachedImportance(scores, "l2").bind(glob, keep_best=True)
+    criteria.make_pruner(glob, x[:1], imp, 0.75, "global").step()
     kept = [m.out_channels for m in glob.modules() if isinstance(m, nn.Conv2d)]
     assert sum(kept) == 4 and min(kept) >= 1
     assert glob(x).shape == (2, 3)
     # scores of another model do not silently apply
     other = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
-    imp = compare.CachedImportance(scores, "l2").bind(other)
+    imp = criteria.CachedImportance(scores, "l2").bind(other)
     with pytest.raises(KeyError):
-        compare.make_pruner(other, torch.randn(1, 4), imp, 0.5).step()
+        criteria.make_pruner(other, torch.randn(1, 4), imp, 0.5).step()

@@ -1,94 +1,19 @@
 """Curvature of real (small) networks against an independent exact computation.
 
-The reference below shares no code with the library: it expands an MLP into its explicit
-neuron graph, takes forward shortest paths with scipy's Dijkstra, builds each connection's two
-measures from the definition, and solves W1 with POT ``ot.emd2``.
+The reference (``tests/_reference.py``) shares no code with the library: it expands an MLP into
+its explicit neuron graph, takes forward shortest paths with scipy's Dijkstra, builds each
+connection's two measures from the definition, and solves W1 with POT ``ot.emd2``.
 """
 import numpy as np
-import ot
 import pytest
 import torch
 import torch.nn as nn
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import shortest_path
+from _reference import ALPHA
+from _reference import mlp_curvature as reference_mlp_curvature
 from scipy.stats import spearmanr
 
 from tp_curvature import CalibrationError, UnsupportedModelError, connection_curvature
 from tp_curvature.hooks import normalise
-
-ALPHA = 0.5
-
-
-def reference_mlp_curvature(model: nn.Sequential, x: torch.Tensor, alpha=ALPHA,
-                            flow=False, normalize="minmax"):
-    """kappa for every connection of a Flatten/Linear/ReLU MLP, from first principles."""
-    linears = [m for m in model if isinstance(m, nn.Linear)]
-    # node values: mean |post-activation| of every layer's neurons
-    acts, h = [], x.flatten(1)
-    acts.append(h.abs().mean(0))
-    mods = list(model)[1:]
-    for i, m in enumerate(mods):
-        h = m(h)
-        nxt = mods[i + 1] if i + 1 < len(mods) else None
-        if isinstance(m, nn.ReLU) or (isinstance(m, nn.Linear) and nxt is None):
-            acts.append(h.abs().mean(0))
-    acts = [normalise(a.detach().double().numpy(), normalize) for a in acts]
-    sizes = [a.size for a in acts]
-    offs = np.cumsum([0] + sizes)
-    n = offs[-1]
-    a_all = np.concatenate(acts)
-    rows, cols, lens = [], [], []
-    strength = {}
-    for L, lin in enumerate(linears):
-        w = lin.weight.detach().double().abs().numpy()        # (out, in)
-        for u in range(sizes[L]):
-            for v in range(sizes[L + 1]):
-                s = w[v, u] * (acts[L][u] if flow else 1.0)
-                strength[(offs[L] + u, offs[L + 1] + v)] = w[v, u]
-                if s > 0:
-                    rows.append(offs[L] + u)
-                    cols.append(offs[L + 1] + v)
-                    lens.append(1.0 / s)
-    G = csr_matrix((lens, (rows, cols)), shape=(n, n))
-    D = shortest_path(G, method="D", directed=True)
-
-    def neighbours(node, layer, direction):
-        lay = layer - 1 if direction < 0 else layer + 1
-        if lay < 0 or lay >= len(sizes):
-            return [], []
-        nb, wts = [], []
-        for k in range(sizes[lay]):
-            g = offs[lay] + k
-            key = (g, node) if direction < 0 else (node, g)
-            if strength.get(key, 0) > 0 and a_all[g] > 0:
-                nb.append(g)
-                wts.append(a_all[g] * strength[key] if flow else np.exp(-1.0 / a_all[g] ** 2))
-        wts = np.array(wts)
-        return nb, (wts / wts.sum() if len(nb) else wts)
-
-    out = []
-    for L in range(len(linears)):
-        K = np.ones((sizes[L], sizes[L + 1]))
-        for u in range(sizes[L]):
-            x_ = offs[L] + u
-            if a_all[x_] == 0:
-                continue
-            zs, pz = neighbours(x_, L, -1)
-            for v in range(sizes[L + 1]):
-                y_ = offs[L + 1] + v
-                if a_all[y_] == 0 or not np.isfinite(D[x_, y_]):
-                    continue
-                ws, pw = neighbours(y_, L + 1, +1)
-                src = zs + [x_]
-                dst = ws + [y_]
-                a = np.append((1 - alpha) * pz, alpha) if zs else np.array([1.0])
-                b = np.append((1 - alpha) * pw, alpha) if ws else np.array([1.0])
-                src = src if zs else [x_]
-                dst = dst if ws else [y_]
-                C = D[np.ix_(src, dst)]
-                K[u, v] = (1 - ot.emd2(a, b, C) / D[x_, y_]) / (1 - alpha)
-        out.append(K)
-    return out
 
 
 def small_mlp(seed=0, sizes=(12, 10, 8, 6)):
@@ -264,3 +189,26 @@ def test_conv1d_residual_and_concat_graph():
     approx = connection_curvature(model, x, topk=None, backend="sinkhorn")
     for k, lc in res.items():
         assert np.max(np.abs(approx[k].kappa - lc.kappa)) < 0.03
+
+
+def test_submodule_modes_restored(mixed_modes):
+    """Calibration runs in eval mode and gives every submodule its own flag back (a model in
+    train mode with one BatchNorm in eval mode stays so), also when it raises midway."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(3 * 4 * 4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    check = mixed_modes(model, "1")
+    x = torch.randn(4, 1, 6, 6)
+    connection_curvature(model, x, topk=None, backend="exact")
+    check()
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(CalibrationError, match="non-finite"):      # raised by the hooks pass
+        connection_curvature(model, bad)
+    check()
+
+    def failing(mod, batch):
+        raise RuntimeError("forward failed")
+    with pytest.raises(RuntimeError, match="forward failed"):       # raised by the shape pass
+        connection_curvature(model, x, forward_fn=failing)
+    check()

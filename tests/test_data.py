@@ -17,8 +17,8 @@ import torch
 import torchvision.datasets.cifar as tv_cifar
 from torch import nn
 
-from tp_curvature import data as D
-from tp_curvature.data import calibration_batch, load_dataset
+from engine import data as D
+from engine.data import calibration_batch, load_dataset
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,8 +7,9 @@ import torch.nn as nn
 import torch_pruning as tp
 import torchvision
 
-from tp_curvature import CalibrationError, CurvatureImportance, UnsupportedModelError
-from tp_curvature import models as zoo
+from engine import models as zoo
+from tp_curvature import (CalibrationError, CurvatureConfig, CurvatureImportance,
+                          UnsupportedModelError)
 
 FAST = dict(topk=8)
 
@@ -42,7 +43,12 @@ def _randomise_bn(model, seed=0):
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+# end-to-end runs over the model zoo that take seconds each: `pytest -m "not slow"` skips them
+SLOW_MODELS = {"resnet20", "mobilenet_v2", "densenet121", "timm_resnet18"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_MODELS
+                                  else n for n in MODELS])
 def test_prune_half_lowest_scored_removed(name):
     build, shape = MODELS[name]
     torch.manual_seed(0)
@@ -227,3 +233,69 @@ def test_reduce_kappa_closed_values():
     np.testing.assert_allclose(reduce_kappa(K, 0, "neg_sum", 0.5), [1.0, 0.0, 0.0])
     np.testing.assert_allclose(reduce_kappa(K, 1, "mean", 0.5), [1.5, 2.0])
     assert np.all(reduce_kappa(K, 0, "mean", 0.9) >= 0)
+
+
+def test_config_object_gives_the_same_scores_as_keywords():
+    torch.manual_seed(0)
+    model = zoo.lenet5(1, 10, 28).eval()
+    x = _calib((1, 28, 28), n=8)
+    kw = CurvatureImportance(alpha=0.6, topk=8, normalize="max", reduction="min")
+    cfg = CurvatureImportance(config=CurvatureConfig(alpha=0.6, topk=8, normalize="max"),
+                              reduction="min")
+    assert cfg.config == kw.config
+    assert cfg.p == kw.p == 2.0 and cfg.reduction == kw.reduction == "min"
+    kw.calibrate(model, x)
+    cfg.calibrate(model, x)
+    a, b = kw.channel_scores(), cfg.channel_scores()
+    assert list(a) == list(b)
+    for name in a:
+        for u, v in zip(a[name], b[name]):
+            np.testing.assert_array_equal(u, v)
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+    conv2 = [m for m in model.modules() if isinstance(m, nn.Conv2d)][1]
+    group = DG.get_pruning_group(conv2, tp.prune_conv_out_channels, idxs=list(range(16)))
+    assert torch.equal(kw(group), cfg(group))
+    # the Torch-Pruning base gets the config's kernel-slice norm
+    assert CurvatureImportance(config=CurvatureConfig(p=1.0)).p == 1.0
+
+
+def test_config_and_config_fields_conflict():
+    with pytest.raises(TypeError, match="not both.*topk"):
+        CurvatureImportance(config=CurvatureConfig(), topk=8)
+    with pytest.raises(TypeError, match="CurvatureConfig"):
+        CurvatureImportance({"topk": 8})
+    with pytest.raises(TypeError):
+        CurvatureImportance(not_a_field=1)
+    # the Torch-Pruning arguments combine with either form
+    imp = CurvatureImportance(config=CurvatureConfig(topk=4), group_reduction="max",
+                              normalizer=None, max_batches=2)
+    assert (imp.config.topk, imp.group_reduction, imp.normalizer, imp.max_batches) == (
+        4, "max", None, 2)
+
+
+def test_submodule_modes_restored(mixed_modes):
+    """Calibration and scoring give every submodule its own train/eval flag back, also when
+    calibration raises midway."""
+    torch.manual_seed(0)
+    model = zoo.vgg9(3, 10, 32, width=0.25)
+    with torch.no_grad():
+        _randomise_bn(model)
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    check = mixed_modes(model, bns[0], bns[2])
+    x = _calib((3, 32, 32), n=4)
+    imp = CurvatureImportance(**FAST).calibrate(model, x)
+    check()
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+    check = mixed_modes(model, bns[0], bns[2])       # the dependency graph's trace may change them
+    conv = [m for m in model.modules() if isinstance(m, nn.Conv2d)][1]
+    group = DG.get_pruning_group(conv, tp.prune_conv_out_channels,
+                                 idxs=list(range(conv.out_channels)))
+    with torch.no_grad():
+        conv.weight.mul_(1.5)                        # a changed model: scoring recalibrates
+    assert torch.isfinite(imp(group)).all()
+    check()
+    bad = x.clone()
+    bad[1, 0, 0, 0] = float("inf")
+    with pytest.raises(CalibrationError, match="non-finite"):
+        CurvatureImportance(**FAST).calibrate(model, bad)
+    check()

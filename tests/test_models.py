@@ -6,7 +6,7 @@ import torch
 import torch_pruning as tp
 from torch import fx, nn
 
-from tp_curvature.models import build_model, count_parameters, lenet5, mlp, paper_lenet, vgg9
+from engine.models import build_model, count_parameters, lenet5, mlp, paper_lenet, vgg9
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from tp_curvature.data import calibration_batch, load_dataset
-from tp_curvature.models import build_model
-from tp_curvature.training import (
+from engine.data import calibration_batch, load_dataset
+from engine.models import build_model
+from engine.training import (
     TrainConfig,
     checkpoint_path,
     config_hash,

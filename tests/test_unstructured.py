@@ -1,25 +1,22 @@
 """Unstructured (per-weight) curvature against an independent element-level computation.
 
-The reference shares no code with the library: it unrolls convolutions with explicit Python
-loops over output positions and kernel taps, builds the element graph as a scipy sparse
-matrix, takes forward shortest paths with Dijkstra, builds each edge's measures from the
-definition and solves W1 with POT ``ot.emd2``.
+The reference (``tests/_reference.py``) shares no code with the library: it unrolls
+convolutions with explicit Python loops over output positions and kernel taps, builds the
+element graph as a scipy sparse matrix, takes forward shortest paths with Dijkstra, builds each
+edge's measures from the definition and solves W1 with POT ``ot.emd2``.
 """
 import numpy as np
-import ot
 import pytest
 import torch
 import torch.nn as nn
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import shortest_path
+from _reference import ALPHA
+from _reference import element_curvature as reference
 
 from tp_curvature.graph import UnsupportedModelError
 from tp_curvature.unstructured import (
     edge_curvature, element_graph, magnitude_scores, masks_from_scores, prune_by_curvature,
     prune_by_magnitude, prune_random, remove_pruning, weight_curvature, weight_sparsity,
 )
-
-ALPHA = 0.5
 
 
 def tiny_model(seed=0, bn=False):
@@ -37,114 +34,6 @@ def tiny_model(seed=0, bn=False):
             model[3].running_mean.uniform_(-0.2, 0.2)
             model[3].weight.uniform_(0.5, 1.5)
     return model.eval()
-
-
-def _minmax(a):
-    lo, hi = a.min(), a.max()
-    return (a - lo) / (hi - lo) if hi > lo else np.ones_like(a)
-
-
-def reference(model, x, alpha=ALPHA, flow=False, output="softmax"):
-    """Per layer: kappa (n_in, n_out) (NaN = no edge) and weight index (n_in, n_out)."""
-    mods = list(model)
-    # node values by running the layers one by one
-    vals, h = [], x[None]
-    vals.append(h.flatten())
-    weight_mods, bn_of = [], {}
-    for i, m in enumerate(mods):
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and i > 0:
-            vals.append(h.flatten())
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            weight_mods.append(m)
-        if isinstance(m, nn.BatchNorm2d):
-            bn_of[len(weight_mods) - 1] = m
-        h = m(h)
-    vals.append(torch.softmax(h, 1).flatten() if output == "softmax" else h.flatten())
-    acts = [_minmax(v.detach().double().abs().numpy()) for v in vals]
-    sizes = [a.size for a in acts]
-    offs = np.cumsum([0] + sizes)
-    n = offs[-1]
-    a_all = np.concatenate(acts)
-    # explicit edges (global ids), strength, layer, weight index
-    edges = {}
-    shape_in = x.shape
-    for L, m in enumerate(weight_mods):
-        w = m.weight.detach().double()
-        scale = np.ones(w.shape[0])
-        if L in bn_of:
-            b = bn_of[L]
-            scale = (b.weight.detach().double()
-                     / torch.sqrt(b.running_var.double() + b.eps)).abs().numpy()
-        if isinstance(m, nn.Conv2d):
-            C, H, W = shape_in
-            O, _, kh, kw = w.shape
-            s, p = m.stride[0], m.padding[0]
-            Ho, Wo = (H + 2 * p - kh) // s + 1, (W + 2 * p - kw) // s + 1
-            for o in range(O):
-                for oh in range(Ho):
-                    for ow in range(Wo):
-                        for c in range(C):
-                            for i in range(kh):
-                                for j in range(kw):
-                                    ih, iw = oh * s - p + i, ow * s - p + j
-                                    if not (0 <= ih < H and 0 <= iw < W):
-                                        continue
-                                    u = offs[L] + (c * H + ih) * W + iw
-                                    v = offs[L + 1] + (o * Ho + oh) * Wo + ow
-                                    edges[(u, v)] = (abs(w[o, c, i, j].item()) * scale[o], L,
-                                                     ((o * C + c) * kh + i) * kw + j)
-            shape_in = (O, Ho, Wo)
-        else:
-            O, I = w.shape
-            for o in range(O):
-                for i in range(I):
-                    edges[(offs[L] + i, offs[L + 1] + o)] = (abs(w[o, i].item()) * scale[o], L,
-                                                             o * I + i)
-            shape_in = (O,)
-    rows, cols, lens = [], [], []
-    for (u, v), (s, L, _) in edges.items():
-        st = s * (a_all[u] if flow else 1.0)
-        if st > 0:
-            rows.append(u), cols.append(v), lens.append(1.0 / st)
-    D = shortest_path(csr_matrix((lens, (rows, cols)), shape=(n, n)), method="D",
-                      directed=True)
-    pred = {v: [] for v in range(n)}
-    succ = {u: [] for u in range(n)}
-    for (u, v), (s, _, _) in edges.items():
-        pred[v].append((u, s))
-        succ[u].append((v, s))
-
-    def measure(node, nbrs):
-        nb, logw = [], []
-        for g, s in nbrs:
-            if s > 0 and a_all[g] > 0:
-                nb.append(g)
-                logw.append(np.log(a_all[g] * s) if flow else -1.0 / a_all[g] ** 2)
-        if not nb:
-            return [node], np.array([1.0])
-        logw = np.array(logw)
-        p = np.exp(logw - logw.max())
-        p /= p.sum()
-        return nb + [node], np.append((1 - alpha) * p, alpha)
-
-    out = []
-    for L in range(len(weight_mods)):
-        K = np.full((sizes[L], sizes[L + 1]), np.nan)
-        WI = np.full((sizes[L], sizes[L + 1]), -1)
-        for (u, v), (s, LL, widx) in edges.items():
-            if LL != L:
-                continue
-            iu, iv = u - offs[L], v - offs[L + 1]
-            WI[iu, iv] = widx
-            if s == 0 or a_all[u] == 0 or a_all[v] == 0:
-                K[iu, iv] = 1.0
-                continue
-            src, a = measure(u, pred[u])
-            dst, b = measure(v, succ[v])
-            C = D[np.ix_(src, dst)]
-            K[iu, iv] = (1 - ot.emd2(a, b, C) / D[u, v]) / (1 - alpha)
-        out.append((K, WI))
-    return out
 
 
 def _ref_scores(model, images, **kw):
@@ -282,7 +171,7 @@ def test_layer_scope_lowest_order_and_baselines():
 
 
 def test_paper_lenet_graph_sizes():
-    from tp_curvature.models import paper_lenet
+    from engine.models import paper_lenet
     g = element_graph(paper_lenet(), torch.zeros(1, 1, 28, 28))
     assert g.layer_sizes == [784, 864, 256, 120, 84, 10]
     # conv1: 6 x 12 x 12 outputs, 36 taps each, no padding
@@ -314,3 +203,21 @@ def test_residual_raises():
 
     with pytest.raises(UnsupportedModelError, match="previous chain tensor"):
         element_graph(Res(), torch.zeros(1, 4))
+
+
+def test_submodule_modes_restored(mixed_modes):
+    """The per-weight path gives every submodule its own train/eval flag back, also when a
+    forward pass raises midway."""
+    model = tiny_model(2, bn=True)
+    check = mixed_modes(model, "3")                 # train mode, the BatchNorm in eval mode
+    imgs = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+    weight_curvature(model, imgs, topk=None, backend="exact", progress=False)
+    check()
+    with pytest.raises(RuntimeError):               # wrong channel count: the shape pass fails
+        weight_curvature(model, torch.randn(2, 2, 6, 6), progress=False)
+    check()
+    g = element_graph(model, imgs)
+    check()
+    with pytest.raises(RuntimeError):               # the node-value pass fails
+        edge_curvature(model, torch.randn(1, 2, 6, 6), graph=g)
+    check()

@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 
 from .graph import ChannelGraph, WeightLayer
-from .hooks import as_batches, default_forward, normalise, record_activations
+from .hooks import as_batches, calibrate_graph
 from .problem import LayerPairProblem
 from .shortest_paths import minplus
 
@@ -87,6 +87,7 @@ class CurvatureConfig:
         if self.backend not in ("sinkhorn", "exact", "pot-sinkhorn"):
             raise ValueError(f"backend must be 'sinkhorn', 'exact' or 'pot-sinkhorn', got "
                              f"{self.backend!r}")
+        self.backend_options = dict(self.backend_options or {})
 
 
 @dataclass
@@ -168,11 +169,13 @@ def _restrict(idx: np.ndarray):
 
 
 def build_layer_problem(graph: ChannelGraph, layer: WeightLayer, acts: list,
-                        cfg: CurvatureConfig):
+                        cfg: CurvatureConfig) -> LayerPairProblem:
     """Assemble the :class:`LayerPairProblem` of ``layer`` (all its connections x -> y).
 
-    Returns ``(problem, exists, d_xy)``: ``exists`` marks structural connections and ``d_xy``
-    holds the direct lengths.
+    X is the layer's input junction, Y its (first) output junction; Z stacks every junction
+    with an edge into X and W every junction Y has an edge into. The problem carries the
+    structural connections (``exists``) and their lengths (``length``) besides what the
+    kernels read.
     """
     X, Y = layer.in_junction, layer.out_junctions[0]
     s_xy_layer, cols, exists = graph.layer_edges(layer, Y, cfg.p)
@@ -210,7 +213,8 @@ def problem_from_strengths(*, s_zx, a_z, a_x, s_xy_all, s_direct, cols, a_yn, s_
     s_yw : (n_yn, n_w)     strengths Y -> successors; ``a_w`` (n_w,) their values
     exists : (n_x, n_c)    structural connections
 
-    Returns ``(problem, exists, d_xy)``.
+    Returns the :class:`LayerPairProblem` with ``exists`` and ``length`` set, so that
+    :func:`solve_problem` needs nothing else.
     """
     flow_len = cfg.length == "flow"
     a_y = a_yn[cols]
@@ -239,36 +243,30 @@ def problem_from_strengths(*, s_zx, a_z, a_x, s_xy_all, s_direct, cols, a_yn, s_
     prob = LayerPairProblem(d_xy=np.where(solve, d_xy, np.inf), c_zw=c_zw, c_zy=c_zy,
                             c_xw=c_xw, pred_idx=pred_idx, pred_mass=pred_mass,
                             succ_idx=succ_idx, succ_mass=succ_mass, alpha=cfg.alpha,
-                            solve=solve, name=name)
-    return prob, exists, d_xy
+                            solve=solve, name=name, exists=exists,
+                            length=np.where(exists, d_xy, np.inf))
+    return prob
 
 
-def solve_problem(prob: LayerPairProblem, exists: np.ndarray, d_xy: np.ndarray,
-                  cfg: CurvatureConfig) -> np.ndarray:
-    """kappa of every connection: solved ones from W1, dead/zero-weight ones 1, absent NaN."""
+def solve_problem(prob: LayerPairProblem, cfg: CurvatureConfig) -> np.ndarray:
+    """kappa of every pair of ``prob`` (see :meth:`LayerPairProblem.kappa`): solved connections
+    from W1 with ``cfg.backend``, dead-endpoint / zero-weight ones 1, absent pairs NaN."""
     from .kernels import solve_w1
 
     prob.validate()
-    kappa = np.where(exists, 1.0, np.nan)
+    w1 = np.full(prob.d_xy.shape, np.nan)
     if prob.solve.any():
         w1 = solve_w1(prob, backend=cfg.backend, **cfg.backend_options)
-        kappa[prob.solve] = kappa_from_w1(w1[prob.solve], d_xy[prob.solve], cfg.alpha)
-    return kappa
-
-
-def kappa_from_w1(w1: np.ndarray, d_xy: np.ndarray, alpha: float) -> np.ndarray:
-    """:math:`\\kappa = (1 - W_1/d)/(1-\\alpha)` elementwise."""
-    return (1.0 - w1 / d_xy) / (1.0 - alpha)
+    return prob.kappa(w1)
 
 
 def layer_curvature(graph: ChannelGraph, layer: WeightLayer, acts: list,
                     cfg: CurvatureConfig) -> LayerCurvature:
     """Curvature of every connection of ``layer``."""
-    prob, exists, d_xy = build_layer_problem(graph, layer, acts, cfg)
-    kappa = solve_problem(prob, exists, d_xy, cfg)
-    return LayerCurvature(name=layer.name, module=layer.module, kappa=kappa, exists=exists,
-                          solved=prob.solve, in_group=graph.junctions[layer.in_junction].group,
-                          length=np.where(exists, d_xy, np.inf))
+    prob = build_layer_problem(graph, layer, acts, cfg)
+    return LayerCurvature(name=layer.name, module=layer.module, kappa=solve_problem(prob, cfg),
+                          exists=prob.exists, solved=prob.solve,
+                          in_group=graph.junctions[layer.in_junction].group, length=prob.length)
 
 
 AUTO_PROGRESS_CONNECTIONS = 1_000_000   # progress=None shows a bar above this many connections
@@ -279,7 +277,7 @@ def graph_curvature(graph: ChannelGraph, acts: list, cfg: CurvatureConfig,
     """:class:`LayerCurvature` of every scoreable weight layer of ``graph``, by layer name.
 
     ``progress=None`` shows a tqdm bar (one step per layer, weighted by its connections) when
-    the graph has more than ``AUTO_PROGRESS_CONNECTIONS`` connections (several seconds of work).
+    the graph has more than ``AUTO_PROGRESS_CONNECTIONS`` connections.
     """
     layers = [l for l in graph.layers if l.out_junctions]
     sizes = [graph.junctions[l.in_junction].n_nodes * l.out_channels for l in layers]
@@ -301,11 +299,6 @@ def graph_curvature(graph: ChannelGraph, acts: list, cfg: CurvatureConfig,
         if bar is not None:
             bar.close()
     return out
-
-
-def normalised_activations(raw: list, mode: str) -> list:
-    """Per-junction :func:`~tp_curvature.hooks.normalise` of raw node values."""
-    return [normalise(a, mode) for a in raw]
 
 
 def connection_curvature(model: nn.Module, data, forward_fn: Optional[Callable] = None,
@@ -330,9 +323,6 @@ def connection_curvature(model: nn.Module, data, forward_fn: Optional[Callable] 
         Layer name -> :class:`LayerCurvature` (``kappa`` is ``(in_channels, out_channels)``).
     """
     cfg = CurvatureConfig(**config)
-    forward_fn = forward_fn or default_forward
-    batches = as_batches(data, max_batches)
-    graph = ChannelGraph.from_model(model, batches[0], forward_fn)
-    raw = record_activations(graph, batches, forward_fn, bool(progress))
-    return graph_curvature(graph, normalised_activations(raw, cfg.normalize), cfg,
-                           progress)
+    cal = calibrate_graph(model, as_batches(data, max_batches), forward_fn, cfg.normalize,
+                          bool(progress))
+    return graph_curvature(cal.graph, cal.acts, cfg, progress)

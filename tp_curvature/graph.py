@@ -18,9 +18,10 @@ Edges and their strength ``s(u, v)`` (the length is ``d = 1 / s``)
     * an identity path (residual add, concatenation) from a junction to a later junction with
       ``s = |BN scale|`` (1 without BN).
     Channel-preserving operations (activations, pooling, dropout, identity, flatten,
-    reshape to ``(N, -1)``) are collapsed; BatchNorm only scales. Grouped and depthwise
-    convolutions connect only channels of the same group; the other pairs are *structurally
-    absent* (no edge, no connection).
+    reshape to ``(N, -1)``; the op tables of :mod:`tp_curvature._tracing`, shared with the
+    element graph of :mod:`tp_curvature.unstructured`) are collapsed; BatchNorm only scales.
+    Grouped and depthwise convolutions connect only channels of the same group; the other pairs
+    are *structurally absent* (no edge, no connection).
 
 Anything else (attention, channel shuffles, multiplicative gates, LayerNorm, transposed
 convolutions, a module called twice) raises :class:`UnsupportedModelError` naming the fx node,
@@ -37,36 +38,18 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
-
-class UnsupportedModelError(ValueError):
-    """The model contains a construct the channel graph cannot represent."""
+from ._tracing import (ADD_FUNCTIONS, ADD_METHODS, BN_TYPES, ELEMENTWISE_FUNCTIONS,
+                       ELEMENTWISE_METHODS, ELEMENTWISE_MODULES, POOL_FUNCTIONS, POOL_MODULES,
+                       RESHAPE_METHODS, InterpreterModule, UnsupportedModelError, bn_scale,
+                       eval_mode, tensor_shape, trace)
 
 
 WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
-# modules that keep channel identity and carry no weight of their own
-PASS_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softmax,
-    nn.LogSoftmax, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d,
-    nn.ConstantPad2d,
-)
-PASS_FUNCTIONS = {
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish,
-    F.hardsigmoid, F.hardtanh, F.sigmoid, F.tanh, F.softmax, F.log_softmax, F.dropout,
-    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.pad,
-    torch.relu, torch.sigmoid, torch.tanh, torch.softmax, torch.log_softmax,
-    torch.nn.functional.dropout2d,
-}
-PASS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "softmax",
-                "log_softmax", "detach", "float", "to"}
-ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
-ADD_METHODS = {"add", "add_", "sub", "sub_"}
+# operations that keep channel identity and carry no weight of their own
+PASS_MODULES = ELEMENTWISE_MODULES + POOL_MODULES
+PASS_FUNCTIONS = ELEMENTWISE_FUNCTIONS | POOL_FUNCTIONS
+PASS_METHODS = ELEMENTWISE_METHODS
 
 
 @dataclass
@@ -126,41 +109,6 @@ class WeightLayer:
         return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
 
-def _tensor_shape(node: fx.Node):
-    return node.meta.get("tp_curvature_shape")
-
-
-class _ShapeRecorder(fx.Interpreter):
-    def run_node(self, n):
-        out = super().run_node(n)
-        n.meta["tp_curvature_shape"] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
-        return out
-
-
-class _InterpreterModule(nn.Module):
-    """Lets a user ``forward_fn(model, batch)`` drive an fx interpreter."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__()
-        self.gm = gm
-
-    def forward(self, *args, **kwargs):
-        if kwargs:
-            names = [n.target for n in self.gm.graph.nodes if n.op == "placeholder"]
-            args = list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
-        return _ShapeRecorder(self.gm).run(*args)
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model`` (shares its parameters); clear error if impossible."""
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many types
-        raise UnsupportedModelError(
-            f"tp_curvature builds its channel graph with torch.fx, and tracing "
-            f"{type(model).__name__} failed: {exc}") from exc
-
-
 class ChannelGraph:
     """The channel-level layered graph of ``model`` (see the module docstring).
 
@@ -181,14 +129,9 @@ class ChannelGraph:
         """Trace ``model`` and propagate one sample of ``example_batch`` for the shapes."""
         gm = trace(model)
         example_batch = _first_sample(example_batch)
-        runner = _InterpreterModule(gm)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                (forward_fn or (lambda mod, b: mod(b)))(runner, example_batch)
-        finally:
-            model.train(was_training)
+        runner = InterpreterModule(gm)
+        with eval_mode(model), torch.no_grad():
+            (forward_fn or (lambda mod, b: mod(b)))(runner, example_batch)
         return cls._build(model, gm)
 
     @classmethod
@@ -225,7 +168,7 @@ class ChannelGraph:
         for n in nodes:
             if n.op == "output":
                 continue
-            shape = _tensor_shape(n)
+            shape = tensor_shape(n)
             lin = cls._propagate(n, shape, lineage, modules, layers, junction_nodes)
             if n in junction_nodes:
                 if lin is None:
@@ -307,21 +250,26 @@ class ChannelGraph:
                 return _Lineage([_Term("layer", k, np.arange(c_out), np.ones(c_out))], c_out,
                                 np.arange(c_out), False)
             if isinstance(m, BN_TYPES):
-                return cls._scaled(first, _bn_scale(m), n)
+                return cls._scaled(first, bn_scale(m), n)
             if isinstance(m, PASS_MODULES):
                 return cls._same_channels(first, shape, n)
             if isinstance(m, nn.Flatten):
-                return cls._flatten(first, _tensor_shape(n.args[0]), shape, n)
+                return cls._flatten(first, tensor_shape(n.args[0]), shape, n)
             raise UnsupportedModelError(
                 f"module {n.target!r} of type {type(m).__name__} is not supported by the "
                 "channel graph (supported: Linear, Conv1d/2d incl. grouped/depthwise, BatchNorm, "
                 "activations, pooling, dropout, flatten, residual add, concatenation)")
-        if n.op == "call_function":
+        if n.op in ("call_function", "call_method"):
+            # function targets are callables, method targets names: one table lookup serves both
             t = n.target
-            if t in PASS_FUNCTIONS:
+            if t in PASS_FUNCTIONS or t in PASS_METHODS:
                 return cls._same_channels(first, shape, n)
-            if t in ADD_FUNCTIONS:
+            if t in ADD_FUNCTIONS or t in ADD_METHODS:
                 return cls._add(n, [lin_of(a) for a in n.args[:2]])
+            if t in (torch.mean, torch.amax, "mean", "amax"):
+                return cls._reduce_spatial(n, first, shape)
+            if t in RESHAPE_METHODS:
+                return cls._flatten(first, tensor_shape(n.args[0]), shape, n)
             if t is torch.cat:
                 dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
                 return cls._cat(n, n.args[0], dim, lineage, shape)
@@ -329,7 +277,7 @@ class ChannelGraph:
                 start = n.kwargs.get("start_dim", n.args[1] if len(n.args) > 1 else 0)
                 if start not in (1,):
                     raise UnsupportedModelError(f"fx node {n.name!r}: flatten must start at dim 1")
-                return cls._flatten(first, _tensor_shape(n.args[0]), shape, n)
+                return cls._flatten(first, tensor_shape(n.args[0]), shape, n)
             if t in (operator.mul, torch.mul, operator.truediv, torch.div) and len(tensor_args) == 1:
                 other = n.args[1] if n.args[0] is tensor_args[0] else n.args[0]
                 if isinstance(other, (int, float)):
@@ -338,23 +286,10 @@ class ChannelGraph:
                         f = 1.0 / f if f else math.inf
                     return cls._scaled(first if first is not None else lin_of(n.args[1]),
                                        np.full(shape[1], f), n)
-            if t is torch.mean or t is torch.amax:
-                return cls._reduce_spatial(n, first, shape)
+            what = (f"tensor method .{t}()" if n.op == "call_method"
+                    else f"function {getattr(t, '__name__', t)}")
             raise UnsupportedModelError(
-                f"fx node {n.name!r}: function {getattr(t, '__name__', t)} is not supported by "
-                "the channel graph")
-        if n.op == "call_method":
-            t = n.target
-            if t in PASS_METHODS:
-                return cls._same_channels(first, shape, n)
-            if t in ADD_METHODS:
-                return cls._add(n, [lin_of(a) for a in n.args[:2]])
-            if t in ("view", "reshape", "flatten"):
-                return cls._flatten(first, _tensor_shape(n.args[0]), shape, n)
-            if t in ("mean", "amax"):
-                return cls._reduce_spatial(n, first, shape)
-            raise UnsupportedModelError(
-                f"fx node {n.name!r}: tensor method .{t}() is not supported by the channel graph")
+                f"fx node {n.name!r}: {what} is not supported by the channel graph")
         raise UnsupportedModelError(f"fx node {n.name!r}: op {n.op} is not supported")
 
     # ------------------------------------------------------------------ lineage algebra
@@ -532,12 +467,3 @@ def _first_sample(batch):
     if isinstance(batch, dict):
         return {k: _first_sample(v) for k, v in batch.items()}
     return batch
-
-
-def _bn_scale(m: nn.modules.batchnorm._BatchNorm) -> np.ndarray:
-    if m.running_var is None:
-        raise UnsupportedModelError("BatchNorm without running statistics is not supported")
-    s = 1.0 / torch.sqrt(m.running_var.detach().double() + m.eps)
-    if m.affine and m.weight is not None:
-        s = s * m.weight.detach().double()
-    return s.abs().cpu().numpy()

@@ -10,18 +10,23 @@ uses the min-max normalised value per junction (:func:`normalise`).
 
 Hooks sit on the first layer that reads each junction (the tensor that layer receives is the
 junction) and the model's output gives the last junction. They are removed afterwards even on
-error, and the model's train/eval mode is restored; user hooks are left untouched.
-Calibration runs in eval mode (BatchNorm uses its running statistics, dropout is off).
+error, and every submodule's train/eval flag is restored (:func:`~tp_curvature._tracing.eval_mode`);
+user hooks are left untouched. Calibration runs in eval mode (BatchNorm uses its running
+statistics, dropout is off). :func:`calibrate_graph` is the whole pipeline (trace, record,
+normalise) that :func:`~tp_curvature.curvature.connection_curvature` and
+:class:`~tp_curvature.importance.CurvatureImportance` share.
 """
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from ._tracing import eval_mode
 from .graph import ChannelGraph
 
 
@@ -118,27 +123,44 @@ def record_activations(graph: ChannelGraph, batches: list,
             accumulate(ji, inp[0], f"layer {where!r}")
         handles.append(layer.module.register_forward_hook(hook))
 
-    was_training = model.training
     it = batches
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(batches, desc="calibration", leave=False)
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for b in it:
                 out = forward_fn(model, b)
                 accumulate(graph.output_junction, out, "the model output")
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     acts = []
     for j, s, c in zip(graph.junctions, sums, counts):
         if c == 0:
             raise CalibrationError(f"junction {j.name!r} saw no activation during calibration")
         acts.append(s / c)
     return acts
+
+
+@dataclass
+class Calibration:
+    """The result of :func:`calibrate_graph`: the channel graph of a model and the normalised
+    value of every node, one float64 array per junction (``acts[j][u]`` in [0, 1])."""
+    graph: ChannelGraph
+    acts: list
+
+
+def calibrate_graph(model: nn.Module, batches: list, forward_fn: Optional[Callable] = None,
+                    normalize: str = "minmax", progress: bool = False) -> Calibration:
+    """The calibration pipeline: trace ``model`` into its :class:`~tp_curvature.graph.ChannelGraph`
+    (shapes from one sample of the first batch), record the mean |activation| of every node over
+    ``batches`` (:func:`record_activations`) and normalise them per junction
+    (:func:`normalise`). ``batches`` is a list, as :func:`as_batches` returns."""
+    forward_fn = forward_fn or default_forward
+    graph = ChannelGraph.from_model(model, batches[0], forward_fn)
+    raw = record_activations(graph, batches, forward_fn, progress)
+    return Calibration(graph, [normalise(a, normalize) for a in raw])
 
 
 def normalise(a: np.ndarray, mode: str = "minmax") -> np.ndarray:

@@ -35,10 +35,9 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning.pruner import function
 
-from .curvature import (CurvatureConfig, LayerCurvature, build_layer_problem, graph_curvature,
-                        normalised_activations)
+from .curvature import CurvatureConfig, LayerCurvature, build_layer_problem, graph_curvature
 from .graph import ChannelGraph
-from .hooks import as_batches, default_forward, record_activations
+from .hooks import as_batches, calibrate_graph, default_forward
 
 OUT_FNS = (function.prune_conv_out_channels, function.prune_linear_out_channels,
            function.prune_depthwise_conv_out_channels)
@@ -69,34 +68,27 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
 
     Usage::
 
-        imp = CurvatureImportance()
+        imp = CurvatureImportance(topk=16)   # same as config=CurvatureConfig(topk=16)
         imp.calibrate(model, calib_loader)        # a tensor, a list of batches or a loader
         pruner = tp.pruner.BasePruner(model, example_inputs, importance=imp, pruning_ratio=0.5)
         pruner.step()
 
     Parameters
     ----------
-    alpha : float
-        Idleness of the measures (mass kept on the node itself).
-    variant : {"paper", "flow"}
-        ``"paper"``: lengths ``1/|w|``, measures ``exp(-1/a^2)``; ``"flow"``: lengths
-        ``1/(a_u |w_uv|)``, measures proportional to the flow ``a |w|`` (beyond the paper).
+    config : CurvatureConfig, optional
+        The curvature definition and its solver (``alpha``, ``variant``, ``length``,
+        ``measure``, ``p``, ``normalize``, ``topk``, ``backend``, ``backend_options``; see
+        :class:`~tp_curvature.curvature.CurvatureConfig`). ``p`` is also the norm of
+        Torch-Pruning's ``GroupMagnitudeImportance`` base.
+    **config_fields
+        Shortcut: the fields of :class:`~tp_curvature.curvature.CurvatureConfig` as keywords
+        (``CurvatureImportance(alpha=0.5, topk=8)`` is
+        ``CurvatureImportance(config=CurvatureConfig(alpha=0.5, topk=8))``). Passing both
+        ``config`` and fields raises ``TypeError``.
     reduction : {"mean", "min", "neg_sum"}
         How a channel's connection curvatures become its score (see the module docstring).
     group_reduction, normalizer :
         As in Torch-Pruning's ``GroupMagnitudeImportance``.
-    topk : int or None
-        Keep each measure's k heaviest neighbours (None: all).
-    backend : {"sinkhorn", "exact", "pot-sinkhorn"}
-        Numba Sinkhorn (default), exact POT ``emd2`` (reference), POT ``sinkhorn2``.
-    p : float
-        Norm of a kernel slice for a conv connection's strength.
-    normalize : {"minmax", "max"}
-        Per-junction normalisation of the node values.
-    length, measure : str, optional
-        Override one half of ``variant``.
-    backend_options : dict, optional
-        Passed to the solver (``eps``, ``tol``, ``max_iter``...).
     max_batches : int, optional
         Cap on calibration batches taken from an iterable.
     progress : bool or None
@@ -104,19 +96,23 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         bar only for graphs of over a million connections.
     """
 
-    def __init__(self, alpha: float = 0.5, variant: str = "paper", reduction: str = "mean",
+    def __init__(self, config: Optional[CurvatureConfig] = None, *, reduction: str = "mean",
                  group_reduction: str = "mean", normalizer: Optional[str] = "mean",
-                 topk: Optional[int] = 32, backend: str = "sinkhorn", p: float = 2.0,
-                 normalize: str = "minmax", length: Optional[str] = None,
-                 measure: Optional[str] = None, backend_options: Optional[dict] = None,
-                 max_batches: Optional[int] = None, progress: Optional[bool] = None):
-        super().__init__(p=p, group_reduction=group_reduction, normalizer=normalizer)
+                 max_batches: Optional[int] = None, progress: Optional[bool] = None,
+                 **config_fields):
+        if config is None:
+            config = CurvatureConfig(**config_fields)
+        elif not isinstance(config, CurvatureConfig):
+            raise TypeError(f"config must be a CurvatureConfig, got {type(config).__name__}; "
+                            "pass CurvatureConfig fields as keywords instead")
+        elif config_fields:
+            raise TypeError(f"pass either config=CurvatureConfig(...) or its fields as keywords, "
+                            f"not both (got config and {sorted(config_fields)})")
+        super().__init__(p=config.p, group_reduction=group_reduction, normalizer=normalizer)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.reduction = reduction
-        self.config = CurvatureConfig(alpha=alpha, variant=variant, length=length,
-                                      measure=measure, p=p, normalize=normalize, topk=topk,
-                                      backend=backend, backend_options=dict(backend_options or {}))
+        self.config = config
         self.max_batches = max_batches
         self.progress = progress
         self.model: Optional[nn.Module] = None
@@ -156,10 +152,9 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
                                "imp.calibrate(model, data) before pruning")
         fp = self._model_fingerprint()
         if fp != self._fingerprint:
-            self._graph = ChannelGraph.from_model(self.model, self._batches[0], self._forward_fn)
-            raw = record_activations(self._graph, self._batches, self._forward_fn,
-                                     bool(self.progress))
-            self._acts = normalised_activations(raw, self.config.normalize)
+            cal = calibrate_graph(self.model, self._batches, self._forward_fn,
+                                  self.config.normalize, bool(self.progress))
+            self._graph, self._acts = cal.graph, cal.acts
             self._curv = None
             self._fingerprint = fp
         if compute_curvature and self._curv is None:
@@ -176,7 +171,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
     def layer_problems(self) -> dict:
         """Layer name -> :class:`~tp_curvature.problem.LayerPairProblem` (for benchmarks)."""
         self._refresh(compute_curvature=False)
-        return {l.name: build_layer_problem(self._graph, l, self._acts, self.config)[0]
+        return {l.name: build_layer_problem(self._graph, l, self._acts, self.config)
                 for l in self._graph.layers if l.out_junctions}
 
     @property

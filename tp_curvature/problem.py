@@ -30,12 +30,23 @@ The kernels return :math:`W_1(m_x, m_y)`; the curvature is
 
 All cost arrays are finite float64 (the graph caps unreachable pairs before building the
 problem); ``d_xy`` may hold ``inf`` only where ``solve`` is False.
+
+Connections that are not solved get documented values in :meth:`LayerPairProblem.kappa`:
+an existing connection that is not solved (a dead endpoint, ``a = 0``, or a zero weight) has
+:math:`\\kappa = 1`, a structurally absent pair (different groups of a grouped conv, no edge in
+the element graph) ``NaN``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
+
+
+def kappa_from_w1(w1: np.ndarray, d_xy: np.ndarray, alpha: float) -> np.ndarray:
+    """:math:`\\kappa = (1 - W_1/d)/(1-\\alpha)` elementwise."""
+    return (1.0 - w1 / d_xy) / (1.0 - alpha)
 
 
 @dataclass
@@ -67,6 +78,11 @@ class LayerPairProblem:
         Connections whose W1 is wanted; the others are left NaN by the solvers.
     name : str
         The layer this pair belongs to (for messages and progress bars).
+    exists : (n_x, n_y) bool, optional
+        Structural connections (a superset of ``solve``); None means ``solve``.
+    length : (n_x, n_y) float64, optional
+        :math:`d(x, y)` of every existing connection, solved or not (``inf`` where there is
+        none or the weight is 0); ``d_xy`` keeps it only where ``solve`` is True.
     """
 
     d_xy: np.ndarray
@@ -80,6 +96,20 @@ class LayerPairProblem:
     alpha: float
     solve: np.ndarray
     name: str = ""
+    exists: Optional[np.ndarray] = None
+    length: Optional[np.ndarray] = None
+
+    @property
+    def connections(self) -> np.ndarray:
+        """Structural connections: ``exists``, or ``solve`` when no ``exists`` was given."""
+        return self.solve if self.exists is None else self.exists
+
+    def kappa(self, w1: np.ndarray) -> np.ndarray:
+        """:math:`\\kappa` of every pair from the solvers' ``w1`` (n_x, n_y): solved connections
+        :math:`(1 - W_1/d_{xy})/(1-\\alpha)`, other connections 1, absent pairs NaN."""
+        kappa = np.where(self.connections, 1.0, np.nan)
+        kappa[self.solve] = kappa_from_w1(w1[self.solve], self.d_xy[self.solve], self.alpha)
+        return kappa
 
     @property
     def n_x(self) -> int:
@@ -114,6 +144,11 @@ class LayerPairProblem:
         for arr, nm in ((self.c_zw, "c_zw"), (self.c_zy, "c_zy"), (self.c_xw, "c_xw")):
             if arr.size and not np.all(np.isfinite(arr)):
                 raise ValueError(f"{where}: {nm} has non-finite entries")
+        for arr, nm in ((self.exists, "exists"), (self.length, "length")):
+            if arr is not None and arr.shape != (n_x, n_y):
+                raise ValueError(f"{where}: {nm} shape {arr.shape} != {(n_x, n_y)}")
+        if self.exists is not None and np.any(self.solve & ~self.exists):
+            raise ValueError(f"{where}: solve marks pairs that are not connections (exists)")
         d = self.d_xy[self.solve]
         if d.size and not (np.all(np.isfinite(d)) and np.all(d > 0)):
             raise ValueError(f"{where}: d_xy must be finite and > 0 where solve is True")

@@ -2,9 +2,10 @@
 
 Tan, Sia, Bogdan, Ivanov ("Post-Training Neural Network Pruning using Graph Curvature", TMLR
 2026) score individual weights, not channels. This module rebuilds that mode on top of the
-library's transport problems (:func:`tp_curvature.curvature.problem_from_strengths`) and
-kernels (:func:`tp_curvature.curvature.solve_problem`), so the two modes share one definition
-of curvature and one solver.
+library's tracing core (:mod:`tp_curvature._tracing`), transport problems
+(:func:`tp_curvature.curvature.problem_from_strengths`) and kernels
+(:func:`tp_curvature.curvature.solve_problem`), so the two modes share one definition of
+curvature and one solver.
 
 Element graph
     Every scalar activation is a node. For a chain ``N_0 -W_1-> N_1 -W_2-> ... -W_n-> N_n``
@@ -62,18 +63,11 @@ Cost
     ``(topk + 1) x (topk + 1)``: it grows linearly with the number of calibration images.
     ``topk`` (:data:`DEFAULT_TOPK` = 32, the library default) keeps the ``k`` heaviest atoms of
     every measure; with the paper's ``exp(-1/a^2)`` weights almost all mass sits on the few most
-    active neighbours. Measured on the paper's LeNet (Fashion-MNIST, one image, Numba Sinkhorn):
-    per-weight scores at topk 32 have Spearman 0.9999 (max abs difference 0.04) with topk 64, at
-    topk 16 0.9989 (0.27), at 4 0.990 (1.09); 0.4 s per image at topk 4, 0.5 s at 16, 0.7 s
-    at 32 and 64 (``benchmarks/unstructured.py --topk-scan``).
-
-    Measured times (2 shared cores, Numba Sinkhorn, topk 32; ``results/unstructured.md``): the
-    paper's LeNet 0.63 s per calibration image (about 60,000 solved edges per image), the
-    64-256-128-10 digits MLP 0.17 s; linear in the number of images (50 LeNet images: 32 s). The
-    exact backend (POT loop) takes 8.5 s per LeNet image; scores agree (Spearman 1.0000, max abs
-    difference 0.06). About a third of the time is building the problems (min-plus shortest
-    paths, recomputed per image). The first call in a fresh environment also compiles the Numba
-    kernels (tens of seconds, cached afterwards).
+    active neighbours. The shortest paths of the problems are recomputed per image. The first
+    call in a fresh environment also compiles the Numba kernels (cached afterwards). Timings,
+    and the agreement of topk 4..64 and of the exact backend with the default, are in
+    ``results/unstructured.md`` and the README, with the commands that produced them
+    (``benchmarks/unstructured.py --exact-check --topk-scan ...``).
 """
 from __future__ import annotations
 
@@ -88,8 +82,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import prune as torch_prune
 
+from ._tracing import (BN_TYPES, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS,
+                       ELEMENTWISE_MODULES, RESHAPE_METHODS, Recorder, UnsupportedModelError,
+                       bn_scale, eval_mode, trace)
 from .curvature import CurvatureConfig, problem_from_strengths, solve_problem
-from .graph import UnsupportedModelError
 from .hooks import normalise
 
 __all__ = [
@@ -103,20 +99,6 @@ __all__ = [
 DEFAULT_TOPK = 32
 
 WEIGHT_TYPES = (nn.Linear, nn.Conv2d)
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
-ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Softmax, nn.LogSoftmax,
-)
-ELEMENTWISE_FUNCTIONS = {
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish,
-    F.hardsigmoid, F.hardtanh, F.sigmoid, F.tanh, F.dropout, F.softmax, F.log_softmax,
-    torch.relu, torch.sigmoid, torch.tanh, torch.softmax, torch.log_softmax,
-}
-ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "detach", "float",
-                       "softmax", "log_softmax"}
-RESHAPE_METHODS = {"flatten", "view", "reshape"}
 AUX_METHODS = {"size", "dim"}
 
 
@@ -190,19 +172,6 @@ def _unsupported(node: fx.Node, gm: fx.GraphModule, why: str) -> UnsupportedMode
         f"BatchNorm / elementwise activations only; {_describe(node, gm)}: {why}")
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm, keep):
-        super().__init__(gm)
-        self.keep = set(keep)
-        self.values = {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n in self.keep or n.op == "output":
-            self.values[n] = out
-        return out
-
-
 def _tensor_args(node: fx.Node) -> list:
     out = []
 
@@ -217,12 +186,7 @@ def _tensor_args(node: fx.Node) -> list:
 def _trace_chain(model: nn.Module):
     """Trace ``model`` and check it is a chain; return (gm, ops) with ops = list of
     (kind, node) where kind is "weight", "bn", "elementwise" or "reshape"."""
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many types
-        raise UnsupportedModelError(
-            f"unstructured curvature traces the model with torch.fx, and tracing "
-            f"{type(model).__name__} failed: {exc}") from exc
+    gm = trace(model, "unstructured curvature traces the model")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise UnsupportedModelError(
@@ -310,15 +274,6 @@ def _trace_chain(model: nn.Module):
     return gm, ops, cur
 
 
-def _bn_scale(bn: nn.Module) -> torch.Tensor:
-    if bn.running_var is None:
-        raise UnsupportedModelError(f"BatchNorm {bn} has no running statistics")
-    s = 1.0 / torch.sqrt(bn.running_var.detach().double() + bn.eps)
-    if bn.affine and bn.weight is not None:
-        s = s * bn.weight.detach().double()
-    return s.abs().cpu()
-
-
 def _conv_index(m: nn.Conv2d, in_shape: tuple, out_shape: tuple) -> np.ndarray:
     """``weight_index`` (n_in, n_out) of an unrolled Conv2d, by unfold of an index image."""
     C, H, W = in_shape
@@ -351,7 +306,7 @@ def _strength(layer_module: nn.Module, weight_index: np.ndarray, bn: Optional[nn
     w = layer_module.weight.detach().double().abs().cpu().reshape(-1).numpy()
     s = np.where(weight_index >= 0, w[np.maximum(weight_index, 0)], 0.0)
     if bn is not None:
-        scale = _bn_scale(bn).numpy()
+        scale = bn_scale(bn)
         per_out = np.repeat(scale, int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 1)
         s = s * per_out[None, :]
     return s
@@ -369,14 +324,9 @@ def element_graph(model: nn.Module, example: torch.Tensor,
     gm, ops, last = _trace_chain(model)
     weight_nodes = [n for k, n in ops if k == "weight"]
     in_nodes = [n.args[0] for n in weight_nodes]
-    rec = _Recorder(gm, set(in_nodes) | set(weight_nodes) | {n for _, n in ops})
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            rec.run(example[:1])
-    finally:
-        model.train(was)
+    rec = Recorder(gm, set(in_nodes) | set(weight_nodes) | {n for _, n in ops})
+    with eval_mode(model), torch.no_grad():
+        rec.run(example[:1])
     vals = rec.values
     layers = []
     # BN after each weight layer
@@ -426,14 +376,9 @@ def node_values(graph: ElementGraph, images: torch.Tensor, output: str = "softma
     if output not in ("softmax", "logits"):
         raise ValueError(f"output must be 'softmax' or 'logits', got {output!r}")
     model = graph.gm
-    rec = _Recorder(model, set(graph.taps) | {graph.output_node})
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        try:
-            rec.run(images)
-        finally:
-            model.train(was)
+    rec = Recorder(model, set(graph.taps) | {graph.output_node})
+    with eval_mode(model), torch.no_grad():
+        rec.run(images)
     per_layer = []
     for t in graph.taps:
         per_layer.append(rec.values[t].detach().flatten(1).double().abs().cpu().numpy())
@@ -484,12 +429,12 @@ def _image_edges(graph: ElementGraph, a: list, cfg: CurvatureConfig,
         else:
             s_yw, a_w = np.zeros((lay.n_out, 0)), np.zeros(0)
         t0 = time.perf_counter()
-        prob, exists, d_xy = problem_from_strengths(
+        prob = problem_from_strengths(
             s_zx=s_zx, a_z=a_z, a_x=a[l], s_xy_all=lay.strength, s_direct=lay.strength,
             cols=np.arange(lay.n_out), a_yn=a[l + 1], s_yw=s_yw, a_w=a_w,
             exists=lay.exists, cfg=cfg, name=lay.name)
         t1 = time.perf_counter()
-        kappa = solve_problem(prob, exists, d_xy, cfg)
+        kappa = solve_problem(prob, cfg)
         t2 = time.perf_counter()
         out.append(EdgeCurvature(name=lay.name, kappa=kappa, weight_index=lay.weight_index,
                                  solved=prob.solve, build_s=t1 - t0, solve_s=t2 - t1))
@@ -533,7 +478,7 @@ def weight_curvature(model: nn.Module, images: torch.Tensor, output: str = "soft
     model : nn.Module
         A supported sequential chain (see the module docstring).
     images : tensor ``(N, ...)`` or ``(x, y)`` pair
-        Calibration images, e.g. :func:`tp_curvature.data.calibration_batch` with
+        Calibration images, e.g. ``engine.data.calibration_batch`` (benchmarks) with
         ``per_class=True, model=model`` (the paper: one correctly classified image per class).
     output : ``"softmax"`` | ``"logits"``
         Node values of the output layer.

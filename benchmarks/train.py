@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Train (or reload) a baseline model: a thin CLI over :func:`tp_curvature.training.train_or_load`.
+"""Train (or reload) a baseline model: a thin CLI over :func:`engine.training.train_or_load`.
 
 Examples::
 
-    python scripts/train.py                                   # digits MLP, 30 epochs, Adam
-    python scripts/train.py --dataset fashion-mnist --model lenet5 --epochs 3 --seed 0
-    python scripts/train.py --dataset fashion-mnist --model vgg9 --width 0.25 --train-subset 10000
-    python scripts/train.py --dataset cifar10 --model resnet20 --optimizer sgd --augment \\
+    python benchmarks/train.py                                   # digits MLP, 30 epochs, Adam
+    python benchmarks/train.py --dataset fashion-mnist --model lenet5 --epochs 3 --seed 0
+    python benchmarks/train.py --dataset fashion-mnist --model vgg9 --width 0.25 --train-subset 10000
+    python benchmarks/train.py --dataset cifar10 --model resnet20 --optimizer sgd --augment \\
         --data-root /path/with/cifar-10-batches-py/parent
 
 The checkpoint goes to ``checkpoints/<dataset>-<model>-<hash>.pt`` and is reused unless
@@ -17,13 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-
-from tp_curvature.data import DATASETS  # noqa: E402
-from tp_curvature.models import MODEL_NAMES  # noqa: E402
-from tp_curvature.training import TrainConfig, train_or_load  # noqa: E402
+from engine.data import DATASETS
+from engine.models import MODEL_NAMES
+from engine.training import TrainConfig, train_or_load
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -63,7 +63,7 @@ class TrainConfig:
     ``epochs`` defaults to 30 for ``digits`` (12 steps an epoch) and 5 otherwise.
     ``lr`` / ``weight_decay`` default by optimizer (Adam: 1e-3 / 0; SGD with Nesterov momentum
     0.9: 0.05 / 5e-4). ``scheduler`` is ``cosine`` (per step, to 0) or ``none``.
-    ``model_kwargs`` go to :func:`tp_curvature.models.build_model` (e.g. ``{"width": 0.25}``).
+    ``model_kwargs`` go to :func:`engine.models.build_model` (e.g. ``{"width": 0.25}``).
     The last block of fields (data location, device, threads, cache dir) does not enter the hash.
     """
 

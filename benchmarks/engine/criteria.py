@@ -1,0 +1,263 @@
+"""Pruning criteria for the benchmarks: Torch-Pruning's baselines (Hessian fixed), the curvature
+importance, and the loop that scores every prunable group once.
+
+``make_criterion(name, seed, args)`` builds a :class:`Criterion` (an importance plus what it
+needs before scoring: a backward pass, per-sample squared gradients, a calibration);
+:func:`score_all_groups` scores every group one ``tp.pruner.BasePruner`` step would score
+(final classifier ignored, see :func:`final_classifier`) and :class:`CachedImportance` replays
+those scores on deep copies of the same model. Used by ``benchmarks/compare.py`` and
+``benchmarks/end_to_end.py``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+# ============================================================================================
+# Baseline criteria: Torch-Pruning's, with the Hessian accumulation fixed
+# ============================================================================================
+class FixedHessianImportance(tp.importance.GroupHessianImportance):
+    """``GroupHessianImportance`` whose ``accumulate_grad`` really averages over samples.
+
+    Torch-Pruning 1.6.1 checks ``if name not in self._accu_grad`` but stores the buffer under
+    the parameter, so the check always fails and every call *replaces* the buffer (and resets
+    the counter to 1): the score uses only the last sample's squared gradient. Here the buffer
+    and the counter are keyed by the parameter, so after ``n`` calls ``p.grad`` holds
+    :math:`\\frac1n \\sum_i g_i^2` when the group is scored (the diagonal empirical Fisher that
+    approximates the Hessian in Optimal Brain Damage).
+    """
+
+    def accumulate_grad(self, model: nn.Module) -> None:
+        for _, param in model.named_parameters():
+            if param.grad is None:
+                continue
+            g2 = param.grad.detach().clone().pow(2)
+            if param in self._accu_grad:
+                self._accu_grad[param] += g2
+                self._counter[param] += 1
+            else:
+                self._accu_grad[param] = g2
+                self._counter[param] = 1
+
+
+def per_sample_squared_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                             hessian_imp, chunk: int = 1) -> int:
+    """Backward each sample's loss separately and feed ``hessian_imp.accumulate_grad``.
+
+    The model is in eval mode (BatchNorm uses running statistics, so the samples of a chunk
+    are independent). ``chunk=1`` runs one forward per sample, which on a CPU is cheaper than
+    back-propagating every sample through a shared batch graph. Returns the number of samples.
+    """
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    n = 0
+    for s in range(0, len(x), chunk):
+        losses = loss_fn(model(x[s:s + chunk]), y[s:s + chunk])
+        for i, l in enumerate(losses):
+            model.zero_grad(set_to_none=True)
+            l.backward(retain_graph=i < len(losses) - 1)
+            hessian_imp.accumulate_grad(model)
+            n += 1
+    return n
+
+
+# ============================================================================================
+# Criteria registry
+# ============================================================================================
+@dataclass
+class Criterion:
+    """A named importance plus what it needs before scoring (``prepare(model, x, y)``)."""
+    name: str
+    importance: object
+    prepare: Callable = field(default=lambda model, x, y: None)
+    note: str = ""
+
+
+def _curvature_parts(name: str):
+    """``curvature[-flow][-min|-negsum|-mean]`` -> (variant, reduction) or None."""
+    parts = name.split("-")
+    if parts[0] != "curvature":
+        return None
+    variant, reduction = "paper", "mean"
+    for p in parts[1:]:
+        if p in ("flow", "paper"):
+            variant = p
+        elif p in ("min", "mean"):
+            reduction = p
+        elif p in ("negsum", "neg_sum"):
+            reduction = "neg_sum"
+        else:
+            raise ValueError(f"unknown curvature option {p!r} in {name!r} "
+                             "(use curvature[-flow][-min|-negsum])")
+    return variant, reduction
+
+
+def make_criterion(name: str, seed: int, args) -> Criterion:
+    """Build criterion ``name`` for one seed (fresh importance object: no state is shared)."""
+    name = name.strip().lower()
+    imp_mod = tp.importance
+
+    def backward_mean_loss(model, x, y):
+        model.eval()
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+
+    if name == "random":
+        def seed_rng(model, x, y):
+            torch.manual_seed(10_000 + seed)
+        return Criterion(name, imp_mod.RandomImportance(), seed_rng)
+    if name == "l1":
+        return Criterion(name, imp_mod.GroupMagnitudeImportance(p=1))
+    if name in ("l2", "magnitude"):
+        return Criterion(name, imp_mod.GroupMagnitudeImportance(p=2))
+    if name == "lamp":
+        return Criterion(name, imp_mod.LAMPImportance(p=2))
+    if name == "fpgm":
+        return Criterion(name, imp_mod.FPGMImportance(p=2))
+    if name == "taylor":
+        return Criterion(name, imp_mod.GroupTaylorImportance(), backward_mean_loss,
+                         note="Torch-Pruning's GroupTaylorImportance does not score BatchNorm "
+                              "layers (its BN branch tests the GroupNorm handler)")
+    if name in ("hessian", "hessian-tp"):
+        imp = FixedHessianImportance() if name == "hessian" else imp_mod.GroupHessianImportance()
+
+        def accumulate(model, x, y):
+            imp.zero_grad()
+            per_sample_squared_grads(model, x, y, imp)
+        note = ("accumulate_grad fixed: per-sample squared gradients averaged over the whole "
+                "calibration batch" if name == "hessian" else
+                "Torch-Pruning 1.6.1 as shipped: only the last sample's squared gradient")
+        return Criterion(name, imp, accumulate, note=note)
+    parts = _curvature_parts(name)
+    if parts is not None:
+        from tp_curvature import CurvatureImportance
+        variant, reduction = parts
+        opts = {}
+        if args.backend_options:
+            opts = json.loads(args.backend_options)
+        imp = CurvatureImportance(alpha=args.alpha, variant=variant, reduction=reduction,
+                                  topk=args.topk, backend=args.backend, backend_options=opts)
+
+        def calibrate(model, x, y):
+            imp.calibrate(model, x)
+        return Criterion(name, imp, calibrate,
+                         note=f"alpha={args.alpha}, variant={variant}, reduction={reduction}, "
+                              f"topk={args.topk}, backend={args.backend}")
+    raise ValueError(f"unknown criterion {name!r}; choose from random, l1, l2, lamp, fpgm, "
+                     "taylor, hessian, hessian-tp, curvature[-flow][-min|-negsum]")
+
+
+# ============================================================================================
+# Groups: key, final classifier, pruner, the score-every-group loop, the score cache
+# ============================================================================================
+def _handler_name(handler) -> str:
+    return getattr(handler, "__qualname__", None) or repr(handler)
+
+
+def group_key(group, names: dict) -> tuple:
+    """(qualified name of the root layer, name of the root pruning handler)."""
+    dep = group[0].dep
+    return names[id(dep.target.module)], _handler_name(dep.handler)
+
+
+def final_classifier(model: nn.Module) -> nn.Module:
+    """The output layer, left unpruned (timm's ``get_classifier()``, else the last Linear)."""
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        head = get()
+        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+            return head
+    lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if lin:
+        return lin[-1]
+    convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    if not convs:
+        raise ValueError("model has no Linear or Conv layer")
+    return convs[-1]
+
+
+def make_pruner(model, example_inputs, importance, ratio=0.0, mode="uniform"):
+    return tp.pruner.BasePruner(
+        model, example_inputs, importance=importance, global_pruning=(mode == "global"),
+        pruning_ratio=ratio, ignored_layers=[final_classifier(model)], iterative_steps=1)
+
+
+def score_all_groups(model: nn.Module, example_inputs, importance, prepare: Callable = None,
+                     name: str = "") -> tuple[dict, float]:
+    """Score every group one pruner step on ``model`` would score (no pruning).
+
+    Builds the pruner of :func:`make_pruner` (its dependency graph, final classifier ignored),
+    calls ``prepare()`` if given (backward passes, calibration), then ``importance(group)`` for
+    every prunable group. Returns ``({group_key: 1-D scores or None}, seconds)``; the time
+    covers ``prepare`` and the scoring calls, not Torch-Pruning's dependency graph. Scores that
+    are not one finite value per channel raise ``RuntimeError``.
+    """
+    pruner = make_pruner(model, example_inputs, importance)
+    names = {id(m): n for n, m in model.named_modules()}
+    groups = list(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                           root_module_types=pruner.root_module_types))
+    scores = {}
+    t0 = time.perf_counter()
+    if prepare is not None:
+        prepare()
+    with torch.no_grad():
+        for g in groups:
+            key = group_key(g, names)
+            s = importance(g)
+            if s is not None:
+                s = s.detach().float().cpu().clone()
+                if s.shape != (len(g[0].idxs),) or not torch.isfinite(s).all():
+                    raise RuntimeError(f"{name}: bad scores for group {key}: {s}")
+            scores[key] = s
+    return scores, time.perf_counter() - t0
+
+
+def compute_scores(model: nn.Module, example_inputs, crit: Criterion, x, y) -> tuple[dict, float]:
+    """:func:`score_all_groups` for a :class:`Criterion` (``crit.prepare(model, x, y)`` first);
+    ``model`` is modified (gradients, calibration)."""
+    return score_all_groups(model, example_inputs, crit.importance,
+                            prepare=lambda: crit.prepare(model, x, y), name=crit.name)
+
+
+class CachedImportance(tp.importance.Importance):
+    """Replays precomputed group scores on a deep copy of the model they were computed on.
+
+    ``bind(model)`` before building a pruner on a copy. With ``keep_best=True`` (global mode)
+    the best-scored channel of every group is made unprunable (+inf) so that a global threshold
+    never empties a layer (Torch-Pruning would skip that group entirely).
+    """
+
+    def __init__(self, scores: dict, name: str = ""):
+        self.scores = scores
+        self.name = name
+        self.keep_best = False
+        self._names: dict = {}
+
+    def bind(self, model: nn.Module, keep_best: bool = False) -> "CachedImportance":
+        self._names = {id(m): n for n, m in model.named_modules()}
+        self.keep_best = keep_best
+        return self
+
+    @torch.no_grad()
+    def __call__(self, group):
+        key = group_key(group, self._names)
+        if key not in self.scores:
+            raise KeyError(f"{self.name}: no cached scores for group {key} (was the model "
+                           "changed since the scores were computed?)")
+        s = self.scores[key]
+        if s is None:
+            return None
+        if len(s) != len(group[0].idxs):
+            raise RuntimeError(f"{self.name}: group {key} has {len(group[0].idxs)} channels, "
+                               f"cached scores have {len(s)}")
+        s = s.clone()
+        if self.keep_best and len(s):
+            s[int(torch.argmax(s))] = float("inf")
+        return s
+
