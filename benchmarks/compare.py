@@ -834,8 +834,8 @@ def main(argv=None) -> int:
         make_criterion(c, 0, a)
     if any(c.startswith("curvature") for c in a.criteria):
         import importlib.util
-        if importlib.util.find_spec("tp_curvature.kernels") is None:
-            print("error: tp_curvature.kernels is not available (the curvature solvers); "
+        if importlib.util.find_spec("tp_curvature.transport") is None:
+            print("error: tp_curvature.transport is not available (the curvature solvers); "
                   "drop the curvature criteria or install the full package", file=sys.stderr)
             return 1
     meta = {"args": vars(a), "argv": sys.argv if argv is None else ["compare.py", *argv],

@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tp_curvature import kernels as K  # noqa: E402
-from tp_curvature.kernels import connection_problem, pot_sinkhorn_w1, solve_w1  # noqa: E402
+from tp_curvature import transport as K  # noqa: E402
+from tp_curvature.transport import connection_problem, pot_sinkhorn_w1, solve_w1  # noqa: E402
 from tp_curvature.testing import random_layer_pair, truncate_topk  # noqa: E402
 
 FIELDS = ["source", "layer", "n", "measure", "alpha", "topk", "backend", "layer_connections", "timed_connections",
@@ -201,9 +201,8 @@ def bench_problem(P, where: dict, args, opts, threads) -> list:
     else:
         Pn = Pk
     t0 = time.perf_counter()
-    W = solve_w1(Pn, **opts)
+    W, st = solve_w1(Pn, **opts, log=True)
     t_n = time.perf_counter() - t0
-    st = dict(K.last_stats)
     got = {(int(i), int(j)): float(W[i, j]) for i, j in sub}
     n_acc, mx, mean, rho = accuracy(P, ref, got)
     rows.append(dict(common, backend="numba", timed_connections=Pn.n_connections,

@@ -246,7 +246,7 @@ def problem_from_strengths(*, s_zx, a_z, a_x, s_xy_all, s_direct, cols, a_yn, s_
 def solve_problem(prob: LayerPairProblem, exists: np.ndarray, d_xy: np.ndarray,
                   cfg: CurvatureConfig) -> np.ndarray:
     """kappa of every connection: solved ones from W1, dead/zero-weight ones 1, absent NaN."""
-    from .kernels import solve_w1
+    from .transport import solve_w1
 
     prob.validate()
     kappa = np.where(exists, 1.0, np.nan)
