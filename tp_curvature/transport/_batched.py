@@ -19,12 +19,20 @@ from ._bundles import Kernels, Settings, Slots
 from ._drivers import solve_one
 from ._primitives import (F32_FLOOR, F32_UVMAX, F64, MAXITER, OK, OVERFLOW, c_transform,
                           closed_form, expneg, jit, jit_nogil, pow_inplace, relax,
-                          rounded_total, rounding_terms, scale_factor, stage_power,
+                          rounded_total, rounding_step, scale_factor, stage_power,
                           uv_max_product)
 
 
 @jit
+def _swap_items(x, a, b):
+    t = x[a]
+    x[a] = x[b]
+    x[b] = t
+
+
+@jit
 def _swap_rows(U, V, Ux, Vy, who, its, st, a, b):
+    """Exchange the state of batch rows a and b."""
     if a == b:
         return
     for i in range(U.shape[1]):
@@ -35,21 +43,11 @@ def _swap_rows(U, V, Ux, Vy, who, its, st, a, b):
         t = V[a, j]
         V[a, j] = V[b, j]
         V[b, j] = t
-    t = Ux[a]
-    Ux[a] = Ux[b]
-    Ux[b] = t
-    t = Vy[a]
-    Vy[a] = Vy[b]
-    Vy[b] = t
-    ti = who[a]
-    who[a] = who[b]
-    who[b] = ti
-    ti = its[a]
-    its[a] = its[b]
-    its[b] = ti
-    ti = st[a]
-    st[a] = st[b]
-    st[b] = ti
+    _swap_items(Ux, a, b)
+    _swap_items(Vy, a, b)
+    _swap_items(who, a, b)
+    _swap_items(its, a, b)
+    _swap_items(st, a, b)
 
 
 @jit
@@ -286,10 +284,8 @@ def batch_core(slots, who, nb, kern, CT, costs, cfg, fast_exp, floor, uvmax, big
             s1 = S1[r, i] + kzy * cyy
             s2 = float(S2[r, i]) + float(kzy) * czi * float(cyy)
             s3 = float(S3[r, i]) + czi * float(ecy)
-            ei, c, k = rounding_terms(float(A[q, i]), float(RX[r, i]), float(s1), s2, s3)
-            cost += c
-            corr += k
-            nr += ei
+            cost, corr, nr = rounding_step(cost, corr, nr, float(A[q, i]), float(RX[r, i]),
+                                           float(s1), s2, s3)
         s1 = float(KXY[q]) * float(cyy)
         s2 = s1 * d
         s3 = d * float(ecy)
@@ -299,10 +295,7 @@ def batch_core(slots, who, nb, kern, CT, costs, cfg, fast_exp, floor, uvmax, big
             s1 += kv
             s2 += kv * cwj
             s3 += cwj * float(EC[r, j])
-        ex, c, k = rounding_terms(alpha, float(RXx[r]), s1, s2, s3)
-        cost += c
-        corr += k
-        nr += ex
+        cost, corr, nr = rounding_step(cost, corr, nr, alpha, float(RXx[r]), s1, s2, s3)
         cost = rounded_total(cost, corr, nr)
         if math.isfinite(cost):
             out[x, y] = cost

@@ -15,9 +15,20 @@ import numpy as np
 
 from ._bundles import Augmented, Frame, Gather, Work
 from ._log_domain import log_domain
-from ._primitives import (F32_FLOOR, F32_UVMAX, F64, LOG, MAXITER, OK, OVERFLOW, c_transform,
-                          closed_form, jit, pow_inplace, relax, rounded_cost, stage_power,
-                          uv_max_product)
+from ._primitives import (F32_FLOOR, F32_UVMAX, F64, LOG, MAXITER, OK, OVERFLOW, aug_rmatvec,
+                          c_transform, closed_form, jit, pow_inplace, relax, rounded_cost,
+                          stage_power, uv_max_product)
+
+
+@jit
+def _checked_relax(u, mass, s, omega, half, big):
+    """Update of one scaling with marginal ``mass`` and product ``s`` (= (K v)_i): relaxed
+    towards ``mass / s`` if ``0 < s < big``, 0 for a zero mass, else (u, False): overflow."""
+    if s > 0.0 and s < big:
+        return relax(u, mass / s, omega, half), True
+    if mass == 0.0:
+        return 0.0 * u, True
+    return u, False
 
 
 @jit
@@ -49,35 +60,21 @@ def sinkhorn_kernel(K, BT, a, b, u, v, ktu, kv, tol, max_iter, omega, half, big)
             sx += kxw[j] * v[j]
         kv[kz] = sx
         for i in range(kz + 1):
-            s = kv[i]
-            if s > 0.0 and s < big:
-                u[i] = relax(u[i], a[i] / s, omega, half)
-            elif a[i] == 0.0:
-                u[i] = 0.0 * u[i]
-            else:
+            ui, ok = _checked_relax(u[i], a[i], kv[i], omega, half, big)
+            if not ok:
                 return it, OVERFLOW
+            u[i] = ui
         # ---- K^T u
-        ux = u[kz]
-        for j in range(kw):
-            ktu[j] = kxw[j] * ux
-        sy = kxy * ux
-        for i in range(kz):
-            ui = u[i]
-            sy += kzy[i] * ui
-            for j in range(kw):
-                ktu[j] += B[i, j] * ui
-        ktu[kw] = sy
+        aug_rmatvec(K, u, ktu)
         # ---- error of the column marginal (new u, old v), then v update
         err = 0.0
         for j in range(kw + 1):
             t = ktu[j]
             err += abs(float(v[j]) * float(t) - float(b[j]))
-            if t > 0.0 and t < big:
-                v[j] = relax(v[j], b[j] / t, omega, half)
-            elif b[j] == 0.0:
-                v[j] = 0.0 * v[j]
-            else:
+            vj, ok = _checked_relax(v[j], b[j], t, omega, half, big)
+            if not ok:
                 return it, OVERFLOW
+            v[j] = vj
         if not (err < 1e300):
             return it, OVERFLOW
         if err <= tol:
@@ -160,6 +157,22 @@ def run_stages(Ks, KsT, gat, cfg, a, b, fr, wk, half, big, floor):
 
 
 @jit
+def _gather_side(loc, mass, k, cost, pot, alpha, idx, w, c, p, w32, c32):
+    """One side of a ragged problem on its ``k`` atoms ``loc[:k]``: masses ``(1-alpha) mass``
+    then alpha (x / y), the costs to y / from x, the shared potentials (float64 and float32)."""
+    for i in range(k):
+        r = loc[i]
+        idx[i] = r
+        w[i] = (1.0 - alpha) * mass[i]
+        c[i] = cost[r]
+        p[i] = pot[r]
+        w32[i] = w[i]
+        c32[i] = c[i]
+    w[k] = alpha
+    w32[k] = alpha
+
+
+@jit
 def solve_one(x, y, kern, costs, meas, cfg, ws32, ws64, path):
     """Solve connection (x, y); returns (W1, iterations, status).
 
@@ -175,26 +188,10 @@ def solve_one(x, y, kern, costs, meas, cfg, ws32, ws64, path):
     if kz == 0 or kw == 0:
         return closed_form(x, y, meas, costs.czy, costs.cxw, d, alpha), 0, OK
     # ---- supports, masses, costs of row x / column y, shared potentials on them
-    for i in range(kz):
-        zr = meas.ploc[x, i]
-        zi[i] = zr
-        wa[i] = (1.0 - alpha) * meas.pm[x, i]
-        cz[i] = costs.czy[zr, y]
-        fzl[i] = costs.fz[zr]
-        wa32[i] = wa[i]
-        cz32[i] = cz[i]
-    wa[kz] = alpha
-    wa32[kz] = alpha
-    for j in range(kw):
-        wr = meas.sloc[y, j]
-        wi[j] = wr
-        wb[j] = (1.0 - alpha) * meas.sm[y, j]
-        cw[j] = costs.cxw[x, wr]
-        gwl[j] = costs.gw[wr]
-        wb32[j] = wb[j]
-        cw32[j] = cw[j]
-    wb[kw] = alpha
-    wb32[kw] = alpha
+    _gather_side(meas.ploc[x], meas.pm[x], kz, costs.czyT[y], costs.fz, alpha, zi, wa, cz, fzl,
+                 wa32, cz32)
+    _gather_side(meas.sloc[y], meas.sm[y], kw, costs.cxw[x], costs.gw, alpha, wi, wb, cw, gwl,
+                 wb32, cw32)
     fx, gy = c_transform(cz[:kz], fzl[:kz], cw[:kw], gwl[:kw], d)
     fr = Frame(cz[:kz], fzl[:kz], cw[:kw], gwl[:kw], d, fx, gy)
     zik = zi[:kz]

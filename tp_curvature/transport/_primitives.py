@@ -10,10 +10,11 @@ k_{xw} & k_{xy} \end{pmatrix}` (:class:`~._bundles.Augmented`) with row masses :
   (same fixed point as plain Sinkhorn, :math:`\omega = 1`).
 * :func:`rounded_cost`: Altschuler, Weed & Rigollet (2017, Alg. 2) rounding of the plan onto
   :math:`U(a, b)` and its cost, from the scalar steps :func:`scale_factor` (row / column factor
-  :math:`\min(1, \text{target} / \text{sum})`), :func:`rounding_terms` (row error and cost
+  :math:`\min(1, \text{target} / \text{sum})`), :func:`rounding_step` (row error and cost
   terms) and :func:`rounded_total` (plus the rank-one correction
   :math:`e_r e_c^\top / \lVert e_r \rVert_1`). The batched solver computes the same sums with
   matrix products and shares the scalar steps.
+* :func:`aug_rmatvec`: :math:`K^\top r` for the augmented kernel.
 * :func:`c_transform`: potentials of x and y w.r.t. the shared ones (reduced costs >= 0).
 * :func:`closed_form`: :math:`W_1` when one measure is a delta (the plan is forced).
 * :func:`uv_max_product`: :math:`\max u \cdot \max v`, the numeric range check of the scalings.
@@ -55,12 +56,16 @@ def scale_factor(target, got, scale, one, zero):
 
 
 @jit
-def rounding_terms(ai, rxi, s1, s2, s3):
-    """Row error ``e = max(a_i - rx_i s1, 0)``, cost term ``rx_i s2`` and correction ``e s3``."""
+def rounding_step(cost, corr, nr, ai, rxi, s1, s2, s3):
+    """Accumulate one row: error ``e = max(a_i - rx_i s1, 0)``, cost ``rx_i s2``, correction
+    ``e s3``; returns the updated (cost, corr, nr)."""
     e = ai - rxi * s1
     if e < 0.0:
         e = 0.0
-    return e, rxi * s2, e * s3
+    cost += rxi * s2
+    corr += e * s3
+    nr += e
+    return cost, corr, nr
 
 
 @jit
@@ -69,6 +74,24 @@ def rounded_total(cost, corr, nr):
     if nr > 0.0:
         cost += corr / nr
     return cost
+
+
+@jit
+def aug_rmatvec(K, r, out):
+    """``out = K^T r`` for the augmented ``K`` (``r``: kz+1 entries, ``out``: kw+1), as axpy
+    loops over the contiguous rows of ``K.block``."""
+    B = K.block
+    kz, kw = B.shape
+    rx = r[kz]
+    for j in range(kw):
+        out[j] = K.row[j] * rx
+    sy = K.corner * rx
+    for i in range(kz):
+        ri = r[i]
+        sy += K.col[i] * ri
+        for j in range(kw):
+            out[j] += B[i, j] * ri
+    out[kw] = sy
 
 
 @jit
@@ -101,16 +124,7 @@ def rounded_cost(K, M, a, b, u, v, rx, cy, ec):
         s += kxw[j] * v[j]
     rx[kz] = scale_factor(a[kz], u[kz] * s, u[kz], one, zero)
     # column sums with scaled rows, column scaling y_j, stored as cy = y * v
-    rxx = rx[kz]
-    for j in range(kw):
-        cy[j] = kxw[j] * rxx
-    sy = kxy * rxx
-    for i in range(kz):
-        ri = rx[i]
-        sy += kzy[i] * ri
-        for j in range(kw):
-            cy[j] += B[i, j] * ri
-    cy[kw] = sy
+    aug_rmatvec(K, rx, cy)
     for j in range(kw + 1):
         c = v[j] * cy[j]
         f = scale_factor(b[j], c, one, one, zero)
@@ -130,10 +144,8 @@ def rounded_cost(K, M, a, b, u, v, rx, cy, ec):
             s1 += kvv
             s2 += kvv * cij
             s3 += cij * ec[j]
-        e, c, k = rounding_terms(float(a[i]), float(rx[i]), float(s1), float(s2), float(s3))
-        cost += c
-        corr += k
-        nr += e
+        cost, corr, nr = rounding_step(cost, corr, nr, float(a[i]), float(rx[i]), float(s1),
+                                       float(s2), float(s3))
     s1 = kxy * cy[kw]
     s2 = s1 * dxy
     s3 = dxy * ec[kw]
@@ -142,10 +154,8 @@ def rounded_cost(K, M, a, b, u, v, rx, cy, ec):
         s1 += kvv
         s2 += kvv * cxw[j]
         s3 += cxw[j] * ec[j]
-    e, c, k = rounding_terms(float(a[kz]), float(rx[kz]), float(s1), float(s2), float(s3))
-    cost += c
-    corr += k
-    nr += e
+    cost, corr, nr = rounding_step(cost, corr, nr, float(a[kz]), float(rx[kz]), float(s1),
+                                   float(s2), float(s3))
     return rounded_total(cost, corr, nr)
 
 
