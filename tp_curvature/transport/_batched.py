@@ -6,7 +6,7 @@ still running (``np.dot`` in Numba -> BLAS sgemm: the block is read once for all
 Each problem keeps its own row x / column y, masses, scalings and its own early stop
 (converged problems are swapped out of the active prefix). Problems whose float32 scalings
 leave the safe range are redone as a float64 batch on the level's float64 kernel, and the rare
-ones that overflow even there alone in the log domain (:func:`~._drivers.solve_one`).
+ones that overflow even there alone in the log domain (:func:`~._drivers.solve_each`).
 Ragged supports are solved one problem at a time (:func:`run_chunk`).
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import math
 
 import numpy as np
 
-from ._bundles import Kernels, Settings, Slots
-from ._drivers import solve_one
+from ._bundles import Frame, Gather, Kernels, Settings, Slots, Work, Workspace
+from ._drivers import solve_each
 from ._primitives import (F32_FLOOR, F32_UVMAX, F64, MAXITER, OK, OVERFLOW, c_transform,
                           closed_form, expneg, jit, jit_nogil, pow_inplace, relax,
                           rounded_total, rounding_step, scale_factor, stage_power,
@@ -307,7 +307,7 @@ def batch_core(slots, who, nb, kern, CT, costs, cfg, fast_exp, floor, uvmax, big
 
 
 @jit
-def batch_uniform(xs, ys, kern, costs, meas, cfg, outs, ws32, ws64):
+def batch_uniform(xs, ys, kern, costs, meas, cfg, outs, wk, gat, fr, ws):
     """Solve the connections (xs[q], ys[q]) of one eps level together (uniform supports).
 
     Deltas in closed form; a float32 batch on the level's shared kernels ``kern`` (path 0);
@@ -346,8 +346,8 @@ def batch_uniform(xs, ys, kern, costs, meas, cfg, outs, ws32, ws64):
             A[q, i] = (1.0 - alpha) * pm[x, i]
         for j in range(kw):
             Bw[q, j] = (1.0 - alpha) * sm[y, j]
-        FX[q], GY[q] = c_transform(costs.czyT[y, :kz], costs.fz[:kz], costs.cxw[x, :kw],
-                                   costs.gw[:kw], d)
+        FX[q], GY[q] = c_transform(costs.czyT[y], costs.fz, kz, costs.cxw[x], costs.gw, kw,
+                                   d)
         who[nb] = q
         nb += 1
     if nb == 0:
@@ -395,17 +395,20 @@ def batch_uniform(xs, ys, kern, costs, meas, cfg, outs, ws32, ws64):
     st2 = np.zeros(n2, np.int64)
     batch_core(Slots(xs, ys, A64, Bw64, FX, GY), who2, n2, Kernels(K64, K64T, KCT64), costs.CT64,
                costs, cfg, no, 0.0, 1e290, 1e300, outs, st2)
+    # the rare problems that overflow in float64 too: alone, in the log domain
+    xs3 = np.empty(n2, np.int64)
+    ys3 = np.empty(n2, np.int64)
+    n3 = n2 - n2
     for r in range(n2):
         q = who2[r]
-        x = xs[q]
-        y = ys[q]
-        if st2[r] == OVERFLOW:  # alone, in the log domain
-            w1, it2, st3 = solve_one(x, y, kern, costs, meas, cfg, ws32, ws64, log_path)
-            out[x, y] = w1
-            iters[x, y] = it2
-            status[x, y] = st3
+        if st2[r] == OVERFLOW:
+            xs3[n3] = xs[q]
+            ys3[n3] = ys[q]
+            n3 += 1
         else:
-            status[x, y] += F64
+            status[xs[q], ys[q]] += F64
+    if n3 > 0:
+        solve_each(xs3[:n3], ys3[:n3], kern, costs, meas, cfg, wk, gat, fr, ws, log_path, outs)
     return 0
 
 
@@ -416,23 +419,18 @@ def run_chunk(k0, k1, kern, costs, meas, cfg, cx, cy, outs):
     KW = meas.sloc.shape[1]
     nb = 1 if cfg.uniform else KZ * KW
     f4 = np.float32
-    ws32 = (np.empty(nb, f4), np.empty(nb, f4), np.ones(KZ + 1, f4), np.ones(KW + 1, f4),
-            np.empty(KW + 1, f4), np.empty(KZ + 1, f4), np.empty(KW, f4), np.empty(KZ, f4),
-            np.empty(KZ + 1, f4), np.empty(KW + 1, f4), np.empty(KZ, f4), np.empty(KW, f4),
-            np.empty(KZ + 1, f4), np.empty(KW + 1, f4), np.empty(KW + 1, f4), np.empty(nb, f4))
-    ws64 = (np.empty(KZ + 1), np.empty(KW + 1), np.empty(KZ), np.empty(KW), np.empty(KZ),
-            np.empty(KW), np.empty(KZ, np.int64), np.empty(KW, np.int64))
+    wk = Work(np.ones(KZ + 1, f4), np.ones(KW + 1, f4), np.empty(KW, f4), np.empty(KZ, f4),
+              np.empty(KW + 1, f4), np.empty(KZ + 1, f4))
+    gat = Gather(not cfg.uniform, np.empty(KZ, np.int64), np.empty(KW, np.int64),
+                 np.empty(nb, f4), np.empty(nb, f4))
+    fr = Frame(np.empty(KZ), np.empty(KZ), np.empty(KW), np.empty(KW))
+    ws = Workspace(np.empty(KZ + 1), np.empty(KW + 1), np.empty(KZ + 1, f4), np.empty(KW + 1, f4),
+                   np.empty(KZ, f4), np.empty(KW, f4), np.empty(KZ + 1, f4), np.empty(KW + 1, f4),
+                   np.empty(KW + 1, f4), np.empty(nb, f4))
     if cfg.uniform and cfg.path <= 1:
-        batch_uniform(cx[k0:k1], cy[k0:k1], kern, costs, meas, cfg, outs, ws32, ws64)
+        batch_uniform(cx[k0:k1], cy[k0:k1], kern, costs, meas, cfg, outs, wk, gat, fr, ws)
     else:
-        out, iters, status = outs
-        for k in range(k0, k1):
-            x = cx[k]
-            y = cy[k]
-            w1, its, st = solve_one(x, y, kern, costs, meas, cfg, ws32, ws64, cfg.path)
-            out[x, y] = w1
-            iters[x, y] = its
-            status[x, y] = st
+        solve_each(cx[k0:k1], cy[k0:k1], kern, costs, meas, cfg, wk, gat, fr, ws, cfg.path, outs)
     return 0
 
 

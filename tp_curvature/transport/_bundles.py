@@ -42,15 +42,29 @@ Augmented = namedtuple("Augmented", "block col row corner")
 #: ``Bw[q]`` of the shared atoms (x / y carry alpha), c-transform potentials ``FX[q]``, ``GY[q]``.
 Slots = namedtuple("Slots", "xs ys A Bw FX GY")
 
-#: Costs and potentials of one connection's own row x / column y: y column costs ``cz`` and the
-#: shared potentials ``fz`` on its atoms, x row costs ``cw`` and ``gw``, ``d = d(x, y)``, and the
-#: c-transform potentials ``fx``, ``gy``.
-Frame = namedtuple("Frame", "cz fz cw gw d fx gy")
+#: Scalars of one connection: support sizes ``kz``, ``kw``, ``d = d(x, y)`` and the c-transform
+#: potentials ``fx``, ``gy`` (a tuple of scalars: free to build per problem).
+Conn = namedtuple("Conn", "kz kw d fx gy")
 
-#: Workspace of one kernel-domain problem: scalings ``u`` (kz+1), ``v`` (kw+1), kernel row x
-#: ``kxw`` (kw), column y ``kzy`` (kz), products ``ktu`` (kw+1), ``kv`` (kz+1).
+#: Float64 workspaces of a ragged problem's own row x / column y (built once per chunk, the
+#: first kz / kw entries used): costs ``cz`` to y and shared potentials ``fz`` on its pred
+#: atoms, costs ``cw`` from x and ``gw`` on its succ atoms.
+Frame = namedtuple("Frame", "cz fz cw gw")
+
+#: Kernel-domain workspace of one problem (built once per chunk, first kz+1 / kw+1 entries
+#: used; float32, or float64 in the fallback): scalings ``u``, ``v``, kernel row x ``kxw``,
+#: column y ``kzy``, products ``ktu``, ``kv``.
 Work = namedtuple("Work", "u v kxw kzy ktu kv")
 
 #: Gathering of a ragged problem's block from the stage kernels: ``on`` (else the stage kernel
 #: is the block itself), local atoms ``zi`` / ``wi``, flat workspaces ``Bws`` / ``BTws``.
 Gather = namedtuple("Gather", "on zi wi Bws BTws")
+
+#: The other workspaces of a chunk: masses ``wa``, ``wb`` (float64) and ``wa32``, ``wb32``;
+#: float32 costs ``cz32``, ``cw32``; rounding ``rx32``, ``cy32``, ``ec32``; cost block
+#: ``Cws32``.
+#:
+#: Bundles are built once per chunk and unpacked once per call: in Numba every array in a
+#: bundle is reference-counted when the bundle is built or passed to a (not inlined) function,
+#: so hot functions take small bundles.
+Workspace = namedtuple("Workspace", "wa wb wa32 wb32 cz32 cw32 rx32 cy32 ec32 Cws32")

@@ -37,6 +37,9 @@ F32_UVMAX = 1e25  # float32 result accepted only if max(u) * max(v) <= this (flo
 
 #: decorator of every jitted function of the engine
 jit = njit(cache=True, fastmath=FM, error_model="numpy")
+#: the same, inlined at the Numba IR level (small loops called once per iteration, which LLVM
+#: would leave as calls)
+jit_inline = njit(cache=True, fastmath=FM, error_model="numpy", inline="always")
 #: the same, releasing the GIL (worker threads)
 jit_nogil = njit(cache=True, nogil=True, fastmath=FM, error_model="numpy")
 
@@ -77,18 +80,17 @@ def rounded_total(cost, corr, nr):
 
 
 @jit
-def aug_rmatvec(K, r, out):
-    """``out = K^T r`` for the augmented ``K`` (``r``: kz+1 entries, ``out``: kw+1), as axpy
-    loops over the contiguous rows of ``K.block``."""
-    B = K.block
+def aug_rmatvec(B, col, row, corner, r, out):
+    """``out = K^T r`` for the augmented ``K = [[B, col], [row, corner]]`` (``r``: kz+1
+    entries, ``out``: kw+1), as axpy loops over the contiguous rows of ``B``."""
     kz, kw = B.shape
     rx = r[kz]
     for j in range(kw):
-        out[j] = K.row[j] * rx
-    sy = K.corner * rx
+        out[j] = row[j] * rx
+    sy = corner * rx
     for i in range(kz):
         ri = r[i]
-        sy += K.col[i] * ri
+        sy += col[i] * ri
         for j in range(kw):
             out[j] += B[i, j] * ri
     out[kw] = sy
@@ -124,7 +126,7 @@ def rounded_cost(K, M, a, b, u, v, rx, cy, ec):
         s += kxw[j] * v[j]
     rx[kz] = scale_factor(a[kz], u[kz] * s, u[kz], one, zero)
     # column sums with scaled rows, column scaling y_j, stored as cy = y * v
-    aug_rmatvec(K, rx, cy)
+    aug_rmatvec(B, kzy, kxw, kxy, rx, cy)
     for j in range(kw + 1):
         c = v[j] * cy[j]
         f = scale_factor(b[j], c, one, one, zero)
@@ -160,19 +162,19 @@ def rounded_cost(K, M, a, b, u, v, rx, cy, ec):
 
 
 @jit
-def c_transform(cz, fz, cw, gw, d):
-    """Potentials of x and y given the shared ones ``fz`` / ``gw``.
+def c_transform(cz, fz, kz, cw, gw, kw, d):
+    """Potentials of x and y given the shared ones ``fz`` / ``gw`` (first kz / kw entries).
 
     :math:`f_x = \\min_w (c_{xw} - g_w)`, :math:`g_y = \\min(d - f_x, \\min_z (c_{zy} - f_z))`,
     so that every reduced cost of the augmented problem is >= 0.
     """
     fx = np.inf
-    for j in range(cw.shape[0]):
+    for j in range(kw):
         t = cw[j] - gw[j]
         if t < fx:
             fx = t
     gy = d - fx
-    for i in range(cz.shape[0]):
+    for i in range(kz):
         t = cz[i] - fz[i]
         if t < gy:
             gy = t
