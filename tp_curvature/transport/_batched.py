@@ -18,7 +18,7 @@ import numpy as np
 from ._bundles import Frame, Gather, Kernels, Settings, Slots, Work, Workspace
 from ._drivers import solve_each
 from ._primitives import (F32_FLOOR, F32_UVMAX, F64, MAXITER, OK, OVERFLOW, c_transform,
-                          closed_form, expneg, jit, jit_nogil, pow_inplace, relax,
+                          closed_form, expneg, jit, jit_inline, jit_nogil, pow_inplace, relax,
                           rounded_total, rounding_step, scale_factor, stage_power,
                           uv_max_product)
 
@@ -50,7 +50,7 @@ def _swap_rows(U, V, Ux, Vy, who, its, st, a, b):
     _swap_items(st, a, b)
 
 
-@jit
+@jit_inline
 def _compact(U, V, Ux, Vy, who, its, st, n_act):
     """Swap the rows of ``:n_act`` whose status is not OK behind the active prefix (finished
     or failed problems); returns the new prefix size."""
@@ -320,7 +320,14 @@ def batch_uniform(xs, ys, kern, costs, meas, cfg, outs, wk, gat, fr, ws):
     path = cfg.path
     pm = meas.pm
     sm = meas.sm
+    pk = meas.pk
+    sk = meas.sk
     dxy = costs.dxy
+    czy = costs.czy
+    czyT = costs.czyT
+    cxw = costs.cxw
+    fz = costs.fz
+    gw = costs.gw
     kz = pm.shape[1]
     kw = sm.shape[1]
     S = cfg.eps.shape[0]
@@ -337,8 +344,8 @@ def batch_uniform(xs, ys, kern, costs, meas, cfg, outs, wk, gat, fr, ws):
         x = xs[q]
         y = ys[q]
         d = dxy[x, y]
-        if meas.pk[x] == 0 or meas.sk[y] == 0:  # a delta on one side fixes the plan
-            out[x, y] = closed_form(x, y, meas, costs.czy, costs.cxw, d, alpha)
+        if pk[x] == 0 or sk[y] == 0:  # a delta on one side fixes the plan
+            out[x, y] = closed_form(x, y, meas, czy, cxw, d, alpha)
             iters[x, y] = 0
             status[x, y] = OK
             continue
@@ -346,8 +353,7 @@ def batch_uniform(xs, ys, kern, costs, meas, cfg, outs, wk, gat, fr, ws):
             A[q, i] = (1.0 - alpha) * pm[x, i]
         for j in range(kw):
             Bw[q, j] = (1.0 - alpha) * sm[y, j]
-        FX[q], GY[q] = c_transform(costs.czyT[y], costs.fz, kz, costs.cxw[x], costs.gw, kw,
-                                   d)
+        FX[q], GY[q] = c_transform(czyT[y], fz, kz, cxw[x], gw, kw, d)
         who[nb] = q
         nb += 1
     if nb == 0:

@@ -1,10 +1,10 @@
 r"""Single-problem drivers: kernel-domain Sinkhorn over the eps stages, with fallbacks.
 
-:func:`solve_one` solves one connection: float32 kernel-domain Sinkhorn on the shared stage
-kernels (gathered onto the problem's atoms when the supports are ragged); if its scalings
-leave the safe range, float64 kernel-domain Sinkhorn on the problem's own kernel
+:func:`solve_each` solves connections one at a time: float32 kernel-domain Sinkhorn on the
+shared stage kernels (gathered onto the problem's atoms when the supports are ragged); if its
+scalings leave the safe range, float64 kernel-domain Sinkhorn on the problem's own kernel
 :math:`e^{-R/\varepsilon}` of the reduced costs; if that overflows too, the log domain
-(:func:`~._log_domain.log_domain`). The returned value is always the cost of a rounded,
+(:func:`~._log_domain.log_domain`; both in :func:`_fallback`). The returned value is always the cost of a rounded,
 feasible plan.
 """
 from __future__ import annotations

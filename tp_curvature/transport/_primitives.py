@@ -161,7 +161,7 @@ def rounded_cost(K, M, a, b, u, v, rx, cy, ec):
     return rounded_total(cost, corr, nr)
 
 
-@jit
+@jit_inline
 def c_transform(cz, fz, kz, cw, gw, kw, d):
     """Potentials of x and y given the shared ones ``fz`` / ``gw`` (first kz / kw entries).
 
@@ -202,7 +202,7 @@ def closed_form(x, y, meas, czy, cxw, d, alpha):
     return s
 
 
-@jit
+@jit_inline
 def uv_max_product(u, nu, u0, v, nv, v0):
     """``max(u0, u[:nu]) * max(v0, v[:nv])`` in float64 (range check of the scalings)."""
     umax = u0
