@@ -4,8 +4,8 @@ r"""Single-problem drivers: kernel-domain Sinkhorn over the eps stages, with fal
 shared stage kernels (gathered onto the problem's atoms when the supports are ragged); if its
 scalings leave the safe range, float64 kernel-domain Sinkhorn on the problem's own kernel
 :math:`e^{-R/\varepsilon}` of the reduced costs; if that overflows too, the log domain
-(:func:`~._log_domain.log_domain`; both in :func:`_fallback`). The returned value is always the cost of a rounded,
-feasible plan.
+(:func:`~._log_domain.log_domain`; both in :func:`_fallback`). The returned value is always
+the cost of a rounded, feasible plan.
 """
 from __future__ import annotations
 
