@@ -4,7 +4,7 @@ For each layer width n (random dense layers Z -> X -> Y -> W with n channels eac
 1/|w|, the paper's measures p ~ exp(-1/a^2) over active neighbours, or ``--measure flow``;
 see :mod:`tp_curvature.testing`), on the SAME problems:
 
-* ``numba``: :func:`tp_curvature.kernels.solve_w1` (default backend) on the whole layer pair
+* ``numba``: :func:`tp_curvature.transport.solve_w1` (default backend) on the whole layer pair
   (or on a random subset of ``--max-numba`` connections for very wide layers), wall clock;
 * ``pot-emd2``: the exact ``ot.emd2`` loop (the reference; on a random subset of connections
   for wide layers, until ``--budget`` seconds), reported as connections/s;
@@ -35,8 +35,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from tp_curvature import kernels as K  # noqa: E402
-from tp_curvature.kernels import connection_problem, pot_sinkhorn_w1, solve_w1  # noqa: E402
+from tp_curvature import transport as K  # noqa: E402
+from tp_curvature.transport import connection_problem, pot_sinkhorn_w1, solve_w1  # noqa: E402
 from tp_curvature.testing import random_layer_pair, truncate_topk  # noqa: E402
 
 FIELDS = ["source", "layer", "n", "measure", "alpha", "topk", "backend", "layer_connections", "timed_connections",
@@ -197,9 +197,8 @@ def bench_problem(P, where: dict, args, opts, threads) -> list:
     else:
         Pn = Pk
     t0 = time.perf_counter()
-    W = solve_w1(Pn, **opts)
+    W, st = solve_w1(Pn, **opts, log=True)
     t_n = time.perf_counter() - t0
-    st = dict(K.last_stats)
     got = {(int(i), int(j)): float(W[i, j]) for i, j in sub}
     n_acc, mx, mean, rho = accuracy(P, ref, got)
     rows.append(dict(common, backend="numba", timed_connections=Pn.n_connections,

@@ -1,4 +1,4 @@
-"""Numbers for the transport kernels (tp_curvature.kernels).
+"""Numbers for the transport solvers (tp_curvature.transport).
 
 Bounds used below (relative to d = d(x, y), i.e. directly on W1/d):
 * every backend returns NaN where ``solve`` is False;
@@ -14,8 +14,7 @@ import ot
 import pytest
 from scipy.optimize import linprog
 
-from tp_curvature import kernels as K
-from tp_curvature.kernels import connection_problem, solve_w1
+from tp_curvature.transport import DEFAULTS, connection_problem, solve_w1
 from tp_curvature.problem import LayerPairProblem
 from tp_curvature.testing import minplus, random_layer_pair
 
@@ -135,13 +134,13 @@ def test_sinkhorn_vs_exact_minplus(n, seed, measure, alpha):
     """Real min-plus costs of random layered length matrices (testing.random_layer_pair)."""
     P = random_layer_pair(n, seed, measure=measure, alpha=alpha)
     We = solve_w1(P, "exact")
-    W = solve_w1(P)
+    W, stats = solve_w1(P, log=True)
     assert np.array_equal(np.isnan(W), ~P.solve)
     rel = _rel_err(W, We, P)
     assert rel.min() >= -NEG_SLACK
     assert rel.max() <= SINKHORN_BOUND
-    assert K.last_stats["n_not_converged"] == 0
-    assert K.last_stats["n_solved"] == P.n_connections
+    assert stats["n_not_converged"] == 0
+    assert stats["n_solved"] == P.n_connections
 
 
 def test_sinkhorn_vs_exact_minplus_by_hand():
@@ -171,8 +170,8 @@ def test_sinkhorn_vs_exact_random_costs_ragged_supports(seed):
     rng = np.random.default_rng(seed)
     P = _random_costs_problem(rng, 6, 7, 9, 8, alpha=0.5, k_z=4, k_w=3)
     We = solve_w1(P, "exact")
-    W = solve_w1(P)
-    assert K.last_stats["uniform_support"] is False
+    W, stats = solve_w1(P, log=True)
+    assert stats["uniform_support"] is False
     rel = _rel_err(W, We, P)
     assert -NEG_SLACK <= rel.min() and rel.max() <= SINKHORN_BOUND
 
@@ -198,8 +197,8 @@ def test_fallbacks_float64_and_log_domain():
     rng = np.random.default_rng(0)
     P = _random_costs_problem(rng, 4, 4, 6, 6, alpha=0.5)
     We = solve_w1(P, "exact")
-    W = solve_w1(P, eps=0.005)
-    assert K.last_stats["n_float64"] + K.last_stats["n_log_domain"] > 0
+    W, stats = solve_w1(P, eps=0.005, log=True)
+    assert stats["n_float64"] + stats["n_log_domain"] > 0
     rel = _rel_err(W, We, P)
     assert -NEG_SLACK <= rel.min() and rel.max() <= SINKHORN_BOUND
 
@@ -217,11 +216,12 @@ def test_topk_supports_flow():
 def test_engine_paths_agree(kw):
     P = random_layer_pair(8, 11, measure="paper")
     We = solve_w1(P, "exact")
-    rel = _rel_err(solve_w1(P, **kw), We, P)
+    W, stats = solve_w1(P, **kw, log=True)
+    rel = _rel_err(W, We, P)
     assert -NEG_SLACK <= rel.min() and rel.max() <= SINKHORN_BOUND
     if "precision" in kw:
         key = "n_float64" if kw["precision"] == "float64" else "n_log_domain"
-        assert K.last_stats[key] == P.n_connections
+        assert stats[key] == P.n_connections
 
 
 def test_smaller_eps_is_more_accurate():
@@ -236,8 +236,8 @@ def test_smaller_eps_is_more_accurate():
 def test_max_iter_reports_and_stays_feasible():
     P = random_layer_pair(8, 1)
     We = solve_w1(P, "exact")
-    W = solve_w1(P, max_iter=1, tol=1e-9)
-    assert K.last_stats["n_not_converged"] > 0
+    W, stats = solve_w1(P, max_iter=1, tol=1e-9, log=True)
+    assert stats["n_not_converged"] > 0
     # the rounded plan is feasible, so even unconverged values are upper bounds of W1
     assert _rel_err(W, We, P).min() >= -NEG_SLACK
 
@@ -353,7 +353,7 @@ def test_property_sinkhorn_upper_bounds_exact(seed, n_z, n_w, alpha, scale):
     if not P.solve.any():
         P.solve[0, 0] = True
     W, We = solve_w1(P), solve_w1(P, "exact")
-    eps, tol = K.DEFAULTS["eps"], K.DEFAULTS["tol"]
+    eps, tol = DEFAULTS["eps"], DEFAULTS["tol"]
     for i, j in np.argwhere(P.solve):
         a, b, M = connection_problem(P, i, j)
         d = P.d_xy[i, j]

@@ -3,7 +3,7 @@
 Data flow, one module each: :mod:`~tp_curvature.hooks` (calibration statistics) ->
 :mod:`~tp_curvature.graph` (channel graph traced with torch.fx) ->
 :mod:`~tp_curvature.curvature` (measures, shortest paths, transport problems) ->
-:mod:`~tp_curvature.kernels` (Numba Sinkhorn / exact POT solvers) ->
+:mod:`~tp_curvature.transport` (Numba Sinkhorn / exact POT solvers) ->
 :mod:`~tp_curvature.importance` (channel scores for Torch-Pruning).
 :mod:`~tp_curvature.unstructured` is the paper's per-weight mode on the same kernels.
 """

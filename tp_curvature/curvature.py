@@ -251,7 +251,7 @@ def problem_from_strengths(*, s_zx, a_z, a_x, s_xy_all, s_direct, cols, a_yn, s_
 def solve_problem(prob: LayerPairProblem, cfg: CurvatureConfig) -> np.ndarray:
     """kappa of every pair of ``prob`` (see :meth:`LayerPairProblem.kappa`): solved connections
     from W1 with ``cfg.backend``, dead-endpoint / zero-weight ones 1, absent pairs NaN."""
-    from .kernels import solve_w1
+    from .transport import solve_w1
 
     prob.validate()
     w1 = np.full(prob.d_xy.shape, np.nan)

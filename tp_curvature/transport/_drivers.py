@@ -1,0 +1,321 @@
+r"""Single-problem drivers: kernel-domain Sinkhorn over the eps stages, with fallbacks.
+
+:func:`solve_each` solves connections one at a time: float32 kernel-domain Sinkhorn on the
+shared stage kernels (gathered onto the problem's atoms when the supports are ragged); if its
+scalings leave the safe range, float64 kernel-domain Sinkhorn on the problem's own kernel
+:math:`e^{-R/\varepsilon}` of the reduced costs; if that overflows too, the log domain
+(:func:`~._log_domain.log_domain`; both in :func:`_fallback`). The returned value is always
+the cost of a rounded, feasible plan.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._bundles import Augmented, Conn, Gather, Work
+from ._log_domain import log_domain
+from ._primitives import (F32_FLOOR, F32_UVMAX, F64, LOG, MAXITER, OK, OVERFLOW, aug_rmatvec,
+                          c_transform, closed_form, jit, pow_inplace, relax, rounded_cost,
+                          stage_power, uv_max_product)
+
+
+@jit
+def _checked_relax(u, mass, s, omega, half, big):
+    """Update of one scaling with marginal ``mass`` and product ``s`` (= (K v)_i): relaxed
+    towards ``mass / s`` if ``0 < s < big``, 0 for a zero mass, else (u, False): overflow."""
+    if s > 0.0 and s < big:
+        return relax(u, mass / s, omega, half), True
+    if mass == 0.0:
+        return (half - half) * u, True  # 0 in u's dtype
+    return u, False
+
+
+@jit
+def sinkhorn_kernel(B, BT, kxy, a, b, wk, tol, max_iter, omega, half, big):
+    """Kernel-domain Sinkhorn on the augmented kernel ``[[B, wk.kzy], [wk.kxw, kxy]]``.
+
+    ``B`` is (kz, kw) and ``BT`` its transpose (both contiguous: both products are axpy
+    loops); ``a`` has kz+1 entries (last: x), ``b`` kw+1 (last: y); ``wk`` holds the scalings
+    ``u``/``v`` (in and out, dtype of B) and workspaces (:class:`~._bundles.Work`).
+    Over-relaxed updates (:func:`~._primitives.relax`); stop when the L1 error of the column
+    marginal (the violated one) is ``<= tol``. Returns (iterations, status).
+    """
+    kzy = wk.kzy
+    kxw = wk.kxw
+    u = wk.u
+    v = wk.v
+    ktu = wk.ktu
+    kv = wk.kv
+    kz, kw = B.shape
+    for it in range(1, max_iter + 1):
+        # ---- K v (rows z, then x)
+        vy = v[kw]
+        for i in range(kz):
+            kv[i] = kzy[i] * vy
+        for j in range(kw):
+            vj = v[j]
+            for i in range(kz):
+                kv[i] += BT[j, i] * vj
+        sx = kxy * vy
+        for j in range(kw):
+            sx += kxw[j] * v[j]
+        kv[kz] = sx
+        for i in range(kz + 1):
+            ui, ok = _checked_relax(u[i], a[i], kv[i], omega, half, big)
+            if not ok:
+                return it, OVERFLOW
+            u[i] = ui
+        # ---- K^T u
+        aug_rmatvec(B, kzy, kxw, kxy, u, ktu)
+        # ---- error of the column marginal (new u, old v), then v update
+        err = 0.0
+        for j in range(kw + 1):
+            t = ktu[j]
+            err += abs(float(v[j]) * float(t) - float(b[j]))
+            vj, ok = _checked_relax(v[j], b[j], t, omega, half, big)
+            if not ok:
+                return it, OVERFLOW
+            v[j] = vj
+        if not (err < 1e300):
+            return it, OVERFLOW
+        if err <= tol:
+            return it, OK
+    return max_iter, MAXITER
+
+
+@jit
+def rowcol_kernels(e, fr, cn, kxw, kzy, floor):
+    """Kernel row ``kxw`` of x / column ``kzy`` of y at eps ``e`` from the frame ``fr`` and the
+    connection's scalars ``cn`` (computed in float64, stored in kxw's dtype, floored); returns
+    the corner :math:`e^{-(d - f_x - g_y)/e}`."""
+    cw = fr.cw
+    gwl = fr.gw
+    cz = fr.cz
+    fzl = fr.fz
+    fx = cn.fx
+    gy = cn.gy
+    for j in range(cn.kw):
+        t = math.exp(-(cw[j] - fx - gwl[j]) / e)
+        kxw[j] = t if t >= floor else 0.0
+    for i in range(cn.kz):
+        t = math.exp(-(cz[i] - fzl[i] - gy) / e)
+        kzy[i] = t if t >= floor else 0.0
+    return math.exp(-(cn.d - fx - gy) / e)
+
+
+@jit
+def run_stages(Ks, KsT, gat, cfg, cn, a, b, fr, wk, half, big, floor):
+    """Run the eps stages of one problem; stage ``s`` uses the kernel ``Ks[s]`` (``gat.on``:
+    ``Ks[s][zi][:, wi]``, copied into the workspace). Between stages the scalings and the row
+    / column kernels become their power ``eps[s-1] / eps[s]``. Returns (iterations, status,
+    block of the last stage, corner kernel)."""
+    zi = gat.zi
+    wi = gat.wi
+    kz = cn.kz
+    kw = cn.kw
+    u = wk.u
+    v = wk.v
+    kxw = wk.kxw
+    kzy = wk.kzy
+    eps_st = cfg.eps
+    total = 0
+    status = OK
+    B = Ks[0]
+    BT = KsT[0]
+    kxy = 1.0
+    S = eps_st.shape[0]
+    for s in range(S):
+        e = eps_st[s]
+        if gat.on:
+            B = gat.Bws[: kz * kw].reshape((kz, kw))
+            BT = gat.BTws[: kz * kw].reshape((kw, kz))
+            K = Ks[s]
+            for i in range(kz):
+                zr = zi[i]
+                for j in range(kw):
+                    t = K[zr, wi[j]]
+                    B[i, j] = t
+                    BT[j, i] = t
+        else:
+            B = Ks[s]
+            BT = KsT[s]
+        if s > 0:
+            # next stage: u = exp(df / e) -> u ** p, row/column kernels -> k ** p
+            p, ip = stage_power(eps_st[s - 1], e)
+            pow_inplace(u, kz + 1, p, ip, 0.0)
+            pow_inplace(v, kw + 1, p, ip, 0.0)
+            pow_inplace(kxw, kw, p, ip, floor)
+            pow_inplace(kzy, kz, p, ip, floor)
+            kxy = kxy ** p
+        else:
+            kxy = rowcol_kernels(e, fr, cn, kxw, kzy, floor)
+        its, status = sinkhorn_kernel(B, BT, kxw.dtype.type(kxy), a, b, wk, cfg.tol[s],
+                                      cfg.max_iter, cfg.omega, half, big)
+        total += its
+        if status == OVERFLOW:
+            break
+    return total, status, B, kxy
+
+
+@jit
+def _gather_side(loc, mass, row, k, cost, other, pot, alpha, idx, w, c, p, w32, c32):
+    """One side of a ragged problem: the ``k`` atoms ``loc[row, :k]``, masses
+    ``(1-alpha) mass[row]`` then alpha (x / y), costs ``cost[other, atom]`` (to y / from x) and
+    the shared potentials, in float64 and float32. (Indices, not row views: no refcounting.)"""
+    for i in range(k):
+        r = loc[row, i]
+        idx[i] = r
+        w[i] = (1.0 - alpha) * mass[row, i]
+        c[i] = cost[other, r]
+        p[i] = pot[r]
+        w32[i] = w[i]
+        c32[i] = c[i]
+    w[k] = alpha
+    w32[k] = alpha
+
+
+@jit
+def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
+    """Solve the connections (xs[k], ys[k]) one at a time; writes ``outs`` (W1, iterations,
+    status).
+
+    ``kern`` holds the level's float32 stage kernels of the shared block; ``wk``, ``gat``,
+    ``fr``, ``ws`` are the chunk's workspaces (:mod:`._bundles`). Per problem: float32
+    kernel-domain Sinkhorn on the shared kernels (gathered onto its atoms when ragged); if its
+    scalings leave the safe range, float64 on its own kernel; if that overflows, the log
+    domain. ``path`` 0 starts at float32, 1 at float64, 2 at the log domain.
+    """
+    out, iters, status_out = outs
+    alpha = cfg.alpha
+    uniform = cfg.uniform
+    eps_st = cfg.eps
+    S = eps_st.shape[0]
+    Ks = kern.Ks
+    KsT = kern.KsT
+    C = costs.C
+    C32 = costs.C32
+    czy = costs.czy
+    czyT = costs.czyT
+    cxw = costs.cxw
+    dxy = costs.dxy
+    fz = costs.fz
+    gw = costs.gw
+    ploc, pm, pk, sloc, sm, sk = meas
+    zi = gat.zi
+    wi = gat.wi
+    cz = fr.cz
+    cw = fr.cw
+    fzl = fr.fz
+    gwl = fr.gw
+    u = wk.u
+    v = wk.v
+    wa, wb, wa32, wb32, cz32, cw32, rx32, cy32, ec32, Cws32 = ws
+    for k in range(xs.shape[0]):
+        x = xs[k]
+        y = ys[k]
+        d = dxy[x, y]
+        kz = pk[x]
+        kw = sk[y]
+        if kz == 0 or kw == 0:
+            out[x, y] = closed_form(x, y, meas, czy, cxw, d, alpha)
+            iters[x, y] = 0
+            status_out[x, y] = OK
+            continue
+        # ---- supports, masses, costs of row x / column y, shared potentials on them
+        _gather_side(ploc, pm, x, kz, czyT, y, fz, alpha, zi, wa, cz, fzl, wa32, cz32)
+        _gather_side(sloc, sm, y, kw, cxw, x, gw, alpha, wi, wb, cw, gwl, wb32, cw32)
+        fx, gy = c_transform(cz, fzl, kz, cw, gwl, kw, d)
+        cn = Conn(kz, kw, d, fx, gy)
+        total = 0
+        # cost block (float32)
+        if uniform:
+            Cb32 = C32
+        else:
+            Cb32 = Cws32[: kz * kw].reshape((kz, kw))
+            for i in range(kz):
+                for j in range(kw):
+                    Cb32[i, j] = C[zi[i], wi[j]]
+        # ---- float32 on the shared kernels
+        u[: kz + 1] = 1.0
+        v[: kw + 1] = 1.0
+        status = OVERFLOW
+        if path == 0:
+            its, status, B, kxy = run_stages(
+                Ks, KsT, gat, cfg, cn, wa32[: kz + 1], wb32[: kw + 1], fr, wk, np.float32(0.5),
+                np.float32(1e37), np.float32(F32_FLOOR))
+            total = its
+            if status != OVERFLOW and uv_max_product(u, kz + 1, 0.0, v, kw + 1, 0.0) <= F32_UVMAX:
+                w1 = rounded_cost(Augmented(B, wk.kzy, wk.kxw, np.float32(kxy)),
+                                  Augmented(Cb32, cz32, cw32, np.float32(d)), wa32[: kz + 1],
+                                  wb32[: kw + 1], u, v, rx32, cy32, ec32)
+                if math.isfinite(w1):
+                    out[x, y] = w1
+                    iters[x, y] = total
+                    status_out[x, y] = status
+                    continue
+        w1, its, st = _fallback(x, y, C, eps_st, cfg, cn, zi, wi, fr, wa, wb, path)
+        out[x, y] = w1
+        iters[x, y] = total + its
+        status_out[x, y] = st
+    return 0
+
+
+@jit
+def _fallback(x, y, C, eps_st, cfg, cn, zi, wi, fr, wa, wb, path):
+    """Float64 kernel domain on the problem's own kernel (no floor) if ``path <= 1``, then the
+    log domain on its reduced costs; returns (W1, iterations, status)."""
+    kz = cn.kz
+    kw = cn.kw
+    d = cn.d
+    fx = cn.fx
+    gy = cn.gy
+    cz = fr.cz
+    cw = fr.cw
+    fzl = fr.fz
+    gwl = fr.gw
+    S = eps_st.shape[0]
+    total = 0
+    Cb = np.empty((kz, kw))
+    Rb = np.empty((kz, kw))  # reduced costs (>= 0)
+    Rc = np.empty(kz)
+    Rr = np.empty(kw)
+    for i in range(kz):
+        for j in range(kw):
+            Cb[i, j] = C[zi[i], wi[j]]
+            Rb[i, j] = max(Cb[i, j] - fzl[i] - gwl[j], 0.0)
+        Rc[i] = cz[i] - fzl[i] - gy
+    for j in range(kw):
+        Rr[j] = cw[j] - fx - gwl[j]
+    Mred = Augmented(Rb, Rc, Rr, d - fx - gy)
+    if path <= 1:
+        K64 = np.empty((S, kz, kw))
+        K64T = np.empty((S, kw, kz))
+        for s in range(S):
+            for i in range(kz):
+                for j in range(kw):
+                    t = math.exp(-Rb[i, j] / eps_st[s])
+                    K64[s, i, j] = t
+                    K64T[s, j, i] = t
+        wk64 = Work(np.ones(kz + 1), np.ones(kw + 1), np.empty(kw), np.empty(kz),
+                    np.empty(kw + 1), np.empty(kz + 1))
+        gat64 = Gather(kz < 0, np.arange(kz), np.arange(kw), K64[0].ravel(), K64T[0].ravel())
+        its, status, B64, kxy = run_stages(K64, K64T, gat64, cfg, cn, wa[: kz + 1],
+                                           wb[: kw + 1], fr, wk64, 0.5, 1e300, 0.0)
+        total += its
+        if status != OVERFLOW:
+            w1 = rounded_cost(Augmented(B64, wk64.kzy, wk64.kxw, kxy), Augmented(Cb, cz, cw, d),
+                              wa[: kz + 1], wb[: kw + 1], wk64.u, wk64.v, np.empty(kz + 1),
+                              np.empty(kw + 1), np.empty(kw + 1))
+            if math.isfinite(w1):
+                return w1, total, F64 + status
+    # ---- log domain on the reduced costs
+    cost_r, its, st = log_domain(Mred, wa[: kz + 1], wb[: kw + 1], eps_st, cfg.tol,
+                                 cfg.max_iter, cfg.omega)
+    # undo the potential shift: <T, M_red> = <T, M> - <a, f> - <b, g> for T in U(a, b)
+    shift = wa[kz] * fx + wb[kw] * gy
+    for i in range(kz):
+        shift += wa[i] * fzl[i]
+    for j in range(kw):
+        shift += wb[j] * gwl[j]
+    return cost_r + shift, total + its, LOG + st

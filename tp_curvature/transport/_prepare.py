@@ -1,0 +1,220 @@
+r"""Preparation of a layer pair for the Sinkhorn engine (NumPy, once per call).
+
+* :func:`compact_measure`: union support, per-row local supports, masses; atoms whose largest
+  mass over all rows is negligible (cumulative <= ``mass_tol``) are dropped and the rest
+  renormalised, which moves :math:`W_1` by at most ``2 (1-alpha) mass_tol max M``.
+* :func:`uniformize`, padding: rows that use (nearly) all of the union become dense over it,
+  padded to multiples of ``PAD`` atoms (zero mass, cost ``PAD_COST``, kernel 0).
+* :func:`shared_potentials`: exact dual potentials of the shared problem
+  :math:`W(\bar p, \bar r; C_{zw})` (mean measures), made exactly dual feasible.
+* :func:`prepare`: all of the above as :class:`~._bundles.Costs` / :class:`~._bundles.Measures`.
+* :func:`eps_levels`, :func:`stage_kernels`, :func:`make_chunks`: connections bucketed by
+  :math:`d(x, y)` into geometric eps levels, the per-level stage kernels of the shared block,
+  and the work chunks of one level group.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import namedtuple
+
+import numpy as np
+
+from ._bundles import Costs, Kernels, Measures
+from ._primitives import F32_FLOOR
+
+PAD, PAD_COST = 16, 1e30  # uniform blocks padded to multiples of PAD with cost PAD_COST
+
+#: A prepared layer pair: the bundles, whether the rows share their support (``uniform``), and
+#: the union support sizes before padding.
+Prepared = namedtuple("Prepared", "costs meas uniform k_z k_w")
+
+
+def compact_measure(idx, mass, mass_tol):
+    """Union support, per-row local supports (sorted), masses (renormalised after trimming)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    mass = np.asarray(mass, dtype=np.float64)
+    n_rows = idx.shape[0]
+    valid = (mass > 0) & (idx >= 0)
+    if not valid.any():
+        return (np.zeros(0, np.int64), np.zeros((n_rows, 0), np.int64), np.zeros((n_rows, 0)),
+                np.zeros(n_rows, np.int64))
+    union = np.unique(idx[valid])
+    # drop atoms whose largest mass over all rows is negligible (cumulative <= mass_tol)
+    pos = np.searchsorted(union, np.where(valid, idx, union[0]))
+    maxmass = np.zeros(union.size)
+    np.maximum.at(maxmass, pos[valid], mass[valid])
+    keep_atom = np.ones(union.size, bool)
+    if mass_tol > 0:
+        order = np.argsort(maxmass, kind="stable")
+        cum = np.cumsum(maxmass[order])
+        keep_atom[order[cum <= mass_tol]] = False
+    new_pos = np.cumsum(keep_atom) - 1
+    valid &= keep_atom[pos]
+    union = union[keep_atom]
+    loc_all = np.where(valid, new_pos[pos], np.iinfo(np.int64).max)
+    order = np.argsort(loc_all, axis=1, kind="stable")
+    loc_sorted = np.take_along_axis(loc_all, order, axis=1)
+    mass_sorted = np.take_along_axis(np.where(valid, mass, 0.0), order, axis=1)
+    k = valid.sum(axis=1).astype(np.int64)
+    K = int(k.max()) if n_rows else 0
+    loc = np.where(np.arange(K)[None, :] < k[:, None], loc_sorted[:, :K], 0).astype(np.int64)
+    m = mass_sorted[:, :K].copy()
+    s = m.sum(axis=1, keepdims=True)
+    np.divide(m, s, out=m, where=s > 0)
+    return union, loc, m, k
+
+
+def _dense_rows(k, n):
+    """Local supports ``0..n-1`` for every row and ``k = n`` (0 stays 0: a delta)."""
+    loc = np.broadcast_to(np.arange(n, dtype=np.int64), (k.shape[0], n)).copy()
+    return loc, np.where(k > 0, n, 0).astype(np.int64)
+
+
+def uniformize(loc, mass, k, n_union):
+    """Rows -> dense over the union (zeros where absent). Rows with k == 0 stay deltas."""
+    n_rows = loc.shape[0]
+    dense = np.zeros((n_rows, n_union))
+    rows = np.repeat(np.arange(n_rows), loc.shape[1])
+    cols = loc.ravel()
+    ok = (np.arange(loc.shape[1])[None, :] < k[:, None]).ravel()
+    dense[rows[ok], cols[ok]] = mass.ravel()[ok]
+    new_loc, new_k = _dense_rows(k, n_union)
+    return new_loc, dense, new_k
+
+
+def pad2(a, n, m, value):
+    """``a`` in the top-left corner of an (n, m) float64 array filled with ``value``."""
+    out = np.full((n, m), value, dtype=np.float64)
+    out[: a.shape[0], : a.shape[1]] = a
+    return out
+
+
+def shared_potentials(C, pbar, rbar):
+    """Exact dual potentials of the shared problem W(pbar, rbar; C) (network simplex), made
+    exactly dual feasible (:math:`f_z + g_w \\le C_{zw}`)."""
+    import ot
+
+    nz, nw = C.shape
+    if nz == 0 or nw == 0:
+        return np.zeros(nz), np.zeros(nw)
+    a = np.maximum(pbar, 1e-300)
+    b = np.maximum(rbar, 1e-300)
+    a = a / a.sum()
+    b = b / b.sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, log = ot.emd(a, b, C, numItermax=10_000_000, log=True)
+    f = np.asarray(log["u"], dtype=np.float64)
+    g = np.asarray(log["v"], dtype=np.float64)
+    if not (np.all(np.isfinite(f)) and np.all(np.isfinite(g))):
+        f = C.min(axis=1)
+        g = (C - f[:, None]).min(axis=0)
+    g = np.minimum(g, (C - f[:, None]).min(axis=0))
+    return f, g
+
+
+def prepare(problem, mass_tol) -> Prepared:
+    """Compacted measures, union cost blocks, shared potentials (padded if uniform)."""
+    zu, ploc, pm, pk = compact_measure(problem.pred_idx, problem.pred_mass, mass_tol)
+    wu, sloc, sm, sk = compact_measure(problem.succ_idx, problem.succ_mass, mass_tol)
+    nzu, nwu = zu.size, wu.size
+    # uniform mode: the rows use (nearly) all of the union -> operate on the shared block
+    use_x = pk > 0
+    use_y = sk > 0
+    uniform = bool(
+        (not use_x.any() or pk[use_x].mean() >= 0.8 * nzu)
+        and (not use_y.any() or sk[use_y].mean() >= 0.8 * nwu)
+    )
+    if uniform:
+        ploc, pm, pk = uniformize(ploc, pm, pk, nzu)
+        sloc, sm, sk = uniformize(sloc, sm, sk, nwu)
+    C = np.ascontiguousarray(problem.c_zw[np.ix_(zu, wu)], dtype=np.float64)
+    czy = np.ascontiguousarray(problem.c_zy[zu, :], dtype=np.float64)
+    cxw = np.ascontiguousarray(problem.c_xw[:, wu], dtype=np.float64)
+    dxy = np.ascontiguousarray(problem.d_xy, dtype=np.float64)
+    # shared potentials from the mean measures
+    pbar = np.zeros(nzu)
+    if use_x.any():
+        np.add.at(pbar, ploc[use_x].ravel(), pm[use_x].ravel())
+    rbar = np.zeros(nwu)
+    if use_y.any():
+        np.add.at(rbar, sloc[use_y].ravel(), sm[use_y].ravel())
+    fz, gw = shared_potentials(C, pbar, rbar)
+    R = np.maximum(C - fz[:, None] - gw[None, :], 0.0)
+    k_z = nzu if uniform else (int(pk.max()) if pk.size else 0)
+    k_w = nwu if uniform else (int(sk.max()) if sk.size else 0)
+    if uniform and nzu and nwu:
+        # pad the shared block to multiples of PAD atoms (zero mass, cost PAD_COST, kernel 0):
+        # the inner loops then have no remainders (~15% faster iterations)
+        nzp = -(-nzu // PAD) * PAD
+        nwp = -(-nwu // PAD) * PAD
+        C = pad2(C, nzp, nwp, PAD_COST)
+        R = pad2(R, nzp, nwp, PAD_COST)
+        czy = pad2(czy, nzp, czy.shape[1], PAD_COST)
+        cxw = pad2(cxw, cxw.shape[0], nwp, PAD_COST)
+        fz = np.concatenate([fz, np.zeros(nzp - nzu)])
+        gw = np.concatenate([gw, np.zeros(nwp - nwu)])
+        ploc, pk = _dense_rows(pk, nzp)
+        pm = pad2(pm, pm.shape[0], nzp, 0.0)
+        sloc, sk = _dense_rows(sk, nwp)
+        sm = pad2(sm, sm.shape[0], nwp, 0.0)
+    C32 = np.minimum(C, 1e30).astype(np.float32)  # f32 sums stay finite (0 * inf = nan)
+    costs = Costs(C=C, C32=C32, R=R, CT=np.ascontiguousarray(C32.T),
+                  CT64=np.ascontiguousarray(C.T), czy=czy, czyT=np.ascontiguousarray(czy.T),
+                  cxw=cxw, dxy=dxy, fz=fz, gw=gw)
+    return Prepared(costs, Measures(ploc, pm, pk, sloc, sm, sk), uniform, k_z, k_w)
+
+
+def eps_levels(pairs, d, levels):
+    """Bucket the connections by d into geometric levels (``levels`` per factor 2).
+
+    Returns the pairs sorted by (level, x, y), their levels, level start / end offsets, the
+    smallest d and the level ratio ``rho = 2 ** (1/levels)``; level ``l`` uses
+    :math:`\\varepsilon\\, d_{\\min} \\rho^l \\le \\varepsilon\\, d(x, y)`.
+    """
+    rho = 2.0 ** (1.0 / levels)
+    dmin = d.min()
+    lev = np.floor(np.log(d / dmin) / np.log(rho) + 1e-12).astype(np.int64)
+    order = np.lexsort((pairs[:, 1], pairs[:, 0], lev))
+    pairs, lev = pairs[order], lev[order]
+    bounds = np.flatnonzero(np.diff(lev)) + 1
+    starts = np.concatenate([[0], bounds])
+    ends = np.concatenate([bounds, [len(pairs)]])
+    return pairs, lev, starts, ends, dmin, rho
+
+
+def stage_kernels(R32, C32, eps_lv, path, batched) -> Kernels:
+    """Float32 stage kernels :math:`e^{-R/\\varepsilon}` of a level group (floored), their
+    transposes and :math:`(K \\circ C)^\\top` of the last stage (batched only); empty arrays
+    when the float32 path is not used."""
+    ng, n_stages = eps_lv.shape
+    if path != 0:
+        empty = np.empty((ng, n_stages, 0, 0), np.float32)
+        return Kernels(empty, empty.copy(), np.empty((ng, 0, 0), np.float32))
+    # all stage kernels of the group in a few vectorised numpy calls
+    Ks = np.multiply(R32[None, None], (-1.0 / eps_lv).astype(np.float32)[:, :, None, None])
+    np.exp(Ks, out=Ks)
+    Ks[Ks < F32_FLOOR] = 0.0
+    KsT = np.ascontiguousarray(Ks.transpose(0, 1, 3, 2))
+    if batched:
+        KCT = np.ascontiguousarray((Ks[:, n_stages - 1] * C32[None]).transpose(0, 2, 1))
+    else:
+        KCT = np.empty((ng, 0, 0), np.float32)
+    return Kernels(Ks, KsT, KCT)
+
+
+def make_chunks(cx, lv_loc, target, chunk_rows):
+    """Work chunks of one level group: contiguous runs of one level (sorted by x, then y) of at
+    most ``target`` connections, and at most ``chunk_rows`` distinct x rows if given.
+    Returns (chunk_ptr, chunk_lv)."""
+    n = cx.shape[0]
+    first = np.r_[True, lv_loc[1:] != lv_loc[:-1]]
+    pos = np.arange(n) - np.maximum.accumulate(np.where(first, np.arange(n), 0))
+    cut = first | (pos % target == 0)
+    if chunk_rows:
+        newrow = np.r_[True, cx[1:] != cx[:-1]] | first
+        row_id = np.cumsum(newrow) - 1
+        row_in_lv = row_id - np.maximum.accumulate(np.where(first, row_id, 0))
+        cut |= newrow & (row_in_lv % chunk_rows == 0)
+    ptr = np.r_[np.flatnonzero(cut), n]
+    return np.asarray(ptr, dtype=np.int64), np.asarray(lv_loc[ptr[:-1]], dtype=np.int64)

@@ -1,0 +1,266 @@
+r"""One copy of each Sinkhorn primitive (Numba, nopython).
+
+Notation: a problem is the augmented kernel / cost :math:`\begin{pmatrix} B & k_{zy} \\
+k_{xw} & k_{xy} \end{pmatrix}` (:class:`~._bundles.Augmented`) with row masses :math:`a`
+(``kz + 1`` entries, last: x) and column masses :math:`b` (``kw + 1``, last: y); the plan is
+:math:`\operatorname{diag}(u) K \operatorname{diag}(v)`.
+
+* :func:`relax`: over-relaxed scaling update
+  :math:`u \leftarrow \max(u + \omega (t - u),\; t / 2)` with :math:`t = a / (K v)`
+  (same fixed point as plain Sinkhorn, :math:`\omega = 1`).
+* :func:`rounded_cost`: Altschuler, Weed & Rigollet (2017, Alg. 2) rounding of the plan onto
+  :math:`U(a, b)` and its cost, from the scalar steps :func:`scale_factor` (row / column factor
+  :math:`\min(1, \text{target} / \text{sum})`), :func:`rounding_step` (row error and cost
+  terms) and :func:`rounded_total` (plus the rank-one correction
+  :math:`e_r e_c^\top / \lVert e_r \rVert_1`). The batched solver computes the same sums with
+  matrix products and shares the scalar steps.
+* :func:`aug_rmatvec`: :math:`K^\top r` for the augmented kernel.
+* :func:`c_transform`: potentials of x and y w.r.t. the shared ones (reduced costs >= 0).
+* :func:`closed_form`: :math:`W_1` when one measure is a delta (the plan is forced).
+* :func:`uv_max_product`: :math:`\max u \cdot \max v`, the numeric range check of the scalings.
+* :func:`lse`, :func:`expneg`, :func:`pow_inplace`: log-sum-exp, a vectorisable
+  :math:`e^{-x}`, and the stage change :math:`u \leftarrow u^p`.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+# status codes of the solvers
+OK, MAXITER, OVERFLOW = 0, 1, 2
+F64, LOG = 3, 6  # offsets: solved by the float64 fallback (3, 4) / the log domain (6, 7)
+FM = {"nsz", "arcp", "contract", "reassoc", "afn"}  # no nnan/ninf: overflow must be seen
+F32_FLOOR = 1e-35  # float32 kernel entries below this are set to 0 (no denormal inputs)
+F32_UVMAX = 1e25  # float32 result accepted only if max(u) * max(v) <= this (floored mass)
+
+#: decorator of every jitted function of the engine
+jit = njit(cache=True, fastmath=FM, error_model="numpy")
+#: the same, inlined at the Numba IR level (small loops called once per iteration, which LLVM
+#: would leave as calls)
+jit_inline = njit(cache=True, fastmath=FM, error_model="numpy", inline="always")
+#: the same, releasing the GIL (worker threads)
+jit_nogil = njit(cache=True, nogil=True, fastmath=FM, error_model="numpy")
+
+
+@jit
+def relax(u, t, omega, half):
+    """Over-relaxed update of one scaling towards its Sinkhorn target ``t``."""
+    r = u + omega * (t - u)
+    h = half * t
+    return r if r > h else h
+
+
+@jit
+def scale_factor(target, got, scale, one, zero):
+    """``min(1, target / got) * scale``, 0 where ``got <= 0`` (Altschuler's row / column step)."""
+    return min(one, target / got) * scale if got > zero else zero
+
+
+@jit
+def rounding_step(cost, corr, nr, ai, rxi, s1, s2, s3):
+    """Accumulate one row: error ``e = max(a_i - rx_i s1, 0)``, cost ``rx_i s2``, correction
+    ``e s3``; returns the updated (cost, corr, nr)."""
+    e = ai - rxi * s1
+    if e < 0.0:
+        e = 0.0
+    cost += rxi * s2
+    corr += e * s3
+    nr += e
+    return cost, corr, nr
+
+
+@jit
+def rounded_total(cost, corr, nr):
+    """Cost of the rounded plan: scaled plan plus the rank-one correction (if any error)."""
+    if nr > 0.0:
+        cost += corr / nr
+    return cost
+
+
+@jit
+def aug_rmatvec(B, col, row, corner, r, out):
+    """``out = K^T r`` for the augmented ``K = [[B, col], [row, corner]]`` (``r``: kz+1
+    entries, ``out``: kw+1), as axpy loops over the contiguous rows of ``B``."""
+    kz, kw = B.shape
+    rx = r[kz]
+    for j in range(kw):
+        out[j] = row[j] * rx
+    sy = corner * rx
+    for i in range(kz):
+        ri = r[i]
+        sy += col[i] * ri
+        for j in range(kw):
+            out[j] += B[i, j] * ri
+    out[kw] = sy
+
+
+@jit
+def rounded_cost(K, M, a, b, u, v, rx, cy, ec):
+    """Cost :math:`\\langle \\hat T, M \\rangle` of ``diag(u) K diag(v)`` rounded onto U(a, b).
+
+    ``K`` and ``M`` are :class:`~._bundles.Augmented` (kernel and cost); ``rx``, ``cy``, ``ec``
+    are workspaces (kz+1, kw+1, kw+1). The arrays share one float dtype (float32 in the fast
+    path: the inner sums are float32, the totals float64). Three passes over the block.
+    """
+    B = K.block
+    kzy = K.col
+    kxw = K.row
+    kxy = K.corner
+    Cb = M.block
+    czy = M.col
+    cxw = M.row
+    dxy = M.corner
+    kz, kw = B.shape
+    one = a.dtype.type(1.0)
+    zero = a.dtype.type(0.0)
+    # row scaling x_i = min(1, a_i / r_i), stored as rx = x * u
+    for i in range(kz):
+        s = kzy[i] * v[kw]
+        for j in range(kw):
+            s += B[i, j] * v[j]
+        rx[i] = scale_factor(a[i], u[i] * s, u[i], one, zero)
+    s = kxy * v[kw]
+    for j in range(kw):
+        s += kxw[j] * v[j]
+    rx[kz] = scale_factor(a[kz], u[kz] * s, u[kz], one, zero)
+    # column sums with scaled rows, column scaling y_j, stored as cy = y * v
+    aug_rmatvec(B, kzy, kxw, kxy, rx, cy)
+    for j in range(kw + 1):
+        c = v[j] * cy[j]
+        f = scale_factor(b[j], c, one, one, zero)
+        ec[j] = b[j] - c * f
+        cy[j] = v[j] * f
+    # row errors, cost of the scaled plan and of the rank-one correction err_r err_c^T / |err_r|
+    cost = 0.0
+    corr = 0.0
+    nr = 0.0
+    for i in range(kz):
+        s1 = kzy[i] * cy[kw]
+        s2 = s1 * czy[i]
+        s3 = czy[i] * ec[kw]
+        for j in range(kw):
+            kvv = B[i, j] * cy[j]
+            cij = Cb[i, j]
+            s1 += kvv
+            s2 += kvv * cij
+            s3 += cij * ec[j]
+        cost, corr, nr = rounding_step(cost, corr, nr, float(a[i]), float(rx[i]), float(s1),
+                                       float(s2), float(s3))
+    s1 = kxy * cy[kw]
+    s2 = s1 * dxy
+    s3 = dxy * ec[kw]
+    for j in range(kw):
+        kvv = kxw[j] * cy[j]
+        s1 += kvv
+        s2 += kvv * cxw[j]
+        s3 += cxw[j] * ec[j]
+    cost, corr, nr = rounding_step(cost, corr, nr, float(a[kz]), float(rx[kz]), float(s1),
+                                   float(s2), float(s3))
+    return rounded_total(cost, corr, nr)
+
+
+@jit_inline
+def c_transform(cz, fz, kz, cw, gw, kw, d):
+    """Potentials of x and y given the shared ones ``fz`` / ``gw`` (first kz / kw entries).
+
+    :math:`f_x = \\min_w (c_{xw} - g_w)`, :math:`g_y = \\min(d - f_x, \\min_z (c_{zy} - f_z))`,
+    so that every reduced cost of the augmented problem is >= 0.
+    """
+    fx = np.inf
+    for j in range(kw):
+        t = cw[j] - gw[j]
+        if t < fx:
+            fx = t
+    gy = d - fx
+    for i in range(kz):
+        t = cz[i] - fz[i]
+        if t < gy:
+            gy = t
+    return fx, gy
+
+
+@jit
+def closed_form(x, y, meas, czy, cxw, d, alpha):
+    """W1 of connection (x, y) when ``pk[x] == 0`` or ``sk[y] == 0`` (a delta: the plan is forced).
+
+    Both deltas: :math:`d(x, y)`; :math:`m_x = \\delta_x`:
+    :math:`\\alpha d + (1-\\alpha) \\sum_w r_y(w) c_{xw}`; symmetrically for :math:`m_y`.
+    """
+    kz = meas.pk[x]
+    kw = meas.sk[y]
+    if kz == 0 and kw == 0:
+        return d
+    s = alpha * d
+    if kz == 0:
+        for j in range(kw):
+            s += (1.0 - alpha) * meas.sm[y, j] * cxw[x, meas.sloc[y, j]]
+    else:
+        for i in range(kz):
+            s += (1.0 - alpha) * meas.pm[x, i] * czy[meas.ploc[x, i], y]
+    return s
+
+
+@jit_inline
+def uv_max_product(u, nu, u0, v, nv, v0):
+    """``max(u0, u[:nu]) * max(v0, v[:nv])`` in float64 (range check of the scalings)."""
+    umax = u0
+    for i in range(nu):
+        umax = max(umax, float(u[i]))
+    vmax = v0
+    for j in range(nv):
+        vmax = max(vmax, float(v[j]))
+    return umax * vmax
+
+
+@jit
+def lse(vals, n):
+    """:math:`\\log \\sum_{j<n} e^{v_j}` (stabilised by the max)."""
+    m = -np.inf
+    for j in range(n):
+        if vals[j] > m:
+            m = vals[j]
+    if m == -np.inf:
+        return m
+    s = 0.0
+    for j in range(n):
+        s += math.exp(vals[j] - m)
+    return m + math.log(s)
+
+
+@jit
+def pow_inplace(x, n, p, ip, floor):
+    """x[:n] = x[:n] ** p (repeated products when p is the small integer ip), floored."""
+    for i in range(n):
+        x1 = float(x[i])
+        if ip > 0:
+            r = x1
+            for _ in range(ip - 1):
+                r *= x1
+        else:
+            r = x1 ** p
+        x[i] = r if r >= floor else 0.0
+
+
+@jit
+def stage_power(e_prev, e):
+    """Exponent ``p = e_prev / e`` of the stage change and ``ip`` (p if a small integer, else 0)."""
+    p = e_prev / e
+    ip = int(p + 0.5)
+    if not (abs(p - ip) < 1e-9 and ip <= 8):
+        ip = 0
+    return p, ip
+
+
+@jit
+def expneg(x):
+    """exp(-x) for x >= 0 to ~1e-5 relative, 0 beyond 80.6 (the float32 kernel floor):
+    (Taylor of degree 8 at -x/128) ** 128, plain arithmetic so that loops vectorise."""
+    y = -min(x, 80.6) * (1.0 / 128.0)
+    p = 1.0 + y * (1.0 + y * (1.0 / 2.0) * (1.0 + y * (1.0 / 3.0) * (1.0 + y * (1.0 / 4.0) * (
+        1.0 + y * (1.0 / 5.0) * (1.0 + y * (1.0 / 6.0) * (1.0 + y * (1.0 / 7.0) * (
+            1.0 + y * (1.0 / 8.0))))))))
+    for _ in range(7):
+        p = p * p
+    return p if x < 80.6 else 0.0

@@ -1,0 +1,157 @@
+r"""The Numba Sinkhorn engine (backend ``"sinkhorn"``): all connections of a pair in one call.
+
+Each problem is made relative: the entropic problem
+
+.. math::
+
+    \min_{T \in U(a, b)} \langle T, M \rangle - \varepsilon\, d(x, y)\, H(T)
+
+is solved, i.e. plain Sinkhorn on ``M / d(x, y)`` with regularisation ``eps``; the entropic
+error is then a fraction of ``d(x, y)`` and so directly an error on :math:`\kappa`. The returned
+value is the transport cost :math:`\langle \hat T, M \rangle` of the final plan after rounding
+it onto :math:`U(a, b)` (Altschuler, Weed & Rigollet 2017, Alg. 2). Because :math:`\hat T` is
+feasible, **the bias is one-sided**:
+
+.. math::
+
+    W_1 \;\le\; \langle \hat T, M \rangle \;\le\; W_1 + \varepsilon\, d(x,y) \log(n m)
+    + 2\, \delta \max M,
+
+with :math:`n \times m` the problem size and :math:`\delta` the L1 marginal error at the stop
+(``tol``); so :math:`\kappa_\varepsilon \le \kappa`, by at most
+:math:`(\varepsilon \log(nm) + 2\delta \max M / d) / (1-\alpha)` (plus ``mass_tol`` terms,
+:mod:`._prepare`). The bound is loose; measured errors are in the README
+(``benchmarks/kernels.py``). Note the :math:`1/(1-\alpha)`: at ``alpha=0.9`` the same W1
+error is a 10x larger kappa error, so scale ``eps`` (and ``tol``) with :math:`1-\alpha`.
+
+How it is made fast (all of it exploits that the connections share :math:`C_{zw}`):
+
+* **Shared potentials (warm start).** The shared problem :math:`W(\bar p, \bar r; C_{zw})` (mean
+  measures) is solved once exactly (``ot.emd``); its dual potentials :math:`f^*, g^*` give
+  reduced costs :math:`R = C_{zw} - f^* \oplus g^* \ge 0`, and x / y get the c-transform
+  potentials, so every kernel entry is :math:`e^{-R/\varepsilon} \le 1` and every problem
+  starts from scalings 1, i.e. from the shared problem's potentials.
+* **eps levels.** Connections are bucketed by :math:`d(x,y)` into geometric levels (``levels``
+  per octave); a level uses :math:`\varepsilon_\ell \le \varepsilon\, d(x,y)` (at most
+  ``2**(1/levels)`` smaller), so the kernel :math:`e^{-R/\varepsilon_\ell}` of the shared block is
+  computed once per level (float32, entries below 1e-35 set to 0), not per connection.
+* **Kernel domain, eps-scaling, over-relaxation.** Sinkhorn runs on scaling vectors
+  :math:`u, v` (no logarithms in the loop), first at ``eps_scaling * eps`` (tolerance 0.1), then
+  at ``eps``; updates are over-relaxed, :math:`u \leftarrow \max(u + \omega (a / Kv - u),\;
+  a / (2 Kv))` with ``omega`` (same fixed point, fewer iterations).
+* **Batches over one shared block** (:mod:`._batched`). When all rows share their support (the
+  paper's and the flow measures on dense layers; padded to multiples of 16), a thread takes up
+  to ``batch`` connections of one level and each iteration's products with the shared block
+  become two matrix products over the problems still running (BLAS sgemm). Each problem keeps
+  its own early stop (L1 error of the violated marginal ``<= tol``). The batches are spread
+  over ``numba.get_num_threads()`` worker threads running ``nogil`` Numba code (:mod:`._pool`;
+  a ``prange`` version compiles longer for the same speed and nests OpenBLAS in OpenMP); the
+  per-thread workspace is O(batch * (k_z + k_w)). Rows with different supports (e.g. after
+  top-k truncation) are solved one problem per thread on the gathered block
+  (:mod:`._drivers`, O(k_z k_w) workspace). No (connections x n x m) tensor is ever built.
+* **Fallbacks.** Problems whose float32 scalings leave the safe range (``max u * max v >
+  1e25``, i.e. their potentials moved far from the shared ones; checked after each stage) are
+  redone as a float64 batch on the level's float64 kernel (built from the reduced costs), and
+  alone in the (stabilised) log domain if that overflows (ragged supports: float64 alone, then
+  log domain; :mod:`._log_domain`). Fallbacks are rare on layered problems at the default eps
+  and common at much smaller eps (use ``precision="float64"`` there) or on random non-metric
+  costs. ``max_iter`` caps the iterations per stage; counts of non-converged / float64 /
+  log-domain problems are in the log of :func:`~tp_curvature.transport.solve_w1` (a
+  non-converged value is still a feasible-plan cost, >= W1).
+
+Cost: one Sinkhorn iteration is about :math:`4 (k_z+1)(k_w+1)` flops, so the engine scales
+with :math:`(k_z+1)(k_w+1)` per connection: truncating the measures to their ``k`` heaviest
+atoms (the graph code does this before building the problem) is the lever for wide layers; a
+layer with few solved connections pays the per-level kernels (a few exps per block entry).
+Degenerate cases are solved in closed form (:func:`~._primitives.closed_form`).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ._batched import solve_chunks
+from ._bundles import Outputs, Settings
+from ._pool import one_blas_thread, run_parallel
+from ._prepare import eps_levels, make_chunks, prepare, stage_kernels
+from ._primitives import F64, LOG, MAXITER
+
+COARSE_TOL = 0.1  # L1 marginal tolerance of the eps-scaling (coarse) stage
+KERNEL_BYTES = 64 << 20  # memory for the per-level kernels of one parallel call
+PATHS = {"float32": 0, "float64": 1, "log": 2}
+
+
+def sinkhorn_backend(problem, eps, tol, max_iter, omega, eps_scaling, levels, mass_tol, batch,
+                     chunk_rows, progress, precision):
+    """W1 of every connection of ``problem`` with the Numba engine; returns (W, log dict)."""
+    al = float(problem.alpha)
+    n_x, n_y = problem.d_xy.shape
+    outs = Outputs(np.full((n_x, n_y), np.nan), np.zeros((n_x, n_y), np.int64),
+                   np.zeros((n_x, n_y), np.int64))
+    t0 = time.perf_counter()
+    prep = prepare(problem, mass_tol)
+    costs, meas, uniform = prep.costs, prep.meas, prep.uniform
+    nzu, nwu = costs.C.shape
+    R32 = np.minimum(costs.R, 1e30).astype(np.float32)
+    path = PATHS[precision]
+    t_prep = time.perf_counter() - t0
+
+    pairs = np.argwhere(problem.solve)
+    n_solved = len(pairs)
+    if n_solved:
+        d = costs.dxy[pairs[:, 0], pairs[:, 1]]
+        pairs, lev, starts, ends, dmin, rho = eps_levels(pairs, d, levels)
+        n_stages = 2 if eps_scaling and eps_scaling > 1 else 1
+        from numba import get_num_threads
+
+        nthr = get_num_threads()
+        # level groups: the stage kernels of a group of levels are computed at once (memory
+        # bounded by KERNEL_BYTES) and all their connections go to one parallel call
+        batched = uniform and path <= 1
+        per_level = (n_stages * 2 + 1) * max(nzu * nwu, 1) * 4  # float32 kernels, transposes
+        lv_per_group = max(1, KERNEL_BYTES // per_level)
+        n_lv = len(starts)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_solved, desc=f"W1 sinkhorn {problem.name}", leave=False)
+        tol_st = np.array([max(tol, COARSE_TOL), tol][2 - n_stages:])
+        for g0 in range(0, n_lv, lv_per_group):
+            g1 = min(n_lv, g0 + lv_per_group)
+            ng = g1 - g0
+            e_fine = eps * dmin * rho ** lev[starts[g0:g1]].astype(np.float64)
+            eps_lv = np.stack([eps_scaling * e_fine, e_fine], axis=1)[:, 2 - n_stages:].copy()
+            kern = stage_kernels(R32, costs.C32, eps_lv, path, batched)
+            s, e = starts[g0], ends[g1 - 1]
+            cx = np.ascontiguousarray(pairs[s:e, 0])
+            cy = np.ascontiguousarray(pairs[s:e, 1])
+            # chunks: batches of at most `batch` connections (uniform supports), else enough
+            # chunks to balance the threads
+            target = batch if batched else max(1, (e - s) // (8 * nthr))
+            lv_loc = np.repeat(np.arange(ng), ends[g0:g1] - starts[g0:g1])
+            chunk_ptr, chunk_lv = make_chunks(cx, lv_loc, target, chunk_rows)
+            cfg = Settings(eps_lv, tol_st, int(max_iter), float(omega), path, al, uniform)
+            with one_blas_thread(batched):
+                run_parallel(solve_chunks, min(nthr, len(chunk_ptr) - 1), kern, costs, meas,
+                             cfg, cx, cy, chunk_ptr, chunk_lv, outs)
+            if bar is not None:
+                bar.update(e - s)
+        if bar is not None:
+            bar.close()
+    st = outs.status[problem.solve]
+    its = outs.iters[problem.solve]
+    log = dict(
+        backend="sinkhorn", name=problem.name, n_solved=int(n_solved),
+        uniform_support=uniform, k_z=int(prep.k_z), k_w=int(prep.k_w),
+        iterations_mean=float(its.mean()) if its.size else 0.0,
+        iterations_max=int(its.max()) if its.size else 0,
+        n_not_converged=int(np.isin(st, (MAXITER, F64 + MAXITER, LOG + MAXITER)).sum()),
+        n_float64=int(((st == F64) | (st == F64 + MAXITER)).sum()),
+        n_log_domain=int((st >= LOG).sum()),
+        seconds_prepare=t_prep, seconds=time.perf_counter() - t0,
+        eps=eps, tol=tol, max_iter=int(max_iter), omega=omega, eps_scaling=eps_scaling,
+        levels=levels, mass_tol=mass_tol,
+    )
+    return outs.out, log
