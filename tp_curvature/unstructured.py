@@ -56,6 +56,17 @@ Supported models
     (pooling, residual branches, a module used twice) raises
     :class:`~tp_curvature.graph.UnsupportedModelError` (a ``ValueError``) naming the fx node.
 
+Input checks
+    Everything is checked before any work (and, for pruning, before any mask is applied, so a
+    refused call never leaves a model half-masked): the options (``output``, ``reduce``, every
+    ``CurvatureConfig`` field, ``sparsity``, ``order``, ``scope``, ``tie_break``), the images
+    (a non-empty floating-point tensor ``(N, ...)`` or an ``(images, targets)`` pair, all
+    finite), the weights, biases and BatchNorm statistics of every layer of the chain, the node
+    values the forward pass produces, and every score / mask tensor (its key must be a Conv2d /
+    Linear weight of the model, its shape the weight's, its values finite). Errors are
+    ``ValueError`` (``TypeError`` for a wrong type) naming the option, image, layer or
+    parameter. The model's train/eval flags, hooks and parameters are left as they were.
+
 Cost
     The strength matrices are dense ``(n_in_elements, n_out_elements)``: fine for the paper's
     LeNet (largest 784 x 864) and MLPs, refused above ``max_dense`` entries per layer. The work is
@@ -71,7 +82,10 @@ Cost
 """
 from __future__ import annotations
 
+import dataclasses
+import numbers
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -93,6 +107,7 @@ __all__ = [
     "node_values", "edge_curvature", "weight_curvature", "masks_from_scores", "apply_masks",
     "prune_by_scores", "prune_by_curvature", "prune_by_magnitude", "prune_random",
     "magnitude_scores", "random_scores", "remove_pruning", "weight_sparsity",
+    "UnknownWeightError",
 ]
 
 #: top-k atoms per measure used by this module unless ``topk=`` is passed
@@ -100,6 +115,124 @@ DEFAULT_TOPK = 32
 
 WEIGHT_TYPES = (nn.Linear, nn.Conv2d)
 AUX_METHODS = {"size", "dim"}
+OUTPUTS = ("softmax", "logits")
+REDUCES = ("min", "mean")
+NORMALIZES = ("minmax", "max")
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(CurvatureConfig))
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------------------------
+def _check_choice(name: str, value, choices: tuple):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got "
+                         f"{value!r}")
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _images(images, what: str = "images") -> torch.Tensor:
+    """The image tensor of ``images`` (a tensor ``(N, ...)`` or an ``(images, targets)`` pair,
+    targets of any dtype), checked: a non-empty floating-point batch with finite values."""
+    if isinstance(images, (tuple, list)):
+        if len(images) != 2 or not isinstance(images[0], torch.Tensor):
+            raise TypeError(
+                f"{what} must be a tensor (N, ...) or an (images, targets) pair, got a "
+                f"{type(images).__name__} of {len(images)} item(s)"
+                + ("" if len(images) == 2 else " (concatenate batches with torch.cat)"))
+        x, y = images
+        if isinstance(y, torch.Tensor) and y.dim() > 0 and x.dim() > 0 and \
+                y.shape[0] != x.shape[0]:
+            raise ValueError(f"{what}: {x.shape[0]} images but {y.shape[0]} targets in the "
+                             "(images, targets) pair")
+        images = x
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor (N, ...) or an (images, targets) pair, got "
+                        f"{type(images).__name__}")
+    if images.dim() < 2:
+        raise ValueError(f"{what} must be a batch (N, ...) with a batch dimension, got shape "
+                         f"{tuple(images.shape)}")
+    if images.shape[0] == 0 or images.numel() == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(images.shape)}): at least one image "
+                         "is needed")
+    if not images.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got dtype {images.dtype}")
+    ok = torch.isfinite(images.detach().reshape(images.shape[0], -1)).all(dim=1)
+    if not bool(ok.all()):
+        bad = torch.nonzero(~ok).flatten().tolist()
+        raise ValueError(f"{what} contain non-finite values (NaN/inf) in image(s) "
+                         f"{_indices(bad)}")
+    return images
+
+
+def _indices(idx: list, limit: int = 8) -> str:
+    head = ", ".join(str(i) for i in idx[:limit])
+    return f"[{head}{', ...' if len(idx) > limit else ''}] ({len(idx)} in all)" \
+        if len(idx) > 1 else f"{idx[0]}"
+
+
+def _config(config: dict) -> CurvatureConfig:
+    """A :class:`CurvatureConfig` from keyword options (``topk`` defaults to
+    :data:`DEFAULT_TOPK`), every option checked with a message naming it."""
+    config = dict(config)
+    unknown = sorted(set(config) - set(_CONFIG_FIELDS))
+    if unknown:
+        raise TypeError(f"unknown curvature option(s) {', '.join(map(repr, unknown))}; the "
+                        f"options are {', '.join(_CONFIG_FIELDS)}")
+    config.setdefault("topk", DEFAULT_TOPK)
+    alpha = config.get("alpha", 0.5)
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or \
+            not np.isfinite(float(alpha)):
+        raise ValueError(f"alpha must be a finite number in [0, 1), got {alpha!r}")
+    topk = config["topk"]
+    if topk is not None and (not isinstance(topk, numbers.Integral) or isinstance(topk, bool)
+                             or topk < 1):
+        raise ValueError(f"topk must be a positive int or None, got {topk!r}")
+    p = config.get("p", 2.0)
+    if not isinstance(p, numbers.Real) or isinstance(p, bool) or not p > 0:
+        raise ValueError(f"p must be a positive number, got {p!r}")
+    _check_choice("normalize", config.get("normalize", "minmax"), NORMALIZES)
+    for name in ("variant", "length", "measure", "backend"):
+        v = config.get(name)
+        if v is not None and not isinstance(v, str):
+            raise ValueError(f"{name} must be a string, got {v!r}")
+    bo = config.get("backend_options")
+    if bo is not None and not isinstance(bo, Mapping):
+        raise ValueError(f"backend_options must be a dict, got {type(bo).__name__}")
+    return CurvatureConfig(**config)
+
+
+def _module_names(model: nn.Module) -> dict:
+    return {id(m): n for n, m in model.named_modules()}
+
+
+def _check_layer_values(graph: "ElementGraph") -> None:
+    """Weights, biases and BatchNorm parameters / statistics of every layer are finite."""
+    names = _module_names(graph.gm)
+    for lay in graph.layers:
+        tensors = [("weight", lay.module.weight), ("bias", getattr(lay.module, "bias", None))]
+        for what, t in tensors:
+            if t is not None and not bool(torch.isfinite(t.detach()).all()):
+                raise ValueError(
+                    f"layer {lay.name!r} ({type(lay.module).__name__}) has a non-finite "
+                    f"(NaN/inf) {what}: {int((~torch.isfinite(t.detach())).sum())} of "
+                    f"{t.numel()} entries")
+        if lay.bn is not None:
+            bn_name = names.get(id(lay.bn), "?")
+            for what in ("weight", "bias", "running_mean", "running_var"):
+                t = getattr(lay.bn, what, None)
+                if t is not None and not bool(torch.isfinite(t.detach()).all()):
+                    raise ValueError(
+                        f"BatchNorm {bn_name!r} after layer {lay.name!r} has a non-finite "
+                        f"(NaN/inf) {what}")
+            rv = lay.bn.running_var
+            if rv is not None and bool((rv.detach().double() + lay.bn.eps <= 0).any()):
+                raise ValueError(f"BatchNorm {bn_name!r} after layer {lay.name!r} has "
+                                 f"running_var + eps <= 0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,6 +454,11 @@ def element_graph(model: nn.Module, example: torch.Tensor,
     ``ValueError`` when a layer's dense ``(n_in, n_out)`` matrix would exceed ``max_dense``
     entries.
     """
+    _check_model(model)
+    example = _images(example, "example")
+    if not isinstance(max_dense, numbers.Integral) or isinstance(max_dense, bool) or \
+            max_dense < 1:
+        raise ValueError(f"max_dense must be a positive int, got {max_dense!r}")
     gm, ops, last = _trace_chain(model)
     weight_nodes = [n for k, n in ops if k == "weight"]
     in_nodes = [n.args[0] for n in weight_nodes]
@@ -363,8 +501,13 @@ def element_graph(model: nn.Module, example: torch.Tensor,
         layers.append(ElementLayer(name=str(wn.target), module=m, in_shape=in_shape,
                                    out_shape=out_shape, strength=_strength(m, wi, bn, out_shape),
                                    weight_index=wi, bn=bn))
-    return ElementGraph(gm=gm, layers=layers, taps=in_nodes, output_node=last,
-                        input_shape=tuple(example.shape[1:]))
+    graph = ElementGraph(gm=gm, layers=layers, taps=in_nodes, output_node=last,
+                         input_shape=tuple(example.shape[1:]))
+    _check_layer_values(graph)
+    for lay in layers:
+        if not np.isfinite(lay.strength).all():
+            raise ValueError(f"layer {lay.name!r}: non-finite edge strengths")
+    return graph
 
 
 def node_values(graph: ElementGraph, images: torch.Tensor, output: str = "softmax",
@@ -372,21 +515,48 @@ def node_values(graph: ElementGraph, images: torch.Tensor, output: str = "softma
     """Per image, the normalised node values of every element layer.
 
     Returns a list (one entry per image) of lists ``[a_0, ..., a_n]`` of float64 arrays.
+    Raises ``ValueError`` naming the layer when the forward pass produces a non-finite value.
     """
-    if output not in ("softmax", "logits"):
-        raise ValueError(f"output must be 'softmax' or 'logits', got {output!r}")
+    if not isinstance(graph, ElementGraph):
+        raise TypeError(f"graph must be an ElementGraph (from element_graph()), got "
+                        f"{type(graph).__name__}")
+    _check_choice("output", output, OUTPUTS)
+    _check_choice("normalize", normalize, NORMALIZES)
+    images = _images(images)
+    _check_layer_values(graph)
     model = graph.gm
     rec = Recorder(model, set(graph.taps) | {graph.output_node})
     with eval_mode(model), torch.no_grad():
         rec.run(images)
     per_layer = []
-    for t in graph.taps:
-        per_layer.append(rec.values[t].detach().flatten(1).double().abs().cpu().numpy())
-    out = rec.values[graph.output_node].detach().flatten(1).double()
+    for l, t in enumerate(graph.taps):
+        per_layer.append(np.abs(_finite_values(rec.values[t], f"the input of layer "
+                                                              f"{graph.layers[l].name!r}")))
+    out = _finite_values(rec.values[graph.output_node],
+                         f"the model output (after layer {graph.layers[-1].name!r})")
     if output == "softmax":
-        out = torch.softmax(out, dim=1)
-    per_layer.append(out.abs().cpu().numpy())
+        out = np.asarray(torch.softmax(torch.from_numpy(out), dim=1))
+    per_layer.append(np.abs(out))
+    for l, (a, n) in enumerate(zip(per_layer, graph.layer_sizes)):
+        if a.shape[1] != n:
+            raise ValueError(
+                f"images of per-sample shape {tuple(images.shape[1:])} do not fit the element "
+                f"graph (built for {graph.input_shape}): {a.shape[1]} elements at element "
+                f"layer {l}, the graph has {n}")
     return [[normalise(a[i], normalize) for a in per_layer] for i in range(images.shape[0])]
+
+
+def _finite_values(t, where: str) -> np.ndarray:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{where}: expected a tensor, got {type(t).__name__}")
+    a = t.detach().flatten(1).double().cpu().numpy()
+    ok = np.isfinite(a).all(axis=1)
+    if not ok.all():
+        raise ValueError(
+            f"non-finite (NaN/inf) activations at {where} in image(s) "
+            f"{_indices(np.flatnonzero(~ok).tolist())}: check the layer's weights and the "
+            "calibration images")
+    return a
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,12 +575,6 @@ class EdgeCurvature:
     solved: np.ndarray
     build_s: float = 0.0
     solve_s: float = 0.0
-
-
-def _config(config: dict) -> CurvatureConfig:
-    config = dict(config)
-    config.setdefault("topk", DEFAULT_TOPK)
-    return CurvatureConfig(**config)
 
 
 def _image_edges(graph: ElementGraph, a: list, cfg: CurvatureConfig,
@@ -449,7 +613,9 @@ def edge_curvature(model: nn.Module, image: torch.Tensor, output: str = "softmax
     ``variant``, ``topk`` (default :data:`DEFAULT_TOPK`), ``backend``, ``normalize``...).
     Returns a list of :class:`EdgeCurvature`, in layer order.
     """
+    _check_choice("output", output, OUTPUTS)
     cfg = _config(config)
+    image = _images(image, "image")
     if graph is None:
         graph = element_graph(model, image)
     a = node_values(graph, image[:1], output, cfg.normalize)[0]
@@ -494,11 +660,11 @@ def weight_curvature(model: nn.Module, images: torch.Tensor, output: str = "soft
         Parameter name (``"features.0.weight"``) -> float64 tensor shaped like the weight.
         With ``return_info=True`` also a dict of timings and counts.
     """
-    if isinstance(images, (tuple, list)):
-        images = images[0]
-    if reduce not in ("min", "mean"):
-        raise ValueError(f"reduce must be 'min' or 'mean', got {reduce!r}")
+    _check_model(model)
+    _check_choice("output", output, OUTPUTS)
+    _check_choice("reduce", reduce, REDUCES)
     cfg = _config(config)
+    images = _images(images)
     t_start = time.perf_counter()
     graph = element_graph(model, images)
     t_graph = time.perf_counter() - t_start
@@ -541,6 +707,9 @@ def weight_curvature(model: nn.Module, images: torch.Tensor, output: str = "soft
             acc = torch.where(cnt > 0, acc / cnt.clamp_min(1), torch.ones_like(acc))
         else:
             acc = torch.where(torch.isinf(acc), torch.ones_like(acc), acc)
+        if not bool(torch.isfinite(acc).all()):
+            raise RuntimeError(f"layer {lay.name!r}: the solver returned non-finite curvature "
+                               f"(backend {cfg.backend!r}); try backend='exact'")
         scores[lay.param_name] = acc.view_as(lay.module.weight.detach()).clone()
     info["total_s"] = time.perf_counter() - t_start
     return (scores, info) if return_info else scores
@@ -558,15 +727,77 @@ def _weight_params(model: nn.Module) -> dict:
     return out
 
 
-def _resolve(model: nn.Module, scores: dict) -> dict:
+class UnknownWeightError(KeyError, ValueError):
+    """A score / mask key that is not a Conv2d / Linear weight of the model (a ``KeyError``
+    and a ``ValueError``)."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+def _check_tensors(tensors, what: str, allow_empty: bool = False) -> None:
+    """``tensors`` is a dict of finite tensors (``what`` names it in messages)."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"{what} must be a dict parameter name -> tensor, got "
+                        f"{type(tensors).__name__}")
+    if not tensors and not allow_empty:
+        raise ValueError(f"{what} is empty: nothing to rank")
+    for k, v in tensors.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{what}[{k!r}] must be a tensor, got {type(v).__name__}")
+        if v.is_complex():
+            raise TypeError(f"{what}[{k!r}] must be real, got dtype {v.dtype}")
+        bad = ~torch.isfinite(v.detach()) if v.dtype != torch.bool else None
+        if bad is not None and bool(bad.any()):
+            raise ValueError(f"{what}[{k!r}] contains non-finite values (NaN/inf) at "
+                             f"{int(bad.sum())} of {v.numel()} entries")
+
+
+def _resolve(model: nn.Module, tensors: dict, what: str = "scores", masks: bool = False
+             ) -> dict:
+    """Check every entry of ``tensors`` against ``model`` (key = a Conv2d / Linear weight, same
+    shape, finite values; 0/1 values for masks) and return name -> module. Nothing is changed."""
+    _check_model(model)
+    _check_tensors(tensors, what, allow_empty=masks)
     mods = _weight_params(model)
     out = {}
-    for k in scores:
+    for k, v in tensors.items():
         if k not in mods:
-            raise KeyError(f"{k!r} is not a Conv2d / Linear weight of the model (known: "
-                           f"{sorted(mods)})")
+            raise UnknownWeightError(
+                f"{what}[{k!r}]: {k!r} is not a Conv2d / Linear weight of the model (known: "
+                f"{sorted(mods)})")
+        shape = tuple(mods[k].weight.shape)
+        if tuple(v.shape) != shape:
+            raise ValueError(f"{what}[{k!r}] has shape {tuple(v.shape)}, the weight {k!r} has "
+                             f"shape {shape}")
+        if masks and v.dtype != torch.bool and not bool(((v == 0) | (v == 1)).all()):
+            raise ValueError(f"{what}[{k!r}] must be a boolean (or 0/1) keep-mask")
         out[k] = mods[k]
     return out
+
+
+def _check_secondary(secondary, scores: dict) -> None:
+    if secondary is None:
+        return
+    _check_tensors(secondary, "secondary", allow_empty=True)
+    for k, v in scores.items():
+        if k not in secondary:
+            raise ValueError(f"secondary has no entry for {k!r} (it needs every key of the "
+                             "scores)")
+        if tuple(secondary[k].shape) != tuple(v.shape):
+            raise ValueError(f"secondary[{k!r}] has shape {tuple(secondary[k].shape)}, the "
+                             f"scores {tuple(v.shape)}")
+
+
+def _check_prune_options(sparsity, order: str, scope: str, seed) -> None:
+    if not isinstance(sparsity, numbers.Real) or isinstance(sparsity, bool):
+        raise TypeError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+    if not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    _check_choice("order", order, ("lowest", "highest"))
+    _check_choice("scope", scope, ("global", "layer"))
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
+        raise TypeError(f"seed must be an int, got {seed!r}")
 
 
 def magnitude_scores(model: nn.Module) -> dict:
@@ -593,12 +824,9 @@ def masks_from_scores(scores: dict, sparsity: float, order: str = "lowest",
     ``scope="global"`` ranks all weights together, ``"layer"`` removes the same fraction from
     every layer.
     """
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
-    if order not in ("lowest", "highest"):
-        raise ValueError(f"order must be 'lowest' or 'highest', got {order!r}")
-    if scope not in ("global", "layer"):
-        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    _check_prune_options(sparsity, order, scope, seed)
+    _check_tensors(scores, "scores")
+    _check_secondary(secondary, scores)
     g = np.random.default_rng(seed)
 
     def removal_order(flat: np.ndarray, sec: Optional[np.ndarray]) -> np.ndarray:
@@ -630,8 +858,9 @@ def masks_from_scores(scores: dict, sparsity: float, order: str = "lowest",
 
 def apply_masks(model: nn.Module, masks: dict) -> nn.Module:
     """Apply keep-masks with :func:`torch.nn.utils.prune.custom_from_mask` (combined with any
-    existing mask by PyTorch)."""
-    mods = _resolve(model, masks)
+    existing mask by PyTorch). Every mask is checked (key, shape, 0/1 values) before the first
+    one is applied."""
+    mods = _resolve(model, masks, "masks", masks=True)
     for k, mask in masks.items():
         m = mods[k]
         torch_prune.custom_from_mask(m, "weight", mask.to(m.weight.device, torch.float32))
@@ -642,8 +871,11 @@ def prune_by_scores(model: nn.Module, scores: dict, sparsity: float, order: str 
                     scope: str = "global", seed: int = 0,
                     secondary: Optional[dict] = None) -> dict:
     """Mask ``round(sparsity * n)`` weights of ``model`` chosen by ``scores`` (see
-    :func:`masks_from_scores`); return the keep-masks."""
-    _resolve(model, scores)
+    :func:`masks_from_scores`); return the keep-masks. Options and every score tensor (key,
+    shape, finite values) are checked before any mask is applied."""
+    _check_prune_options(sparsity, order, scope, seed)
+    _resolve(model, scores, "scores")
+    _check_secondary(secondary, scores)
     masks = masks_from_scores(scores, sparsity, order, scope, seed, secondary)
     apply_masks(model, masks)
     return masks
@@ -659,8 +891,9 @@ def prune_by_curvature(model: nn.Module, scores: dict, sparsity: float,
     calibration image). ``tie_break="random"`` (seeded) orders them at random,
     ``"magnitude"`` removes the smaller ``|w|`` first.
     """
-    if tie_break not in ("random", "magnitude"):
-        raise ValueError(f"tie_break must be 'random' or 'magnitude', got {tie_break!r}")
+    _check_choice("tie_break", tie_break, ("random", "magnitude"))
+    _check_prune_options(sparsity, order, scope, seed)
+    _resolve(model, scores, "scores")
     sec = magnitude_scores(model) if tie_break == "magnitude" else None
     if sec is not None:
         sec = {k: sec[k] for k in scores}
