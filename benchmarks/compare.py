@@ -6,11 +6,24 @@ For every seed a baseline is trained (or reloaded from ``checkpoints/`` by
 batch is drawn from its training set, and every criterion scores the channels of that same
 network on that same batch. Then, for every pruning mode and ratio, a fresh copy of the baseline
 is pruned by ``tp.pruner.BasePruner`` (one shot, final classifier ignored) with those scores, and
-its test accuracy is measured at three stages:
+its test accuracy is measured at up to five stages (``--stages``; default all that apply):
 
-``pruned``  right after pruning (the paper's post-training setting: no repair at all);
-``bn``      after re-estimating BatchNorm statistics on the calibration batch (models with BN);
-``ft``      after a short fine-tune (``--finetune-epochs`` on ``--finetune-subset`` images).
+``pruned``   right after pruning (the paper's post-training setting: no repair at all);
+``bias``     after FLAP's bias compensation (An et al., AAAI 2024), available to every
+             criterion: a second copy is pruned identically and every consumer layer whose input
+             channels ``J`` were removed gets ``mean(X_J) @ W[:, J]^T`` added to its bias (convs:
+             mean over samples and positions times the kernel slice summed over the kernel; the
+             bias is created where absent), with ``mean(X_J)`` measured on the *unpruned*
+             baseline over the calibration batch (:mod:`engine.peers`). Exact for a channel
+             that is constant on that batch, except at the borders of a zero-padded conv (the
+             padding contributed zero there but the full kernel sum is added: approximation);
+``bn``       after re-estimating BatchNorm statistics on the calibration batch (models with BN);
+``bias+bn``  bias compensation first, then BN recalibration (models with BN). For a consumer
+             conv followed by BatchNorm the recalibrated mean absorbs the added bias, so there
+             ``bias+bn`` equals ``bn``; it differs where a consumer has no BN after it (the
+             fully connected layers);
+``ft``       after a short fine-tune (``--finetune-epochs`` on ``--finetune-subset`` images),
+             starting from the ``bn`` state (the ``pruned`` one without BN).
 
 A criterion's scores depend only on the baseline weights and the calibration batch, so each
 criterion scores each seed once (the time of that one computation is ``importance_s``) and the
@@ -32,6 +45,17 @@ Criteria
                      last sample's squared gradient is used. :class:`FixedHessianImportance`
                      averages the per-sample squared gradients over the whole calibration batch.
 ``hessian-tp``       Torch-Pruning's original (last sample only), for reference; not default.
+``activation``       mean |activation| of the channel where its consumers read it, over the
+                     calibration batch and all positions (forward pre-hooks on the consumers).
+``wanda``            Wanda-sp (Sun et al., ICLR 2024, structured as in An et al., AAAI 2024):
+                     ``||X_c||_2 * sum_i |W[i, c]|`` summed over the channel's consumers (conv
+                     consumer: ``|W[i, c]|`` = L1 sum of the kernel slice).
+``flap``             FLAP's weighted input-feature variance (An et al., AAAI 2024):
+                     ``Var(X_c) * ||W[:, c]||_2^2``, standardised per consumer layer (minus the
+                     layer mean, over the layer std) so one global ranking is meaningful.
+                     These three are :mod:`engine.peers` importances: scored at the consumers
+                     (input-channel deps) of each Torch-Pruning group, out-channel deps
+                     contribute nothing; group mean, then ``mean`` normaliser (FLAP: none).
 ``curvature``        ``CurvatureImportance(variant="paper")``: calibrate + score.
 ``curvature-flow``   ``CurvatureImportance(variant="flow")``.
 ``curvature[-flow]-min`` / ``-negsum``: the ``min`` / ``neg_sum`` channel reductions.
@@ -45,16 +69,22 @@ neurons), so the summary lists the compression each criterion actually reached. 
 ``lamp`` ranks like ``l2`` (its normalisation is monotone within a group).
 
 Outputs in ``results/compare/<dataset>-<model>/`` (or ``--out``): ``rows.csv`` / ``rows.json``
-(one row per seed x criterion x mode x ratio), ``summary.md`` (mean +- std over seeds, best mean
-per column in bold), ``accuracy.png`` and ``meta.json`` (arguments, baselines, timings).
+(one row per seed x criterion x mode x ratio; columns ``acc_pruned``, ``acc_bias``, ``acc_bn``,
+``acc_bias_bn``, ``acc_ft``), ``summary.md`` (mean +- std over seeds, best mean per column in
+bold; paired differences; and a table of every curvature variant against the *best other*
+criterion of each mode x stage x ratio cell: wins / ties / losses over seeds, the paired t-test
+p-value (``scipy.stats.ttest_rel``, the one the summary relies on) and the Wilcoxon signed-rank
+p-value for reference -- at 5 seeds Wilcoxon cannot go below 0.0625), ``accuracy.png`` and
+``meta.json`` (arguments, baselines, timings).
 
 ``--report-only`` rewrites ``summary.md`` / ``accuracy.png`` from ``rows.json`` + ``meta.json``.
 
-Examples (the CPU-sized Fashion-MNIST runs behind ``results/compare/``)::
+Examples (the CPU-sized Fashion-MNIST runs behind ``results/compare/``; Fashion-MNIST uses 5
+seeds, the ``--seeds`` default stays 0 1 2 for digits)::
 
     python benchmarks/compare.py                       # digits + MLP, 3 seeds
     python benchmarks/compare.py --quick               # smoke run (1 seed, 2 ratios, uniform)
-    FM="--dataset fashion-mnist --seeds 0 1 2 --ratios 0.3 0.5 0.7 --finetune-epochs 1"
+    FM="--dataset fashion-mnist --seeds 0 1 2 3 4 --ratios 0.3 0.5 0.7 --finetune-epochs 1"
     python benchmarks/compare.py $FM --model lenet5 --epochs 3 --modes uniform global \\
         --finetune-subset 5000 --eval-subset 5000 --backend exact --threads 2
     python benchmarks/compare.py $FM --model vgg9 --width 0.25 --epochs 3 --train-subset 20000 \\

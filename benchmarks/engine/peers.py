@@ -26,8 +26,11 @@ whose handler prunes input channels (``prune_linear_in_channels``, ``prune_conv_
 deps (the producing conv / linear, its BatchNorm) contribute nothing: these are input-statistic
 criteria. When the features of one channel are several inputs of the consumer (a conv channel
 flattened into a Linear: ``root_idxs`` repeats), the channel's statistics pool all its features
-(the flattened Linear is treated like a conv whose kernel covers the feature map) and each
-feature carries an equal share, so the channel counts once.
+(the flattened Linear is treated like a conv whose kernel covers the feature map: the sums
+of ``x``, ``x^2``, ``|x|`` and of the weight norms run over all the channel's features), so the
+channel counts once. A channel read by several consumers gets the group mean of their scores
+(the papers sum over consumers: within a group this is the same factor for every channel, and
+the ``mean`` normaliser removes it).
 
 A group with no consumer (its root is an output layer: nothing reads its channels) is scored
 where the channel is *produced* instead, from the root layer's output statistics
