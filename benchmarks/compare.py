@@ -6,11 +6,24 @@ For every seed a baseline is trained (or reloaded from ``checkpoints/`` by
 batch is drawn from its training set, and every criterion scores the channels of that same
 network on that same batch. Then, for every pruning mode and ratio, a fresh copy of the baseline
 is pruned by ``tp.pruner.BasePruner`` (one shot, final classifier ignored) with those scores, and
-its test accuracy is measured at three stages:
+its test accuracy is measured at up to five stages (``--stages``; default all that apply):
 
-``pruned``  right after pruning (the paper's post-training setting: no repair at all);
-``bn``      after re-estimating BatchNorm statistics on the calibration batch (models with BN);
-``ft``      after a short fine-tune (``--finetune-epochs`` on ``--finetune-subset`` images).
+``pruned``   right after pruning (the paper's post-training setting: no repair at all);
+``bias``     after FLAP's bias compensation (An et al., AAAI 2024), available to every
+             criterion: a second copy is pruned identically and every consumer layer whose input
+             channels ``J`` were removed gets ``mean(X_J) @ W[:, J]^T`` added to its bias (convs:
+             mean over samples and positions times the kernel slice summed over the kernel; the
+             bias is created where absent), with ``mean(X_J)`` measured on the *unpruned*
+             baseline over the calibration batch (:mod:`engine.peers`). Exact for a channel
+             that is constant on that batch, except at the borders of a zero-padded conv (the
+             padding contributed zero there but the full kernel sum is added: approximation);
+``bn``       after re-estimating BatchNorm statistics on the calibration batch (models with BN);
+``bias+bn``  bias compensation first, then BN recalibration (models with BN). For a consumer
+             conv followed by BatchNorm the recalibrated mean absorbs the added bias, so there
+             ``bias+bn`` equals ``bn``; it differs where a consumer has no BN after it (the
+             fully connected layers);
+``ft``       after a short fine-tune (``--finetune-epochs`` on ``--finetune-subset`` images),
+             starting from the ``bn`` state (the ``pruned`` one without BN).
 
 A criterion's scores depend only on the baseline weights and the calibration batch, so each
 criterion scores each seed once (the time of that one computation is ``importance_s``) and the
@@ -32,6 +45,17 @@ Criteria
                      last sample's squared gradient is used. :class:`FixedHessianImportance`
                      averages the per-sample squared gradients over the whole calibration batch.
 ``hessian-tp``       Torch-Pruning's original (last sample only), for reference; not default.
+``activation``       mean |activation| of the channel where its consumers read it, over the
+                     calibration batch and all positions (forward pre-hooks on the consumers).
+``wanda``            Wanda-sp (Sun et al., ICLR 2024, structured as in An et al., AAAI 2024):
+                     ``||X_c||_2 * sum_i |W[i, c]|`` summed over the channel's consumers (conv
+                     consumer: ``|W[i, c]|`` = L1 sum of the kernel slice).
+``flap``             FLAP's weighted input-feature variance (An et al., AAAI 2024):
+                     ``Var(X_c) * ||W[:, c]||_2^2``, standardised per consumer layer (minus the
+                     layer mean, over the layer std) so one global ranking is meaningful.
+                     These three are :mod:`engine.peers` importances: scored at the consumers
+                     (input-channel deps) of each Torch-Pruning group, out-channel deps
+                     contribute nothing; group mean, then ``mean`` normaliser (FLAP: none).
 ``curvature``        ``CurvatureImportance(variant="paper")``: calibrate + score.
 ``curvature-flow``   ``CurvatureImportance(variant="flow")``.
 ``curvature[-flow]-min`` / ``-negsum``: the ``min`` / ``neg_sum`` channel reductions.
@@ -45,16 +69,22 @@ neurons), so the summary lists the compression each criterion actually reached. 
 ``lamp`` ranks like ``l2`` (its normalisation is monotone within a group).
 
 Outputs in ``results/compare/<dataset>-<model>/`` (or ``--out``): ``rows.csv`` / ``rows.json``
-(one row per seed x criterion x mode x ratio), ``summary.md`` (mean +- std over seeds, best mean
-per column in bold), ``accuracy.png`` and ``meta.json`` (arguments, baselines, timings).
+(one row per seed x criterion x mode x ratio; columns ``acc_pruned``, ``acc_bias``, ``acc_bn``,
+``acc_bias_bn``, ``acc_ft``), ``summary.md`` (mean +- std over seeds, best mean per column in
+bold; paired differences; and a table of every curvature variant against the *best other*
+criterion of each mode x stage x ratio cell: wins / ties / losses over seeds, the paired t-test
+p-value (``scipy.stats.ttest_rel``, the one the summary relies on) and the Wilcoxon signed-rank
+p-value for reference -- at 5 seeds Wilcoxon cannot go below 0.0625), ``accuracy.png`` and
+``meta.json`` (arguments, baselines, timings).
 
 ``--report-only`` rewrites ``summary.md`` / ``accuracy.png`` from ``rows.json`` + ``meta.json``.
 
-Examples (the CPU-sized Fashion-MNIST runs behind ``results/compare/``)::
+Examples (the CPU-sized Fashion-MNIST runs behind ``results/compare/``; Fashion-MNIST uses 5
+seeds, the ``--seeds`` default stays 0 1 2 for digits)::
 
     python benchmarks/compare.py                       # digits + MLP, 3 seeds
     python benchmarks/compare.py --quick               # smoke run (1 seed, 2 ratios, uniform)
-    FM="--dataset fashion-mnist --seeds 0 1 2 --ratios 0.3 0.5 0.7 --finetune-epochs 1"
+    FM="--dataset fashion-mnist --seeds 0 1 2 3 4 --ratios 0.3 0.5 0.7 --finetune-epochs 1"
     python benchmarks/compare.py $FM --model lenet5 --epochs 3 --modes uniform global \\
         --finetune-subset 5000 --eval-subset 5000 --backend exact --threads 2
     python benchmarks/compare.py $FM --model vgg9 --width 0.25 --epochs 3 --train-subset 20000 \\
@@ -80,16 +110,30 @@ import torch_pruning as tp
 
 from engine.criteria import CachedImportance, compute_scores, make_criterion, make_pruner
 from engine.data import calibration_batch, load_dataset, stratified_subset
+from engine.peers import input_means, prune_with_bias_compensation
+from engine.stats import format_p, paired_comparison
 from engine.training import (TrainConfig, evaluate, finetune, make_loader, recalibrate_bn,
                              set_seed, train_or_load)
 from engine.utils import write_csv
 
-DEFAULT_CRITERIA = ("random", "l1", "l2", "lamp", "taylor", "hessian", "curvature",
-                    "curvature-flow")
-STAGES = ("pruned", "bn", "ft")
+DEFAULT_CRITERIA = ("random", "l1", "l2", "lamp", "taylor", "hessian", "activation", "wanda",
+                    "flap", "curvature", "curvature-flow")
+STAGES = ("pruned", "bias", "bn", "bias+bn", "ft")
 STAGE_TITLES = {"pruned": "right after pruning (no repair)",
+                "bias": "after FLAP's bias compensation (no other repair)",
                 "bn": "after BN recalibration on the calibration batch",
+                "bias+bn": "after bias compensation, then BN recalibration",
                 "ft": "after a short fine-tune"}
+
+
+def stage_col(stage: str) -> str:
+    """Row column of a stage: ``acc_pruned``, ``acc_bias``, ``acc_bn``, ``acc_bias_bn``, ..."""
+    return "acc_" + stage.replace("+", "_")
+
+
+def acc(row: dict, stage: str) -> float:
+    v = row.get(stage_col(stage))
+    return float("nan") if v is None else v
 MODES = ("uniform", "global")
 
 
@@ -191,6 +235,11 @@ def run_seed(args, seed: int, data, rows: list, meta: dict, bar) -> None:
                f"({'cached' if info.get('cached') else 'trained'} {info.get('checkpoint')}), "
                f"{base_params:,} params, {base_macs:,} MACs, calibration {len(x)} images")
 
+    want = set(args.stages)
+    do_bias = bool(want & {"bias", "bias+bn"})
+    # FLAP's bias compensation uses the unpruned baseline's mean inputs (one pass per seed)
+    means = input_means(base, x) if do_bias else None
+
     all_scores = {}
     for cname in args.criteria:
         bar.set_description(f"seed {seed}: score {cname}")
@@ -215,12 +264,28 @@ def run_seed(args, seed: int, data, rows: list, meta: dict, bar) -> None:
                 prune_s = time.perf_counter() - t0
                 macs, params = count_ops(m, example)
                 acc_pruned = evaluate(m, test_ds, dev)
+                acc_bias = acc_bias_bn = float("nan")
+                if do_bias:
+                    # the same pruning (cached scores) on a second copy, compensating biases
+                    # group by group as the pruner removes input channels
+                    mb = copy.deepcopy(base).to(dev)
+                    pb = make_pruner(mb, example, cached.bind(mb, keep_best=(mode == "global")),
+                                     ratio, mode)
+                    prune_with_bias_compensation(mb, pb, means)
+                    if _weight_shapes(mb) != _weight_shapes(m):
+                        raise RuntimeError(f"{cname}: bias-compensated copy pruned differently")
+                    if "bias" in want:
+                        acc_bias = evaluate(mb, test_ds, dev)
+                    if bn and "bias+bn" in want:
+                        recalibrate_bn(mb, x, dev)
+                        acc_bias_bn = evaluate(mb, test_ds, dev)
+                    del mb, pb
                 acc_bn = float("nan")
-                if bn:
+                if bn and "bn" in want:
                     recalibrate_bn(m, x, dev)
                     acc_bn = evaluate(m, test_ds, dev)
                 acc_ft = float("nan")
-                if ft_ds is not None:
+                if ft_ds is not None and "ft" in want:
                     # the same batches in the same order (and augmentation) for every run
                     set_seed(seed)
                     loader = make_loader(ft_ds, args.batch_size, shuffle=True, seed=seed)
@@ -230,7 +295,8 @@ def run_seed(args, seed: int, data, rows: list, meta: dict, bar) -> None:
                 rows.append({
                     "dataset": cfg.dataset, "model": cfg.model, "seed": seed,
                     "criterion": cname, "mode": mode, "ratio": ratio,
-                    "acc_pruned": acc_pruned, "acc_bn": acc_bn, "acc_ft": acc_ft,
+                    "acc_pruned": acc_pruned, "acc_bias": acc_bias, "acc_bn": acc_bn,
+                    "acc_bias_bn": acc_bias_bn, "acc_ft": acc_ft,
                     "params": params, "macs": macs,
                     "params_kept": params / base_params, "macs_kept": macs / base_macs,
                     "importance_s": secs, "prune_s": prune_s, "base_acc": base_acc,
@@ -243,6 +309,10 @@ def run_seed(args, seed: int, data, rows: list, meta: dict, bar) -> None:
         for cname, sc in all_scores.items():
             if cname != "l2":
                 seed_meta["spearman_vs_l2"][cname] = mean_group_spearman(sc, all_scores["l2"])
+
+
+def _weight_shapes(model: nn.Module) -> list:
+    return [(n, tuple(p.shape)) for n, p in model.named_parameters() if n.endswith("weight")]
 
 
 def warm_up_kernels(args) -> None:
@@ -264,23 +334,22 @@ def tqdm_write(msg: str) -> None:
 # ============================================================================================
 # reports
 # ============================================================================================
-FIELDS = ("dataset", "model", "seed", "criterion", "mode", "ratio", "acc_pruned", "acc_bn",
-          "acc_ft", "params", "macs", "params_kept", "macs_kept", "importance_s", "prune_s",
+FIELDS = ("dataset", "model", "seed", "criterion", "mode", "ratio", "acc_pruned", "acc_bias",
+          "acc_bn", "acc_bias_bn", "acc_ft", "params", "macs", "params_kept", "macs_kept", "importance_s", "prune_s",
           "base_acc", "base_params", "base_macs")
 
 
 def write_rows(rows: list, out: Path) -> None:
     """``rows.csv`` (NaN as an empty cell) and ``rows.json`` (NaN as null)."""
-    rows = [{k: (None if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in FIELDS}
-            for r in rows]
+    rows = [{k: (None if isinstance(r.get(k), float) and math.isnan(r[k]) else r.get(k))
+             for k in FIELDS} for r in rows]
     write_csv(out / "rows.csv", rows, FIELDS)   # None is written as an empty cell
     with open(out / "rows.json", "w") as f:
         json.dump(rows, f, indent=1)
 
 
 def _stages_present(rows) -> list:
-    return [s for s in STAGES
-            if any(np.isfinite(r[f"acc_{s}"]) for r in rows if r[f"acc_{s}"] is not None)]
+    return [s for s in STAGES if any(np.isfinite(acc(r, s)) for r in rows)]
 
 
 def _fmt(m, s, n, scale=100.0, digits=1):
@@ -289,6 +358,49 @@ def _fmt(m, s, n, scale=100.0, digits=1):
     if n > 1:
         return f"{scale * m:.{digits}f} ± {scale * s:.{digits}f}"
     return f"{scale * m:.{digits}f}"
+
+
+def _per_seed(rows, c, mode, ratio, stage, seeds) -> list:
+    """Accuracy of criterion ``c`` per seed (NaN where missing), aligned with ``seeds``."""
+    by_seed = {x["seed"]: acc(x, stage) for x in rows
+               if x["criterion"] == c and x["mode"] == mode and x["ratio"] == ratio}
+    return [by_seed.get(s, float("nan")) for s in seeds]
+
+
+def best_other_table(rows, curv, others, modes, stages, ratios, seeds) -> list:
+    """Markdown lines: every curvature variant against the best other (non-curvature) criterion
+    of each cell (mode x stage x ratio; best = highest mean over seeds), paired by seed."""
+    if not curv or not others or len(seeds) < 2:
+        return []
+    lines = ["## Curvature vs the best other criterion of each cell (paired over seeds)", "",
+             "For each mode, stage and ratio the best other criterion is the non-curvature "
+             "criterion with the highest mean accuracy in that cell. Difference = curvature - "
+             "best other, percentage points, mean ± std over seeds; W/T/L = seeds where "
+             "curvature won / tied / lost; p = two-sided paired t-test (`scipy.stats.ttest_rel`, "
+             "the test this summary uses); Wilcoxon signed-rank p for reference (with 5 seeds "
+             "it cannot go below 0.0625).", "",
+             "| curvature | mode | stage | ratio | best other | difference (pp) | W/T/L | "
+             "t-test p | Wilcoxon p |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in curv:
+        for mode in modes:
+            for stage in stages:
+                for r in ratios:
+                    means = {o: np.nanmean(v) for o in others
+                             if np.isfinite(v := _per_seed(rows, o, mode, r, stage, seeds)).any()}
+                    a = _per_seed(rows, c, mode, r, stage, seeds)
+                    if not means or not np.isfinite(a).any():
+                        continue
+                    best = max(means, key=means.get)
+                    st = paired_comparison(a, _per_seed(rows, best, mode, r, stage, seeds))
+                    if not st["n"]:
+                        continue
+                    lines.append(
+                        f"| {c} | {mode} | {stage} | {r:g} | {best} | "
+                        f"{100 * st['mean']:+.2f} ± {100 * st['std']:.2f} | "
+                        f"{st['wins']}/{st['ties']}/{st['losses']} | {format_p(st['p_t'])} | "
+                        f"{format_p(st['p_wilcoxon'])} |")
+    return lines + [""]
 
 
 def summary_markdown(rows: list, meta: dict) -> str:
@@ -330,13 +442,13 @@ def summary_markdown(rows: list, meta: dict) -> str:
             for c in criteria:
                 per_ratio = []
                 for r in ratios:
-                    v = [x[f"acc_{stage}"] for x in rows
+                    v = [acc(x, stage) for x in rows
                          if x["criterion"] == c and x["mode"] == mode and x["ratio"] == r]
                     per_ratio.append(mean_std(v))
                 # mean over ratios, per seed, then over seeds
                 per_seed = []
                 for s in seeds:
-                    v = [x[f"acc_{stage}"] for x in rows if x["criterion"] == c
+                    v = [acc(x, stage) for x in rows if x["criterion"] == c
                          and x["mode"] == mode and x["seed"] == s]
                     v = [t for t in v if t is not None and np.isfinite(t)]
                     if v:
@@ -400,9 +512,9 @@ def summary_markdown(rows: list, meta: dict) -> str:
                         for r in ratios:
                             d = []
                             for s in seeds:
-                                a1 = [x[f"acc_{stage}"] for x in rows if x["criterion"] == c
+                                a1 = [acc(x, stage) for x in rows if x["criterion"] == c
                                       and x["mode"] == mode and x["ratio"] == r and x["seed"] == s]
-                                a2 = [x[f"acc_{stage}"] for x in rows if x["criterion"] == o
+                                a2 = [acc(x, stage) for x in rows if x["criterion"] == o
                                       and x["mode"] == mode and x["ratio"] == r and x["seed"] == s]
                                 if a1 and a2 and np.isfinite(a1[0]) and np.isfinite(a2[0]):
                                     d.append(a1[0] - a2[0])
@@ -412,6 +524,8 @@ def summary_markdown(rows: list, meta: dict) -> str:
                                        if n else "-")
                         lines.append(f"| {c} | {o} | " + " | ".join(out) + " |")
                 lines.append("")
+
+    lines += best_other_table(rows, curv, others, modes, stages, ratios, seeds)
 
     # timings and diagnostics
     lines += ["## Importance computation time (s, per seed: scores computed once and reused "
@@ -451,7 +565,7 @@ def plot(rows: list, out_png: Path, title: str) -> None:
         for j, stage in enumerate(stages):
             ax = axes[i][j]
             for k, c in enumerate(criteria):
-                ms = [mean_std([x[f"acc_{stage}"] for x in rows if x["criterion"] == c
+                ms = [mean_std([acc(x, stage) for x in rows if x["criterion"] == c
                                 and x["mode"] == mode and x["ratio"] == r]) for r in ratios]
                 m = np.array([t[0] for t in ms]) * 100
                 s = np.array([t[1] for t in ms]) * 100
@@ -501,7 +615,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2")
     g.add_argument("--criteria", nargs="+", default=list(DEFAULT_CRITERIA),
                    help=f"default: {' '.join(DEFAULT_CRITERIA)}; also fpgm, hessian-tp, "
-                        "curvature[-flow][-min|-negsum]")
+                        "curvature[-flow][-min|-negsum] (activation, wanda, flap: the "
+                        "calibration-data peers of engine/peers.py)")
     g.add_argument("--ratios", type=float, nargs="+", default=None, help="default: 0.3 0.5 0.7")
     g.add_argument("--modes", nargs="+", choices=MODES, default=None,
                    help="default: uniform global")
@@ -512,6 +627,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only correctly classified images (as in the curvature paper)")
     g.add_argument("--eval-subset", type=int, default=None,
                    help="evaluate on a fixed stratified subset of the test set")
+    g.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                   help="stages to evaluate (default: all; bn and bias+bn only on models with "
+                        "BatchNorm, ft only with --finetune-epochs > 0; pruned always)")
     g.add_argument("--finetune-epochs", type=int, default=1, help="0: no fine-tune stage")
     g.add_argument("--finetune-subset", type=int, default=None,
                    help="fine-tune on this many training images (stratified, per seed)")

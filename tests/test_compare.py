@@ -36,6 +36,7 @@ def test_end_to_end_digits_mlp(tmp_path):
         assert r["mode"] == "uniform" and float(r["ratio"]) == 0.5 and r["seed"] == "0"
         assert 0.0 <= float(r["acc_pruned"]) <= 1.0
         assert r["acc_bn"] == "" and r["acc_ft"] == ""      # no BatchNorm, no fine-tune
+        assert r["acc_bias"] != "" and r["acc_bias_bn"] == ""   # bias compensation: no BN
         assert int(r["params"]) < int(r["base_params"])
         assert float(r["importance_s"]) >= 0.0
         assert 0.0 < float(r["base_acc"]) <= 1.0
@@ -60,7 +61,7 @@ def test_end_to_end_bn_global(tmp_path):
     out = tmp_path / "out"
     rc = compare.main([
         "--dataset", "digits", "--model", "vgg9", "--width", "0.125", "--epochs", "2",
-        "--seeds", "0", "--criteria", "random", "taylor", "hessian", "--ratios", "0.5",
+        "--seeds", "0", "--criteria", "random", "taylor", "wanda", "--ratios", "0.5",
         "--modes", "uniform", "global", "--finetune-epochs", "1", "--finetune-subset", "200",
         "--calib-size", "16", "--threads", "1", "--no-plot",
         "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(out),
@@ -69,11 +70,45 @@ def test_end_to_end_bn_global(tmp_path):
     rows = _read_csv(out / "rows.csv")
     assert len(rows) == 6
     for r in rows:
-        assert r["acc_bn"] != "" and r["acc_ft"] != ""
+        for stage in ("acc_pruned", "acc_bias", "acc_bn", "acc_bias_bn", "acc_ft"):
+            assert r[stage] != "" and 0.0 <= float(r[stage]) <= 1.0, stage
         assert int(r["params"]) < int(r["base_params"])
     assert not (out / "accuracy.png").exists()
     md = (out / "summary.md").read_text()
     assert "after BN recalibration" in md and "global pruning" in md and "MACs / params" in md
+    assert "after bias compensation, then BN recalibration" in md
+
+
+def test_peer_criteria_and_paired_table(tmp_path):
+    """The calibration-data peers, the bias stage and the curvature-vs-best-other table."""
+    out = tmp_path / "out"
+    rc = compare.main([
+        "--dataset", "digits", "--model", "mlp", "--model-kwargs", '{"hidden": [32, 16]}',
+        "--epochs", "3", "--seeds", "0", "1", "--criteria", "l2", "activation", "wanda",
+        "flap", "curvature", "--ratios", "0.3", "0.6", "--modes", "uniform", "global",
+        "--finetune-epochs", "0", "--calib-size", "32", "--topk", "8", "--backend", "exact",
+        "--threads", "1", "--no-plot", "--checkpoint-dir", str(tmp_path / "ckpt"),
+        "--out", str(out)])
+    assert rc == 0
+    rows = _read_csv(out / "rows.csv")
+    assert len(rows) == 2 * 5 * 2 * 2
+    assert {r["criterion"] for r in rows} == {"l2", "activation", "wanda", "flap", "curvature"}
+    assert all(r["acc_bias"] != "" for r in rows)
+    md = (out / "summary.md").read_text()
+    assert "after FLAP's bias compensation" in md
+    assert "## Curvature vs the best other criterion" in md and "t-test p" in md
+    table = [ln for ln in md.splitlines() if ln.startswith("| curvature | uniform |")
+             or ln.startswith("| curvature | global |")]
+    assert len(table) == 2 * 2 * 2                          # modes x stages x ratios
+    # --stages restricts the evaluation
+    out2 = tmp_path / "out2"
+    assert compare.main([
+        "--dataset", "digits", "--model", "mlp", "--model-kwargs", '{"hidden": [32, 16]}',
+        "--epochs", "3", "--seeds", "0", "--criteria", "flap", "--ratios", "0.5",
+        "--modes", "uniform", "--stages", "pruned", "--finetune-epochs", "0",
+        "--calib-size", "32", "--threads", "1", "--no-plot",
+        "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(out2)]) == 0
+    assert _read_csv(out2 / "rows.csv")[0]["acc_bias"] == ""
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""Pruning criteria for the benchmarks: Torch-Pruning's baselines (Hessian fixed), the curvature
+"""Pruning criteria for the benchmarks: Torch-Pruning's baselines (Hessian fixed), the
+calibration-data peers of :mod:`engine.peers` (activation, Wanda-sp, FLAP), the curvature
 importance, and the loop that scores every prunable group once.
 
 ``make_criterion(name, seed, args)`` builds a :class:`Criterion` (an importance plus what it
@@ -18,6 +19,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+
+from .peers import PEERS
 
 # ============================================================================================
 # Baseline criteria: Torch-Pruning's, with the Hessian accumulation fixed
@@ -134,6 +137,16 @@ def make_criterion(name: str, seed: int, args) -> Criterion:
                 "calibration batch" if name == "hessian" else
                 "Torch-Pruning 1.6.1 as shipped: only the last sample's squared gradient")
         return Criterion(name, imp, accumulate, note=note)
+    if name in PEERS:
+        peer = PEERS[name]()
+
+        def collect(model, x, y):
+            peer.calibrate(model, x)
+        notes = {"activation": "mean |input| of the channel at its consumers (calibration batch)",
+                 "wanda": "Wanda-sp: ||X_c||_2 * sum_i |W[i, c]| at the consumers",
+                 "flap": "FLAP WIFV: Var(X_c) * ||W[:, c]||^2 at the consumers, standardised "
+                         "per layer"}
+        return Criterion(name, peer, collect, note=notes[name])
     parts = _curvature_parts(name)
     if parts is not None:
         from tp_curvature import CurvatureImportance
@@ -150,7 +163,8 @@ def make_criterion(name: str, seed: int, args) -> Criterion:
                          note=f"alpha={args.alpha}, variant={variant}, reduction={reduction}, "
                               f"topk={args.topk}, backend={args.backend}")
     raise ValueError(f"unknown criterion {name!r}; choose from random, l1, l2, lamp, fpgm, "
-                     "taylor, hessian, hessian-tp, curvature[-flow][-min|-negsum]")
+                     "taylor, hessian, hessian-tp, activation, wanda, flap, "
+                     "curvature[-flow][-min|-negsum]")
 
 
 # ============================================================================================
