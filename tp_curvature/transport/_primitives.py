@@ -180,22 +180,20 @@ def dual_bound(C, zi, wi, cz, cw, d, a, b, f, g):
         \langle T, M \rangle \ge \sum_{ij} T_{ij} (f'_i + g'_j)
         = \sum_i a_i f'_i + \sum_j b_j g'_j =: LB,
 
-    whatever ``f`` is. Returns LB (``-inf`` if a positive-mass row has a non-finite
-    potential, e.g. an underflowed scaling). ``g`` is a workspace (kw+1 entries).
+    whatever ``f`` is. Rows with a non-finite potential (an underflowed scaling) are left out
+    of :math:`g'` and get theirs from :math:`f' = g'^c` (still feasible). Returns LB
+    (``-inf`` if no finite :math:`g'` exists). ``g`` is a workspace (kw+1 entries).
     """
     kz = a.shape[0] - 1
     kw = b.shape[0] - 1
-    for i in range(kz + 1):
-        if a[i] > 0.0 and not math.isfinite(f[i]):
-            return -np.inf
-    # g' = c-transform of f over the positive-mass rows (x row first, then the z rows)
-    ax = a[kz] > 0.0
+    # g' = c-transform of f over the positive-mass rows with a finite potential (x row first)
+    ax = a[kz] > 0.0 and math.isfinite(f[kz])
     fx = f[kz]
     for j in range(kw):
         g[j] = cw[j] - fx if ax else np.inf
     g[kw] = d - fx if ax else np.inf
     for i in range(kz):
-        if a[i] > 0.0:
+        if a[i] > 0.0 and math.isfinite(f[i]):
             fi = f[i]
             zr = zi[i]
             for j in range(kw):
@@ -203,6 +201,9 @@ def dual_bound(C, zi, wi, cz, cw, d, a, b, f, g):
                 g[j] = t if t < g[j] else g[j]
             t = cz[i] - fi
             g[kw] = t if t < g[kw] else g[kw]
+    for j in range(kw + 1):
+        if b[j] > 0.0 and not g[j] < np.inf:
+            return -np.inf
     # f' = c-transform of g' over the positive-mass columns, and the bound
     lb = 0.0
     for j in range(kw + 1):
