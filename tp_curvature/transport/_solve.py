@@ -105,9 +105,11 @@ def solve_w1(
         slower per iteration, faster than float32 when most problems fall back, e.g. at small
         eps); ``"log"`` solves every problem alone in the log domain (slow; for checks).
     kappa_tol : float or None
-        Certified accuracy: re-solve exactly (``ot.emd2``) every connection whose certified
-        kappa error bound exceeds it (default 0.02). ``None``: return the Sinkhorn values as
-        they are (the bound is still reported).
+        Certified accuracy (default 0.02): every connection whose certified kappa error bound
+        exceeds it is solved again by the engine at a quarter of ``eps`` and ``tol`` in
+        float64, and, if its bound still exceeds ``kappa_tol``, exactly (``ot.emd2``).
+        ``None``: return the first-pass Sinkhorn values as they are (the bound is still
+        reported).
     validate : bool
         Call ``problem.validate()`` first.
     log : bool
@@ -122,10 +124,12 @@ def solve_w1(
         ``tol``. ``"sinkhorn"``: ``uniform_support``, ``k_z``, ``k_w`` (union support sizes,
         or the largest row support when ragged), ``iterations_mean``, ``iterations_max``,
         ``n_not_converged``, ``n_float64``, ``n_log_domain``, ``seconds_prepare``, ``max_iter``,
-        ``omega``, ``eps_scaling``, ``levels``, ``mass_tol``, ``mass_tol_effective``, ``kappa_tol``,
-        ``n_exact_fallback`` (connections re-solved exactly), ``kappa_gap`` ((n_x, n_y) certified
-        bound of |kappa error| of the returned values, 0 where exact, NaN off ``solve``),
-        ``kappa_gap_max`` (its max), ``seconds_certificate`` (bound and exact re-solves).
+        ``omega``, ``eps_scaling``, ``levels``, ``mass_tol``, ``mass_tol_effective``,
+        ``kappa_tol``, ``n_refined`` (connections solved again at a smaller eps),
+        ``n_exact_fallback`` (connections re-solved exactly), ``kappa_gap`` ((n_x, n_y)
+        certified bound of |kappa error| of the returned values, 0 where exact, NaN off
+        ``solve``), ``kappa_gap_max`` (its max), ``seconds_certificate`` (bound, refinement
+        and exact re-solves).
         Loop backends: ``n_warnings`` (POT warnings).
     """
     if validate:
