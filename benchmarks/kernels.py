@@ -42,7 +42,7 @@ from tp_curvature.testing import random_layer_pair, truncate_topk  # noqa: E402
 FIELDS = ["source", "layer", "n", "measure", "alpha", "topk", "backend", "layer_connections", "timed_connections",
           "seconds", "conn_per_s", "speedup_vs_emd2", "acc_connections", "max_abs_dkappa",
           "mean_dkappa", "spearman", "iterations_mean", "eps", "tol", "threads", "density",
-          "kappa_tol", "n_exact_fallback", "kappa_gap_max"]
+          "kappa_tol", "n_refined", "n_exact_fallback", "kappa_gap_max"]
 
 
 def with_solve(problem, pairs):
@@ -211,7 +211,8 @@ def bench_problem(P, where: dict, args, opts, threads) -> list:
                          speedup_vs_emd2=Pn.n_connections / t_n / rate_e, acc_connections=n_acc,
                          max_abs_dkappa=mx, mean_dkappa=mean, spearman=rho,
                          iterations_mean=st.get("iterations_mean", np.nan), eps=args.eps,
-                         tol=args.tol, kappa_tol=kt, n_exact_fallback=st["n_exact_fallback"],
+                         tol=args.tol, kappa_tol=kt, n_refined=st.get("n_refined", 0),
+                         n_exact_fallback=st["n_exact_fallback"],
                          kappa_gap_max=st["kappa_gap_max"]))
         if st.get("n_not_converged"):
             print(f"  n={n}: {be}: {st['n_not_converged']} problems hit max_iter", flush=True)
@@ -284,8 +285,8 @@ def write_outputs(rows, args):
 
 def markdown(rows):
     head = ("| n | backend | conns timed | conn/s | x emd2 | max abs dkappa | Spearman | "
-            "mean iters | exact fallbacks | max certified gap |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+            "mean iters | refined | exact fallbacks | max certified gap |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         it = r["iterations_mean"]
         its = f"{it:.1f}" if np.isfinite(it) else ""
@@ -294,7 +295,7 @@ def markdown(rows):
             f"| {where} | {r['backend']} | {r['timed_connections']} | "
             f"{r['conn_per_s']:,.0f} | {r['speedup_vs_emd2']:.1f} | "
             f"{r['max_abs_dkappa']:.4f} | {r['spearman']:.5f} | {its} | "
-            f"{r.get('n_exact_fallback', '')} | "
+            f"{r.get('n_refined', '')} | {r.get('n_exact_fallback', '')} | "
             + (f"{r['kappa_gap_max']:.4f} |" if 'kappa_gap_max' in r else " |"))
     return "\n".join(lines)
 
