@@ -41,7 +41,8 @@ from tp_curvature.testing import random_layer_pair, truncate_topk  # noqa: E402
 
 FIELDS = ["source", "layer", "n", "measure", "alpha", "topk", "backend", "layer_connections", "timed_connections",
           "seconds", "conn_per_s", "speedup_vs_emd2", "acc_connections", "max_abs_dkappa",
-          "mean_dkappa", "spearman", "iterations_mean", "eps", "tol", "threads"]
+          "mean_dkappa", "spearman", "iterations_mean", "eps", "tol", "threads", "density",
+          "kappa_tol", "n_refined", "n_exact_fallback", "kappa_gap_max"]
 
 
 def with_solve(problem, pairs):
@@ -141,7 +142,8 @@ def run(args):
     print(f"numba warm-up (compile or cache load): {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     for n in tqdm(args.sizes, desc="layer widths"):
-        P = random_layer_pair(n, args.seed, measure=args.measure, alpha=args.alpha)
+        P = random_layer_pair(n, args.seed, measure=args.measure, alpha=args.alpha,
+                              density=args.density)
         rows += bench_problem(P, dict(source="random", n=n), args, opts, threads)
     for spec in tqdm(args.trained, desc="trained models"):
         for name, P in trained_layer_problems(spec, args).items():
@@ -181,7 +183,7 @@ def bench_problem(P, where: dict, args, opts, threads) -> list:
     perm = pairs[rng.permutation(len(pairs))]
     n_layer = len(pairs)
     common = dict(where, measure=args.measure, alpha=P.alpha, topk=args.topk or 0,
-                  layer_connections=n_layer, threads=threads)
+                  layer_connections=n_layer, threads=threads, density=args.density)
     # ---- exact reference (on a random subset, time budget)
     ref, n_e, t_e = pot_loop(P, perm, args.budget, "emd2", args.eps, args.tol)
     rate_e = n_e / t_e
@@ -196,19 +198,24 @@ def bench_problem(P, where: dict, args, opts, threads) -> list:
         Pn = with_solve(Pk, np.concatenate([sub, extra]))
     else:
         Pn = Pk
-    t0 = time.perf_counter()
-    W, st = solve_w1(Pn, **opts, log=True)
-    t_n = time.perf_counter() - t0
-    got = {(int(i), int(j)): float(W[i, j]) for i, j in sub}
-    n_acc, mx, mean, rho = accuracy(P, ref, got)
-    rows.append(dict(common, backend="numba", timed_connections=Pn.n_connections,
-                     seconds=t_n, conn_per_s=Pn.n_connections / t_n,
-                     speedup_vs_emd2=Pn.n_connections / t_n / rate_e, acc_connections=n_acc,
-                     max_abs_dkappa=mx, mean_dkappa=mean, spearman=rho,
-                     iterations_mean=st.get("iterations_mean", np.nan), eps=args.eps,
-                     tol=args.tol))
-    if st.get("n_not_converged"):
-        print(f"  n={n}: numba: {st['n_not_converged']} problems hit max_iter", flush=True)
+    # "numba": the default (certified, kappa_tol); "numba-nocert": kappa_tol=None (the raw
+    # Sinkhorn values, as before the certificate)
+    for be, kt in (("numba", args.kappa_tol), ("numba-nocert", None)):
+        t0 = time.perf_counter()
+        W, st = solve_w1(Pn, **opts, kappa_tol=kt, log=True)
+        t_n = time.perf_counter() - t0
+        got = {(int(i), int(j)): float(W[i, j]) for i, j in sub}
+        n_acc, mx, mean, rho = accuracy(P, ref, got)
+        rows.append(dict(common, backend=be, timed_connections=Pn.n_connections,
+                         seconds=t_n, conn_per_s=Pn.n_connections / t_n,
+                         speedup_vs_emd2=Pn.n_connections / t_n / rate_e, acc_connections=n_acc,
+                         max_abs_dkappa=mx, mean_dkappa=mean, spearman=rho,
+                         iterations_mean=st.get("iterations_mean", np.nan), eps=args.eps,
+                         tol=args.tol, kappa_tol=kt, n_refined=st.get("n_refined", 0),
+                         n_exact_fallback=st["n_exact_fallback"],
+                         kappa_gap_max=st["kappa_gap_max"]))
+        if st.get("n_not_converged"):
+            print(f"  n={n}: {be}: {st['n_not_converged']} problems hit max_iter", flush=True)
     # ---- POT sinkhorn2 loop on the exact subset
     if not args.no_sinkhorn2:
         got, n_s, t_s = pot_loop(Pk, sub, args.budget, "sinkhorn2", args.eps, args.tol)
@@ -278,8 +285,8 @@ def write_outputs(rows, args):
 
 def markdown(rows):
     head = ("| n | backend | conns timed | conn/s | x emd2 | max abs dkappa | Spearman | "
-            "mean iters |")
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+            "mean iters | refined | exact fallbacks | max certified gap |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         it = r["iterations_mean"]
         its = f"{it:.1f}" if np.isfinite(it) else ""
@@ -287,7 +294,9 @@ def markdown(rows):
         lines.append(
             f"| {where} | {r['backend']} | {r['timed_connections']} | "
             f"{r['conn_per_s']:,.0f} | {r['speedup_vs_emd2']:.1f} | "
-            f"{r['max_abs_dkappa']:.4f} | {r['spearman']:.5f} | {its} |")
+            f"{r['max_abs_dkappa']:.4f} | {r['spearman']:.5f} | {its} | "
+            f"{r.get('n_refined', '')} | {r.get('n_exact_fallback', '')} | "
+            + (f"{r['kappa_gap_max']:.4f} |" if 'kappa_gap_max' in r else " |"))
     return "\n".join(lines)
 
 
@@ -297,6 +306,11 @@ def parse(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
     p.add_argument("--measure", choices=["paper", "flow"], default="paper")
     p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--density", type=float, default=1.0,
+                   help="keep each random weight with this probability (sparse layers; "
+                        "unreachable pairs get capped costs as in the graph code)")
+    p.add_argument("--kappa-tol", type=float, default=K.DEFAULTS["kappa_tol"],
+                   help="certified kappa accuracy of the numba row (numba-nocert: None)")
     p.add_argument("--eps", type=float, default=K.DEFAULTS["eps"])
     p.add_argument("--tol", type=float, default=K.DEFAULTS["tol"])
     p.add_argument("--max-iter", type=int, default=K.DEFAULTS["max_iter"])

@@ -212,3 +212,79 @@ def test_submodule_modes_restored(mixed_modes):
     with pytest.raises(RuntimeError, match="forward failed"):       # raised by the shape pass
         connection_curvature(model, x, forward_fn=failing)
     check()
+
+
+# ---------------------------------------------------------------- calibration data forms
+def _kap(res):
+    return {k: v.kappa for k, v in res.items()}
+
+
+def test_calibration_data_forms_and_one_streaming_pass():
+    from tp_curvature.hooks import CalibrationData
+
+    m = small_mlp()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 12, generator=g)
+    ref = _kap(connection_curvature(m, x, topk=4))
+    # a list of same-shaped tensors is several batches; a list of (x, y) lists too
+    for data in ([x[:8], x[8:]], [[x[:8], torch.zeros(8)], [x[8:], torch.zeros(8)]],
+                 (x, torch.zeros(16, 3))):
+        got = _kap(connection_curvature(m, data, topk=4))
+        for k in ref:
+            np.testing.assert_allclose(got[k], ref[k], atol=1e-9)
+    # max_batches caps every form, a tensor included (one batch)
+    assert len(CalibrationData([x[:4]] * 5, max_batches=2)) == 2
+    assert len(CalibrationData(x, max_batches=3)) == 1
+    # a one-shot iterator is read once, at most max_batches items, then replayed
+    reads = []
+
+    def gen():
+        for i in range(10):
+            reads.append(i)
+            yield x[i:i + 1]
+    data = CalibrationData(gen(), max_batches=3)
+    assert reads == []                                   # nothing read at construction
+    assert len(list(data)) == 3 and reads == [0, 1, 2]
+    assert len(list(data)) == 3 and reads == [0, 1, 2]   # replayed, not read again
+    with pytest.raises(CalibrationError, match="max_batches"):
+        CalibrationData(iter([x]))
+    with pytest.raises(CalibrationError, match="cannot use"):
+        connection_curvature(m, 3.0)
+
+    class SameIterator:                                  # iter() returns one shared iterator
+        def __init__(self):
+            self.it = iter([x[:8], x[8:]])
+
+        def __iter__(self):
+            return self.it
+    data = CalibrationData(SameIterator())
+    assert len(list(data)) == 2
+    with pytest.raises(CalibrationError, match="second pass"):
+        list(data)
+
+
+@pytest.mark.parametrize("option, value", [
+    ("p", float("inf")), ("p", True), ("topk", True), ("alpha", "0.5"), ("normalize", None),
+    ("length", "cost"), ("measure", "uniform"), ("backend_options", {"not_a_solver_kw": 1}),
+    ("backend_options", [("eps", 0.1)]),
+])
+def test_config_rejects_bad_values_by_name(option, value):
+    from tp_curvature import CurvatureConfig
+
+    with pytest.raises(ValueError, match=option):
+        CurvatureConfig(**{option: value})
+
+
+def test_config_extremes_are_valid():
+    from tp_curvature import CurvatureConfig
+
+    cfg = CurvatureConfig(alpha=0, topk=np.int64(1), p=0.5, backend_options={"eps": 0.05})
+    assert (cfg.alpha, cfg.topk, type(cfg.topk)) == (0.0, 1, int)
+    m = small_mlp()
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(1))
+    for kw in (dict(alpha=0.0, topk=1), dict(alpha=0.0, topk=None), dict(p=0.5, topk=4)):
+        res = connection_curvature(m, x, **kw)
+        kappa_max = 1.0 / (1.0 - kw.get("alpha", 0.5))
+        for lc in res.values():
+            assert np.isfinite(lc.kappa).all()
+            assert np.all(lc.kappa <= kappa_max + 1e-9)

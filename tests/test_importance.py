@@ -299,3 +299,46 @@ def test_submodule_modes_restored(mixed_modes):
     with pytest.raises(CalibrationError, match="non-finite"):
         CurvatureImportance(**FAST).calibrate(model, bad)
     check()
+
+
+@pytest.mark.parametrize("kw", [dict(group_reduction=None), dict(normalizer="sentinel_1"),
+                                dict(normalizer="sentinel_x"), dict(progress="yes"),
+                                dict(max_batches=True)])
+def test_importance_options_refused_by_name(kw):
+    (option,) = kw
+    with pytest.raises(ValueError, match=option):
+        CurvatureImportance(**kw)
+
+
+def test_importance_options_accepted():
+    for kw in (dict(normalizer="sentinel_0.5"), dict(normalizer=lambda s: s),
+               dict(normalizer="standarization"), dict(group_reduction="gate"),
+               dict(max_batches=np.int64(3))):
+        CurvatureImportance(**kw)
+
+
+def test_failed_calibrate_keeps_previous_and_one_shot_is_replayed():
+    torch.manual_seed(0)
+    model = zoo.mlp(64, hidden=(16,), num_classes=10).eval()
+    x = _calib((1, 8, 8), n=12)
+    reads = []
+
+    def gen():
+        for i in range(12):
+            reads.append(i)
+            yield x[i:i + 4]
+    imp = CurvatureImportance(max_batches=3, **FAST).calibrate(model, gen())
+    assert reads == [0, 1, 2]
+    before = {k: v[1].copy() for k, v in imp.channel_scores().items()}
+    with pytest.raises(CalibrationError):
+        imp.calibrate(model, [{"pixels": x}])           # no forward_fn: refused
+    assert imp.model is model
+    for k, v in imp.channel_scores().items():
+        np.testing.assert_array_equal(v[1], before[k])
+    lin = [m for m in model.modules() if isinstance(m, nn.Linear)][0]
+    lin.weight.data.mul_(0.5)                            # recomputation replays the kept batches
+    imp.channel_scores()
+    assert reads == [0, 1, 2]
+    ref = CurvatureImportance(**FAST).calibrate(model, [x[i:i + 4] for i in range(3)])
+    for k, v in imp.channel_scores().items():
+        np.testing.assert_array_equal(v[1], ref.channel_scores()[k][1])

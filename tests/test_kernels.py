@@ -359,3 +359,99 @@ def test_property_sinkhorn_upper_bounds_exact(seed, n_z, n_w, alpha, scale):
         d = P.d_xy[i, j]
         bound = eps * np.log(M.size) + 2 * tol * M.max() / d
         assert -NEG_SLACK <= (W[i, j] - We[i, j]) / d <= bound
+
+
+# --------------------------------------------------------------- certified accuracy (kappa_tol)
+def _kappa_err(W, We, P):
+    return np.abs(W - We) / (P.d_xy * (1 - P.alpha))
+
+
+def _cert_problem(kind, alpha):
+    if kind == "dense":
+        return random_layer_pair(10, 3, alpha=alpha)
+    if kind == "sparse":  # 50% zero weights: unreachable pairs get large capped costs
+        return random_layer_pair(12, 1, alpha=alpha, density=0.5)
+    if kind == "topk":  # ragged supports (the one-at-a-time path)
+        return random_layer_pair(12, 5, alpha=alpha, measure="flow", topk=4)
+    return _random_costs_problem(np.random.default_rng(4), 5, 6, 7, 6, alpha=alpha, k_z=4, k_w=3)
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64", "log"])
+@pytest.mark.parametrize("alpha", [0.5, 0.9, 0.99])
+@pytest.mark.parametrize("kind", ["dense", "sparse", "topk", "randcost"])
+def test_certificate_brackets_exact(kind, alpha, precision):
+    """LB = P - kappa_gap d (1-alpha) <= exact W1 <= P (up to float32 rounding of P), i.e. the
+    reported kappa_gap bounds the true kappa error of every value, on every engine path."""
+    P = _cert_problem(kind, alpha)
+    We = solve_w1(P, "exact")
+    m = P.solve
+    for mass_tol in (0.0, DEFAULTS["mass_tol"]):
+        W, lg = solve_w1(P, kappa_tol=None, precision=precision, mass_tol=mass_tol, log=True)
+        assert lg["n_exact_fallback"] == 0
+        gap = lg["kappa_gap"]
+        assert np.isnan(gap[~m]).all() and (gap[m] >= 0).all()
+        assert lg["kappa_gap_max"] == pytest.approx(gap[m].max())
+        err = _kappa_err(W, We, P)[m]
+        assert (err <= gap[m] + 1e-12).all()
+        if mass_tol == 0.0:  # no trimming: the bound is LB <= W1 <= P itself
+            lb = W - gap * P.d_xy * (1 - alpha)
+            assert (lb[m] <= We[m] * (1 + 1e-12)).all()
+            assert (We[m] <= W[m] * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.9, 0.99])
+def test_kappa_tol_holds_on_sparse_layers(alpha):
+    """The default (kappa_tol=0.02) keeps every kappa within 0.02 of exact on sparse layers
+    with capped costs, where plain Sinkhorn is off by 0.1-0.2 at alpha 0.9 / 0.99."""
+    P = random_layer_pair(24, 0, alpha=alpha, density=0.5)
+    We = solve_w1(P, "exact")
+    W, lg = solve_w1(P, log=True)
+    err = _kappa_err(W, We, P)[P.solve]
+    assert err.max() <= DEFAULTS["kappa_tol"]
+    assert lg["kappa_gap_max"] <= DEFAULTS["kappa_tol"]
+    assert (err <= lg["kappa_gap"][P.solve] + 1e-12).all()
+    if alpha == 0.99:
+        assert lg["n_exact_fallback"] > 0
+        W0 = solve_w1(P, kappa_tol=None)
+        assert _kappa_err(W0, We, P)[P.solve].max() > 0.05  # what the certificate catches
+    tight = solve_w1(P, kappa_tol=0.005)
+    assert _kappa_err(tight, We, P)[P.solve].max() <= 0.005
+
+
+def test_kappa_tol_no_fallback_on_dense_default():
+    P = random_layer_pair(32, 0)
+    W, lg = solve_w1(P, log=True)
+    assert lg["n_exact_fallback"] == 0 and lg["kappa_tol"] == DEFAULTS["kappa_tol"]
+    assert lg["kappa_gap_max"] <= DEFAULTS["kappa_tol"]
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_kappa_tol_none_leaves_values_alone(precision):
+    """kappa_tol only replaces values: with the same trimming (mass_tol=0), every connection
+    certified by the first pass keeps the engine's value bit for bit, the others are refined
+    (then re-solved exactly if still uncertified), and None re-solves nothing."""
+    P = random_layer_pair(16, 1, alpha=0.9)
+    W0, lg0 = solve_w1(P, kappa_tol=None, mass_tol=0.0, precision=precision, log=True)
+    W1, lg1 = solve_w1(P, kappa_tol=0.02, mass_tol=0.0, precision=precision, log=True)
+    assert lg0["n_exact_fallback"] == 0 and lg0["n_refined"] == 0
+    ok = P.solve & (lg0["kappa_gap"] <= 0.02)
+    assert ok.any() and np.array_equal(W0[ok], W1[ok])
+    assert lg1["n_refined"] == (P.solve & ~ok).sum() > 0
+    assert lg1["n_exact_fallback"] <= lg1["n_refined"]
+    assert np.all(lg1["kappa_gap"][P.solve] <= 0.02)
+    with pytest.raises(ValueError):
+        solve_w1(P, kappa_tol=0.0)
+
+
+def test_refinement_pass_saves_exact_solves():
+    """At alpha 0.9 on sparse layers most first-pass bounds exceed kappa_tol; the float64
+    pass at a quarter of eps certifies them, so (almost) nothing goes to the exact solver,
+    and every returned value is within kappa_tol of exact."""
+    P = random_layer_pair(32, 0, density=0.5, alpha=0.9)
+    W, lg = solve_w1(P, log=True)
+    assert lg["n_refined"] > 0.2 * lg["n_solved"]
+    assert lg["n_exact_fallback"] < 0.1 * lg["n_refined"]
+    ref = solve_w1(P, backend="exact")
+    d = P.d_xy[P.solve]
+    err = np.abs(W[P.solve] - ref[P.solve]) / d / (1 - P.alpha)
+    assert err.max() <= 0.02

@@ -14,8 +14,9 @@ from _reference import element_curvature as reference
 
 from tp_curvature.graph import UnsupportedModelError
 from tp_curvature.unstructured import (
-    edge_curvature, element_graph, magnitude_scores, masks_from_scores, prune_by_curvature,
-    prune_by_magnitude, prune_random, remove_pruning, weight_curvature, weight_sparsity,
+    UnknownWeightError, apply_masks, edge_curvature, element_graph, magnitude_scores,
+    masks_from_scores, node_values, prune_by_curvature, prune_by_magnitude, prune_by_scores,
+    prune_random, remove_pruning, weight_curvature, weight_sparsity,
 )
 
 
@@ -221,3 +222,192 @@ def test_submodule_modes_restored(mixed_modes):
     with pytest.raises(RuntimeError):               # the node-value pass fails
         edge_curvature(model, torch.randn(1, 2, 6, 6), graph=g)
     check()
+
+
+# ---------------------------------------------------------------- input checks (issue 10, defect 7)
+FAST = dict(topk=4, progress=False)
+
+
+def _imgs(n=2, seed=7):
+    return torch.randn(n, 1, 6, 6, generator=torch.Generator().manual_seed(seed))
+
+
+def _no_masks(model):
+    return not any(hasattr(m, "weight_mask") for m in model.modules())
+
+
+def test_non_finite_image_is_named_by_index():
+    x = _imgs(4)
+    x[2, 0, 1, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"non-finite.*image\(s\) 2"):
+        weight_curvature(tiny_model(), x, **FAST)
+
+
+@pytest.mark.parametrize("call", ["edge_curvature", "node_values", "element_graph"])
+def test_empty_images_refused_by_every_entry_point(call):
+    model, x = tiny_model(), _imgs(1)[:0]
+    with pytest.raises(ValueError, match="empty"):
+        if call == "edge_curvature":
+            edge_curvature(model, x)
+        elif call == "node_values":
+            node_values(element_graph(model, _imgs(1)), x)
+        else:
+            element_graph(model, x)
+
+
+@pytest.mark.parametrize("target", [
+    torch.tensor([0, 2]), torch.tensor([0.5, 1.5]), torch.tensor([[1, 0], [0, 1]]).bool(),
+    torch.tensor([1, 2], dtype=torch.uint8)])
+def test_images_target_pair_of_any_dtype(target):
+    model, x = tiny_model(1), _imgs(2)
+    ref = weight_curvature(model, x, **FAST)
+    got = weight_curvature(model, (x, target), **FAST)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@pytest.mark.parametrize("images,exc,needle", [
+    (np.zeros((2, 1, 6, 6), np.float32), TypeError, "ndarray"),
+    ([torch.zeros(1, 1, 6, 6)] * 3, TypeError, "pair"),
+    ((torch.zeros(2, 1, 6, 6), torch.zeros(3)), ValueError, "3 targets"),
+    (torch.zeros(2, 1, 6, 6, dtype=torch.long), TypeError, "floating"),
+    (torch.zeros(6), ValueError, "batch"),
+])
+def test_bad_image_types_refused(images, exc, needle):
+    with pytest.raises(exc, match=needle):
+        weight_curvature(tiny_model(), images, **FAST)
+
+
+@pytest.mark.parametrize("layer,attr,needle", [
+    ("6", "bias", r"layer '6' \(Linear\).*bias"),
+    ("3", "running_var", r"BatchNorm '3' after layer '2'.*running_var"),
+    ("3", "weight", r"BatchNorm '3'.*weight"),
+])
+def test_non_finite_parameters_name_the_layer(layer, attr, needle):
+    model = tiny_model(2, bn=True)
+    with torch.no_grad():
+        getattr(model.get_submodule(layer), attr)[0] = float("nan")
+    with pytest.raises(ValueError, match=needle):
+        weight_curvature(model, _imgs(), **FAST)
+    with pytest.raises(ValueError, match=needle):
+        edge_curvature(model, _imgs(1))
+
+
+def test_negative_bn_variance_names_the_batchnorm():
+    model = tiny_model(2, bn=True)
+    with torch.no_grad():
+        model[3].running_var[1] = -1.0
+    with pytest.raises(ValueError, match=r"BatchNorm '3'.*running_var \+ eps <= 0"):
+        weight_curvature(model, _imgs(), **FAST)
+
+
+def test_non_finite_activations_name_the_layer_and_leave_state(mixed_modes):
+    model = tiny_model(3)
+    with torch.no_grad():
+        model[0].weight.fill_(3e38)                     # finite weights, overflowing forward
+    check = mixed_modes(model, "1")
+    model[2].register_forward_hook(lambda *a: None)
+    hooks = {n: (len(m._forward_hooks), len(m._forward_pre_hooks))
+             for n, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"non-finite.*input of layer '2'"):
+        weight_curvature(model, _imgs(), **FAST)
+    check()
+    assert hooks == {n: (len(m._forward_hooks), len(m._forward_pre_hooks))
+                     for n, m in model.named_modules()}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("kw,exc,needle", [
+    (dict(output="probs"), ValueError, "output"),
+    (dict(reduce="max"), ValueError, "reduce"),
+    (dict(normalize="zscore"), ValueError, "normalize"),
+    (dict(alpha=float("nan")), ValueError, "alpha"),
+    (dict(alpha=1.0), ValueError, "alpha"),
+    (dict(topk=2.5), ValueError, "topk"),
+    (dict(topk=0), ValueError, "topk"),
+    (dict(backend="magic"), ValueError, "backend"),
+    (dict(variant="other"), ValueError, "variant"),
+    (dict(tokp=4), TypeError, "tokp"),
+])
+def test_options_checked_up_front_naming_the_option(kw, exc, needle):
+    unsupported = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2))   # would fail in tracing
+    with pytest.raises(exc, match=needle):
+        weight_curvature(unsupported, _imgs(), progress=False, **kw)
+    if "reduce" not in kw:
+        with pytest.raises(exc, match=needle):
+            edge_curvature(unsupported, _imgs(1), **kw)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(sparsity=1.5), "sparsity"), (dict(sparsity=float("nan")), "sparsity"),
+    (dict(order="middle"), "order"), (dict(scope="model"), "scope"),
+    (dict(tie_break="size"), "tie_break"), (dict(seed=0.5), "seed"),
+])
+def test_prune_options_checked_before_masking(kw, needle):
+    model = tiny_model(4)
+    scores = magnitude_scores(model)
+    kw = {"sparsity": 0.5, **kw}
+    with pytest.raises((ValueError, TypeError), match=needle):
+        prune_by_curvature(model, scores, **kw)
+    assert _no_masks(model)
+
+
+def _bad_key(s):
+    s["9.weight"] = torch.zeros(3)
+
+
+def _bad_shape(s):
+    s["5.weight"] = s["5.weight"][:, :-1]
+
+
+def _not_tensor(s):
+    s["7.weight"] = s["7.weight"].numpy()
+
+
+def _inf(s):
+    s["7.weight"][1, 1] = float("-inf")
+
+
+@pytest.mark.parametrize("spoil,exc,needle", [
+    (_bad_key, KeyError, "'9.weight'"), (_bad_shape, ValueError, r"'5.weight'.*shape"),
+    (_not_tensor, TypeError, "'7.weight'"), (_inf, ValueError, r"'7.weight'.*non-finite"),
+])
+@pytest.mark.parametrize("call", ["prune_by_curvature", "prune_by_scores", "magnitude_tie"])
+def test_bad_scores_refused_before_any_mask(spoil, exc, needle, call):
+    model = tiny_model(4)
+    scores = magnitude_scores(model)
+    spoil(scores)
+    with pytest.raises(exc, match=needle):
+        if call == "prune_by_scores":
+            prune_by_scores(model, scores, 0.5, scope="layer")
+        else:
+            prune_by_curvature(model, scores, 0.5,
+                               tie_break="magnitude" if call == "magnitude_tie" else "random")
+    assert _no_masks(model)
+    assert issubclass(UnknownWeightError, ValueError)
+
+
+def test_masks_from_scores_and_apply_masks_check_everything_first():
+    model = tiny_model(4)
+    scores = magnitude_scores(model)
+    with pytest.raises(ValueError, match="empty"):
+        masks_from_scores({}, 0.5)
+    bad = dict(scores)
+    bad["5.weight"] = bad["5.weight"].clone()
+    bad["5.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"'5.weight'.*non-finite"):
+        masks_from_scores(bad, 0.5)
+    sec = dict(scores)
+    del sec["7.weight"]
+    with pytest.raises(ValueError, match=r"secondary.*'7.weight'"):
+        masks_from_scores(scores, 0.5, secondary=sec)
+    masks = masks_from_scores(scores, 0.5)
+    masks["7.weight"] = masks["7.weight"].float() * 2           # the last mask is not 0/1
+    with pytest.raises(ValueError, match=r"masks\['7.weight'\].*0/1"):
+        apply_masks(model, masks)
+    assert _no_masks(model)
+    masks["7.weight"] = masks["7.weight"][:1]
+    with pytest.raises(ValueError, match=r"masks\['7.weight'\].*shape"):
+        apply_masks(model, masks)
+    assert _no_masks(model)

@@ -42,6 +42,10 @@ is small (see ``benchmarks/kernels.py``); the kernels' work grows as :math:`(k+1
 """
 from __future__ import annotations
 
+import importlib
+import inspect
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -57,9 +61,41 @@ from .shortest_paths import minplus
 VARIANTS = {"paper": ("weight", "activation"), "flow": ("flow", "flow")}
 
 
+NORMALIZE_MODES = ("minmax", "max")
+BACKENDS = ("sinkhorn", "exact", "pot-sinkhorn")
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def solver_keywords() -> frozenset:
+    """The keyword options the transport solver ``solve_w1`` takes (``backend_options``)."""
+    for mod in ("transport", "kernels"):
+        try:
+            fn = importlib.import_module(f".{mod}", __package__).solve_w1
+        except (ImportError, AttributeError):
+            continue
+        params = inspect.signature(fn).parameters.values()
+        return frozenset(q.name for q in params if q.kind == q.KEYWORD_ONLY)
+    raise ImportError("tp_curvature has no transport solver (solve_w1)")
+
+
 @dataclass
 class CurvatureConfig:
-    """Every knob of the curvature definition and its solver."""
+    """Every knob of the curvature definition and its solver, checked when it is built
+    (``ValueError`` naming the option and its accepted values).
+
+    ``alpha`` in [0, 1) (the mass a measure keeps at its centre: 0 puts it all on the
+    neighbours and kappa is at most 1; 1 is excluded, kappa has a factor 1/(1 - alpha));
+    ``variant`` "paper" | "flow" | None; ``length`` "weight" | "flow"; ``measure``
+    "activation" | "flow"; ``p`` > 0 and finite (the norm of a kernel slice; p = inf is refused,
+    and a very large p, above ~50, can underflow small weights to a zero strength: keep p <= 10);
+    ``normalize`` "minmax" | "max"; ``topk`` a positive int (1 keeps each measure's single
+    heaviest neighbour) or None (all); ``backend`` "sinkhorn" | "exact" | "pot-sinkhorn";
+    ``backend_options`` keyword arguments of the solver's ``solve_w1`` (``eps``, ``tol``,
+    ``max_iter``...).
+    """
     alpha: float = 0.5
     variant: Optional[str] = "paper"
     length: Optional[str] = None       # "weight" | "flow" (overrides variant)
@@ -72,7 +108,8 @@ class CurvatureConfig:
 
     def __post_init__(self):
         if self.variant is not None and self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)} or None, got "
+                             f"{self.variant!r}")
         base = VARIANTS.get(self.variant or "paper")
         self.length = self.length or base[0]
         self.measure = self.measure or base[1]
@@ -80,14 +117,34 @@ class CurvatureConfig:
             raise ValueError(f"length must be 'weight' or 'flow', got {self.length!r}")
         if self.measure not in ("activation", "flow"):
             raise ValueError(f"measure must be 'activation' or 'flow', got {self.measure!r}")
-        if not 0.0 <= self.alpha < 1.0:
-            raise ValueError(f"alpha must be in [0, 1), got {self.alpha}")
-        if self.topk is not None and self.topk < 1:
-            raise ValueError(f"topk must be a positive int or None, got {self.topk}")
-        if self.backend not in ("sinkhorn", "exact", "pot-sinkhorn"):
-            raise ValueError(f"backend must be 'sinkhorn', 'exact' or 'pot-sinkhorn', got "
-                             f"{self.backend!r}")
+        if not (_is_real(self.alpha) and 0.0 <= self.alpha < 1.0):
+            raise ValueError(f"alpha must be a number in [0, 1), got {self.alpha!r}")
+        self.alpha = float(self.alpha)
+        if not (_is_real(self.p) and math.isfinite(self.p) and self.p > 0):
+            raise ValueError(f"p (the norm of a kernel slice) must be a finite number > 0, got "
+                             f"{self.p!r}")
+        self.p = float(self.p)
+        if self.normalize not in NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got "
+                             f"{self.normalize!r}")
+        if self.topk is not None and (isinstance(self.topk, bool)
+                                      or not isinstance(self.topk, numbers.Integral)
+                                      or self.topk < 1):
+            raise ValueError(f"topk must be a positive int or None, got {self.topk!r}")
+        if self.topk is not None:
+            self.topk = int(self.topk)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend_options is not None and not isinstance(self.backend_options, dict):
+            raise ValueError(f"backend_options must be a dict of solve_w1 keywords, got "
+                             f"{type(self.backend_options).__name__}")
         self.backend_options = dict(self.backend_options or {})
+        if self.backend_options:
+            known = solver_keywords()
+            bad = sorted(set(self.backend_options) - known)
+            if bad:
+                raise ValueError(f"backend_options has unknown keys {bad}; solve_w1 takes "
+                                 f"{sorted(known)}")
 
 
 @dataclass
@@ -310,10 +367,15 @@ def connection_curvature(model: nn.Module, data, forward_fn: Optional[Callable] 
     ----------
     model : nn.Module
         A torch.fx-traceable network.
-    data : tensor, (inputs, targets), list of batches or DataLoader
-        Calibration data (see :func:`tp_curvature.hooks.as_batches`).
+    data : tensor, (inputs, targets), dict, list of batches or DataLoader
+        Calibration data, read in one streaming pass (see
+        :class:`tp_curvature.hooks.CalibrationData` for the accepted forms). A one-shot
+        iterator (a generator, ``iter(loader)``) needs ``max_batches``.
     forward_fn : callable, optional
-        ``forward_fn(model, batch) -> output`` for batches that are not a plain tensor.
+        ``forward_fn(model, batch) -> output`` for batches that are not a plain tensor or an
+        ``(inputs, targets)`` tuple/list (required for dict batches).
+    max_batches : int, optional
+        Use at most this many batches (of any form).
     **config
         Fields of :class:`CurvatureConfig` (``alpha``, ``variant``, ``topk``, ``backend``...).
 
@@ -323,6 +385,6 @@ def connection_curvature(model: nn.Module, data, forward_fn: Optional[Callable] 
         Layer name -> :class:`LayerCurvature` (``kappa`` is ``(in_channels, out_channels)``).
     """
     cfg = CurvatureConfig(**config)
-    cal = calibrate_graph(model, as_batches(data, max_batches), forward_fn, cfg.normalize,
-                          bool(progress))
+    cal = calibrate_graph(model, as_batches(data, max_batches, forward_fn), forward_fn,
+                          cfg.normalize, bool(progress))
     return graph_curvature(cal.graph, cal.acts, cfg, progress)

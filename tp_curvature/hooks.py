@@ -14,13 +14,17 @@ error, and every submodule's train/eval flag is restored (:func:`~tp_curvature._
 user hooks are left untouched. Calibration runs in eval mode (BatchNorm uses its running
 statistics, dropout is off). :func:`calibrate_graph` is the whole pipeline (trace, record,
 normalise) that :func:`~tp_curvature.curvature.connection_curvature` and
-:class:`~tp_curvature.importance.CurvatureImportance` share.
+:class:`~tp_curvature.importance.CurvatureImportance` share. It reads the calibration data in
+ONE streaming pass: the first batch also gives the shapes for the trace, and only running
+per-channel sums are kept (see :class:`CalibrationData` for what is kept for a later pass).
 """
 from __future__ import annotations
 
+import collections.abc
 import itertools
+import numbers
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -34,64 +38,198 @@ class CalibrationError(ValueError):
     """The calibration data or the activations it produced cannot give valid scores."""
 
 
-def as_batches(data, max_batches: Optional[int] = None) -> list:
-    """Normalise calibration data to a list of batches.
+def check_max_batches(max_batches) -> Optional[int]:
+    """``max_batches`` must be a positive int or None (a bool is refused); returns it as int."""
+    if max_batches is None:
+        return None
+    if isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) \
+            or max_batches < 1:
+        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    return int(max_batches)
 
-    Accepts a tensor (one batch), an ``(inputs, targets)`` pair (one batch), a list/tuple of
-    batches, or any iterable of batches such as a ``DataLoader`` (at most ``max_batches``).
+
+def _shape_beyond_batch(t: torch.Tensor) -> tuple:
+    return tuple(t.shape[1:])
+
+
+class CalibrationData:
+    """Calibration data as a re-iterable, bounded sequence of batches.
+
+    Accepted forms of ``data`` (``max_batches`` caps the number of batches of every form):
+
+    * a tensor: one batch;
+    * a tuple ``(inputs, targets)`` (or ``(inputs, targets, ...)``): one batch, whatever the
+      dtype and shape of the targets (class indices, float or one-hot); the model gets
+      ``inputs``;
+    * a dict: one batch; it needs ``forward_fn(model, batch)``;
+    * a list of batches, each a tensor, a tuple/list ``(inputs, targets)`` or a dict (a dict,
+      or anything whose first element is not a tensor, needs ``forward_fn``). A list of
+      exactly two tensors whose shapes differ beyond the batch dimension (``[x, y]``) is
+      ambiguous and refused: pass a tuple ``(x, y)`` for one batch, or a list of same-shaped
+      tensors for several batches;
+    * any other iterable of such batches, e.g. a ``DataLoader`` (its default collate yields
+      lists ``[x, y]``: each is one batch of inputs and targets).
+
+    What is kept for a later pass (a recomputation after the model changed):
+
+    * a tensor, tuple, dict, list or re-iterable source (any object whose ``iter()`` gives a
+      fresh iterator: a ``DataLoader``, a ``Dataset``-like object) is kept *by reference* and
+      streamed again; no batch is copied or held between passes;
+    * a one-shot iterator (a generator, ``iter(loader)``; an object that is its own
+      iterator) can be read only once, so it must come with ``max_batches`` (else
+      :class:`CalibrationError` before any item is read) and its first ``max_batches``
+      batches are then kept in memory, as given (on their device), for the later passes.
+
+    A re-iterable source that never ends (e.g. a ``DataLoader`` over an ``IterableDataset``
+    that yields forever) cannot be told apart from a long one: give it ``max_batches``.
+    ``forward_fn`` (when given) is called as ``forward_fn(model, batch)`` for every batch.
     """
-    if data is None:
-        raise CalibrationError("no calibration data: pass a tensor, a list of batches or a "
-                               "DataLoader to calibrate()")
-    if isinstance(data, torch.Tensor):
-        batches = [data]
-    elif (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor)
-          and isinstance(data[1], torch.Tensor) and data[1].dim() == 1
-          and not data[1].is_floating_point() and data[1].shape[0] == data[0].shape[0]
-          and data[0].dim() > 1):
-        batches = [tuple(data)]
-    elif isinstance(data, (list, tuple)):
-        batches = list(data)
-    else:
-        batches = list(itertools.islice(iter(data), max_batches))
-    if max_batches is not None:
-        batches = batches[:max_batches]
-    if not batches:
-        raise CalibrationError("calibration data is empty: at least one batch is needed")
-    for i, b in enumerate(batches):
-        x = batch_inputs(b)
-        if isinstance(x, torch.Tensor) and x.numel() == 0:
+
+    def __init__(self, data, max_batches: Optional[int] = None,
+                 forward_fn: Optional[Callable] = None):
+        self.max_batches = check_max_batches(max_batches)
+        self.forward_fn = forward_fn
+        self._iterator: Optional[Iterator] = None
+        self._kept: Optional[list] = None
+        self._passes = 0
+        if data is None:
+            raise CalibrationError("no calibration data: pass a tensor, an (inputs, targets) "
+                                   "tuple, a list of batches or a DataLoader")
+        if isinstance(data, (torch.Tensor, tuple, dict)):
+            self.kind, self._source = "batch", [data]
+        elif isinstance(data, list):
+            if (len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+                    and (data[0].dim() != data[1].dim()
+                         or _shape_beyond_batch(data[0]) != _shape_beyond_batch(data[1]))):
+                raise CalibrationError(
+                    f"calibration data is a list of two tensors of shapes "
+                    f"{tuple(data[0].shape)} and {tuple(data[1].shape)}: is it one batch of "
+                    "(inputs, targets) or two batches? Pass a tuple (inputs, targets) for one "
+                    "batch, or a list of same-shaped tensors for several batches")
+            self.kind, self._source = "list", data
+        elif isinstance(data, (str, bytes)):
+            raise CalibrationError(f"cannot use a {type(data).__name__} as calibration data")
+        elif isinstance(data, collections.abc.Iterator):
+            if self.max_batches is None:
+                raise CalibrationError(
+                    f"calibration data is a one-shot iterator ({type(data).__name__}): it can "
+                    "be read only once and may never end, so pass max_batches=N (its first N "
+                    "batches are kept in memory for recomputations), or pass a re-iterable "
+                    "source (a list, a tensor, a DataLoader)")
+            self.kind, self._source, self._iterator = "iterator", None, data
+        elif isinstance(data, collections.abc.Iterable):
+            self.kind, self._source = "iterable", data
+        else:
+            raise CalibrationError(
+                f"cannot use a {type(data).__name__} as calibration data: pass a tensor, an "
+                "(inputs, targets) tuple, a dict (with forward_fn), a list of batches or an "
+                "iterable/DataLoader of batches")
+
+    def __len__(self) -> int:
+        """The number of batches a pass yields, when known (TypeError otherwise)."""
+        if self.kind == "iterator":
+            if self._kept is None:
+                raise TypeError("length unknown before the first pass")
+            return len(self._kept)
+        n = len(self._source)
+        return n if self.max_batches is None else min(n, self.max_batches)
+
+    def length_hint(self) -> Optional[int]:
+        try:
+            return len(self)
+        except TypeError:
+            return self.max_batches
+
+    def _raw(self):
+        if self.kind != "iterator":
+            return itertools.islice(self._source, self.max_batches)
+        if self._kept is not None:
+            return iter(self._kept)
+        if self._iterator is None:
+            raise CalibrationError("the one-shot calibration iterator was not read to the end "
+                                   "(its first pass failed) and cannot be read again: "
+                                   "calibrate again with fresh data")
+        return self._read_once()
+
+    def _read_once(self):
+        kept, source, self._iterator = [], self._iterator, None
+        for batch in itertools.islice(source, self.max_batches):
+            kept.append(batch)
+            yield batch
+        self._kept = kept
+
+    def __iter__(self):
+        """One pass over the batches (each checked before it reaches the model)."""
+        first_pass = self._passes == 0
+        self._passes += 1
+        n = 0
+        for i, batch in enumerate(self._raw()):
+            check_batch(batch, i, self.forward_fn)
+            n += 1
+            yield batch
+        if n == 0:
+            if first_pass:
+                raise CalibrationError("calibration data is empty: at least one batch is needed")
+            raise CalibrationError(
+                f"calibration data ({type(self._source).__name__}) yielded no batch on a second "
+                "pass: it is a one-shot iterable; pass a list, a DataLoader, or the iterator "
+                "with max_batches")
+
+
+def check_batch(batch, i: int = 0, forward_fn: Optional[Callable] = None) -> None:
+    """Refuse a batch the model cannot take: an empty tensor, or (without ``forward_fn``) a
+    batch that is neither a tensor nor a tuple/list whose first element is a tensor."""
+    x = batch_inputs(batch)
+    if isinstance(x, torch.Tensor):
+        if x.numel() == 0:
             raise CalibrationError(f"calibration batch {i} is empty")
-    return batches
+        return
+    if forward_fn is None:
+        what = ("a dict" if isinstance(batch, dict) else
+                f"a {type(batch).__name__} whose first element is a {type(x).__name__}"
+                if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}")
+        raise CalibrationError(
+            f"calibration batch {i} is {what}, not a tensor or (inputs, targets): pass "
+            "forward_fn=lambda model, batch: model(...) to say how the model takes it")
+
+
+def as_batches(data, max_batches: Optional[int] = None,
+               forward_fn: Optional[Callable] = None) -> CalibrationData:
+    """Wrap calibration data as :class:`CalibrationData` (see there for the accepted forms,
+    ``max_batches`` and what is kept); an existing :class:`CalibrationData` is returned as is."""
+    if isinstance(data, CalibrationData):
+        return data
+    return CalibrationData(data, max_batches, forward_fn)
 
 
 def batch_inputs(batch):
     """The model input of a batch: the tensor itself, or the first element of a tuple/list."""
     if isinstance(batch, (tuple, list)):
-        return batch[0]
+        return batch[0] if len(batch) else None
     return batch
 
 
 def default_forward(model: nn.Module, batch):
     """``model(batch)`` for a tensor, ``model(batch[0])`` for an (inputs, targets) batch."""
     x = batch_inputs(batch)
+    if not isinstance(x, torch.Tensor):
+        check_batch(batch)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if isinstance(x, torch.Tensor):
-        x = x.to(device)
-    return model(x)
+    return model(x.to(device))
 
 
-def record_activations(graph: ChannelGraph, batches: list,
-                       forward_fn: Optional[Callable] = None, progress: bool = False
-                       ) -> list[np.ndarray]:
+def record_activations(graph: ChannelGraph, batches, forward_fn: Optional[Callable] = None,
+                       progress: bool = False, total: Optional[int] = None) -> list[np.ndarray]:
     """Mean |activation| of every node of ``graph``, one array per junction (unnormalised).
 
-    Raises :class:`CalibrationError` naming the layer if any activation is NaN or infinite.
+    ``batches`` is any iterable of batches; it is read once, in a streaming pass that keeps only
+    per-feature running sums (float64). Raises :class:`CalibrationError` naming the layer if
+    any activation is NaN or infinite.
     """
     model = graph.model
     forward_fn = forward_fn or default_forward
     names = {id(m): n for n, m in model.named_modules()}
-    sums = [np.zeros(j.n_nodes) for j in graph.junctions]
+    sums: list = [None for _ in graph.junctions]      # per feature: sum over samples of mean_s|t|
     counts = [0 for _ in graph.junctions]
     handles = []
 
@@ -100,18 +238,23 @@ def record_activations(graph: ChannelGraph, batches: list,
             raise CalibrationError(f"{where}: expected a tensor, got {type(t).__name__}")
         t = t.detach()
         dims = [0] + list(range(2, t.dim()))
-        # one pass, float64 accumulation; a NaN/inf anywhere makes its channel sum non-finite
+        # float64 accumulation; a NaN/inf anywhere makes its channel sum non-finite
         feat = t.abs().sum(dim=dims, dtype=torch.float64)
         if not torch.isfinite(feat).all():
             raise CalibrationError(
                 f"non-finite (NaN/inf) activations at the input of {where}: check the model and "
                 "the calibration data")
-        feat = (feat / (t.numel() / t.shape[1])).cpu().numpy()      # mean |a| per feature
+        spatial = t.numel() // max(t.shape[0] * t.shape[1], 1) if t.dim() > 1 else 1
+        if spatial != 1:
+            feat = feat / spatial                         # per sample: mean over positions
+        feat = feat.cpu().numpy()
         j = graph.junctions[ji]
-        node = np.zeros(j.n_nodes)
-        np.add.at(node, j.group, feat)
-        node /= np.bincount(j.group, minlength=j.n_nodes)
-        sums[ji] += node * t.shape[0]
+        if feat.shape != (j.n_features,):
+            raise CalibrationError(
+                f"{where}: a batch gave {feat.shape[0]} features where the traced graph has "
+                f"{j.n_features}; every calibration batch must have the same shape beyond the "
+                "batch dimension")
+        sums[ji] = feat if sums[ji] is None else sums[ji] + feat
         counts[ji] += t.shape[0]
 
     for j in graph.junctions:
@@ -124,22 +267,28 @@ def record_activations(graph: ChannelGraph, batches: list,
         handles.append(layer.module.register_forward_hook(hook))
 
     it = batches
+    bar = None
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(batches, desc="calibration", leave=False)
+        it = bar = tqdm(batches, desc="calibration", leave=False, total=total)
     try:
         with eval_mode(model), torch.no_grad():
             for b in it:
                 out = forward_fn(model, b)
                 accumulate(graph.output_junction, out, "the model output")
+                del b, out
     finally:
         for h in handles:
             h.remove()
+        if bar is not None:
+            bar.close()
     acts = []
     for j, s, c in zip(graph.junctions, sums, counts):
         if c == 0:
             raise CalibrationError(f"junction {j.name!r} saw no activation during calibration")
-        acts.append(s / c)
+        node = np.zeros(j.n_nodes)
+        np.add.at(node, j.group, s / c)                   # mean |a| per feature, then per node
+        acts.append(node / np.bincount(j.group, minlength=j.n_nodes))
     return acts
 
 
@@ -151,15 +300,28 @@ class Calibration:
     acts: list
 
 
-def calibrate_graph(model: nn.Module, batches: list, forward_fn: Optional[Callable] = None,
-                    normalize: str = "minmax", progress: bool = False) -> Calibration:
+def calibrate_graph(model: nn.Module, data, forward_fn: Optional[Callable] = None,
+                    normalize: str = "minmax", progress: bool = False,
+                    max_batches: Optional[int] = None) -> Calibration:
     """The calibration pipeline: trace ``model`` into its :class:`~tp_curvature.graph.ChannelGraph`
-    (shapes from one sample of the first batch), record the mean |activation| of every node over
-    ``batches`` (:func:`record_activations`) and normalise them per junction
-    (:func:`normalise`). ``batches`` is a list, as :func:`as_batches` returns."""
-    forward_fn = forward_fn or default_forward
-    graph = ChannelGraph.from_model(model, batches[0], forward_fn)
-    raw = record_activations(graph, batches, forward_fn, progress)
+    (shapes from one sample of the first batch), record the mean |activation| of every node
+    (:func:`record_activations`) and normalise them per junction (:func:`normalise`).
+
+    ``data`` is read in one streaming pass: its first batch gives the shapes and is then the
+    first batch recorded. It may be a :class:`CalibrationData` (as :func:`as_batches` returns;
+    it can be passed again for a recomputation) or any form that class accepts (then
+    ``max_batches`` caps it).
+    """
+    data = as_batches(data, max_batches, forward_fn)
+    forward_fn = forward_fn or data.forward_fn or default_forward
+    it = iter(data)
+    try:
+        first = next(it)
+        graph = ChannelGraph.from_model(model, first, forward_fn)
+        raw = record_activations(graph, itertools.chain((first,), it), forward_fn, progress,
+                                 data.length_hint())
+    finally:
+        it.close()                   # a failed pass releases the source's iterator at once
     return Calibration(graph, [normalise(a, normalize) for a in raw])
 
 

@@ -22,8 +22,9 @@ one whose weights are all zero has every connection at ``kappa = 1``: a finite, 
 removed first. BatchNorm layers contribute no score of their own (their scale is folded into
 the connection lengths).
 
-Scores are recomputed (graph, calibration pass, curvature) whenever the model's parameters
-change, so ``iterative_steps > 1`` sees the pruned network.
+Scores are recomputed (graph, calibration pass, curvature) whenever the model's module tree,
+parameters or buffers change (see :class:`CurvatureImportance`), so ``iterative_steps > 1``
+sees the pruned network.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ from torch_pruning.pruner import function
 
 from .curvature import CurvatureConfig, LayerCurvature, build_layer_problem, graph_curvature
 from .graph import ChannelGraph
-from .hooks import as_batches, calibrate_graph, default_forward
+from .hooks import (CalibrationData, CalibrationError, as_batches, calibrate_graph,
+                    check_max_batches)
 
 OUT_FNS = (function.prune_conv_out_channels, function.prune_linear_out_channels,
            function.prune_depthwise_conv_out_channels)
@@ -63,6 +65,59 @@ def reduce_kappa(kappa: np.ndarray, axis: int, reduction: str, alpha: float) -> 
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+GROUP_REDUCTIONS = ("mean", "sum", "max", "prod", "first", "gate")
+NORMALIZERS = ("mean", "sum", "max", "gaussian", "standarization", "lamp", "sentinel_<q>")
+
+
+def check_normalizer(normalizer):
+    """Torch-Pruning's ``_normalize`` options: None, a callable, one of :data:`NORMALIZERS`
+    (``sentinel_<q>``, q in [0, 1): divide by the q-quantile score)."""
+    if normalizer is None or callable(normalizer) or normalizer in NORMALIZERS[:-1]:
+        return
+    if isinstance(normalizer, str) and normalizer.startswith("sentinel_"):
+        try:
+            q = float(normalizer.split("_", 1)[1])
+        except ValueError:
+            q = float("nan")
+        if 0.0 <= q < 1.0:
+            return
+    raise ValueError(f"normalizer must be None, a callable or one of {NORMALIZERS} "
+                     f"(q in [0, 1)), got {normalizer!r}")
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    """What the scores of ``model`` depend on: the module tree (names, ids, types) and every
+    parameter and buffer (name, id, storage pointer, shape, dtype, device, ``_version``) plus a
+    content checksum per tensor (float64 sum and sum of squares, so that writes through
+    ``.data``, which do not bump ``_version``, are seen)."""
+    tree = tuple((n, id(m), type(m)) for n, m in model.named_modules())
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    meta = tuple((n, id(t), t.data_ptr(), tuple(t.shape), t.dtype, str(t.device), t._version)
+                 for n, t in tensors)
+    sums = []
+    for _, t in tensors:
+        d = t.detach()
+        if d.is_complex() or d.numel() == 0:
+            continue
+        sums.append(torch.sum(d, dtype=torch.float64).reshape(1).cpu())
+        sums.append(torch.sum(d.double().square() if d.dtype == torch.bool else
+                              d.square(), dtype=torch.float64).reshape(1).cpu())
+    check = torch.cat(sums).numpy().tobytes() if sums else b""
+    return tree, meta, check
+
+
+class _ModelScores:
+    """Calibration and curvature of one model, recomputed when its fingerprint changes."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.fingerprint = None
+        self.graph: Optional[ChannelGraph] = None
+        self.acts = None
+        self.curv: Optional[dict] = None
+        self.by_module: dict = {}
+
+
 class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
     """Neural-curvature (Ollivier-Ricci) channel importance for Torch-Pruning pruners.
 
@@ -72,6 +127,31 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         imp.calibrate(model, calib_loader)        # a tensor, a list of batches or a loader
         pruner = tp.pruner.BasePruner(model, example_inputs, importance=imp, pruning_ratio=0.5)
         pruner.step()
+
+    Every option is checked when the object is built (``ValueError`` naming the option).
+
+    Calibration data (see :class:`~tp_curvature.hooks.CalibrationData`): a tensor (one batch),
+    a tuple ``(inputs, targets)`` (one batch, any target dtype), a dict (one batch, needs
+    ``forward_fn``), a list of batches or any iterable / ``DataLoader`` of batches. It is read
+    in one streaming pass. A re-iterable source (list, tensor, ``DataLoader``) is kept by
+    reference and streamed again when the scores are recomputed; a one-shot iterator
+    (generator, ``iter(loader)``) must come with ``max_batches``, and its first
+    ``max_batches`` batches are then kept in memory.
+
+    Scores are recomputed (graph, calibration pass, curvature) whenever the model's module
+    tree (a submodule added, removed or swapped), a parameter or buffer (replaced, reshaped,
+    changed in place, also through ``.data``: a float64 sum and sum-of-squares checksum per
+    tensor is compared) changes, so ``iterative_steps > 1`` sees the pruned network. A
+    ``.data`` write that keeps every tensor's sum and sum of squares (e.g. swapping two rows)
+    is not seen: call :meth:`calibrate` again after such a change.
+
+    The pruner's model: a Torch-Pruning group carries its dependency graph (``group._DG``),
+    whose ``model`` is the model being pruned. When that is not the calibrated model (a
+    ``copy.deepcopy``, a model rebuilt from a checkpoint), the calibration pipeline runs again
+    on the pruner's model with the retained calibration data and that model is scored (one
+    such other model is cached at a time). When a group does not say its model (``_DG`` is
+    None) and its layers are not in the calibrated model, :class:`CalibrationError` ("...
+    calibrated on a different model ...") is raised rather than scoring nothing.
 
     Parameters
     ----------
@@ -87,10 +167,13 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         ``config`` and fields raises ``TypeError``.
     reduction : {"mean", "min", "neg_sum"}
         How a channel's connection curvatures become its score (see the module docstring).
-    group_reduction, normalizer :
+    group_reduction : {"mean", "sum", "max", "prod", "first", "gate"}
+        As in Torch-Pruning's ``GroupMagnitudeImportance``.
+    normalizer : None, callable or {"mean", "sum", "max", "gaussian", "standarization", "lamp", "sentinel_<q>"}
         As in Torch-Pruning's ``GroupMagnitudeImportance``.
     max_batches : int, optional
-        Cap on calibration batches taken from an iterable.
+        Use at most this many calibration batches (any form); required for a one-shot
+        iterator. A positive int or None.
     progress : bool or None
         tqdm progress bars for calibration and curvature; None (default) shows the curvature
         bar only for graphs of over a million connections.
@@ -111,92 +194,137 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         super().__init__(p=config.p, group_reduction=group_reduction, normalizer=normalizer)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if group_reduction not in GROUP_REDUCTIONS:
+            raise ValueError(f"group_reduction must be one of {GROUP_REDUCTIONS}, got "
+                             f"{group_reduction!r}")
+        check_normalizer(normalizer)
+        if progress not in (None, True, False):
+            raise ValueError(f"progress must be True, False or None, got {progress!r}")
         self.reduction = reduction
         self.config = config
-        self.max_batches = max_batches
+        self.max_batches = check_max_batches(max_batches)
         self.progress = progress
         self.model: Optional[nn.Module] = None
-        self._batches = None
+        self._data: Optional[CalibrationData] = None
         self._forward_fn = None
-        self._fingerprint = None
-        self._graph: Optional[ChannelGraph] = None
-        self._acts = None
-        self._curv: Optional[dict] = None
-        self._by_module: dict = {}
+        self._own: Optional[_ModelScores] = None      # the calibrated model
+        self._other: Optional[_ModelScores] = None    # the last other model a pruner asked for
 
     # ------------------------------------------------------------------ calibration
     def calibrate(self, model: nn.Module, data, forward_fn: Optional[Callable] = None,
                   max_batches: Optional[int] = None) -> "CurvatureImportance":
-        """Store the model and calibration data; trace the graph and record activations.
+        """Trace the graph of ``model`` and record its activations on ``data``.
 
-        ``forward_fn(model, batch) -> output`` handles batches that are not a plain tensor
-        (default: ``model(batch)`` or ``model(batch[0])``). The batches are kept so scores
-        can be recomputed after the model changes (``iterative_steps > 1``).
+        ``data``: a tensor (one batch), a tuple ``(inputs, targets)`` (one batch, any target
+        dtype/shape), a dict (one batch, needs ``forward_fn``), a list of batches (tensors,
+        ``(inputs, targets)`` tuples/lists or dicts) or any iterable/``DataLoader`` of them;
+        see :class:`~tp_curvature.hooks.CalibrationData`. It is read in one streaming pass
+        (at most ``max_batches`` batches, default the constructor's). What is kept for the
+        recomputations (when the model changes, see the class docstring): a re-iterable
+        source by reference (streamed again, nothing copied); a one-shot iterator, which
+        must come with ``max_batches``, its at most ``max_batches`` batches.
+
+        ``forward_fn(model, batch) -> output`` handles batches that are not a tensor or an
+        ``(inputs, targets)`` pair (default: ``model(batch)`` or ``model(batch[0])``).
+        On error the previous calibration (if any) is left as it was.
         """
-        self.model = model
-        self._forward_fn = forward_fn or default_forward
-        self._batches = as_batches(data, max_batches or self.max_batches)
-        self._fingerprint = None
-        self._refresh(compute_curvature=False)
+        cap = self.max_batches if max_batches is None else check_max_batches(max_batches)
+        data = as_batches(data, cap, forward_fn)
+        own = _ModelScores(model)
+        self._recalibrate(own, data, forward_fn)
+        self.model, self._data, self._forward_fn = model, data, forward_fn
+        self._own, self._other = own, None
         return self
 
-    def _model_fingerprint(self):
-        state = []
-        for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
-            state.append((name, id(t), tuple(t.shape), t._version))
-        return tuple(state)
+    def _recalibrate(self, state: _ModelScores, data=None, forward_fn=None):
+        data = self._data if data is None else data
+        cal = calibrate_graph(state.model, data, forward_fn or self._forward_fn,
+                              self.config.normalize, bool(self.progress))
+        state.graph, state.acts, state.curv, state.by_module = cal.graph, cal.acts, None, {}
+        state.fingerprint = _fingerprint(state.model)
 
-    def _refresh(self, compute_curvature: bool = True):
+    def _refresh(self, compute_curvature: bool = True, model: Optional[nn.Module] = None
+                 ) -> _ModelScores:
+        """The up-to-date scores of ``model`` (default: the calibrated model)."""
         if self.model is None:
             raise RuntimeError("CurvatureImportance needs calibration data: call "
                                "imp.calibrate(model, data) before pruning")
-        fp = self._model_fingerprint()
-        if fp != self._fingerprint:
-            cal = calibrate_graph(self.model, self._batches, self._forward_fn,
-                                  self.config.normalize, bool(self.progress))
-            self._graph, self._acts = cal.graph, cal.acts
-            self._curv = None
-            self._fingerprint = fp
-        if compute_curvature and self._curv is None:
-            self._curv = graph_curvature(self._graph, self._acts, self.config, self.progress)
-            self._by_module = {id(lc.module): lc for lc in self._curv.values()}
+        if model is None or model is self.model:
+            state = self._own
+        else:
+            if self._other is None or self._other.model is not model:
+                self._other = _ModelScores(model)
+            state = self._other
+        if state.fingerprint is None or _fingerprint(state.model) != state.fingerprint:
+            self._recalibrate(state)
+        if compute_curvature and state.curv is None:
+            state.curv = graph_curvature(state.graph, state.acts, self.config, self.progress)
+            state.by_module = {id(lc.module): lc for lc in state.curv.values()}
+        return state
+
+    def _group_model(self, group) -> Optional[nn.Module]:
+        """The model a group belongs to: its pruner's (``group._DG.model``), or the calibrated
+        one when the group does not say and its layers are in it."""
+        dg = getattr(group, "_DG", None)
+        model = getattr(dg, "model", None)
+        if isinstance(model, nn.Module):
+            return model
+        if self.model is None:
+            return None
+        mine = {id(m) for m in self.model.modules()}
+        layers = [dep.layer for dep, _ in group if isinstance(dep.layer, nn.Module)]
+        foreign = [m for m in layers if id(m) not in mine]
+        if foreign:
+            raise CalibrationError(
+                f"CurvatureImportance was calibrated on a different model: this group's "
+                f"{type(foreign[0]).__name__} layer is not in the calibrated "
+                f"{type(self.model).__name__}, and the group does not carry its dependency "
+                "graph (group._DG) to say which model it prunes. Call imp.calibrate(model, "
+                "data) with the model being pruned")
+        return self.model
 
     # ------------------------------------------------------------------ inspection
     def curvatures(self) -> dict:
         """Layer name -> :class:`~tp_curvature.curvature.LayerCurvature` of the current model
         (``kappa[u, v]``: input channel u -> output channel v)."""
-        self._refresh()
-        return dict(self._curv)
+        return dict(self._refresh().curv)
 
     def layer_problems(self) -> dict:
         """Layer name -> :class:`~tp_curvature.problem.LayerPairProblem` (for benchmarks)."""
-        self._refresh(compute_curvature=False)
-        return {l.name: build_layer_problem(self._graph, l, self._acts, self.config)
-                for l in self._graph.layers if l.out_junctions}
+        st = self._refresh(compute_curvature=False)
+        return {l.name: build_layer_problem(st.graph, l, st.acts, self.config)
+                for l in st.graph.layers if l.out_junctions}
 
     @property
     def graph(self) -> ChannelGraph:
-        self._refresh(compute_curvature=False)
-        return self._graph
+        """The channel graph of the calibrated model (as it is now)."""
+        return self._refresh(compute_curvature=False).graph
+
+    @property
+    def _fingerprint(self):
+        """The fingerprint of the calibrated model the current scores belong to."""
+        return None if self._own is None else self._own.fingerprint
 
     def channel_scores(self) -> dict:
         """Layer name -> ``(in_scores, out_scores)``: per input node and per output channel
         scores of that layer alone (before group reduction / normalisation)."""
-        self._refresh()
+        curv = self._refresh().curv
         a = self.config.alpha
         return {n: (reduce_kappa(lc.kappa, 1, self.reduction, a),
-                    reduce_kappa(lc.kappa, 0, self.reduction, a)) for n, lc in self._curv.items()}
+                    reduce_kappa(lc.kappa, 0, self.reduction, a)) for n, lc in curv.items()}
 
     # ------------------------------------------------------------------ Torch-Pruning API
     @torch.no_grad()
     def __call__(self, group) -> Optional[torch.Tensor]:
-        self._refresh()
+        if self.model is None:
+            self._refresh()                      # raises: not calibrated
+        by_module = self._refresh(model=self._group_model(group)).by_module
         alpha = self.config.alpha
         group_imp, group_idxs = [], []
         for i, (dep, idxs) in enumerate(group):
             layer = dep.layer
             fn = dep.pruning_fn
-            lc: Optional[LayerCurvature] = self._by_module.get(id(layer))
+            lc: Optional[LayerCurvature] = by_module.get(id(layer))
             if lc is None:
                 continue
             idxs = np.asarray(idxs, dtype=np.int64)

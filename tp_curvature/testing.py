@@ -93,6 +93,7 @@ def problem_from_layers(
     measure: str = "paper",
     topk: int | None = None,
     name: str = "",
+    cap_unreachable: bool = False,
 ) -> LayerPairProblem:
     """Build the problem of the middle layer ``w_xy`` from three dense weight matrices.
 
@@ -100,6 +101,9 @@ def problem_from_layers(
     ``a_*`` are the node activations (already normalised to [0, 1]). ``measure`` is
     ``"paper"`` (lengths ``1/|w|``, masses ``exp(-1/a^2)``) or ``"flow"`` (lengths
     ``1/(a_u |w_uv|)``, masses ``a_z |w_zx|`` and ``a_w |w_yw|``).
+    ``cap_unreachable``: zero weights are no edges (infinite length), unreachable pairs get the
+    graph code's cap (twice the largest finite cost) and only connections with a nonzero
+    weight are solved, as :mod:`tp_curvature.curvature` does for sparse layers.
     """
     tiny = 1e-30
     if measure == "paper":
@@ -116,9 +120,15 @@ def problem_from_layers(
         rw = a_w[None, :] * np.abs(w_yw)  # (n_y, n_w)
     else:
         raise ValueError(f"unknown measure {measure!r}")
+    if cap_unreachable:
+        l_zx, l_xy, l_yw = (np.where(l >= 1.0 / tiny, np.inf, l) for l in (l_zx, l_xy, l_yw))
     c_zy = minplus(l_zx, l_xy)
     c_xw = minplus(l_xy, l_yw)
     c_zw = minplus(c_zy, l_yw)
+    if cap_unreachable:
+        fin = [c[np.isfinite(c)] for c in (c_zw, c_zy, c_xw, l_xy)]
+        cap = 2.0 * max((f.max() for f in fin if f.size), default=1.0)
+        c_zw, c_zy, c_xw = (np.where(np.isfinite(c), c, cap) for c in (c_zw, c_zy, c_xw))
     pred_idx, pred_mass = _measure_rows(pw)
     succ_idx, succ_mass = _measure_rows(rw)
     if topk is not None:
@@ -142,10 +152,13 @@ def random_layer_pair(
     alpha: float = 0.5,
     measure: str = "paper",
     topk: int | None = None,
+    density: float = 1.0,
 ) -> LayerPairProblem:
-    """A random dense layer pair with ``n`` channels per layer (see the module docstring).
+    """A random layer pair with ``n`` channels per layer (see the module docstring).
 
     Weights are ``N(0, 1/fan_in)``; activations ``U(0, 1)`` min-max normalised per layer.
+    ``density < 1``: each weight is kept with that probability (the others are 0, i.e. no
+    edge; unreachable pairs capped as in the graph code, see :func:`problem_from_layers`).
     """
     rng = np.random.default_rng(seed)
     n_x = n
@@ -156,7 +169,11 @@ def random_layer_pair(
     w_xy = rng.normal(size=(n_x, n_y)) / np.sqrt(n_x)
     w_yw = rng.normal(size=(n_y, n_w)) / np.sqrt(n_y)
     a = [_minmax(rng.uniform(size=m)) for m in (n_z, n_x, n_y, n_w)]
+    sparse = density < 1.0
+    if sparse:
+        w_zx, w_xy, w_yw = (w * (rng.uniform(size=w.shape) < density) for w in (w_zx, w_xy, w_yw))
     return problem_from_layers(
         w_zx, w_xy, w_yw, *a, alpha=alpha, measure=measure, topk=topk,
-        name=f"random{n}-{measure}-s{seed}",
+        name=f"random{n}-{measure}-s{seed}" + (f"-dens{density:g}" if sparse else ""),
+        cap_unreachable=sparse,
     )

@@ -18,9 +18,9 @@ import numpy as np
 from ._bundles import Frame, Gather, Kernels, Settings, Slots, Work, Workspace
 from ._drivers import solve_each
 from ._primitives import (F32_FLOOR, F32_UVMAX, F64, MAXITER, OK, OVERFLOW, c_transform,
-                          closed_form, expneg, jit, jit_inline, jit_nogil, pow_inplace, relax,
-                          rounded_total, rounding_step, scale_factor, stage_power,
-                          uv_max_product)
+                          closed_form, dual_bound, expneg, jit, jit_inline, jit_nogil, pow_inplace,
+                          relax, rounded_total, rounding_step, scale_factor, scaled_potentials,
+                          stage_power, uv_max_product)
 
 
 @jit
@@ -65,9 +65,11 @@ def _compact(U, V, Ux, Vy, who, its, st, n_act):
 
 
 @jit
-def batch_core(slots, who, nb, kern, CT, costs, cfg, fast_exp, floor, uvmax, bigval, outs, st):
+def batch_core(slots, who, nb, kern, CT, costs, meas, cfg, fast_exp, floor, uvmax, bigval, outs,
+               st):
     """Batched Sinkhorn + rounding for the slots ``who[:nb]`` (dtype of ``slots.A``: float32 or
-    float64).
+    float64), and the weak-duality lower bound of each solved problem
+    (:func:`~._primitives.dual_bound` on the final potentials, float64 masses and costs).
 
     ``kern.Ks[s]`` / ``kern.KsT[s]`` are the shared block's stage kernels (kz x kw and
     transposed), ``kern.KCT`` = (K o C)^T and ``CT`` = C^T of the last stage. Writes the
@@ -224,6 +226,31 @@ def batch_core(slots, who, nb, kern, CT, costs, cfg, fast_exp, floor, uvmax, big
             continue
         if not (uv_max_product(U[r], kz, float(Ux[r]), V[r], kw, float(Vy[r])) <= uvmax):
             st[r] = OVERFLOW
+    # ---- certificate: lower bound from the final potentials f = f0 + e log u (before the
+    # rounding overwrites U), in float64 on the float64 costs and masses
+    LBr = np.full(nb, -np.inf)
+    fpot = np.empty(kz + 1)
+    gws = np.empty(kw + 1)
+    a64 = np.empty(kz + 1)
+    b64 = np.empty(kw + 1)
+    ar_z = np.arange(kz)
+    ar_w = np.arange(kw)
+    e_last = eps_st[S - 1]
+    for r in range(nb):
+        if st[r] == OVERFLOW:
+            continue
+        q = who[r]
+        x = xs[q]
+        y = ys[q]
+        for i in range(kz):
+            a64[i] = (1.0 - alpha) * meas.pm[x, i]
+        a64[kz] = alpha
+        for j in range(kw):
+            b64[j] = (1.0 - alpha) * meas.sm[y, j]
+        b64[kw] = alpha
+        scaled_potentials(fpot, fz, FX[q], U[r], Ux[r], kz, e_last)
+        LBr[r] = dual_bound(costs.C, ar_z, ar_w, czyT[y], cxw_u[x], dxy[x, y], a64, b64, fpot,
+                            gws)
     # ---- rounding (Altschuler) and cost of all rows at once: 4 matrix products
     B = Ks[S - 1]
     BT = KsT[S - 1]
@@ -265,7 +292,7 @@ def batch_core(slots, who, nb, kern, CT, costs, cfg, fast_exp, floor, uvmax, big
     np.dot(V[:nb], KCT, S2)
     S3 = np.empty((nb, kz), dt)
     np.dot(EC, CT, S3)
-    out, iters, status = outs
+    out, iters, status, lower = outs
     for r in range(nb):
         q = who[r]
         x = xs[q]
@@ -301,6 +328,7 @@ def batch_core(slots, who, nb, kern, CT, costs, cfg, fast_exp, floor, uvmax, big
             out[x, y] = cost
             iters[x, y] = its[r]
             status[x, y] = st[r]
+            lower[x, y] = LBr[r]
         else:
             st[r] = OVERFLOW
     return 0
@@ -315,7 +343,7 @@ def batch_uniform(xs, ys, kern, costs, meas, cfg, outs, wk, gat, fr, ws):
     the reduced costs ``costs.R``); those that overflow there alone in the log domain.
     """
     f4 = np.float32
-    out, iters, status = outs
+    out, iters, status, lower = outs
     alpha = cfg.alpha
     path = cfg.path
     pm = meas.pm
@@ -346,6 +374,7 @@ def batch_uniform(xs, ys, kern, costs, meas, cfg, outs, wk, gat, fr, ws):
         d = dxy[x, y]
         if pk[x] == 0 or sk[y] == 0:  # a delta on one side fixes the plan
             out[x, y] = closed_form(x, y, meas, czy, cxw, d, alpha)
+            lower[x, y] = out[x, y]
             iters[x, y] = 0
             status[x, y] = OK
             continue
@@ -362,7 +391,7 @@ def batch_uniform(xs, ys, kern, costs, meas, cfg, outs, wk, gat, fr, ws):
     no = nq < 0
     # ---- float32 batch on the shared per-level kernels (path 0)
     if path == 0:
-        batch_core(Slots(xs, ys, A, Bw, FX, GY), who, nb, kern, costs.CT, costs, cfg, yes,
+        batch_core(Slots(xs, ys, A, Bw, FX, GY), who, nb, kern, costs.CT, costs, meas, cfg, yes,
                    F32_FLOOR, F32_UVMAX, 1e37, outs, st)
     else:
         for r in range(nb):
@@ -400,7 +429,7 @@ def batch_uniform(xs, ys, kern, costs, meas, cfg, outs, wk, gat, fr, ws):
                     KCT64[j, i] = t * costs.C[i, j]
     st2 = np.zeros(n2, np.int64)
     batch_core(Slots(xs, ys, A64, Bw64, FX, GY), who2, n2, Kernels(K64, K64T, KCT64), costs.CT64,
-               costs, cfg, no, 0.0, 1e290, 1e300, outs, st2)
+               costs, meas, cfg, no, 0.0, 1e290, 1e300, outs, st2)
     # the rare problems that overflow in float64 too: alone, in the log domain
     xs3 = np.empty(n2, np.int64)
     ys3 = np.empty(n2, np.int64)

@@ -29,8 +29,10 @@ Kernels = namedtuple("Kernels", "Ks KsT KCT")
 #: ``path`` (0 float32, 1 float64, 2 log domain), ``alpha``, ``uniform`` (shared supports).
 Settings = namedtuple("Settings", "eps tol max_iter omega path alpha uniform")
 
-#: Results written by the solvers, all (n_x, n_y): W1, iterations, status code.
-Outputs = namedtuple("Outputs", "out iters status")
+#: Results written by the solvers, all (n_x, n_y): W1 (rounded-plan cost), iterations, status
+#: code, and ``lower``, a weak-duality lower bound of the (trimmed) W1 (:func:`~._primitives.
+#: dual_bound`; equal to ``out`` for closed forms).
+Outputs = namedtuple("Outputs", "out iters status lower")
 
 #: Augmented matrix :math:`\begin{pmatrix} \mathrm{block} & \mathrm{col} \\ \mathrm{row} &
 #: \mathrm{corner} \end{pmatrix}` of one connection: block (kz, kw) over the shared atoms,

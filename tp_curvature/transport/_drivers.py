@@ -16,8 +16,8 @@ import numpy as np
 from ._bundles import Augmented, Conn, Gather, Work
 from ._log_domain import log_domain
 from ._primitives import (F32_FLOOR, F32_UVMAX, F64, LOG, MAXITER, OK, OVERFLOW, aug_rmatvec,
-                          c_transform, closed_form, jit, pow_inplace, relax, rounded_cost,
-                          stage_power, uv_max_product)
+                          c_transform, closed_form, dual_bound, jit, pow_inplace, relax,
+                          rounded_cost, scaled_potentials, stage_power, uv_max_product)
 
 
 @jit
@@ -178,7 +178,7 @@ def _gather_side(loc, mass, row, k, cost, other, pot, alpha, idx, w, c, p, w32, 
 @jit
 def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
     """Solve the connections (xs[k], ys[k]) one at a time; writes ``outs`` (W1, iterations,
-    status).
+    status, weak-duality lower bound).
 
     ``kern`` holds the level's float32 stage kernels of the shared block; ``wk``, ``gat``,
     ``fr``, ``ws`` are the chunk's workspaces (:mod:`._bundles`). Per problem: float32
@@ -186,7 +186,9 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
     scalings leave the safe range, float64 on its own kernel; if that overflows, the log
     domain. ``path`` 0 starts at float32, 1 at float64, 2 at the log domain.
     """
-    out, iters, status_out = outs
+    out, iters, status_out, lower = outs
+    fpot = np.empty(meas.ploc.shape[1] + 1)  # certificate workspaces
+    gws = np.empty(meas.sloc.shape[1] + 1)
     alpha = cfg.alpha
     uniform = cfg.uniform
     eps_st = cfg.eps
@@ -219,6 +221,7 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
         kw = sk[y]
         if kz == 0 or kw == 0:
             out[x, y] = closed_form(x, y, meas, czy, cxw, d, alpha)
+            lower[x, y] = out[x, y]
             iters[x, y] = 0
             status_out[x, y] = OK
             continue
@@ -253,9 +256,13 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
                     out[x, y] = w1
                     iters[x, y] = total
                     status_out[x, y] = status
+                    scaled_potentials(fpot, fzl, fx, u, u[kz], kz, eps_st[S - 1])
+                    lower[x, y] = dual_bound(C, zi, wi, cz, cw, d, wa[: kz + 1], wb[: kw + 1],
+                                             fpot, gws)
                     continue
-        w1, its, st = _fallback(x, y, C, eps_st, cfg, cn, zi, wi, fr, wa, wb, path)
+        w1, lb, its, st = _fallback(x, y, C, eps_st, cfg, cn, zi, wi, fr, wa, wb, path)
         out[x, y] = w1
+        lower[x, y] = lb
         iters[x, y] = total + its
         status_out[x, y] = st
     return 0
@@ -264,7 +271,8 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
 @jit
 def _fallback(x, y, C, eps_st, cfg, cn, zi, wi, fr, wa, wb, path):
     """Float64 kernel domain on the problem's own kernel (no floor) if ``path <= 1``, then the
-    log domain on its reduced costs; returns (W1, iterations, status)."""
+    log domain on its reduced costs; returns (W1, weak-duality lower bound, iterations,
+    status)."""
     kz = cn.kz
     kw = cn.kw
     d = cn.d
@@ -308,14 +316,25 @@ def _fallback(x, y, C, eps_st, cfg, cn, zi, wi, fr, wa, wb, path):
                               wa[: kz + 1], wb[: kw + 1], wk64.u, wk64.v, np.empty(kz + 1),
                               np.empty(kw + 1), np.empty(kw + 1))
             if math.isfinite(w1):
-                return w1, total, F64 + status
+                fpot = np.empty(kz + 1)
+                scaled_potentials(fpot, fzl, fx, wk64.u, wk64.u[kz], kz, eps_st[S - 1])
+                lb = dual_bound(C, zi, wi, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot,
+                                np.empty(kw + 1))
+                return w1, lb, total, F64 + status
     # ---- log domain on the reduced costs
-    cost_r, its, st = log_domain(Mred, wa[: kz + 1], wb[: kw + 1], eps_st, cfg.tol,
-                                 cfg.max_iter, cfg.omega)
+    cost_r, f_red, its, st = log_domain(Mred, wa[: kz + 1], wb[: kw + 1], eps_st, cfg.tol,
+                                        cfg.max_iter, cfg.omega)
+    # certificate on the original costs: f = (f_z, f_x) + the reduced-cost potentials
+    # (f_red = -1e300 on zero-mass rows, which dual_bound ignores)
+    fpot = np.empty(kz + 1)
+    for i in range(kz):
+        fpot[i] = fzl[i] + f_red[i]
+    fpot[kz] = fx + f_red[kz]
+    lb = dual_bound(C, zi, wi, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot, np.empty(kw + 1))
     # undo the potential shift: <T, M_red> = <T, M> - <a, f> - <b, g> for T in U(a, b)
     shift = wa[kz] * fx + wb[kw] * gy
     for i in range(kz):
         shift += wa[i] * fzl[i]
     for j in range(kw):
         shift += wb[j] * gwl[j]
-    return cost_r + shift, total + its, LOG + st
+    return cost_r + shift, lb, total + its, LOG + st

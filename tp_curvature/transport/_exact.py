@@ -67,6 +67,16 @@ def pot_sinkhorn_w1(a, b, M, d, eps, tol, max_iter):
                                   stopThr=tol))
 
 
+def exact_w1(problem, i: int, j: int) -> float:
+    """Exact :math:`W_1` of connection ``i -> j`` (``ot.emd2``; forced plans in closed form)."""
+    import ot
+
+    a, b, M = connection_problem(problem, i, j)
+    if a.size == 1 or b.size == 1:  # the plan is forced
+        return float((M * np.outer(a, b)).sum())
+    return float(ot.emd2(a, b, M, numItermax=10_000_000))
+
+
 def loop_backend(problem, backend, eps, tol, max_iter, progress):
     """W1 of every connection with ``ot.emd2`` (``"exact"``) or :func:`pot_sinkhorn_w1`
     (``"pot-sinkhorn"``); forced plans (a delta side) in closed form. Returns (W, number of

@@ -28,7 +28,8 @@ def log_domain(M, a, b, eps_st, tol_st, max_iter, omega):
     """Log-domain Sinkhorn on the augmented cost ``M`` (:class:`~._bundles.Augmented`).
 
     ``a`` / ``b`` are the row / column masses (last: x / y), ``eps_st`` / ``tol_st`` the eps
-    schedule and its stop tolerances. Returns (cost of the rounded plan, iterations, status).
+    schedule and its stop tolerances. Returns (cost of the rounded plan, final row potentials
+    ``f`` (``-1e300`` on zero-mass rows; for the certificate), iterations, status).
     """
     kz, kw = M.block.shape
     n = kz + 1
@@ -93,4 +94,4 @@ def log_domain(M, a, b, eps_st, tol_st, max_iter, omega):
     P = Augmented(Pb, Pc, Pr, math.exp((f[kz] + g[kw] - D[kz, kw]) / eps))
     cost = rounded_cost(P, M, a, b, np.ones(n), np.ones(m), np.empty(n), np.empty(m),
                         np.empty(m))
-    return cost, total, status
+    return cost, f, total, status

@@ -2,7 +2,10 @@ r"""Preparation of a layer pair for the Sinkhorn engine (NumPy, once per call).
 
 * :func:`compact_measure`: union support, per-row local supports, masses; atoms whose largest
   mass over all rows is negligible (cumulative <= ``mass_tol``) are dropped and the rest
-  renormalised, which moves :math:`W_1` by at most ``2 (1-alpha) mass_tol max M``.
+  renormalised, which moves :math:`W_1` by at most :math:`(1-\alpha)(\delta_x + \delta_y)
+  \max M` (:math:`\delta` the row's dropped mass fraction, :math:`\le` ``mass_tol`` for
+  normalised rows; :func:`trim_cost_bound` gives :math:`\max M`): take an optimal plan, drop
+  the rows of the removed atoms and send the freed mass from the added (renormalised) mass.
 * :func:`uniformize`, padding: rows that use (nearly) all of the union become dense over it,
   padded to multiples of ``PAD`` atoms (zero mass, cost ``PAD_COST``, kernel 0).
 * :func:`shared_potentials`: exact dual potentials of the shared problem
@@ -24,20 +27,22 @@ from ._primitives import F32_FLOOR
 
 PAD, PAD_COST = 16, 1e30  # uniform blocks padded to multiples of PAD with cost PAD_COST
 
-#: A prepared layer pair: the bundles, whether the rows share their support (``uniform``), and
-#: the union support sizes before padding.
-Prepared = namedtuple("Prepared", "costs meas uniform k_z k_w")
+#: A prepared layer pair: the bundles, whether the rows share their support (``uniform``), the
+#: union support sizes before padding, and the mass fraction of each x / y row dropped by
+#: ``mass_tol`` (``drop_x`` (n_x,), ``drop_y`` (n_y,); for the certificate).
+Prepared = namedtuple("Prepared", "costs meas uniform k_z k_w drop_x drop_y")
 
 
 def compact_measure(idx, mass, mass_tol):
-    """Union support, per-row local supports (sorted), masses (renormalised after trimming)."""
+    """Union support, per-row local supports (sorted), masses (renormalised after trimming),
+    support sizes, and each row's dropped mass fraction (0 where nothing was dropped)."""
     idx = np.asarray(idx, dtype=np.int64)
     mass = np.asarray(mass, dtype=np.float64)
     n_rows = idx.shape[0]
     valid = (mass > 0) & (idx >= 0)
     if not valid.any():
         return (np.zeros(0, np.int64), np.zeros((n_rows, 0), np.int64), np.zeros((n_rows, 0)),
-                np.zeros(n_rows, np.int64))
+                np.zeros(n_rows, np.int64), np.zeros(n_rows))
     union = np.unique(idx[valid])
     # drop atoms whose largest mass over all rows is negligible (cumulative <= mass_tol)
     pos = np.searchsorted(union, np.where(valid, idx, union[0]))
@@ -49,6 +54,9 @@ def compact_measure(idx, mass, mass_tol):
         cum = np.cumsum(maxmass[order])
         keep_atom[order[cum <= mass_tol]] = False
     new_pos = np.cumsum(keep_atom) - 1
+    total = np.where(valid, mass, 0.0).sum(axis=1)
+    lost = np.where(valid & ~keep_atom[pos], mass, 0.0).sum(axis=1)
+    dropped = np.divide(lost, total, out=np.zeros(n_rows), where=total > 0)
     valid &= keep_atom[pos]
     union = union[keep_atom]
     loc_all = np.where(valid, new_pos[pos], np.iinfo(np.int64).max)
@@ -61,7 +69,7 @@ def compact_measure(idx, mass, mass_tol):
     m = mass_sorted[:, :K].copy()
     s = m.sum(axis=1, keepdims=True)
     np.divide(m, s, out=m, where=s > 0)
-    return union, loc, m, k
+    return union, loc, m, k, dropped
 
 
 def _dense_rows(k, n):
@@ -115,8 +123,8 @@ def shared_potentials(C, pbar, rbar):
 
 def prepare(problem, mass_tol) -> Prepared:
     """Compacted measures, union cost blocks, shared potentials (padded if uniform)."""
-    zu, ploc, pm, pk = compact_measure(problem.pred_idx, problem.pred_mass, mass_tol)
-    wu, sloc, sm, sk = compact_measure(problem.succ_idx, problem.succ_mass, mass_tol)
+    zu, ploc, pm, pk, drop_x = compact_measure(problem.pred_idx, problem.pred_mass, mass_tol)
+    wu, sloc, sm, sk, drop_y = compact_measure(problem.succ_idx, problem.succ_mass, mass_tol)
     nzu, nwu = zu.size, wu.size
     # uniform mode: the rows use (nearly) all of the union -> operate on the shared block
     use_x = pk > 0
@@ -162,7 +170,23 @@ def prepare(problem, mass_tol) -> Prepared:
     costs = Costs(C=C, C32=C32, R=R, CT=np.ascontiguousarray(C32.T),
                   CT64=np.ascontiguousarray(C.T), czy=czy, czyT=np.ascontiguousarray(czy.T),
                   cxw=cxw, dxy=dxy, fz=fz, gw=gw)
-    return Prepared(costs, Measures(ploc, pm, pk, sloc, sm, sk), uniform, k_z, k_w)
+    return Prepared(costs, Measures(ploc, pm, pk, sloc, sm, sk), uniform, k_z, k_w, drop_x,
+                    drop_y)
+
+
+def trim_cost_bound(problem):
+    """Largest ground cost any connection of ``problem`` can use (over the atoms with positive
+    mass and the solved d(x, y)): the factor of the ``mass_tol`` term of the certificate."""
+    def used(idx, mass):
+        return np.unique(np.asarray(idx)[(np.asarray(mass) > 0) & (np.asarray(idx) >= 0)])
+
+    zs = used(problem.pred_idx, problem.pred_mass)
+    ws = used(problem.succ_idx, problem.succ_mass)
+    top = float(problem.d_xy[problem.solve].max()) if problem.solve.any() else 0.0
+    for c in (problem.c_zw[np.ix_(zs, ws)], problem.c_zy[zs], problem.c_xw[:, ws]):
+        if c.size:
+            top = max(top, float(c.max()))
+    return top
 
 
 def eps_levels(pairs, d, levels):

@@ -14,6 +14,8 @@ k_{xw} & k_{xy} \end{pmatrix}` (:class:`~._bundles.Augmented`) with row masses :
   terms) and :func:`rounded_total` (plus the rank-one correction
   :math:`e_r e_c^\top / \lVert e_r \rVert_1`). The batched solver computes the same sums with
   matrix products and shares the scalar steps.
+* :func:`dual_bound`: a weak-duality lower bound of :math:`W_1` from any row potentials (the
+  certificate of the returned values).
 * :func:`aug_rmatvec`: :math:`K^\top r` for the augmented kernel.
 * :func:`c_transform`: potentials of x and y w.r.t. the shared ones (reduced costs >= 0).
 * :func:`closed_form`: :math:`W_1` when one measure is a delta (the plan is forced).
@@ -159,6 +161,84 @@ def rounded_cost(K, M, a, b, u, v, rx, cy, ec):
     cost, corr, nr = rounding_step(cost, corr, nr, float(a[kz]), float(rx[kz]), float(s1),
                                    float(s2), float(s3))
     return rounded_total(cost, corr, nr)
+
+
+@jit
+def dual_bound(C, zi, wi, cz, cw, d, a, b, f, g):
+    r"""Weak-duality lower bound of :math:`W_1` from the row potentials ``f`` (kz+1 entries).
+
+    The cost is the augmented :math:`M` with block ``C[zi[i], wi[j]]``, column ``cz`` (to y),
+    row ``cw`` (from x) and corner ``d``; ``a`` / ``b`` are the row / column masses (float64,
+    kz+1 / kw+1 entries, last: x / y). Only positive-mass atoms enter (a zero-mass atom carries
+    no flow, so the LP has no constraint on it: padding and dropped atoms are ignored). With
+    :math:`g'_j = \min_{i: a_i > 0} (M_{ij} - f_i)` and :math:`f'_i = \min_{j: b_j > 0}
+    (M_{ij} - g'_j) \ge f_i` (the double c-transform), :math:`f'_i + g'_j \le M_{ij}`, so for
+    every plan :math:`T \in U(a, b)`
+
+    .. math::
+
+        \langle T, M \rangle \ge \sum_{ij} T_{ij} (f'_i + g'_j)
+        = \sum_i a_i f'_i + \sum_j b_j g'_j =: LB,
+
+    whatever ``f`` is. Rows with a non-finite potential (an underflowed scaling) are left out
+    of :math:`g'` and get theirs from :math:`f' = g'^c` (still feasible). Returns LB
+    (``-inf`` if no finite :math:`g'` exists). ``g`` is a workspace (kw+1 entries).
+    """
+    kz = a.shape[0] - 1
+    kw = b.shape[0] - 1
+    # g' = c-transform of f over the positive-mass rows with a finite potential (x row first)
+    ax = a[kz] > 0.0 and math.isfinite(f[kz])
+    fx = f[kz]
+    for j in range(kw):
+        g[j] = cw[j] - fx if ax else np.inf
+    g[kw] = d - fx if ax else np.inf
+    for i in range(kz):
+        if a[i] > 0.0 and math.isfinite(f[i]):
+            fi = f[i]
+            zr = zi[i]
+            for j in range(kw):
+                t = C[zr, wi[j]] - fi
+                g[j] = t if t < g[j] else g[j]
+            t = cz[i] - fi
+            g[kw] = t if t < g[kw] else g[kw]
+    for j in range(kw + 1):
+        if b[j] > 0.0 and not g[j] < np.inf:
+            return -np.inf
+    # f' = c-transform of g' over the positive-mass columns, and the bound
+    lb = 0.0
+    for j in range(kw + 1):
+        if b[j] > 0.0:
+            lb += b[j] * g[j]
+    for i in range(kz + 1):
+        if a[i] > 0.0:
+            if i < kz:
+                zr = zi[i]
+                t = cz[i] - g[kw] if b[kw] > 0.0 else np.inf
+                for j in range(kw):
+                    if b[j] > 0.0:
+                        c = C[zr, wi[j]] - g[j]
+                        t = c if c < t else t
+            else:
+                t = d - g[kw] if b[kw] > 0.0 else np.inf
+                for j in range(kw):
+                    if b[j] > 0.0:
+                        c = cw[j] - g[j]
+                        t = c if c < t else t
+            lb += a[i] * t
+    return lb
+
+
+@jit
+def scaled_potentials(f, f0, fx, u, ux, kz, e):
+    r"""Row potentials of the scalings ``u`` (z rows, ``kz`` entries) and ``ux`` (x row) on top
+    of the reference potentials ``f0`` / ``fx`` (the plan :math:`u_i K_{ij} v_j` with
+    :math:`K = e^{-(M - f_0 \oplus g_0)/e}`): ``f[i] = f0[i] + e log u[i]``, ``f[kz] = fx +
+    e log ux`` in float64; ``-inf`` where a scaling is 0."""
+    for i in range(kz):
+        ui = float(u[i])
+        f[i] = f0[i] + e * math.log(ui) if ui > 0.0 else -np.inf
+    uxf = float(ux)
+    f[kz] = fx + e * math.log(uxf) if uxf > 0.0 else -np.inf
 
 
 @jit_inline

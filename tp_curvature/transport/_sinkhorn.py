@@ -68,6 +68,7 @@ Degenerate cases are solved in closed form (:func:`~._primitives.closed_form`).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -80,17 +81,38 @@ from ._primitives import F64, LOG, MAXITER
 COARSE_TOL = 0.1  # L1 marginal tolerance of the eps-scaling (coarse) stage
 KERNEL_BYTES = 64 << 20  # memory for the per-level kernels of one parallel call
 PATHS = {"float32": 0, "float64": 1, "log": 2}
+ROUND_REL = 1e-5  # float32 rounding of a returned cost, relative (measured <= 3e-7)
+TRIM_SHARE = 0.1  # share of kappa_tol left to the mass_tol trimming term of the certificate
+REFINE_EPS = 0.25  # the refinement pass runs at this fraction of eps and tol, in float64
 
 
 def sinkhorn_backend(problem, eps, tol, max_iter, omega, eps_scaling, levels, mass_tol, batch,
-                     chunk_rows, progress, precision):
-    """W1 of every connection of ``problem`` with the Numba engine; returns (W, log dict)."""
+                     chunk_rows, progress, precision, kappa_tol=None, refine=True):
+    """W1 of every connection of ``problem`` with the Numba engine, certified (see
+    :func:`certify`); returns (W, log dict).
+
+    With ``kappa_tol`` and ``refine``, the connections whose certified bound exceeds
+    ``kappa_tol`` are first solved again by the engine at ``REFINE_EPS * eps`` and
+    ``REFINE_EPS * tol`` in float64 (the smaller entropic bias tightens both sides of the
+    bound); each connection keeps the value with the smaller certified bound, and only those
+    still above ``kappa_tol`` go to the exact solver.
+    """
     al = float(problem.alpha)
     n_x, n_y = problem.d_xy.shape
     outs = Outputs(np.full((n_x, n_y), np.nan), np.zeros((n_x, n_y), np.int64),
-                   np.zeros((n_x, n_y), np.int64))
+                   np.zeros((n_x, n_y), np.int64), np.full((n_x, n_y), np.nan))
     t0 = time.perf_counter()
-    prep = prepare(problem, mass_tol)
+    mass_tol_eff = mass_tol
+    if kappa_tol is not None and mass_tol > 0 and problem.solve.any():
+        # keep the trimming term of the certificate, (delta_x + delta_y) max M / d in kappa,
+        # below TRIM_SHARE * kappa_tol (delta <= mass_tol for normalised rows)
+        from ._prepare import trim_cost_bound
+
+        top = trim_cost_bound(problem)
+        dmin = float(problem.d_xy[problem.solve].min())
+        if top > 0:
+            mass_tol_eff = min(mass_tol, 0.5 * TRIM_SHARE * kappa_tol * dmin / top)
+    prep = prepare(problem, mass_tol_eff)
     costs, meas, uniform = prep.costs, prep.meas, prep.uniform
     nzu, nwu = costs.C.shape
     R32 = np.minimum(costs.R, 1e30).astype(np.float32)
@@ -140,6 +162,24 @@ def sinkhorn_backend(problem, eps, tol, max_iter, omega, eps_scaling, levels, ma
                 bar.update(e - s)
         if bar is not None:
             bar.close()
+    t_cert = time.perf_counter()
+    kgap, _ = certify(problem, prep, outs, None)
+    n_refined = n_exact = 0
+    if kappa_tol is not None and refine:
+        bad = problem.solve & ~(kgap <= kappa_tol)
+        n_refined = int(bad.sum())
+        if n_refined:
+            w2, log2 = sinkhorn_backend(
+                replace(problem, solve=bad), REFINE_EPS * eps, REFINE_EPS * tol, max_iter,
+                omega, eps_scaling, levels, mass_tol, batch, chunk_rows, False, "float64",
+                kappa_tol, refine=False)
+            # the refinement pass itself re-solves exactly what it cannot certify
+            better = bad & (log2["kappa_gap"] < kgap)
+            outs.out[better] = w2[better]
+            kgap[better] = log2["kappa_gap"][better]
+            n_exact = log2["n_exact_fallback"]
+    n_exact += exact_fallback(problem, outs, kgap, kappa_tol)
+    t_cert = time.perf_counter() - t_cert
     st = outs.status[problem.solve]
     its = outs.iters[problem.solve]
     log = dict(
@@ -152,6 +192,65 @@ def sinkhorn_backend(problem, eps, tol, max_iter, omega, eps_scaling, levels, ma
         n_log_domain=int((st >= LOG).sum()),
         seconds_prepare=t_prep, seconds=time.perf_counter() - t0,
         eps=eps, tol=tol, max_iter=int(max_iter), omega=omega, eps_scaling=eps_scaling,
-        levels=levels, mass_tol=mass_tol,
+        levels=levels, mass_tol=mass_tol, mass_tol_effective=mass_tol_eff, kappa_tol=kappa_tol,
+        n_refined=n_refined, n_exact_fallback=n_exact,
+        kappa_gap=kgap,
+        kappa_gap_max=float(np.max(kgap[problem.solve])) if n_solved else 0.0,
+        seconds_certificate=t_cert,
     )
     return outs.out, log
+
+
+def certify(problem, prep, outs, kappa_tol):
+    r"""Certified kappa error of every solved connection; exact re-solve where it is too large.
+
+    For connection :math:`x \to y` the engine returns the cost :math:`P \ge W_1'` of a feasible
+    plan of the (``mass_tol``-trimmed) problem and a weak-duality lower bound
+    :math:`LB \le W_1'` (``outs.lower``, :func:`~._primitives.dual_bound`), and trimming moves
+    W1 by at most :math:`t = (1-\alpha)(\delta_x + \delta_y) \max M`
+    (:func:`~._prepare.trim_cost_bound`). So :math:`|P - W_1| \le (P - LB) + t` (plus
+    ``ROUND_REL * P`` for float32 results, whose summed cost may sit a rounding below
+    :math:`W_1`) and
+
+    .. math::
+
+        |\kappa_P - \kappa| \le \frac{(P - LB) + t}{d(x, y)\,(1-\alpha)} =: \gamma,
+
+    ``kappa_gap``. Connections with
+    :math:`\gamma >` ``kappa_tol`` (or a non-finite bound) are re-solved exactly
+    (:func:`~._exact.exact_w1` on the original problem; their gap becomes 0). ``kappa_tol``
+    None: nothing is re-solved (the values are the engine's). Returns (kappa_gap (n_x, n_y),
+    NaN off ``solve``; number of exact re-solves); ``outs.out`` is updated in place.
+    """
+    from ._prepare import trim_cost_bound
+
+    al = float(problem.alpha)
+    solve = problem.solve
+    d = prep.costs.dxy
+    with np.errstate(invalid="ignore", over="ignore"):
+        gap = np.maximum(outs.out - outs.lower, 0.0)
+        # float32 sums of the rounded cost: P may sit below W1 by its rounding (~1e-7 P)
+        gap += np.where(outs.status < F64, ROUND_REL * np.abs(outs.out), 0.0)
+    if prep.drop_x.any() or prep.drop_y.any():
+        gap = gap + (1.0 - al) * (prep.drop_x[:, None] + prep.drop_y[None, :]) \
+            * trim_cost_bound(problem)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        kgap = np.where(solve, gap / (d * (1.0 - al)), np.nan)
+    kgap[solve & np.isnan(kgap)] = np.inf  # no bound: treat as unbounded
+    n_exact = exact_fallback(problem, outs, kgap, kappa_tol)
+    return kgap, n_exact
+
+
+def exact_fallback(problem, outs, kgap, kappa_tol):
+    """Re-solve exactly (``ot.emd2``) every solved connection whose certified bound ``kgap``
+    exceeds ``kappa_tol`` (or is not finite); their bound becomes 0. ``kappa_tol`` None:
+    nothing. Updates ``outs.out`` and ``kgap`` in place; returns the number re-solved."""
+    from ._exact import exact_w1
+
+    if kappa_tol is None:
+        return 0
+    redo = np.argwhere(problem.solve & ~(kgap <= kappa_tol))
+    for i, j in redo:
+        outs.out[i, j] = exact_w1(problem, int(i), int(j))
+        kgap[i, j] = 0.0
+    return len(redo)

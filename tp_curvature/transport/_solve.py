@@ -12,8 +12,10 @@ from ._sinkhorn import PATHS, sinkhorn_backend
 BACKENDS = ("sinkhorn", "exact", "pot-sinkhorn")
 
 #: Defaults of the ``"sinkhorn"`` backend (relative eps, L1 marginal tolerance, ...).
+#: ``kappa_tol``: the certified accuracy, max |kappa - exact kappa| of every returned value
+#: (connections whose certified bound exceeds it are re-solved exactly; see :func:`solve_w1`).
 DEFAULTS = dict(eps=0.02, tol=1e-2, max_iter=2000, omega=1.5, eps_scaling=3.0, levels=4,
-                mass_tol=1e-4, batch=32)
+                mass_tol=1e-4, batch=32, kappa_tol=0.02)
 
 
 def solve_w1(
@@ -31,6 +33,7 @@ def solve_w1(
     mass_tol: float = DEFAULTS["mass_tol"],
     batch: int = DEFAULTS["batch"],
     precision: str = "float32",
+    kappa_tol: float | None = DEFAULTS["kappa_tol"],
     validate: bool = True,
     log: bool = False,
 ):
@@ -38,12 +41,26 @@ def solve_w1(
 
     For connection :math:`x \to y`, :math:`W_1 = \min_{T \in U(a, b)} \langle T, M \rangle` with
     ``(a, b, M)`` as in :func:`~tp_curvature.transport.connection_problem`. The ``"sinkhorn"``
-    backend (:mod:`tp_curvature.transport._sinkhorn`) returns, for every connection, the cost of
-    a feasible transport plan: an upper bound of W1 (so kappa is biased low), within
-    :math:`\varepsilon \log(nm) + 2\,\mathrm{tol} \max M / d` of it relative to d. It uses
+    backend (:mod:`tp_curvature.transport._sinkhorn`) computes, for every connection, the cost
+    :math:`P` of a feasible transport plan (:math:`P \ge W_1`, so kappa is biased low) and,
+    from the final Sinkhorn potentials :math:`f`, the weak-duality bound
+    :math:`LB = \sum_i a_i f'_i + \sum_j b_j g'_j \le W_1` (:math:`g' = f^c`,
+    :math:`f' = g'^c`: any dual-feasible pair bounds every plan's cost from below). Hence the
+    **certified** kappa error
+
+    .. math::
+
+        |\kappa_P - \kappa| \le \gamma = \frac{P - LB + t}{d(x, y)\,(1 - \alpha)}
+
+    (:math:`t`: the ``mass_tol`` trimming term, 0 when nothing is dropped; up to float
+    rounding of P), and every connection with :math:`\gamma >` ``kappa_tol`` is re-solved
+    exactly with ``ot.emd2``. So **every returned value is within** ``kappa_tol`` **of the
+    exact kappa** (default 0.02). Sinkhorn's own error bound is
+    :math:`\varepsilon \log(nm) + 2\,\mathrm{tol} \max M / d` relative to d, i.e.
+    :math:`1/(1-\alpha)` larger in kappa: at ``alpha = 0.9`` or 0.99, or on sparse layers with
+    large capped costs, many connections fall back to the exact solver unless ``eps`` and
+    ``tol`` are smaller (e.g. 0.005 and 3e-3 with ``precision="float64"``). It uses
     ``numba.get_num_threads()`` threads (``numba.set_num_threads`` / ``NUMBA_NUM_THREADS``).
-    For ``alpha = 0.9`` the same W1 error is 10x larger in kappa: use a smaller ``eps`` and
-    ``tol`` (e.g. 0.005 and 3e-3) with ``precision="float64"``.
 
     Parameters
     ----------
@@ -74,7 +91,9 @@ def solve_w1(
         ``[eps / 2**(1/levels), eps]`` relative to d).
     mass_tol : float
         Drop the atoms whose largest mass over all rows sums to ``<= mass_tol`` (renormalise
-        the rest; W1 moves by at most ``2 (1-alpha) mass_tol max(M)``); ``0`` keeps all.
+        the rest; W1 moves by at most ``2 (1-alpha) mass_tol max(M)``); ``0`` keeps all. With
+        ``kappa_tol`` it is lowered to ``0.05 kappa_tol min(d) / max(M)`` if smaller, so the
+        trimming term uses at most a tenth of ``kappa_tol`` (log: ``mass_tol_effective``).
     batch : int
         Connections solved together by one thread when all rows share their support: the
         shared block enters each iteration as one matrix product (BLAS) over the problems
@@ -85,6 +104,12 @@ def solve_w1(
         the log domain (overflow). ``"float64"`` starts at the float64 step (batched too;
         slower per iteration, faster than float32 when most problems fall back, e.g. at small
         eps); ``"log"`` solves every problem alone in the log domain (slow; for checks).
+    kappa_tol : float or None
+        Certified accuracy (default 0.02): every connection whose certified kappa error bound
+        exceeds it is solved again by the engine at a quarter of ``eps`` and ``tol`` in
+        float64, and, if its bound still exceeds ``kappa_tol``, exactly (``ot.emd2``).
+        ``None``: return the first-pass Sinkhorn values as they are (the bound is still
+        reported).
     validate : bool
         Call ``problem.validate()`` first.
     log : bool
@@ -99,8 +124,13 @@ def solve_w1(
         ``tol``. ``"sinkhorn"``: ``uniform_support``, ``k_z``, ``k_w`` (union support sizes,
         or the largest row support when ragged), ``iterations_mean``, ``iterations_max``,
         ``n_not_converged``, ``n_float64``, ``n_log_domain``, ``seconds_prepare``, ``max_iter``,
-        ``omega``, ``eps_scaling``, ``levels``, ``mass_tol``. Loop backends: ``n_warnings``
-        (POT warnings).
+        ``omega``, ``eps_scaling``, ``levels``, ``mass_tol``, ``mass_tol_effective``,
+        ``kappa_tol``, ``n_refined`` (connections solved again at a smaller eps),
+        ``n_exact_fallback`` (connections re-solved exactly), ``kappa_gap`` ((n_x, n_y)
+        certified bound of |kappa error| of the returned values, 0 where exact, NaN off
+        ``solve``), ``kappa_gap_max`` (its max), ``seconds_certificate`` (bound, refinement
+        and exact re-solves).
+        Loop backends: ``n_warnings`` (POT warnings).
     """
     if validate:
         problem.validate()
@@ -110,10 +140,13 @@ def solve_w1(
             raise ValueError(f"omega must be in [1, 2), got {omega}")
         if eps <= 0 or tol <= 0:
             raise ValueError("eps and tol must be > 0")
+        if kappa_tol is not None and not kappa_tol > 0:
+            raise ValueError(f"kappa_tol must be > 0 or None, got {kappa_tol}")
         if precision not in PATHS:
             raise ValueError(f"precision must be float32, float64 or log, got {precision!r}")
         W, info = sinkhorn_backend(problem, eps, tol, max_iter, omega, eps_scaling, levels,
-                                   mass_tol, int(batch), chunk_rows, progress, precision)
+                                   mass_tol, int(batch), chunk_rows, progress, precision,
+                                   kappa_tol)
     elif backend in ("exact", "pot-sinkhorn"):
         W, n_warn = loop_backend(problem, backend, eps, tol, max_iter, progress)
         info = dict(backend=backend, name=problem.name, n_solved=int(np.sum(problem.solve)),

@@ -1,0 +1,167 @@
+"""Per-edge and per-weight curvature of the element graph (min over positions and images)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..curvature import CurvatureConfig, problem_from_strengths, solve_problem
+from ._checks import OUTPUTS, REDUCES, _check_choice, _check_model, _config, _images
+from ._graph import ElementGraph, element_graph, node_values
+
+
+@dataclass
+class EdgeCurvature:
+    """kappa of every edge of one weight layer for one image.
+
+    ``kappa[i, o]``: input element ``i`` -> output element ``o``; NaN where there is no edge.
+    ``solved``: edges that went through the solver (the others have kappa 1).
+    """
+    name: str
+    kappa: np.ndarray
+    weight_index: np.ndarray
+    solved: np.ndarray
+    build_s: float = 0.0
+    solve_s: float = 0.0
+
+
+def _image_edges(graph: ElementGraph, a: list, cfg: CurvatureConfig,
+                 layers: Optional[Iterable[int]] = None) -> list:
+    out = []
+    L = graph.layers
+    n = len(L)
+    for l in (range(n) if layers is None else layers):
+        lay = L[l]
+        if l > 0:
+            s_zx, a_z = L[l - 1].strength, a[l - 1]
+        else:
+            s_zx, a_z = np.zeros((0, lay.n_in)), np.zeros(0)
+        if l + 1 < n:
+            s_yw, a_w = L[l + 1].strength, a[l + 2]
+        else:
+            s_yw, a_w = np.zeros((lay.n_out, 0)), np.zeros(0)
+        t0 = time.perf_counter()
+        prob = problem_from_strengths(
+            s_zx=s_zx, a_z=a_z, a_x=a[l], s_xy_all=lay.strength, s_direct=lay.strength,
+            cols=np.arange(lay.n_out), a_yn=a[l + 1], s_yw=s_yw, a_w=a_w,
+            exists=lay.exists, cfg=cfg, name=lay.name)
+        t1 = time.perf_counter()
+        kappa = solve_problem(prob, cfg)
+        t2 = time.perf_counter()
+        out.append(EdgeCurvature(name=lay.name, kappa=kappa, weight_index=lay.weight_index,
+                                 solved=prob.solve, build_s=t1 - t0, solve_s=t2 - t1))
+    return out
+
+
+def edge_curvature(model: nn.Module, image: torch.Tensor, output: str = "softmax",
+                   graph: Optional[ElementGraph] = None, **config) -> list:
+    """Per-edge kappa of every weight layer for one image, given as a batch ``(1, ...)``.
+
+    ``**config``: fields of :class:`~tp_curvature.curvature.CurvatureConfig` (``alpha``,
+    ``variant``, ``topk`` (default :data:`DEFAULT_TOPK`), ``backend``, ``normalize``...).
+    Returns a list of :class:`EdgeCurvature`, in layer order.
+    """
+    _check_choice("output", output, OUTPUTS)
+    cfg = _config(config)
+    image = _images(image, "image")
+    if graph is None:
+        graph = element_graph(model, image)
+    a = node_values(graph, image[:1], output, cfg.normalize)[0]
+    return _image_edges(graph, a, cfg)
+
+
+def _reduce_into(acc: torch.Tensor, cnt: Optional[torch.Tensor], ek: EdgeCurvature,
+                 reduce: str):
+    ex = ek.weight_index >= 0
+    wi = torch.from_numpy(ek.weight_index[ex])
+    k = torch.from_numpy(ek.kappa[ex])
+    if reduce == "min":
+        acc.scatter_reduce_(0, wi, k, reduce="amin", include_self=True)
+    else:
+        acc.index_add_(0, wi, k)
+        cnt.index_add_(0, wi, torch.ones_like(k))
+
+
+def weight_curvature(model: nn.Module, images: torch.Tensor, output: str = "softmax",
+                     reduce: str = "min", progress: bool = True, return_info: bool = False,
+                     **config):
+    """Per-weight curvature scores of every Conv2d / Linear weight of ``model``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A supported sequential chain (see the module docstring).
+    images : tensor ``(N, ...)`` or ``(x, y)`` pair
+        Calibration images, e.g. ``engine.data.calibration_batch`` (benchmarks) with
+        ``per_class=True, model=model`` (the paper: one correctly classified image per class).
+    output : ``"softmax"`` | ``"logits"``
+        Node values of the output layer.
+    reduce : ``"min"`` | ``"mean"``
+        Over a weight's edges and over images (the paper: min).
+    **config
+        :class:`~tp_curvature.curvature.CurvatureConfig` fields; ``topk`` defaults to
+        :data:`DEFAULT_TOPK`.
+
+    Returns
+    -------
+    dict
+        Parameter name (``"features.0.weight"``) -> float64 tensor shaped like the weight.
+        With ``return_info=True`` also a dict of timings and counts.
+    """
+    _check_model(model)
+    _check_choice("output", output, OUTPUTS)
+    _check_choice("reduce", reduce, REDUCES)
+    cfg = _config(config)
+    images = _images(images)
+    t_start = time.perf_counter()
+    graph = element_graph(model, images)
+    t_graph = time.perf_counter() - t_start
+    acts = node_values(graph, images, output, cfg.normalize)
+    accs, cnts = [], []
+    for lay in graph.layers:
+        numel = lay.module.weight.numel()
+        init = float("inf") if reduce == "min" else 0.0
+        accs.append(torch.full((numel,), init, dtype=torch.float64))
+        cnts.append(torch.zeros(numel, dtype=torch.float64) if reduce == "mean" else None)
+    info = {"n_images": len(acts), "graph_s": t_graph, "per_image_s": [],
+            "layers": {l.name: {"n_edges": l.n_edges, "n_weights": l.module.weight.numel(),
+                                "solved": 0, "build_s": 0.0, "solve_s": 0.0}
+                       for l in graph.layers},
+            "config": {**cfg.__dict__, "output": output, "reduce": reduce}}
+    it = range(len(acts))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(acts) * len(graph.layers), desc="unstructured curvature",
+                   leave=False)
+    for i in it:
+        t0 = time.perf_counter()
+        for li in range(len(graph.layers)):
+            ek = _image_edges(graph, acts[i], cfg, layers=[li])[0]
+            _reduce_into(accs[li], cnts[li], ek, reduce)
+            rec = info["layers"][ek.name]
+            rec["solved"] += int(ek.solved.sum())
+            rec["build_s"] += ek.build_s
+            rec["solve_s"] += ek.solve_s
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(image=i, layer=ek.name)
+        info["per_image_s"].append(time.perf_counter() - t0)
+    if bar is not None:
+        bar.close()
+    scores = {}
+    for lay, acc, cnt in zip(graph.layers, accs, cnts):
+        if reduce == "mean":
+            acc = torch.where(cnt > 0, acc / cnt.clamp_min(1), torch.ones_like(acc))
+        else:
+            acc = torch.where(torch.isinf(acc), torch.ones_like(acc), acc)
+        if not bool(torch.isfinite(acc).all()):
+            raise RuntimeError(f"layer {lay.name!r}: the solver returned non-finite curvature "
+                               f"(backend {cfg.backend!r}); try backend='exact'")
+        scores[lay.param_name] = acc.view_as(lay.module.weight.detach()).clone()
+    info["total_s"] = time.perf_counter() - t_start
+    return (scores, info) if return_info else scores
