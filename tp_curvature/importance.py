@@ -94,16 +94,22 @@ def _fingerprint(model: nn.Module) -> tuple:
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     meta = tuple((n, id(t), t.data_ptr(), tuple(t.shape), t.dtype, str(t.device), t._version)
                  for n, t in tensors)
-    sums = []
-    for _, t in tensors:
-        d = t.detach()
-        if d.is_complex() or d.numel() == 0:
-            continue
-        sums.append(torch.sum(d, dtype=torch.float64).reshape(1).cpu())
-        sums.append(torch.sum(d.double().square() if d.dtype == torch.bool else
-                              d.square(), dtype=torch.float64).reshape(1).cpu())
-    check = torch.cat(sums).numpy().tobytes() if sums else b""
+    check = b"".join(_checksum(t.detach()).tobytes() for _, t in tensors)
     return tree, meta, check
+
+
+def _checksum(t: torch.Tensor) -> np.ndarray:
+    """Float64 sum and sum of squares of a tensor: a content check cheap enough to run at
+    every scoring call (NumPy reductions on CPU, no copy; torch reductions elsewhere)."""
+    if t.numel() == 0 or t.is_complex():
+        return np.zeros(0)
+    if t.device.type != "cpu" or t.dtype in (torch.bfloat16, torch.float16):
+        t = t.double()
+        return torch.stack([t.sum(), t.square().sum()]).cpu().numpy()
+    a = t.numpy().ravel()
+    if a.dtype.kind == "b":
+        return np.array([a.sum(dtype=np.float64), 0.0])
+    return np.array([np.add.reduce(a, dtype=np.float64), float(np.vdot(a, a))])
 
 
 class _ModelScores:
