@@ -323,7 +323,7 @@ def layer_curvature(graph: ChannelGraph, layer: WeightLayer, acts: list,
     prob = build_layer_problem(graph, layer, acts, cfg)
     return LayerCurvature(name=layer.name, module=layer.module, kappa=solve_problem(prob, cfg),
                           exists=prob.exists, solved=prob.solve,
-                          in_group=graph.junctions[layer.in_junction].group, length=prob.length)
+                          in_group=layer.in_group, length=prob.length)
 
 
 AUTO_PROGRESS_CONNECTIONS = 1_000_000   # progress=None shows a bar above this many connections
