@@ -553,7 +553,7 @@ class ChannelGraph:
         """Junctions with an edge into junction ``j`` (topological order)."""
         srcs = {t.src if t.kind == "junction" else self.layers[t.src].in_junction
                 for t in self.junctions[j].inflows}
-        return sorted(srcs)
+        return sorted(s for s in srcs if s is not None)
 
     def successors(self, j: int) -> list[int]:
         """Junctions that junction ``j`` has an edge into (topological order)."""
