@@ -1,4 +1,4 @@
-"""Channel-level layered graph of a real network, traced with :mod:`torch.fx`.
+"""Channel-level layered graph of a real network, traced with :mod:`torch.export`.
 
 Nodes
     The channels of every *junction tensor*: a tensor that a weight layer (``nn.Linear``,
@@ -23,9 +23,49 @@ Edges and their strength ``s(u, v)`` (the length is ``d = 1 / s``)
     Grouped and depthwise convolutions connect only channels of the same group; the other pairs
     are *structurally absent* (no edge, no connection).
 
-Anything else (attention, channel shuffles, multiplicative gates, LayerNorm, transposed
-convolutions, a module called twice) raises :class:`UnsupportedModelError` naming the fx node,
-never a silently wrong graph.
+How the graph is obtained (issue 9)
+    ``forward_fn(model, batch)`` is exported with :func:`torch.export.export` (non-strict, the
+    batch dim dynamic; fallbacks: a static batch-1 export, then ``draft_export``) and every
+    tensor's channel identity is tracked by *id-tensor lineage* (:mod:`tp_curvature._lineage`):
+    the same ATen data-movement op runs on integer id tensors, so permute, transpose,
+    flatten(2), a split into heads and back, cat/chunk/split and channel shuffles need no case
+    analysis and the channel dim is tracked, never assumed (dim 1 of conv maps, the last dim of
+    ``(N, T, C)`` tokens, also when T == C). Why not Torch-Pruning's ``DependencyGraph``: it
+    stores no shapes or channel dims (only private autograd attributes, keyed by backward-op
+    names that change across devices and versions), hides module internals (MHA's packed
+    in-projection, functional linears) and has no index mapping for permute/transpose/head
+    splits/shuffles. Why not extending ``torch.fx.symbolic_trace``: every op comes in several
+    spellings (module / function / method) and control flow on shapes fails; export gives one
+    ATen spelling per op and real shapes. Calibration runs the same exported program
+    (:mod:`tp_curvature.hooks`).
+
+Semantics of the constructs (documented; checked in ``tests/test_coverage.py``)
+    * junction discovery: the inputs of weight ops, the model output (the first floating leaf of
+      a tuple / dict / ModelOutput), and q / k entering attention (*sinks*: no consumers, so
+      q / k channels are scored by their incoming connections). The *pre-norm rule*: from a
+      weight op's input the junction moves back through unary channel-preserving ops (norms,
+      scaling, data movement, dropout; not activations) to a merge (add / sub / cat of two
+      traced tensors), the network input or an Embedding output, and the scales on the way
+      become the consumer's ``in_scale``; a norm right after a weight op folds on the
+      producer side like BatchNorm;
+    * BatchNorm (module or timm's functional ``batch_norm``): ``|gamma| / sqrt(var + eps)``;
+      LayerNorm / RMSNorm / GroupNorm: ``|weight|`` per channel (the per-token ``1/sigma`` is a
+      statistic without channel identity: factor 1); layer scale and any multiplication by a
+      parameter / constant: ``|factor|`` per channel;
+    * multiplicative gates (SE ``x * gate``, SwiGLU ``silu(g) * u``): both operands' channels
+      reach the product, each with factor 1 (structure only);
+    * DropPath / StochasticDepth / Dropout: exported in eval mode they are identities;
+    * nn.Embedding: its output is an input junction (no inflows); its channels are scored by
+      the outgoing connections of that junction;
+    * attention (SDPA, nn.MultiheadAttention, explicit ``softmax(q @ k^T) @ v``, GQA by
+      ``repeat_interleave`` or ``enable_gqa``): the output carries v's channels, so value
+      channels flow to the output projection's inputs; an MHA's packed in-projection is one
+      layer whose q / k / v thirds reach the q sink, the k sink and the value junction;
+    * pooling / interpolate / Upsample / padding keep channels; ConvTranspose2d connects
+      ``W[u, v]`` (input channel first) within its groups;
+    * an op the lineage does not know makes its output *opaque*: layers reading it, or writing
+      only into it, are not scored (:meth:`ChannelGraph.scoreable`) and get the documented
+      fallback of :class:`~tp_curvature.importance.CurvatureImportance` with one warning.
 """
 from __future__ import annotations
 
