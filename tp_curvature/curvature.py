@@ -226,19 +226,26 @@ def _restrict(idx: np.ndarray):
 
 
 def build_layer_problem(graph: ChannelGraph, layer: WeightLayer, acts: list,
-                        cfg: CurvatureConfig) -> LayerPairProblem:
+                        cfg: CurvatureConfig, dst: Optional[int] = None,
+                        channels: Optional[np.ndarray] = None) -> LayerPairProblem:
     """Assemble the :class:`LayerPairProblem` of ``layer`` (all its connections x -> y).
 
     X is the layer's input junction, Y its (first) output junction; Z stacks every junction
     with an edge into X and W every junction Y has an edge into. The problem carries the
     structural connections (``exists``) and their lengths (``length``) besides what the
-    kernels read.
+    kernels read. ``dst`` (default: the first out-junction) and ``channels`` (default: all
+    output channels, which must then all reach ``dst``) select the connections of a layer whose
+    outputs split over several junctions (the q / k / v thirds of a packed in-projection).
     """
-    X, Y = layer.in_junction, layer.out_junctions[0]
+    X = layer.in_junction
+    Y = layer.out_junctions[0] if dst is None else dst
     s_xy_layer, cols, exists = graph.layer_edges(layer, Y, cfg.p)
-    if np.any(cols < 0):
-        raise ValueError(f"layer {layer.name!r}: some output channels do not reach junction "
-                         f"{graph.junctions[Y].name!r}")
+    if channels is None:
+        if np.any(cols < 0):
+            raise ValueError(f"layer {layer.name!r}: some output channels do not reach "
+                             f"junction {graph.junctions[Y].name!r}")
+    else:
+        s_xy_layer, cols, exists = s_xy_layer, cols[channels], exists[:, channels]
     # predecessors Z of X and successors W of Y (several junctions are stacked)
     preds = graph.predecessors(X)
     succs = graph.successors(Y)
@@ -319,11 +326,36 @@ def solve_problem(prob: LayerPairProblem, cfg: CurvatureConfig) -> np.ndarray:
 
 def layer_curvature(graph: ChannelGraph, layer: WeightLayer, acts: list,
                     cfg: CurvatureConfig) -> LayerCurvature:
-    """Curvature of every connection of ``layer``."""
-    prob = build_layer_problem(graph, layer, acts, cfg)
-    return LayerCurvature(name=layer.name, module=layer.module, kappa=solve_problem(prob, cfg),
-                          exists=prob.exists, solved=prob.solve,
-                          in_group=graph.junctions[layer.in_junction].group, length=prob.length)
+    """Curvature of every connection of ``layer``. Each output channel is scored towards the
+    first of ``layer.out_junctions`` it reaches (real junctions before q/k sinks)."""
+    c_out = layer.out_channels
+    todo = np.ones(c_out, dtype=bool)
+    parts = []
+    for Y in layer.out_junctions:
+        _, cols, _ = graph.layer_edges(layer, Y, cfg.p)
+        ch = np.nonzero((cols >= 0) & todo)[0]
+        if ch.size == 0:
+            continue
+        todo[ch] = False
+        full = ch.size == c_out
+        prob = build_layer_problem(graph, layer, acts, cfg, dst=Y,
+                                   channels=None if full else ch)
+        parts.append((ch, prob, solve_problem(prob, cfg)))
+    n_x = graph.junctions[layer.in_junction].n_nodes
+    if len(parts) == 1 and parts[0][0].size == c_out:
+        _, prob, kappa = parts[0]
+        return LayerCurvature(name=layer.name, module=layer.module, kappa=kappa,
+                              exists=prob.exists, solved=prob.solve,
+                              in_group=layer.in_group, length=prob.length)
+    kappa = np.ones((n_x, c_out))             # channels that reach no junction: kappa 1
+    exists = np.ones((n_x, c_out), dtype=bool)
+    solved = np.zeros((n_x, c_out), dtype=bool)
+    length = np.full((n_x, c_out), np.inf)
+    for ch, prob, k in parts:
+        kappa[:, ch], exists[:, ch], solved[:, ch], length[:, ch] = \
+            k, prob.exists, prob.solve, prob.length
+    return LayerCurvature(name=layer.name, module=layer.module, kappa=kappa, exists=exists,
+                          solved=solved, in_group=layer.in_group, length=length)
 
 
 AUTO_PROGRESS_CONNECTIONS = 1_000_000   # progress=None shows a bar above this many connections
@@ -336,7 +368,7 @@ def graph_curvature(graph: ChannelGraph, acts: list, cfg: CurvatureConfig,
     ``progress=None`` shows a tqdm bar (one step per layer, weighted by its connections) when
     the graph has more than ``AUTO_PROGRESS_CONNECTIONS`` connections.
     """
-    layers = [l for l in graph.layers if l.out_junctions]
+    layers = [l for l in graph.layers if graph.scoreable(l)]
     sizes = [graph.junctions[l.in_junction].n_nodes * l.out_channels for l in layers]
     if progress is None:
         progress = sum(sizes) > AUTO_PROGRESS_CONNECTIONS

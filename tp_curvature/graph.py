@@ -1,4 +1,4 @@
-"""Channel-level layered graph of a real network, traced with :mod:`torch.fx`.
+"""Channel-level layered graph of a real network, traced with :mod:`torch.export`.
 
 Nodes
     The channels of every *junction tensor*: a tensor that a weight layer (``nn.Linear``,
@@ -23,9 +23,49 @@ Edges and their strength ``s(u, v)`` (the length is ``d = 1 / s``)
     Grouped and depthwise convolutions connect only channels of the same group; the other pairs
     are *structurally absent* (no edge, no connection).
 
-Anything else (attention, channel shuffles, multiplicative gates, LayerNorm, transposed
-convolutions, a module called twice) raises :class:`UnsupportedModelError` naming the fx node,
-never a silently wrong graph.
+How the graph is obtained (issue 9)
+    ``forward_fn(model, batch)`` is exported with :func:`torch.export.export` (non-strict, the
+    batch dim dynamic; fallbacks: a static batch-1 export, then ``draft_export``) and every
+    tensor's channel identity is tracked by *id-tensor lineage* (:mod:`tp_curvature._lineage`):
+    the same ATen data-movement op runs on integer id tensors, so permute, transpose,
+    flatten(2), a split into heads and back, cat/chunk/split and channel shuffles need no case
+    analysis and the channel dim is tracked, never assumed (dim 1 of conv maps, the last dim of
+    ``(N, T, C)`` tokens, also when T == C). Why not Torch-Pruning's ``DependencyGraph``: it
+    stores no shapes or channel dims (only private autograd attributes, keyed by backward-op
+    names that change across devices and versions), hides module internals (MHA's packed
+    in-projection, functional linears) and has no index mapping for permute/transpose/head
+    splits/shuffles. Why not extending ``torch.fx.symbolic_trace``: every op comes in several
+    spellings (module / function / method) and control flow on shapes fails; export gives one
+    ATen spelling per op and real shapes. Calibration runs the same exported program
+    (:mod:`tp_curvature.hooks`).
+
+Semantics of the constructs (documented; checked in ``tests/test_coverage.py``)
+    * junction discovery: the inputs of weight ops, the model output (the first floating leaf of
+      a tuple / dict / ModelOutput), and q / k entering attention (*sinks*: no consumers, so
+      q / k channels are scored by their incoming connections). The *pre-norm rule*: from a
+      weight op's input the junction moves back through unary channel-preserving ops (norms,
+      scaling, data movement, dropout; not activations) to a merge (add / sub / cat of two
+      traced tensors), the network input or an Embedding output, and the scales on the way
+      become the consumer's ``in_scale``; a norm right after a weight op folds on the
+      producer side like BatchNorm;
+    * BatchNorm (module or timm's functional ``batch_norm``): ``|gamma| / sqrt(var + eps)``;
+      LayerNorm / RMSNorm / GroupNorm: ``|weight|`` per channel (the per-token ``1/sigma`` is a
+      statistic without channel identity: factor 1); layer scale and any multiplication by a
+      parameter / constant: ``|factor|`` per channel;
+    * multiplicative gates (SE ``x * gate``, SwiGLU ``silu(g) * u``): both operands' channels
+      reach the product, each with factor 1 (structure only);
+    * DropPath / StochasticDepth / Dropout: exported in eval mode they are identities;
+    * nn.Embedding: its output is an input junction (no inflows); its channels are scored by
+      the outgoing connections of that junction;
+    * attention (SDPA, nn.MultiheadAttention, explicit ``softmax(q @ k^T) @ v``, GQA by
+      ``repeat_interleave`` or ``enable_gqa``): the output carries v's channels, so value
+      channels flow to the output projection's inputs; an MHA's packed in-projection is one
+      layer whose q / k / v thirds reach the q sink, the k sink and the value junction;
+    * pooling / interpolate / Upsample / padding keep channels; ConvTranspose2d connects
+      ``W[u, v]`` (input channel first) within its groups;
+    * an op the lineage does not know makes its output *opaque*: layers reading it, or writing
+      only into it, are not scored (:meth:`ChannelGraph.scoreable`) and get the documented
+      fallback of :class:`~tp_curvature.importance.CurvatureImportance` with one warning.
 """
 from __future__ import annotations
 
@@ -39,34 +79,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ._tracing import (ADD_FUNCTIONS, ADD_METHODS, BN_TYPES, ELEMENTWISE_FUNCTIONS,
-                       ELEMENTWISE_METHODS, ELEMENTWISE_MODULES, POOL_FUNCTIONS, POOL_MODULES,
-                       RESHAPE_METHODS, InterpreterModule, UnsupportedModelError, bn_scale,
-                       eval_mode, tensor_shape, trace)
+import torch.utils._pytree as pytree
 
+from ._lineage import Term, _name as _op_name, channel_ids
+from ._tracing import UnsupportedModelError, eval_mode
 
-WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
-# operations that keep channel identity and carry no weight of their own
-PASS_MODULES = ELEMENTWISE_MODULES + POOL_MODULES
-PASS_FUNCTIONS = ELEMENTWISE_FUNCTIONS | POOL_FUNCTIONS
-PASS_METHODS = ELEMENTWISE_METHODS
-
-
-@dataclass
-class _Term:
-    """``value[:, f] = scale[f] * src[:, idx[f]]`` (up to elementwise nonlinearities)."""
-    kind: str            # "layer" or "junction"
-    src: int             # layer or junction index
-    idx: np.ndarray      # (F,) source channel per feature; -1 where this term adds nothing
-    scale: np.ndarray    # (F,) |multiplicative factor| per feature
-
-
-@dataclass
-class _Lineage:
-    terms: list
-    n_features: int
-    group: np.ndarray    # (F,) node (channel) of each feature
-    from_input: bool     # derived from the network input only (no layer on the way)
+WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 
 
 @dataclass
@@ -81,295 +99,407 @@ class Inflow:
 
 @dataclass
 class Junction:
-    """A post-activation tensor whose channels are graph nodes."""
+    """A tensor whose channels are graph nodes.
+
+    ``channel_dims`` are the dims of the traced tensor along which node identities vary
+    (dim 1 of a conv map, the last dim of ``(N, T, C)`` tokens, dim 1 of a flattened map);
+    ``node_ids`` (shape of those dims) gives each position's node (-1: none), ``valid`` (or
+    None) masks positions without a node along the other dims (a class-token row).
+    """
     index: int
     name: str
-    n_features: int
-    group: np.ndarray            # (n_features,) feature -> node
     n_nodes: int
+    channel_dims: tuple = ()
+    node_ids: Optional[torch.Tensor] = None
+    valid: Optional[torch.Tensor] = None
     inflows: list = field(default_factory=list)
     consumers: list = field(default_factory=list)   # layer indices reading this junction
     is_input: bool = False
     is_output: bool = False
-    spatial: int = 1             # features per node (H*W after a flatten)
+    is_sink: bool = False        # q / k entering attention: scored by their inflows only
+    source_module: Optional[nn.Module] = None        # the Embedding of an embedding junction
+
+    @property
+    def group(self) -> np.ndarray:
+        """Feature (flattened channel-dim position) -> node."""
+        return self.node_ids.reshape(-1).numpy()
+
+    @property
+    def n_features(self) -> int:
+        return int(self.node_ids.numel())
 
 
 @dataclass
 class WeightLayer:
-    """A Linear / Conv layer: edges from ``in_junction`` to every junction in ``out_junctions``."""
+    """A weight op (Linear, Conv1d/2d, ConvTranspose, the packed in-projection of an
+    ``nn.MultiheadAttention``): edges from ``in_junction`` to every junction in
+    ``out_junctions``. ``in_group[f]`` is the junction node of contraction feature ``f`` (-1:
+    none) and ``in_scale[f]`` the |factor| between the junction and the op (the affine weight
+    of a pre-norm), None when 1."""
     index: int
     name: str
     module: nn.Module
-    in_junction: int
+    in_junction: Optional[int]
     out_junctions: list = field(default_factory=list)
+    weight_name: str = ""
+    kind: str = "linear"          # "linear" | "conv" | "conv_transpose"
+    groups: int = 1
+    in_group: Optional[np.ndarray] = None
+    in_scale: Optional[np.ndarray] = None
+    shared: bool = False          # the weight is used by several ops: not scored
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return _get_param(self.module, self.weight_name)
 
     @property
     def out_channels(self) -> int:
-        m = self.module
-        return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        w = self.weight
+        if self.kind == "conv_transpose":
+            return w.shape[1] * self.groups
+        return w.shape[0]
+
+
+def _get_param(module, name):
+    for part in name.split(".")[:-1]:
+        module = getattr(module, part)
+    return getattr(module, name.split(".")[-1])
+
+
+def _transparent(n: fx.Node) -> bool:
+    from ._lineage import IDENTITY, MOVE, NORMS, MUL, _name
+    if n.op != "call_function":
+        return False
+    name = _name(n.target)
+    return (name in MOVE or name in IDENTITY or name in NORMS or name in MUL) \
+        and name not in ("split", "split_with_sizes", "chunk", "unbind", "tensor_split")
+
+
+class _Builder:
+    """The hooks :class:`~tp_curvature._lineage.LineagePass` calls: junctions and layers."""
+
+    def __init__(self, model, prefix, junction_at: set, sinks_on: bool = True):
+        self.model = model
+        self.prefix = prefix
+        self.junction_at = junction_at          # fx node names that are junctions
+        self.junctions: list[Junction] = []
+        self.layers: list[WeightLayer] = []
+        self.by_weight: dict = {}
+        self.at_node: dict = {}                 # fx node name -> junction index
+        self.candidates: list = []              # (fx node, consumer layer index)
+        self.input_consumer_fail: dict = {}     # placeholder name -> reason
+        self.input_junctions: dict = {}         # placeholder name -> junction index
+        self.pending_sinks: list = []
+
+    # -- hooks -------------------------------------------------------------------------
+    def input(self, n, ids, value):
+        j = self._new_junction(n.name, [Term("junction", -1, ids, None)], value,
+                               is_input=True, keep_terms=False)
+        self.input_junctions[n.name] = j.index
+        self.at_node[n.name] = j.index
+        return [Term("junction", j.index, self._full_ids(j, value), None)]
+
+    def weight(self, n, kind, wname, x_lin, out, groups=1):
+        from ._lineage import OPAQUE, Term as T
+        qual = wname[len(self.prefix):] if wname.startswith(self.prefix) else wname
+        mod_name, _, pname = qual.rpartition(".")
+        module = self.model.get_submodule(mod_name) if mod_name else self.model
+        if kind == "embedding":
+            j = self._new_junction(n.name, [T("junction", -1, channel_ids(tuple(out.shape), -1),
+                                              None)], out, is_input=True, keep_terms=False)
+            j.source_module = module
+            self.at_node[n.name] = j.index
+            return [T("junction", j.index, self._full_ids(j, out), None)]
+        key = qual
+        if key in self.by_weight:
+            l = self.layers[self.by_weight[key]]
+            l.shared = True
+            l.in_junction = None
+        else:
+            k = len(self.layers)
+            l = WeightLayer(k, mod_name, module, None, weight_name=pname, kind=kind,
+                            groups=groups)
+            self.layers.append(l)
+            self.by_weight[key] = k
+            if x_lin is not OPAQUE and isinstance(x_lin, list) and x_lin:
+                self._attach_input(l, n.args[0], x_lin, out)
+        cdim = -1 if kind == "linear" else 1
+        return [T("layer", l.index, channel_ids(tuple(out.shape), cdim), None)]
+
+    def junction(self, n, lin, value):
+        if n.name in self.junction_at and n.name not in self.at_node and isinstance(lin, list) \
+                and lin and isinstance(value, torch.Tensor):
+            j = self._new_junction(n.name, lin, value)
+            self.at_node[n.name] = j.index
+            return [Term("junction", j.index, self._full_ids(j, value), None)]
+        return None
+
+    def sink(self, n, lin, value):
+        if any(t.kind == "layer" for t in lin):
+            j = self._new_junction(n.name + ":sink", lin, value)
+            j.is_sink = True
+
+    # -- helpers -----------------------------------------------------------------------
+    def _attach_input(self, layer, xnode, x_lin, out):
+        """Contraction feature -> junction node of ``layer`` (a junction is made at the input
+        when it is not a single junction term)."""
+        cdim = -1 if layer.kind == "linear" else 1
+        if not (len(x_lin) == 1 and x_lin[0].kind == "junction"):
+            if xnode.name in self.at_node:
+                return
+            x_val = self._value_of(xnode)
+            j = self._new_junction(xnode.name, x_lin, x_val)
+            self.at_node[xnode.name] = j.index
+            x_lin = [Term("junction", j.index, self._full_ids(j, x_val), None)]
+        t = x_lin[0]
+        ids = t.ids.movedim(cdim, -1)
+        F_ = ids.shape[-1]
+        g = ids.reshape(-1, F_)
+        grp = g.amax(0)
+        if not bool(((g == grp) | (g < 0)).all()):
+            jn = self.junctions[t.src]
+            if jn.is_input:
+                self.input_consumer_fail[jn.name] = "ids vary"
+            return
+        layer.in_junction = t.src
+        layer.in_group = grp.numpy().astype(np.int64)
+        if t.scale is not None:
+            sc = t.scale.expand(t.ids.shape).movedim(cdim, -1).reshape(-1, F_)
+            w = (g >= 0).double()
+            layer.in_scale = ((sc * w).sum(0) / w.sum(0).clamp(min=1)).numpy()
+        jn = self.junctions[t.src]
+        if jn.is_input and jn.source_module is None:
+            counts = np.bincount(layer.in_group[layer.in_group >= 0])
+            if counts.size and counts.max() > 1 and layer.kind == "linear":
+                self.input_consumer_fail[jn.name] = "features share a node"
+
+    def _value_of(self, xnode):
+        return self._pass.env[xnode]
+
+    @staticmethod
+    def _full_ids(j: Junction, value) -> torch.Tensor:
+        shape = tuple(value.shape)
+        v = [1] * len(shape)
+        for d in j.channel_dims:
+            v[d] = shape[d]
+        ids = j.node_ids.reshape(v).expand(shape)
+        if j.valid is not None:
+            ids = torch.where(j.valid.expand(shape), ids, torch.full((), -1, dtype=torch.long))
+        return ids
+
+    def _new_junction(self, name, lin, value, is_input=False, keep_terms=True) -> Junction:
+        shape = tuple(value.shape)
+        nd = len(shape)
+        ids_list = [t.ids.expand(shape) for t in lin]
+        valid_full = None
+        for ids in ids_list:
+            v = ids >= 0
+            valid_full = v if valid_full is None else (valid_full | v)
+        cdims = []
+        for d in range(nd):
+            if shape[d] <= 1:
+                continue
+            for ids in ids_list:
+                m = torch.where(ids >= 0, ids, ids.amax(d, keepdim=True))
+                if not bool((m.amax(d, keepdim=True) == m.amin(d, keepdim=True)).all()):
+                    cdims.append(d)
+                    break
+        other = [d for d in range(nd) if d not in cdims]
+        red = [ids.amax(other, keepdim=False) if other else ids for ids in ids_list] \
+            if nd else [ids.reshape(()) for ids in ids_list]
+        csh = tuple(shape[d] for d in cdims)
+        stack = torch.stack([r.reshape(-1) for r in red]) if red else \
+            torch.zeros((0, int(math.prod(csh))), dtype=torch.long)
+        M = stack.shape[1]
+        ok = (stack >= 0).any(0)
+        node = torch.full((M,), -1, dtype=torch.long)
+        if bool(ok.any()):
+            cols = stack[:, ok]
+            uniq, inv = torch.unique(cols, dim=1, return_inverse=True)
+            first = torch.full((uniq.shape[1],), M, dtype=torch.long)
+            pos = torch.arange(cols.shape[1])
+            first = first.scatter_reduce(0, inv, pos, "amin")
+            order = torch.argsort(first)
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(order.numel())
+            node[ok] = rank[inv]
+        n_nodes = int(node.max()) + 1 if bool(ok.any()) else 0
+        valid = None
+        if not bool(valid_full.all()):
+            vr = valid_full
+            for d in range(nd):
+                if vr.shape[d] > 1 and bool((vr.amax(d, keepdim=True) ==
+                                             vr.amin(d, keepdim=True)).all()):
+                    vr = vr.narrow(d, 0, 1)
+            if any(vr.shape[d] > 1 for d in other):
+                valid = vr.clone()
+        j = Junction(index=len(self.junctions), name=name, n_nodes=n_nodes,
+                     channel_dims=tuple(cdims), node_ids=node.reshape(csh), valid=valid,
+                     is_input=is_input)
+        if keep_terms:
+            okpos = torch.nonzero(node >= 0).squeeze(1)
+            first_pos = torch.full((n_nodes,), M, dtype=torch.long).scatter_reduce(
+                0, node[okpos], okpos, "amin", include_self=True)
+            for t, r in zip(lin, red):
+                idx = r.reshape(-1)[first_pos].numpy().astype(np.int64).copy()
+                if t.scale is None:
+                    scale = np.ones(n_nodes)
+                else:
+                    sc = t.scale.expand(shape)
+                    sc = sc.mean(other) if other else sc
+                    scale = sc.reshape(-1)[first_pos].numpy().astype(np.float64).copy()
+                if np.any(idx >= 0) and t.src >= 0:
+                    j.inflows.append(Inflow(t.kind, t.src, idx, np.abs(scale)))
+        self.junctions.append(j)
+        return j
+
+
+def _walk_prenorm(gm: fx.GraphModule, kinds: dict, cands: list) -> set:
+    """Junction fx nodes: each candidate, moved back through transparent unary ops to a merge
+    (add/sub/cat of two traced tensors), the network input or an embedding (the pre-norm
+    rule); else the candidate itself."""
+    from ._lineage import ADD, CAT, _name
+    out = set()
+    for c in cands:
+        cur = c
+        target = c
+        while True:
+            if cur.op == "placeholder" or (cur.op == "call_function" and
+                                           _name(cur.target) == "embedding"):
+                target = cur
+                break
+            if cur.op != "call_function":
+                break
+            nm = _name(cur.target)
+            traced = [a for a in cur.all_input_nodes if kinds.get(a.name) == "T"]
+            if nm in ADD or nm in CAT:
+                if len(traced) >= 2:
+                    target = cur
+                break
+            if _transparent(cur) and len(traced) == 1:
+                cur = traced[0]
+                continue
+            break
+        out.add(target.name)
+    return out
+
+
 
 
 class ChannelGraph:
     """The channel-level layered graph of ``model`` (see the module docstring).
 
     Build it with :meth:`from_model`; it holds structure only (which channels connect, the
-    BN scales on the way); strengths are read from the live weights by :meth:`strength`.
+    norm scales on the way); strengths are read from the live weights by :meth:`node_weights`.
     """
 
-    def __init__(self, model: nn.Module, junctions: list, layers: list, output_junction: int):
+    def __init__(self, model: nn.Module, junctions: list, layers: list, output_junction: int,
+                 exported=None, unknown_ops: Optional[dict] = None):
         self.model = model
         self.junctions: list[Junction] = junctions
         self.layers: list[WeightLayer] = layers
         self.output_junction = output_junction
-        self.layer_of_module = {id(l.module): l for l in layers}
+        self.exported = exported
+        self.unknown_ops = dict(unknown_ops or {})
+        self.layer_of_module = {}
+        for l in layers:
+            self.layer_of_module.setdefault(id(l.module), l)
+        self.embedding_junctions = {id(j.source_module): j for j in junctions
+                                    if j.source_module is not None}
+
+    def scoreable(self, layer: WeightLayer) -> bool:
+        """Whether ``layer``'s connections get a curvature (else: the importance fallback)."""
+        return (not layer.shared and layer.in_junction is not None
+                and bool(layer.out_junctions) and layer.in_group is not None)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_model(cls, model: nn.Module, example_batch, forward_fn: Optional[Callable] = None):
-        """Trace ``model`` and propagate one sample of ``example_batch`` for the shapes."""
-        gm = trace(model)
-        example_batch = _first_sample(example_batch)
-        runner = InterpreterModule(gm)
+        """Export ``forward_fn(model, batch)`` with :mod:`torch.export` and build the graph by
+        id-tensor lineage on (at most two samples of) ``example_batch``."""
+        from ._lineage import export_forward
+        forward_fn = forward_fn or (lambda mod, b: mod(b))
         with eval_mode(model), torch.no_grad():
-            (forward_fn or (lambda mod, b: mod(b)))(runner, example_batch)
-        return cls._build(model, gm)
+            exp = export_forward(model, example_batch, forward_fn)
+            return cls._build(model, exp)
 
     @classmethod
-    def _build(cls, model: nn.Module, gm: fx.GraphModule):
-        modules = dict(gm.named_modules())
+    def _build(cls, model: nn.Module, exp):
+        from ._lineage import LineagePass
+        gm = exp.gm
+        flat = pytree.tree_leaves(((exp.example,), {}))
         nodes = list(gm.graph.nodes)
-        # which fx nodes are junctions: inputs of weight layers, and the output
-        junction_nodes = {}
-        seen_modules = {}
-        out_node = None
-        for n in nodes:
-            if n.op == "call_module" and isinstance(modules[n.target], WEIGHT_TYPES):
-                if n.target in seen_modules:
-                    raise UnsupportedModelError(
-                        f"module {n.target!r} is called more than once (shared weights); its "
-                        "connections would not be a single layer of the graph")
-                seen_modules[n.target] = n
-                if not isinstance(n.args[0], fx.Node):
-                    raise UnsupportedModelError(f"{n.target!r}: input is not a traced tensor")
-                junction_nodes.setdefault(n.args[0], None)
-            if n.op == "output":
-                out_node = n
-        outs = out_node.args[0]
-        if not isinstance(outs, fx.Node):
+        out_node = next(n for n in nodes if n.op == "output")
+        modes: dict = {}
+        # pass 1: kinds of every node and the weight ops' inputs
+        b1 = _Builder(model, exp.prefix, set())
+        p1 = cls._run(gm, b1, modes, flat)
+        kinds = {n.name: ("T" if isinstance(v, list) else None) for n, v in p1.lin.items()}
+        cands = [n.args[0] for n in nodes if n.op == "call_function" and n.args
+                 and isinstance(n.args[0], fx.Node) and _op_name(n.target) in
+                 ("linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d",
+                  "conv_transpose2d", "_convolution")]
+        out_val = cls._output_leaf(out_node, p1)
+        if out_val is None:
             raise UnsupportedModelError(
-                "the model must return a single tensor (got a tuple/dict); wrap it so that "
-                "forward returns the logits")
-        junction_nodes.setdefault(outs, None)
-
-        lineage: dict = {}
-        junctions: list[Junction] = []
-        layers: list[WeightLayer] = []
-
-        for n in nodes:
-            if n.op == "output":
-                continue
-            shape = tensor_shape(n)
-            lin = cls._propagate(n, shape, lineage, modules, layers, junction_nodes)
-            if n in junction_nodes:
-                if lin is None:
-                    raise UnsupportedModelError(f"fx node {n.name!r} feeds a layer but is not a "
-                                                "traced tensor")
-                j = cls._make_junction(n, lin, junctions)
-                junction_nodes[n] = j.index
-                if n.op == "placeholder":
-                    j.is_input = True
-                lin = _Lineage([_Term("junction", j.index, np.arange(lin.n_features),
-                                      np.ones(lin.n_features))],
-                               lin.n_features, lin.group, lin.from_input)
-            lineage[n] = lin
-        out_j = junction_nodes[outs]
+                "the model output has no floating-point tensor derived from the input")
+        junction_at = _walk_prenorm(gm, kinds, cands) | {out_val.name}
+        for _ in range(3):
+            b = _Builder(model, exp.prefix, junction_at)
+            p = cls._run(gm, b, modes, flat)
+            bumped = False
+            for name, why in b.input_consumer_fail.items():
+                cur = modes.get(name, "dim1")
+                nxt = {"dim1": "last", "last": "element"}.get(cur)
+                if why == "features share a node":
+                    nxt = "element" if cur != "element" else None
+                if nxt:
+                    modes[name] = nxt
+                    bumped = True
+            if not bumped:
+                break
+        junctions, layers = b.junctions, b.layers
+        if out_val.name in b.at_node:
+            out_j = b.at_node[out_val.name]
+        else:
+            lin = p.lin.get(out_val)
+            if not isinstance(lin, list) or not lin:
+                raise UnsupportedModelError("the model output is not traced to its layers")
+            out_j = b._new_junction(out_val.name, lin, p.env[out_val]).index
         junctions[out_j].is_output = True
+        if not layers:
+            raise UnsupportedModelError("the model has no Linear or Conv layer to score")
         for j in junctions:
             for t in j.inflows:
                 if t.kind == "layer" and j.index not in layers[t.src].out_junctions:
                     layers[t.src].out_junctions.append(j.index)
         for l in layers:
-            junctions[l.in_junction].consumers.append(l.index)
-        if not layers:
-            raise UnsupportedModelError("the model has no Linear or Conv layer to score")
-        return cls(model, junctions, layers, out_j)
+            if l.shared:
+                l.in_junction = None
+            if l.in_junction is not None:
+                junctions[l.in_junction].consumers.append(l.index)
+        # order out-junctions: real junctions before q/k sinks
+        for l in layers:
+            l.out_junctions.sort(key=lambda j: (junctions[j].is_sink, j))
+        return cls(model, junctions, layers, out_j, exp, p.unknown)
 
     @staticmethod
-    def _make_junction(n, lin: _Lineage, junctions: list) -> Junction:
-        group = lin.group
-        n_nodes = int(group.max()) + 1 if group.size else 0
-        spatial = lin.n_features // max(n_nodes, 1)
-        j = Junction(index=len(junctions), name=n.name, n_features=lin.n_features,
-                     group=group, n_nodes=n_nodes, spatial=spatial)
-        first = np.full(n_nodes, -1, dtype=np.int64)
-        order = np.arange(lin.n_features)[::-1]
-        first[group[order]] = order        # first feature of each node
-        for t in lin.terms:
-            idx = t.idx[first].copy()
-            scale = t.scale[first].copy()
-            if t.kind == "junction":     # junction terms index features: map to nodes
-                src_group = junctions[t.src].group
-                ok = idx >= 0
-                idx[ok] = src_group[idx[ok]]
-            if np.any(idx >= 0):
-                j.inflows.append(Inflow(t.kind, t.src, idx, scale))
-        junctions.append(j)
-        return j
-
-    @classmethod
-    def _propagate(cls, n: fx.Node, shape, lineage, modules, layers, junction_nodes):
-        """Lineage of fx node ``n`` from its inputs' lineages."""
-        def lin_of(a):
-            return lineage.get(a) if isinstance(a, fx.Node) else None
-
-        if n.op == "placeholder":
-            if shape is None:
-                return None
-            nf = shape[1] if len(shape) > 1 else 1
-            return _Lineage([], nf, np.arange(nf), True)
-        if n.op == "get_attr":
-            return None
-        tensor_args = [a for a in n.all_input_nodes if lineage.get(a) is not None]
-        if shape is None:
-            # non-tensor result (size(), shape, getitem on a tuple of sizes, ...)
-            if n.op == "call_function" and n.target is operator.getitem and tensor_args:
-                raise UnsupportedModelError(
-                    f"fx node {n.name!r}: indexing a tensor result is not supported")
-            return None
-        if not tensor_args:
-            return None          # constants / tensors not derived from the input
-
-        first = lin_of(n.args[0]) if n.args else None
-        if n.op == "call_module":
-            m = modules[n.target]
-            if isinstance(m, WEIGHT_TYPES):
-                in_j = junction_nodes.get(n.args[0])
-                k = len(layers)
-                layers.append(WeightLayer(k, n.target, m, in_junction=in_j))
-                c_out = shape[1]
-                return _Lineage([_Term("layer", k, np.arange(c_out), np.ones(c_out))], c_out,
-                                np.arange(c_out), False)
-            if isinstance(m, BN_TYPES):
-                return cls._scaled(first, bn_scale(m), n)
-            if isinstance(m, PASS_MODULES):
-                return cls._same_channels(first, shape, n)
-            if isinstance(m, nn.Flatten):
-                return cls._flatten(first, tensor_shape(n.args[0]), shape, n)
-            raise UnsupportedModelError(
-                f"module {n.target!r} of type {type(m).__name__} is not supported by the "
-                "channel graph (supported: Linear, Conv1d/2d incl. grouped/depthwise, BatchNorm, "
-                "activations, pooling, dropout, flatten, residual add, concatenation)")
-        if n.op in ("call_function", "call_method"):
-            # function targets are callables, method targets names: one table lookup serves both
-            t = n.target
-            if t in PASS_FUNCTIONS or t in PASS_METHODS:
-                return cls._same_channels(first, shape, n)
-            if t in ADD_FUNCTIONS or t in ADD_METHODS:
-                return cls._add(n, [lin_of(a) for a in n.args[:2]])
-            if t in (torch.mean, torch.amax, "mean", "amax"):
-                return cls._reduce_spatial(n, first, shape)
-            if t in RESHAPE_METHODS:
-                return cls._flatten(first, tensor_shape(n.args[0]), shape, n)
-            if t is torch.cat:
-                dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
-                return cls._cat(n, n.args[0], dim, lineage, shape)
-            if t is torch.flatten:
-                start = n.kwargs.get("start_dim", n.args[1] if len(n.args) > 1 else 0)
-                if start not in (1,):
-                    raise UnsupportedModelError(f"fx node {n.name!r}: flatten must start at dim 1")
-                return cls._flatten(first, tensor_shape(n.args[0]), shape, n)
-            if t in (operator.mul, torch.mul, operator.truediv, torch.div) and len(tensor_args) == 1:
-                other = n.args[1] if n.args[0] is tensor_args[0] else n.args[0]
-                if isinstance(other, (int, float)):
-                    f = abs(float(other))
-                    if t in (operator.truediv, torch.div) and n.args[0] is tensor_args[0]:
-                        f = 1.0 / f if f else math.inf
-                    return cls._scaled(first if first is not None else lin_of(n.args[1]),
-                                       np.full(shape[1], f), n)
-            what = (f"tensor method .{t}()" if n.op == "call_method"
-                    else f"function {getattr(t, '__name__', t)}")
-            raise UnsupportedModelError(
-                f"fx node {n.name!r}: {what} is not supported by the channel graph")
-        raise UnsupportedModelError(f"fx node {n.name!r}: op {n.op} is not supported")
-
-    # ------------------------------------------------------------------ lineage algebra
-    @staticmethod
-    def _same_channels(lin, shape, n):
-        if lin is None:
-            return None
-        if shape[1] != lin.n_features:
-            raise UnsupportedModelError(
-                f"fx node {n.name!r} changes the channel count ({lin.n_features} -> {shape[1]})")
-        return lin
+    def _run(gm, builder, modes, flat):
+        from ._lineage import LineagePass
+        p = LineagePass(gm, builder, modes)
+        builder._pass = p
+        with torch.no_grad():
+            p.run(*flat)
+        return p
 
     @staticmethod
-    def _scaled(lin, factor, n):
-        if lin is None:
-            return None
-        factor = np.abs(np.asarray(factor, dtype=np.float64))
-        if factor.shape[0] != lin.n_features:
-            raise UnsupportedModelError(
-                f"fx node {n.name!r}: {factor.shape[0]} scales for {lin.n_features} channels")
-        terms = [_Term(t.kind, t.src, t.idx, t.scale * factor) for t in lin.terms]
-        return _Lineage(terms, lin.n_features, lin.group, lin.from_input)
-
-    @staticmethod
-    def _add(n, lins):
-        lins = [l for l in lins if l is not None]
-        if not lins:
-            return None
-        if len({l.n_features for l in lins}) != 1:
-            raise UnsupportedModelError(f"fx node {n.name!r}: adding tensors of different widths")
-        terms = [t for l in lins for t in l.terms]
-        return _Lineage(terms, lins[0].n_features, lins[0].group,
-                        all(l.from_input for l in lins))
-
-    @staticmethod
-    def _cat(n, parts, dim, lineage, shape):
-        if dim % len(shape) != 1:
-            raise UnsupportedModelError(f"fx node {n.name!r}: concatenation along dim {dim}; "
-                                        "only the channel dim (1) is supported")
-        lins = [lineage.get(p) for p in parts]
-        if any(l is None for l in lins):
-            raise UnsupportedModelError(f"fx node {n.name!r}: concatenates an untraced tensor")
-        total = sum(l.n_features for l in lins)
-        terms, groups, off, goff = [], [], 0, 0
-        for l in lins:
-            for t in l.terms:
-                idx = np.full(total, -1, dtype=np.int64)
-                scale = np.ones(total)
-                idx[off:off + l.n_features] = t.idx
-                scale[off:off + l.n_features] = t.scale
-                terms.append(_Term(t.kind, t.src, idx, scale))
-            groups.append(l.group + goff)
-            goff += int(l.group.max()) + 1 if l.group.size else 0
-            off += l.n_features
-        return _Lineage(terms, total, np.concatenate(groups), all(l.from_input for l in lins))
-
-    @staticmethod
-    def _flatten(lin, in_shape, out_shape, n):
-        if lin is None:
-            return None
-        if len(out_shape) != 2 or out_shape[0] != in_shape[0]:
-            raise UnsupportedModelError(
-                f"fx node {n.name!r}: only reshapes to (batch, features) are supported "
-                f"({tuple(in_shape)} -> {tuple(out_shape)})")
-        if len(in_shape) == 2:
-            return lin
-        per = int(np.prod(in_shape[2:]))
-        f = np.arange(out_shape[1]) // per
-        terms = [_Term(t.kind, t.src, t.idx[f], t.scale[f]) for t in lin.terms]
-        group = np.arange(out_shape[1]) if lin.from_input else lin.group[f]
-        return _Lineage(terms, out_shape[1], group, lin.from_input)
-
-    @classmethod
-    def _reduce_spatial(cls, n, lin, shape):
-        dims = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
-        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
-        if not dims or any(d in (0, 1) for d in dims) or len(shape) < 2:
-            raise UnsupportedModelError(
-                f"fx node {n.name!r}: only reductions over spatial dims (>= 2) are supported")
-        return cls._same_channels(lin, shape, n)
+    def _output_leaf(out_node, p):
+        for a in pytree.tree_leaves(out_node.args[0]):
+            if isinstance(a, fx.Node) and isinstance(p.lin.get(a), list):
+                v = p.env.get(a)
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    return a
+        return None
 
     # ------------------------------------------------------------------ strengths
     def node_weights(self, layer: WeightLayer, p: float = 2.0):
@@ -388,29 +518,47 @@ class ChannelGraph:
         return self._nw_cache[key]
 
     def _node_weights(self, layer: WeightLayer, p: float):
-        m = layer.module
         junc = self.junctions[layer.in_junction]
-        w = m.weight.detach().to(torch.float64).abs().cpu()
-        if isinstance(m, nn.Linear):
-            g = torch.as_tensor(junc.group)
-            wp = w.pow(p)                                        # (C_out, F)
-            acc = torch.zeros(w.shape[0], junc.n_nodes, dtype=torch.float64)
-            acc.index_add_(1, g, wp)
+        w = layer.weight.detach().to(torch.float64).abs().cpu()
+        n_nodes = junc.n_nodes
+        g = torch.as_tensor(layer.in_group)
+        sc = None if layer.in_scale is None else torch.as_tensor(layer.in_scale, dtype=torch.float64)
+        if layer.kind == "linear":
+            wf = w if w.dim() == 2 else w.flatten(1)          # (C_out, F)
+            if sc is not None:
+                wf = wf * sc[None, :]
+            ok = g >= 0
+            acc = torch.zeros(wf.shape[0], n_nodes, dtype=torch.float64)
+            acc.index_add_(1, g[ok], wf[:, ok].pow(p))
+            cnt = torch.zeros(n_nodes, dtype=torch.float64)
+            cnt.index_add_(0, g[ok], torch.ones(int(ok.sum()), dtype=torch.float64))
             s = acc.pow(1.0 / p).T.contiguous()
-            mask = torch.ones_like(s, dtype=torch.bool)
-        else:
+            mask = (cnt > 0)[:, None].expand(n_nodes, wf.shape[0]).clone()
+            return s.numpy(), mask.numpy()
+        groups = layer.groups
+        if layer.kind == "conv":
             c_out, c_in_g = w.shape[0], w.shape[1]
-            groups = m.groups
+            norms = w.flatten(2).pow(p).sum(2)                   # (C_out, C_in/groups)
             per_out = c_out // groups
-            norms = w.flatten(2).pow(p).sum(2).pow(1.0 / p)     # (C_out, C_in/groups)
-            s = torch.zeros(junc.n_nodes, c_out, dtype=torch.float64)
-            mask = torch.zeros(junc.n_nodes, c_out, dtype=torch.bool)
-            v = torch.arange(c_out)
-            for j in range(c_in_g):
-                u = (v // per_out) * c_in_g + j
-                s[u, v] = norms[:, j]
-                mask[u, v] = True
-        return s.numpy(), mask.numpy()
+            v = torch.arange(c_out)[:, None].expand(c_out, c_in_g)
+            f = (v // per_out) * c_in_g + torch.arange(c_in_g)[None, :]
+        else:                                                      # conv_transpose
+            c_in, c_out_g = w.shape[0], w.shape[1]
+            c_out = c_out_g * groups
+            norms = w.flatten(2).pow(p).sum(2)                   # (C_in, C_out/groups)
+            per_in = c_in // groups
+            f = torch.arange(c_in)[:, None].expand(c_in, c_out_g)
+            v = (f // per_in) * c_out_g + torch.arange(c_out_g)[None, :]
+        f, v, norms = f.reshape(-1), v.reshape(-1), norms.reshape(-1)
+        if sc is not None:
+            norms = norms * sc[f].pow(p)
+        u = g[f]
+        ok = u >= 0
+        s = torch.zeros(n_nodes, c_out, dtype=torch.float64)
+        mask = torch.zeros(n_nodes, c_out, dtype=torch.bool)
+        s.index_put_((u[ok], v[ok]), norms[ok], accumulate=True)
+        mask[u[ok], v[ok]] = True
+        return s.pow(1.0 / p).numpy(), mask.numpy()
 
     def layer_edges(self, layer: WeightLayer, dst: int, p: float = 2.0):
         """Strength matrix (n_in_nodes, n_dst_nodes) of ``layer``'s edges into junction ``dst``
@@ -445,7 +593,7 @@ class ChannelGraph:
         """Junctions with an edge into junction ``j`` (topological order)."""
         srcs = {t.src if t.kind == "junction" else self.layers[t.src].in_junction
                 for t in self.junctions[j].inflows}
-        return sorted(srcs)
+        return sorted(s for s in srcs if s is not None)
 
     def successors(self, j: int) -> list[int]:
         """Junctions that junction ``j`` has an edge into (topological order)."""

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from ._tracing import eval_mode
-from .graph import ChannelGraph
+from .graph import ChannelGraph, Junction
 
 
 class CalibrationError(ValueError):
@@ -222,49 +222,75 @@ def record_activations(graph: ChannelGraph, batches, forward_fn: Optional[Callab
                        progress: bool = False, total: Optional[int] = None) -> list[np.ndarray]:
     """Mean |activation| of every node of ``graph``, one array per junction (unnormalised).
 
-    ``batches`` is any iterable of batches; it is read once, in a streaming pass that keeps only
-    per-feature running sums (float64). Raises :class:`CalibrationError` naming the layer if
+    The exported program of the graph (``forward_fn`` is baked into it) runs under an
+    :class:`torch.fx.Interpreter` that accumulates, at every junction, ``sum |x|`` per node over
+    all positions of its channel dims' complement (batch, spatial, tokens), so junctions inside
+    modules (the value tensor of an ``nn.MultiheadAttention``, q/k entering attention,
+    functional linears) are seen too. ``batches`` is read once, in a streaming pass that keeps
+    only per-node running sums (float64). Raises :class:`CalibrationError` naming the layer if
     any activation is NaN or infinite.
     """
-    model = graph.model
-    forward_fn = forward_fn or default_forward
-    names = {id(m): n for n, m in model.named_modules()}
-    sums: list = [None for _ in graph.junctions]      # per feature: sum over samples of mean_s|t|
-    counts = [0 for _ in graph.junctions]
-    handles = []
+    import torch.fx as fx
+    import torch.utils._pytree as pytree
+    from ._lineage import slice_batch
 
-    def accumulate(ji: int, t: torch.Tensor, where: str):
-        if not isinstance(t, torch.Tensor):
-            raise CalibrationError(f"{where}: expected a tensor, got {type(t).__name__}")
+    exp = graph.exported
+    gm = exp.gm
+    sums: list = [np.zeros(j.n_nodes) for j in graph.junctions]
+    counts: list = [np.zeros(j.n_nodes) for j in graph.junctions]
+    at: dict = {}
+    for j in graph.junctions:
+        at.setdefault(j.name.split(":sink")[0], []).append(j)
+
+    def where(j):
+        if j.is_output:
+            return "the model output"
+        if j.consumers:
+            return f"layer {graph.layers[j.consumers[0]].name!r}"
+        return f"the tensor {j.name!r}"
+
+    def accumulate(j: Junction, t: torch.Tensor):
         t = t.detach()
-        dims = [0] + list(range(2, t.dim()))
-        # float64 accumulation; a NaN/inf anywhere makes its channel sum non-finite
-        feat = t.abs().sum(dim=dims, dtype=torch.float64)
+        nd = t.dim()
+        other = [d for d in range(nd) if d not in j.channel_dims]
+        a = t.abs().to(torch.float64)
+        if j.valid is not None:
+            try:
+                v = j.valid.to(a.device).expand(a.shape)
+            except RuntimeError:
+                v = None
+        else:
+            v = None
+        if v is not None:
+            a = a * v
+            cnt = v.to(torch.float64).sum(other) if other else v.to(torch.float64)
+        else:
+            n_other = int(np.prod([t.shape[d] for d in other])) if other else 1
+            cnt = None
+        feat = a.sum(other) if other else a
         if not torch.isfinite(feat).all():
             raise CalibrationError(
-                f"non-finite (NaN/inf) activations at the input of {where}: check the model and "
-                "the calibration data")
-        spatial = t.numel() // max(t.shape[0] * t.shape[1], 1) if t.dim() > 1 else 1
-        if spatial != 1:
-            feat = feat / spatial                         # per sample: mean over positions
-        feat = feat.cpu().numpy()
-        j = graph.junctions[ji]
-        if feat.shape != (j.n_features,):
+                f"non-finite (NaN/inf) activations at the input of {where(j)}: check the model "
+                "and the calibration data")
+        if tuple(feat.shape) != tuple(j.node_ids.shape):
             raise CalibrationError(
-                f"{where}: a batch gave {feat.shape[0]} features where the traced graph has "
-                f"{j.n_features}; every calibration batch must have the same shape beyond the "
-                "batch dimension")
-        sums[ji] = feat if sums[ji] is None else sums[ji] + feat
-        counts[ji] += t.shape[0]
+                f"{where(j)}: a batch gave {tuple(feat.shape)} channels where the traced graph "
+                f"has {tuple(j.node_ids.shape)}; every calibration batch must have the same "
+                "shape beyond the batch dimension")
+        feat = feat.reshape(-1).cpu().numpy()
+        cnt = (np.full(feat.shape, float(n_other)) if cnt is None
+               else cnt.reshape(-1).cpu().numpy())
+        g = j.group
+        ok = g >= 0
+        np.add.at(sums[j.index], g[ok], feat[ok])
+        np.add.at(counts[j.index], g[ok], cnt[ok])
 
-    for j in graph.junctions:
-        if j.is_output or not j.consumers:
-            continue
-        layer = graph.layers[j.consumers[0]]
-
-        def hook(mod, inp, out, ji=j.index, where=names.get(id(layer.module), layer.name)):
-            accumulate(ji, inp[0], f"layer {where!r}")
-        handles.append(layer.module.register_forward_hook(hook))
+    class Rec(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            for j in at.get(n.name, ()):
+                accumulate(j, out)
+            return out
 
     it = batches
     bar = None
@@ -272,23 +298,25 @@ def record_activations(graph: ChannelGraph, batches, forward_fn: Optional[Callab
         from tqdm.auto import tqdm
         it = bar = tqdm(batches, desc="calibration", leave=False, total=total)
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(graph.model), torch.no_grad():
             for b in it:
-                out = forward_fn(model, b)
-                accumulate(graph.output_junction, out, "the model output")
-                del b, out
+                from ._lineage import _batch_size
+                size = _batch_size(b)
+                chunks = [b] if exp.static_batch is None or size is None else \
+                    [slice_batch(b, i, i + exp.static_batch, size)
+                     for i in range(0, size, exp.static_batch)]
+                for c in chunks:
+                    flat = pytree.tree_leaves(((c,), {}))
+                    Rec(gm).run(*flat)
+                del b
     finally:
-        for h in handles:
-            h.remove()
         if bar is not None:
             bar.close()
     acts = []
     for j, s, c in zip(graph.junctions, sums, counts):
-        if c == 0:
+        if j.n_nodes and not (c > 0).any():
             raise CalibrationError(f"junction {j.name!r} saw no activation during calibration")
-        node = np.zeros(j.n_nodes)
-        np.add.at(node, j.group, s / c)                   # mean |a| per feature, then per node
-        acts.append(node / np.bincount(j.group, minlength=j.n_nodes))
+        acts.append(np.divide(s, c, out=np.zeros_like(s), where=c > 0))
     return acts
 
 

@@ -28,6 +28,7 @@ sees the pruned network.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -38,6 +39,7 @@ from torch_pruning.pruner import function
 
 from .curvature import CurvatureConfig, LayerCurvature, build_layer_problem, graph_curvature
 from .graph import ChannelGraph
+from ._tracing import UnsupportedModelError
 from .hooks import (CalibrationData, CalibrationError, as_batches, calibrate_graph,
                     check_max_batches)
 
@@ -45,6 +47,9 @@ OUT_FNS = (function.prune_conv_out_channels, function.prune_linear_out_channels,
            function.prune_depthwise_conv_out_channels)
 IN_FNS = (function.prune_conv_in_channels, function.prune_linear_in_channels,
           function.prune_depthwise_conv_in_channels)
+MHA_FNS = (function.prune_multihead_attention_out_channels,
+           function.prune_multihead_attention_in_channels)
+EMBED_FNS = (function.prune_embedding_out_channels,)
 REDUCTIONS = ("mean", "min", "neg_sum")
 
 
@@ -122,6 +127,8 @@ class _ModelScores:
         self.acts = None
         self.curv: Optional[dict] = None
         self.by_module: dict = {}
+        self.failure: Optional[str] = None          # why no graph could be built (fallback)
+        self.coverage = {"curvature": set(), "fallback": set()}
 
 
 class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
@@ -215,6 +222,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         self._forward_fn = None
         self._own: Optional[_ModelScores] = None      # the calibrated model
         self._other: Optional[_ModelScores] = None    # the last other model a pruner asked for
+        self._last: Optional[_ModelScores] = None
 
     # ------------------------------------------------------------------ calibration
     def calibrate(self, model: nn.Module, data, forward_fn: Optional[Callable] = None,
@@ -244,9 +252,19 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
 
     def _recalibrate(self, state: _ModelScores, data=None, forward_fn=None):
         data = self._data if data is None else data
-        cal = calibrate_graph(state.model, data, forward_fn or self._forward_fn,
-                              self.config.normalize, bool(self.progress))
-        state.graph, state.acts, state.curv, state.by_module = cal.graph, cal.acts, None, {}
+        try:
+            cal = calibrate_graph(state.model, data, forward_fn or self._forward_fn,
+                                  self.config.normalize, bool(self.progress))
+        except UnsupportedModelError as exc:
+            if "no Linear or Conv" in str(exc):
+                raise
+            # the whole model falls back (one warning per layer when it is scored)
+            state.graph, state.acts, state.curv, state.by_module = None, None, {}, {}
+            state.failure = str(exc)
+        else:
+            state.graph, state.acts, state.curv, state.by_module = cal.graph, cal.acts, None, {}
+            state.failure = None
+        state.coverage = {"curvature": set(), "fallback": set()}
         state.fingerprint = _fingerprint(state.model)
 
     def _refresh(self, compute_curvature: bool = True, model: Optional[nn.Module] = None
@@ -266,6 +284,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         if compute_curvature and state.curv is None:
             state.curv = graph_curvature(state.graph, state.acts, self.config, self.progress)
             state.by_module = {id(lc.module): lc for lc in state.curv.values()}
+            state.coverage = {"curvature": set(), "fallback": set()}
         return state
 
     def _group_model(self, group) -> Optional[nn.Module]:
@@ -299,7 +318,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         """Layer name -> :class:`~tp_curvature.problem.LayerPairProblem` (for benchmarks)."""
         st = self._refresh(compute_curvature=False)
         return {l.name: build_layer_problem(st.graph, l, st.acts, self.config)
-                for l in st.graph.layers if l.out_junctions}
+                for l in st.graph.layers if st.graph.scoreable(l)}
 
     @property
     def graph(self) -> ChannelGraph:
@@ -320,33 +339,138 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
                     reduce_kappa(lc.kappa, 0, self.reduction, a)) for n, lc in curv.items()}
 
     # ------------------------------------------------------------------ Torch-Pruning API
+    def coverage(self) -> dict:
+        """``{"curvature": [...], "fallback": [...]}``: the names of the layers the latest
+        scoring (the groups scored since the scores were last computed) scored by curvature
+        and by the fallback (see :meth:`__call__`)."""
+        st = self._other if self._other is not None and self._last is self._other else self._own
+        if st is None:
+            return {"curvature": [], "fallback": []}
+        return {k: sorted(v) for k, v in st.coverage.items()}
+
+    def _fallback(self, state, layer, fn, idxs, name) -> torch.Tensor:
+        """The fallback score of a layer the channel graph cannot represent: Torch-Pruning's
+        magnitude ``sum |W|^p`` over the channel's weight slice (as GroupMagnitudeImportance),
+        divided by its mean over the layer's channels so that it has the scale of a curvature
+        score (about 1)."""
+        p = self.p
+        if fn in MHA_FNS:
+            w = layer.out_proj.weight.detach()[idxs].flatten(1)
+        elif fn in EMBED_FNS:
+            w = layer.weight.detach().T.flatten(1)
+            w = w / w.abs().pow(p).sum(1).mean().clamp(min=1e-30).pow(1 / p)
+            return w[idxs].abs().pow(p).sum(1).float()
+        else:
+            W = layer.weight.detach()
+            transposed = getattr(layer, "transposed", False)
+            if fn in OUT_FNS:
+                all_ = (W.transpose(0, 1) if transposed else W).flatten(1)
+            else:
+                all_ = (W if transposed else W.transpose(0, 1)).flatten(1)
+            imp = all_.abs().pow(p).sum(1)
+            groups = getattr(layer, "groups", 1)
+            if fn in IN_FNS and groups not in (1, getattr(layer, "in_channels", 1)):
+                imp = imp.repeat(groups)
+            imp = imp / imp.mean().clamp(min=1e-30)
+            return imp[idxs].float()
+        imp = w.abs().pow(p).sum(1)
+        return (imp / imp.mean().clamp(min=1e-30)).float()
+
+    def _warn_fallback(self, state, name, layer):
+        seen = self.__dict__.setdefault("_warned", set())
+        if name in seen:
+            return
+        seen.add(name)
+        if state.failure is not None:
+            why = f"no channel graph could be built ({state.failure[:300]})"
+        else:
+            ops = state.graph.unknown_ops if state.graph is not None else {}
+            why = ("its input or output passes through an op the channel graph does not "
+                   f"represent ({', '.join(sorted(ops)) or 'shared weights or no consumer'})")
+        warnings.warn(f"CurvatureImportance: layer {name!r} ({type(layer).__name__}) is not "
+                      f"part of the channel graph: {why}; it is scored by the documented "
+                      "fallback (normalised weight magnitude)", stacklevel=3)
+
     @torch.no_grad()
     def __call__(self, group) -> Optional[torch.Tensor]:
+        """Score a Torch-Pruning group.
+
+        Per item: Conv/Linear out (in) channels from the incoming (outgoing) connections of the
+        layer; an ``nn.MultiheadAttention``'s embed channels from its out-projection's incoming
+        and its packed in-projection's outgoing connections; an ``nn.Embedding``'s channels
+        from the outgoing connections of its junction (the layers that read it); norm and
+        parameter items carry no score of their own (their scale is in the strengths); items
+        whose ``root_idxs`` contain None (Torch-Pruning's GQA mapping) are skipped. A weight
+        layer the graph cannot represent gets :meth:`_fallback` and ONE warning naming it;
+        :meth:`coverage` lists both kinds.
+        """
         if self.model is None:
             self._refresh()                      # raises: not calibrated
-        by_module = self._refresh(model=self._group_model(group)).by_module
+        state = self._refresh(model=self._group_model(group))
+        self._last = state
+        by_module = state.by_module
+        graph = state.graph
         alpha = self.config.alpha
+        names = state.__dict__.get("_names")
+        if names is None:
+            names = state._names = {id(m): n for n, m in state.model.named_modules()}
         group_imp, group_idxs = [], []
         for i, (dep, idxs) in enumerate(group):
             layer = dep.layer
             fn = dep.pruning_fn
-            lc: Optional[LayerCurvature] = by_module.get(id(layer))
-            if lc is None:
+            root_idxs = group[i].root_idxs
+            if any(r is None for r in root_idxs):
+                continue
+            if fn not in OUT_FNS and fn not in IN_FNS and fn not in MHA_FNS \
+                    and fn not in EMBED_FNS:
                 continue
             idxs = np.asarray(idxs, dtype=np.int64)
-            root_idxs = group[i].root_idxs
-            if fn in OUT_FNS:
-                local = reduce_kappa(lc.kappa[:, idxs], 0, self.reduction, alpha)
-            elif fn in IN_FNS:
-                nodes = lc.in_group[idxs]
-                local = reduce_kappa(lc.kappa[nodes, :], 1, self.reduction, alpha)
+            name = names.get(id(layer), type(layer).__name__)
+            local = None
+            if fn in MHA_FNS:
+                parts = []
+                lin = by_module.get(id(layer))
+                if lin is not None:
+                    parts.append(reduce_kappa(lin.kappa[lin.in_group[idxs], :], 1,
+                                              self.reduction, alpha))
+                lout = by_module.get(id(getattr(layer, "out_proj", None)))
+                if lout is not None:
+                    parts.append(reduce_kappa(lout.kappa[:, idxs], 0, self.reduction, alpha))
+                if parts:
+                    local = np.mean(parts, axis=0)
+            elif fn in EMBED_FNS:
+                j = graph.embedding_junctions.get(id(layer)) if graph is not None else None
+                if j is not None:
+                    nodes = j.node_ids.reshape(-1)[idxs].numpy()
+                    parts = []
+                    for li in j.consumers:
+                        lc = state.curv.get(graph.layers[li].name) if state.curv else None
+                        if lc is not None and lc.kappa.shape[0] == j.n_nodes:
+                            parts.append(reduce_kappa(lc.kappa[nodes, :], 1, self.reduction,
+                                                      alpha))
+                    if parts:
+                        local = np.mean(parts, axis=0)
             else:
-                continue
-            local = torch.as_tensor(local, dtype=torch.float32)
+                lc: Optional[LayerCurvature] = by_module.get(id(layer))
+                if lc is not None:
+                    if fn in OUT_FNS:
+                        local = reduce_kappa(lc.kappa[:, idxs], 0, self.reduction, alpha)
+                    else:
+                        nodes = lc.in_group[idxs]
+                        local = reduce_kappa(lc.kappa[np.maximum(nodes, 0), :], 1,
+                                             self.reduction, alpha)
+                        local = np.where(nodes >= 0, local, 0.0)
+            if local is None:
+                local = self._fallback(state, layer, fn, idxs, name)
+                state.coverage["fallback"].add(name)
+                self._warn_fallback(state, name, layer)
+            else:
+                local = torch.as_tensor(local, dtype=torch.float32)
+                state.coverage["curvature"].add(name)
             if self.group_reduction in ("mean", "sum") and len(root_idxs):
                 # several features of one channel (a Linear after flatten) share a root index:
                 # each carries an equal share so the channel counts once
-                r = torch.as_tensor([-1 if x is None else x for x in root_idxs])
+                r = torch.as_tensor(root_idxs)
                 if (r >= 0).all():
                     counts = torch.bincount(r)[r].to(local.dtype)
                     local = local / counts

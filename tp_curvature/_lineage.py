@@ -1,0 +1,651 @@
+"""torch.export tracing and id-tensor lineage: the engine under :mod:`tp_curvature.graph`.
+
+:func:`export_forward` turns ``forward_fn(model, batch)`` into an ATen-level fx graph with
+:func:`torch.export.export` (non-strict, batch dim dynamic; then a static batch-1 export; then
+:func:`torch.export.draft_export`). :class:`LineagePass` runs that graph once on an example batch
+(for concrete shapes and the values of parameters, buffers and size computations) and, beside
+every real value, a *lineage*: a list of :class:`Term` ``(kind, src, ids, scale)``. ``ids`` is
+an integer tensor with the value's shape: the channel (of layer ``src``'s output, or the node of
+junction ``src``) each element comes from, -1 where the term contributes nothing; ``scale`` the
+|multiplicative factor| on the way (None = 1). Data-movement ops (view, reshape, permute,
+transpose, flatten, unflatten, select, slice, split, chunk, unbind, expand, repeat,
+repeat_interleave, cat, stack, pixel_shuffle...) are executed *on the id tensors themselves*, so
+the channel dimension of every tensor is tracked, never assumed: channels along dim 1 of a conv
+map, along the last dim of ``(N, T, C)`` tokens, through ``flatten(2).transpose``, a split into
+heads and back, a channel shuffle. Two markers complete the lattice: :data:`STAT` (a statistic
+with no channel identity: a norm's denominator, attention scores) and :data:`OPAQUE` (an op the
+lineage does not know; layers reading it, or writing only into it, are not scored by curvature
+and get the documented fallback of :class:`~tp_curvature.importance.CurvatureImportance`).
+"""
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from ._tracing import UnsupportedModelError
+
+aten = torch.ops.aten
+
+
+class _Marker:
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return self.name
+
+
+STAT = _Marker("STAT")
+OPAQUE = _Marker("OPAQUE")
+
+
+@dataclass
+class Term:
+    kind: str                       # "layer" | "junction"
+    src: int
+    ids: torch.Tensor               # int64, the value's shape; -1: nothing
+    scale: Optional[torch.Tensor]   # float64, broadcastable to ids (None: 1)
+
+
+def _name(t) -> str:
+    """ATen op name without namespace/overload (``aten.view.default`` -> ``view``)."""
+    if isinstance(t, torch._ops.OpOverload):
+        return t._schema.name.split("::")[-1]
+    if isinstance(t, torch._ops.OpOverloadPacket):
+        return t.__name__
+    return getattr(t, "__name__", str(t))
+
+
+#: pure data movement: the same op is run on the id (and scale) tensors
+MOVE = {"view", "_unsafe_view", "reshape", "permute", "transpose", "t", "select", "unflatten",
+        "flatten", "squeeze", "unsqueeze", "expand", "expand_as", "contiguous", "clone",
+        "unbind", "repeat_interleave", "slice", "split", "split_with_sizes", "chunk",
+        "tensor_split", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "alias",
+        "repeat", "narrow", "movedim", "swapaxes", "flip", "roll", "index_select",
+        "view_as", "reshape_as", "unfold"}
+#: elementwise, channel-preserving, no weight: identity on the lineage
+UNARY = {"relu", "relu_", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh",
+         "tanh_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "hardtanh",
+         "hardtanh_", "relu6", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu",
+         "mish", "mish_", "softplus", "prelu", "log_sigmoid", "softmax", "_softmax",
+         "log_softmax", "_log_softmax", "exp", "log", "sqrt", "rsqrt", "pow", "square",
+         "reciprocal", "erf", "sin", "cos"}
+#: unary ops that keep values up to a factor (walked through by the pre-norm rule)
+IDENTITY = {"dropout", "dropout_", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
+            "_to_copy", "to", "type_as", "detach", "lift_fresh_copy", "neg", "abs",
+            "clamp", "clamp_min", "clamp_max", "clamp_", "float", "bfloat16", "half",
+            "native_dropout"}
+NORMS = {"batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm",
+         "_native_batch_norm_legit", "cudnn_batch_norm", "layer_norm", "native_layer_norm",
+         "group_norm", "native_group_norm", "rms_norm", "_fused_rms_norm", "instance_norm"}
+SPATIAL = {"max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "avg_pool1d",
+           "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+           "adaptive_max_pool1d", "adaptive_max_pool2d", "_adaptive_avg_pool2d",
+           "upsample_nearest1d", "upsample_nearest2d", "upsample_bilinear2d",
+           "upsample_bicubic2d", "_upsample_nearest_exact2d", "_upsample_bilinear2d_aa",
+           "upsample_linear1d", "upsample_nearest3d", "upsample_trilinear3d", "interpolate"}
+PAD = {"constant_pad_nd", "pad", "reflection_pad2d", "replication_pad2d", "reflection_pad1d",
+       "replication_pad1d", "zero_pad2d"}
+REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean",
+          "logsumexp", "norm", "linalg_vector_norm"}
+ADD = {"add", "add_", "sub", "sub_", "rsub"}
+MUL = {"mul", "mul_", "div", "div_"}
+CAT = {"cat", "concat", "concatenate", "stack", "hstack", "vstack"}
+SDPA = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention"}
+MATMUL = {"matmul", "bmm", "mm", "einsum_never"}
+WEIGHT = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d",
+          "conv_transpose2d", "conv_transpose3d", "_convolution", "embedding"}
+SHAPE_ONLY = {"sym_size", "sym_numel", "sym_stride", "size", "dim", "_assert_scalar",
+              "_assert_tensor_metadata", "sym_constrain_range_for_size", "_guards_fn",
+              "arange", "zeros", "ones", "full", "empty", "zeros_like", "ones_like",
+              "full_like", "empty_like", "scalar_tensor", "tensor", "triu", "tril",
+              "_assert_async", "eq", "ne", "lt", "gt", "le", "ge", "logical_not", "bitwise_not",
+              "masked_fill", "masked_fill_", "where", "isnan", "any", "all"}
+
+
+# ------------------------------------------------------------------------------- export
+class _Forward(nn.Module):
+    """``forward_fn(model, batch)`` as a module with the batch as its single input."""
+
+    def __init__(self, model: nn.Module, fn: Callable):
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, batch):
+        return self.fn(self.model, batch)
+
+
+def _batch_size(batch) -> Optional[int]:
+    for leaf in pytree.tree_leaves(batch):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return leaf.shape[0]
+    return None
+
+
+def slice_batch(batch, lo: int, hi: int, size: int):
+    """Rows ``lo:hi`` of every tensor of ``batch`` whose first dim is the batch size."""
+    return pytree.tree_map(lambda t: t[lo:hi] if isinstance(t, torch.Tensor) and t.dim() > 0
+                           and t.shape[0] == size else t, batch)
+
+
+def _example(batch, n: int):
+    """An ``n``-sample example of ``batch`` (samples repeated when it has fewer)."""
+    b = _batch_size(batch)
+    if b is None:
+        return batch, None
+
+    def take(t):
+        if not (isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == b):
+            return t
+        idx = torch.arange(n, device=t.device) % b
+        return t[idx]
+    return pytree.tree_map(take, batch), b
+
+
+@dataclass
+class Exported:
+    gm: fx.GraphModule          # ep.module(): parameters as get_attr, pytree-flat placeholders
+    example: object             # the example batch it was traced with
+    static_batch: Optional[int]  # None: any batch size; else batches are fed in chunks of it
+    prefix: str = "model."
+
+
+def export_forward(model: nn.Module, batch, forward_fn: Callable) -> Exported:
+    """Export ``forward_fn(model, batch)`` (model in eval mode already)."""
+    from torch.export import Dim
+    wrapper = _Forward(model, forward_fn)
+    errors = []
+    ex2, b = _example(batch, 2)
+    ex1 = _example(batch, 1)[0] if b is not None else batch
+
+    def attempt(kind):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if kind == "dynamic":
+                dyn = pytree.tree_map(lambda t: {0: Dim.AUTO} if isinstance(t, torch.Tensor)
+                                      and t.dim() > 0 and t.shape[0] == 2 else None, ex2)
+                gm = torch.export.export(wrapper, (ex2,), dynamic_shapes=(dyn,),
+                                         strict=False).module()
+                ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
+                dynamic = any(isinstance(p.meta.get("val"), torch.Tensor)
+                              and p.meta["val"].dim() > 0
+                              and not isinstance(p.meta["val"].shape[0], int) for p in ph)
+                if not dynamic:
+                    raise UnsupportedModelError("the batch dim was specialised")
+                return Exported(gm, ex2, None)
+            if kind == "static":
+                gm = torch.export.export(wrapper, (ex1,), strict=False).module()
+            else:
+                gm = torch.export.draft_export(wrapper, (ex1,)).module()
+            return Exported(gm, ex1, 1 if b is not None else None)
+
+    for kind in (("dynamic", "static", "draft") if b is not None else ("static", "draft")):
+        try:
+            return attempt(kind)
+        except Exception as exc:  # noqa: BLE001 - try the next form, report all
+            errors.append((kind, exc))
+    first = errors[0][1]
+    if _user_error(first):
+        raise first
+    raise UnsupportedModelError(
+        f"tp_curvature builds its channel graph with torch.export, and exporting "
+        f"{type(model).__name__} failed: " +
+        " | ".join(f"{k}: {type(e).__name__}: {str(e)[:300]}" for k, e in errors))
+
+
+def _user_error(exc: BaseException) -> bool:
+    """An error raised by the user's own code (not by the exporter): re-raised as is."""
+    import traceback
+    tb = traceback.extract_tb(exc.__traceback__)
+    # raised in a frame outside torch (the model's or forward_fn's own code)
+    return bool(tb) and "/torch/" not in tb[-1].filename.replace("\\", "/") \
+        and not type(exc).__module__.startswith("torch")
+
+
+# ------------------------------------------------------------------------------- lineage
+def _full(shape, value=-1):
+    return torch.full(tuple(shape), value, dtype=torch.long)
+
+
+def channel_ids(shape, dim: int) -> torch.Tensor:
+    """``arange(shape[dim])`` along ``dim``, expanded (stride 0) to ``shape``."""
+    dim = dim % len(shape)
+    v = [1] * len(shape)
+    v[dim] = shape[dim]
+    return torch.arange(shape[dim]).view(v).expand(tuple(shape))
+
+
+def _is_tensor(v) -> bool:
+    return isinstance(v, torch.Tensor)
+
+
+def _terms(lin) -> bool:
+    return isinstance(lin, list)
+
+
+class LineagePass(fx.Interpreter):
+    """Run ``gm`` on the example, computing the lineage of every node.
+
+    ``hooks`` decides the graph: ``hooks.weight(node, kind, wname, x_lin, value)`` returns the
+    lineage of a weight op's output; ``hooks.junction(node, lin, value)`` is asked for every node
+    whether it is a junction (returns the replacement lineage or None); ``hooks.sink(node, lin,
+    value)`` records q/k tensors. ``input_mode[name]`` gives each float placeholder's ids:
+    ``"dim1"`` (channels along dim 1), ``"last"`` or ``"element"`` (one id per element).
+    """
+
+    def __init__(self, gm: fx.GraphModule, hooks, input_mode: dict):
+        super().__init__(gm, garbage_collect_values=False)
+        self.hooks = hooks
+        self.input_mode = input_mode
+        self.lin: dict = {}
+        self.unknown: dict = {}        # op name -> first node name
+        self.attr_names = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        lin = self._lineage(n, out)
+        rep = self.hooks.junction(n, lin, out)
+        self.lin[n] = rep if rep is not None else lin
+        return out
+
+    # -------------------------------------------------------------- helpers
+    def L(self, a):
+        return self.lin.get(a) if isinstance(a, fx.Node) else None
+
+    def val(self, a):
+        return self.env[a] if isinstance(a, fx.Node) else a
+
+    def _opaque(self, n):
+        self.unknown.setdefault(_name(n.target), n.name)
+        return OPAQUE
+
+    def _sub(self, a, repl):
+        if isinstance(a, fx.Node):
+            return repl[a] if a in repl else self.env[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._sub(b, repl) for b in a)
+        if isinstance(a, dict):
+            return {k: self._sub(v, repl) for k, v in a.items()}
+        return a
+
+    def _move(self, n, out):
+        """Run ``n``'s op on the ids/scales of each term of each traced input."""
+        traced = [a for a in n.all_input_nodes if _terms(self.L(a))]
+        kinds = [self.L(a) for a in n.all_input_nodes]
+        if any(k is OPAQUE for k in kinds):
+            return OPAQUE
+        if not traced:
+            return STAT if any(k is STAT for k in kinds) else None
+        res = []
+        for x in traced:
+            for t in self.L(x):
+                repl = {a: (t.ids if a is x else _full(self.val(a).shape))
+                        for a in n.all_input_nodes if _is_tensor(self.val(a))}
+                ids = n.target(*self._sub(n.args, repl), **self._sub(n.kwargs, repl))
+                sc = None
+                if t.scale is not None:
+                    srep = {a: (t.scale.expand(t.ids.shape) if a is x else
+                                torch.ones(self.val(a).shape, dtype=torch.float64))
+                            for a in n.all_input_nodes if _is_tensor(self.val(a))}
+                    sc = n.target(*self._sub(n.args, srep), **self._sub(n.kwargs, srep))
+                res.append((t, ids, sc))
+        if isinstance(out, (list, tuple)):
+            return tuple([Term(t.kind, t.src, ids[i], None if sc is None else sc[i])
+                          for t, ids, sc in res] for i in range(len(out)))
+        return [Term(t.kind, t.src, ids, sc) for t, ids, sc in res]
+
+    @staticmethod
+    def _expand(lin, shape):
+        return [Term(t.kind, t.src, t.ids.expand(shape),
+                     None if t.scale is None else t.scale.expand(shape)) for t in lin]
+
+    @staticmethod
+    def _scaled(lin, factor):
+        """Multiply every term's scale by ``|factor|`` (broadcast)."""
+        if not _terms(lin):
+            return lin
+        f = torch.as_tensor(factor).detach().to("cpu", torch.float64).abs()
+        out = []
+        for t in lin:
+            f_ = f
+            while f_.dim() > t.ids.dim():
+                f_ = f_.amax(0)
+            sc = f_ if t.scale is None else t.scale * f_
+            out.append(Term(t.kind, t.src, t.ids, sc))
+        return out
+
+    @staticmethod
+    def _collapse(lin, out_shape):
+        """Spatial ops: ids must be constant along every dim whose size changes; keep one
+        index there and expand to ``out_shape``."""
+        res = []
+        for t in lin:
+            ids, sc = t.ids, t.scale
+            if ids.dim() != len(out_shape):
+                return None
+            for d in range(ids.dim()):
+                if ids.shape[d] != out_shape[d]:
+                    if ids.shape[d] > 1 and not bool((ids.amax(d, keepdim=True) ==
+                                                      ids.amin(d, keepdim=True)).all()):
+                        return None
+                    ids = ids.narrow(d, 0, 1)
+                    if sc is not None and sc.dim() == t.ids.dim() and sc.shape[d] > 1:
+                        sc = sc.mean(d, keepdim=True)
+            res.append(Term(t.kind, t.src, ids.expand(out_shape),
+                            None if sc is None else sc.expand_as(ids).expand(out_shape)
+                            if sc.dim() == ids.dim() else sc))
+        return res
+
+    # -------------------------------------------------------------- rules
+    def _lineage(self, n, out):
+        if n.op == "placeholder":
+            if not _is_tensor(out) or not out.is_floating_point():
+                return None
+            mode = self.input_mode.get(n.name, "dim1")
+            shape = tuple(out.shape)
+            if mode == "element" or out.dim() <= 2:
+                per = shape[1:]
+                ids = torch.arange(int(math.prod(per))).view(per) if per else torch.zeros((), dtype=torch.long)
+                ids = ids.unsqueeze(0).expand(shape)
+            else:
+                ids = channel_ids(shape, 1 if mode == "dim1" else -1)
+            return self.hooks.input(n, ids, out)
+        if n.op == "get_attr":
+            self.attr_names[n] = n.target
+            return None
+        if n.op == "output":
+            return None
+        if n.op != "call_function":
+            return None
+        name = _name(n.target)
+        args = n.args
+        kinds = [self.L(a) for a in n.all_input_nodes]
+        if not any(k is not None for k in kinds) and name not in WEIGHT:
+            return None
+        if n.target is operator.getitem:
+            src = self.L(args[0])
+            if isinstance(src, tuple):
+                return src[args[1]]
+            if src is None or src is STAT or src is OPAQUE:
+                return src
+            return self._move(n, out)
+        if not (_is_tensor(out) or (isinstance(out, (list, tuple)) and out and
+                                    all(_is_tensor(o) for o in out))):
+            return None
+        shape = tuple(out.shape) if _is_tensor(out) else None
+        if name in WEIGHT:
+            return self._weight(n, name, out)
+        if any(k is OPAQUE for k in kinds):
+            return OPAQUE
+        if name in SHAPE_ONLY:
+            return None if name not in ("where", "masked_fill", "masked_fill_") else \
+                self._where(n, name, out)
+        if name in MOVE:
+            if name in ("_to_copy",):
+                return self.L(args[0])
+            return self._move(n, out)
+        if name in IDENTITY:
+            x = self.L(args[0])
+            if isinstance(out, tuple):           # native_dropout -> (out, mask)
+                return (x, None)
+            return x
+        if name in UNARY:
+            x = self.L(args[0])
+            return x
+        if name in NORMS:
+            return self._norm(n, name, out)
+        if name in SPATIAL:
+            o = out[0] if isinstance(out, tuple) else out
+            x = self.L(args[0])
+            if not _terms(x):
+                return x
+            res = self._collapse(x, tuple(o.shape))
+            if res is None:
+                return self._opaque(n)
+            return (res, None) if isinstance(out, tuple) else res
+        if name in PAD:
+            x = self.L(args[0])
+            if not _terms(x):
+                return x
+            pad = self.val(args[1])
+            res = []
+            for t in x:
+                ids = torch.nn.functional.pad(t.ids, list(pad), value=-1)
+                sc = None if t.scale is None else torch.nn.functional.pad(
+                    t.scale.expand(t.ids.shape), list(pad), value=1.0)
+                res.append(Term(t.kind, t.src, ids, sc))
+            return res
+        if name in REDUCE:
+            return self._reduce(n, name, out)
+        if name in ADD:
+            ls = [self.L(a) for a in args[:2]]
+            terms = [t for l in ls if _terms(l) for t in self._expand(l, shape)]
+            if terms:
+                return terms
+            return STAT if any(l is STAT for l in ls) else None
+        if name in MUL:
+            return self._mul(n, name, out)
+        if name in CAT:
+            return self._cat(n, name, out)
+        if name in SDPA:
+            return self._sdpa(n, name, out)
+        if name in MATMUL:
+            return self._matmul(n, name, out)
+        return self._opaque(n)
+
+    def _where(self, n, name, out):
+        # masked_fill(x, mask, v) keeps x's channels; where(c, a, b) unions a and b
+        if name.startswith("masked_fill"):
+            return self.L(n.args[0])
+        ls = [self.L(a) for a in n.args[1:3]]
+        terms = [t for l in ls if _terms(l) for t in self._expand(l, tuple(out.shape))]
+        return terms or (STAT if any(l is STAT for l in ls) else None)
+
+    def _weight(self, n, name, out):
+        args = n.args
+        if name == "embedding":
+            w, x = args[0], args[1]
+            return self.hooks.weight(n, "embedding", self.attr_names.get(w), None, out)
+        x, w = args[0], args[1]
+        wname = self.attr_names.get(w) if isinstance(w, fx.Node) else None
+        kind = "linear" if name == "linear" else "conv"
+        if "transpose" in name:
+            kind = "conv_transpose"
+        elif name in ("convolution", "_convolution") and bool(self.val(args[6])):
+            kind = "conv_transpose"
+        groups = 1
+        if kind != "linear":
+            if name in ("convolution", "_convolution"):
+                groups = int(self.val(args[8]))
+            else:
+                gi = 6 if kind == "conv" else 7
+                groups = int(self.val(args[gi])) if len(args) > gi else \
+                    int(n.kwargs.get("groups", 1))
+        if wname is None:                     # a weight computed at run time
+            return self._opaque(n)
+        return self.hooks.weight(n, kind, wname, self.L(x), out, groups=groups)
+
+    def _norm(self, n, name, out):
+        a = n.args
+        x = self.L(a[0])
+        o = out[0] if isinstance(out, tuple) else out
+        res = x
+        if _terms(x):
+            nd = o.dim()
+            if "batch_norm" in name:
+                w, rv = self.val(a[1]), self.val(a[4]) if name != "_native_batch_norm_legit" \
+                    else None
+                training = bool(self.val(a[5])) if name == "batch_norm" else False
+                eps = float(self.val(a[7])) if name == "batch_norm" else float(self.val(a[-1]))
+                f = torch.ones(o.shape[1], dtype=torch.float64)
+                if rv is not None and not training:
+                    f = 1.0 / torch.sqrt(rv.detach().double().cpu() + eps)
+                if w is not None:
+                    f = f * w.detach().double().cpu()
+                res = self._scaled(x, f.view([-1] + [1] * (nd - 2)))
+            elif name in ("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"):
+                w = self.val(a[2])
+                if w is not None:
+                    res = self._scaled(x, w)
+            elif name in ("group_norm", "native_group_norm", "instance_norm"):
+                w = self.val(a[2]) if name == "group_norm" else self.val(a[1])
+                if w is not None:
+                    res = self._scaled(x, w.view([-1] + [1] * (nd - 2)))
+        if isinstance(out, tuple):
+            return (res,) + (STAT if _terms(x) else None,) * (len(out) - 1)
+        return res
+
+    def _reduce(self, n, name, out):
+        x = self.L(n.args[0])
+        if not _terms(x):
+            return x
+        o = out[0] if isinstance(out, tuple) else out
+        src = self.val(n.args[0])
+        dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        if name in ("norm", "linalg_vector_norm"):
+            dims = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+        if isinstance(dims, int):
+            dims = [dims]
+        if not isinstance(dims, (list, tuple)) or not dims:
+            res = STAT
+        else:
+            dims = sorted({int(d) % src.dim() for d in dims})
+            keep = o.dim() == src.dim()
+            res = []
+            for t in x:
+                ids, sc = t.ids, t.scale
+                ok = True
+                for d in dims:
+                    if ids.shape[d] > 1 and not bool((ids.amax(d, keepdim=True) ==
+                                                      ids.amin(d, keepdim=True)).all()):
+                        ok = False
+                        break
+                    ids = ids.narrow(d, 0, 1)
+                    if sc is not None and sc.dim() == t.ids.dim():
+                        sc = sc.expand(t.ids.shape).narrow(d, 0, 1) if sc.shape[d] > 1 \
+                            else sc
+                if not ok:
+                    res = STAT
+                    break
+                if not keep:
+                    for d in reversed(dims):
+                        ids = ids.squeeze(d)
+                        if sc is not None and sc.dim() > ids.dim():
+                            sc = sc.squeeze(d)
+                res.append(Term(t.kind, t.src, ids, sc))
+        if isinstance(out, tuple):
+            return (res,) + (None,) * (len(out) - 1)
+        return res
+
+    def _mul(self, n, name, out):
+        a, b = n.args[0], n.args[1]
+        la, lb = self.L(a), self.L(b)
+        shape = tuple(out.shape)
+        if _terms(la) and _terms(lb):
+            # a multiplicative gate (SE x*gate, SwiGLU silu(g)*u): both operands' channels
+            # reach the product, each with factor 1 (structure only)
+            return self._expand(la, shape) + self._expand(lb, shape)
+        traced, other, lt = (a, b, la) if _terms(la) else (b, a, lb)
+        if not _terms(lt):
+            return STAT if STAT in (la, lb) else None
+        lo = self.L(other)
+        res = self._expand(lt, shape)
+        if lo is STAT:
+            return res
+        v = self.val(other)
+        if isinstance(v, (int, float)) or _is_tensor(v):
+            f = torch.as_tensor(v).detach().double().cpu().abs()
+            if name.startswith("div") and traced is a:
+                f = torch.where(f > 0, 1.0 / f, torch.full_like(f, math.inf))
+            res = self._scaled(res, f)
+        return res
+
+    def _cat(self, n, name, out):
+        parts = list(n.args[0])
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        ls = [self.L(p) for p in parts]
+        if any(l is OPAQUE for l in ls):
+            return OPAQUE
+        res = []
+        for i, l in enumerate(ls):
+            if not _terms(l):
+                continue
+            for t in l:
+                ids = [t.ids if j == i else _full(self.val(q).shape) for j, q in enumerate(parts)]
+                r = n.target(ids, dim)
+                sc = None
+                if t.scale is not None:
+                    scs = [t.scale.expand(t.ids.shape) if j == i else
+                           torch.ones(self.val(q).shape, dtype=torch.float64)
+                           for j, q in enumerate(parts)]
+                    sc = n.target(scs, dim)
+                res.append(Term(t.kind, t.src, r, sc))
+        if res:
+            return res
+        return STAT if any(l is STAT for l in ls) else None
+
+    def _sdpa(self, n, name, out):
+        q, k, v = n.args[:3]
+        lq, lk, lv = self.L(q), self.L(k), self.L(v)
+        for a, l in ((q, lq), (k, lk)):
+            if _terms(l):
+                self.hooks.sink(a, l, self.val(a))
+        o = out[0] if isinstance(out, tuple) else out
+        shape = tuple(o.shape)
+        res = lv
+        if _terms(lv):
+            res = []
+            for t in lv:
+                ids, sc = t.ids, t.scale
+                tok = ids.dim() - 2
+                if ids.shape[tok] > 1 and not bool((ids.amax(tok, keepdim=True) ==
+                                                    ids.amin(tok, keepdim=True)).all()):
+                    return self._opaque(n)
+                ids = ids.narrow(tok, 0, 1)
+                if sc is not None:
+                    sc = sc.expand(t.ids.shape).narrow(tok, 0, 1)
+                if ids.dim() >= 3 and ids.shape[-3] != shape[-3]:       # GQA (enable_gqa)
+                    r = shape[-3] // ids.shape[-3]
+                    ids = ids.repeat_interleave(r, dim=-3)
+                    sc = None if sc is None else sc.repeat_interleave(r, dim=-3)
+                res.append(Term(t.kind, t.src, ids.expand(shape),
+                                None if sc is None else sc.expand(shape)))
+        if isinstance(out, tuple):
+            return (res,) + (None,) * (len(out) - 1)
+        return res
+
+    def _matmul(self, n, name, out):
+        a, b = n.args[0], n.args[1]
+        la, lb = self.L(a), self.L(b)
+        shape = tuple(out.shape)
+        if _terms(la) and _terms(lb):            # q @ k^T: attention scores
+            self.hooks.sink(a, la, self.val(a))
+            self.hooks.sink(b, lb, self.val(b))
+            return STAT
+        if la is STAT and _terms(lb):            # attn @ v: the values' channels flow on
+            res = []
+            for t in lb:
+                ids = t.ids
+                tok = ids.dim() - 2
+                if ids.shape[tok] > 1 and not bool((ids.amax(tok, keepdim=True) ==
+                                                    ids.amin(tok, keepdim=True)).all()):
+                    return self._opaque(n)
+                sc = t.scale
+                if sc is not None:
+                    sc = sc.expand(ids.shape).narrow(tok, 0, 1).expand(shape)
+                res.append(Term(t.kind, t.src, ids.narrow(tok, 0, 1).expand(shape), sc))
+            return res
+        if la is STAT or lb is STAT:
+            return STAT
+        return self._opaque(n)
