@@ -1,17 +1,20 @@
-"""Calibration: forward hooks record the node values of the channel graph.
+"""Calibration: the node values of the channel graph, from one streaming pass.
 
 The value of a node (a channel of a junction tensor, see :mod:`tp_curvature.graph`) is
 
 .. math::  \\bar a_u = \\frac{1}{|B|} \\sum_{b \\in B} \\operatorname{mean}_{s} |T_b[u, s]|,
 
-the absolute post-activation averaged over the calibration inputs ``B`` and the spatial
-positions ``s`` (for a Linear after flatten, over the features of channel ``u``). The graph
-uses the min-max normalised value per junction (:func:`normalise`).
+the absolute value averaged over the calibration inputs ``B`` and every position ``s`` outside
+the junction's channel dims (spatial positions of a feature map, tokens of an ``(N, T, C)``
+tensor; for a Linear after flatten, the features of channel ``u``). The graph uses the min-max
+normalised value per junction (:func:`normalise`).
 
-Hooks sit on the first layer that reads each junction (the tensor that layer receives is the
-junction) and the model's output gives the last junction. They are removed afterwards even on
-error, and every submodule's train/eval flag is restored (:func:`~tp_curvature._tracing.eval_mode`);
-user hooks are left untouched. Calibration runs in eval mode (BatchNorm uses its running
+The values are read at the junction tensors themselves: the model's exported program
+(:mod:`tp_curvature._lineage`) runs under an :class:`torch.fx.Interpreter` that accumulates
+them, so junctions inside modules (attention values, q/k) are seen; module hooks are not used,
+so a user's forward hooks do not fire during calibration (they fire during the export), and
+every submodule's train/eval flag is restored (:func:`~tp_curvature._tracing.eval_mode`).
+Calibration runs in eval mode (BatchNorm uses its running
 statistics, dropout is off). :func:`calibrate_graph` is the whole pipeline (trace, record,
 normalise) that :func:`~tp_curvature.curvature.connection_curvature` and
 :class:`~tp_curvature.importance.CurvatureImportance` share. It reads the calibration data in
