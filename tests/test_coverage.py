@@ -459,3 +459,23 @@ def test_models_prune_with_full_coverage(name, one_thread):
     cov = imp.coverage()
     assert cov["fallback"] == [], cov["fallback"]
     assert cov["curvature"]
+
+
+def test_unvalidated_constructs_are_announced():
+    """Gates (and norms / attention) are scored but not yet validated against the reference:
+    calibration says so with one UnvalidatedCurvatureWarning; a plain BN CNN says nothing."""
+    from tp_curvature import UnvalidatedCurvatureWarning
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        connection_curvature(SE().eval(), x, topk=None)
+    hits = [i for i in w if issubclass(i.category, UnvalidatedCurvatureWarning)]
+    assert len(hits) == 1 and "multiplicative gate" in str(hits[0].message)
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 3 * 3, 2)).eval()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        connection_curvature(cnn, x, topk=None)
+    assert not [i for i in w if issubclass(i.category, UnvalidatedCurvatureWarning)]

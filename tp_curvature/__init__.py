@@ -1,7 +1,7 @@
 """tp-curvature: neural-curvature (Ollivier-Ricci) importance for Torch-Pruning.
 
 Data flow, one module each: :mod:`~tp_curvature.hooks` (calibration statistics) ->
-:mod:`~tp_curvature.graph` (channel graph traced with torch.fx) ->
+:mod:`~tp_curvature.graph` (channel graph from torch.export + id lineage) ->
 :mod:`~tp_curvature.curvature` (measures, shortest paths, transport problems) ->
 :mod:`~tp_curvature.transport` (Numba Sinkhorn / exact POT solvers) ->
 :mod:`~tp_curvature.importance` (channel scores for Torch-Pruning).
@@ -9,12 +9,12 @@ Data flow, one module each: :mod:`~tp_curvature.hooks` (calibration statistics) 
 """
 from .curvature import CurvatureConfig, LayerCurvature, connection_curvature
 from .graph import ChannelGraph, UnsupportedModelError
-from .hooks import CalibrationError
+from .hooks import CalibrationError, UnvalidatedCurvatureWarning
 from .importance import CurvatureImportance
 from .problem import LayerPairProblem
 from .unstructured import prune_by_curvature, weight_curvature
 
 __all__ = ["CurvatureImportance", "connection_curvature", "CurvatureConfig", "LayerCurvature",
            "ChannelGraph", "LayerPairProblem", "UnsupportedModelError", "CalibrationError",
-           "weight_curvature", "prune_by_curvature"]
+           "UnvalidatedCurvatureWarning", "weight_curvature", "prune_by_curvature"]
 __version__ = "0.1.0"

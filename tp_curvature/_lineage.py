@@ -250,6 +250,7 @@ class LineagePass(fx.Interpreter):
         self.input_mode = input_mode
         self.lin: dict = {}
         self.unknown: dict = {}        # op name -> first node name
+        self.constructs: set = set()   # constructs met whose kappa is not validated yet
         self.attr_names = {}
 
     def run_node(self, n):
@@ -479,6 +480,8 @@ class LineagePass(fx.Interpreter):
     def _norm(self, n, name, out):
         a = n.args
         x = self.L(a[0])
+        if _terms(x) and "batch_norm" not in name:
+            self.constructs.add("layer / group / RMS normalisation")
         o = out[0] if isinstance(out, tuple) else out
         res = x
         if _terms(x):
@@ -553,6 +556,7 @@ class LineagePass(fx.Interpreter):
         la, lb = self.L(a), self.L(b)
         shape = tuple(out.shape)
         if _terms(la) and _terms(lb):
+            self.constructs.add("multiplicative gate")
             # a multiplicative gate (SE x*gate, SwiGLU silu(g)*u): both operands' channels
             # reach the product, each with factor 1 (structure only)
             return self._expand(la, shape) + self._expand(lb, shape)
@@ -596,6 +600,7 @@ class LineagePass(fx.Interpreter):
         return STAT if any(l is STAT for l in ls) else None
 
     def _sdpa(self, n, name, out):
+        self.constructs.add("attention")
         q, k, v = n.args[:3]
         lq, lk, lv = self.L(q), self.L(k), self.L(v)
         for a, l in ((q, lq), (k, lk)):
@@ -630,6 +635,7 @@ class LineagePass(fx.Interpreter):
         la, lb = self.L(a), self.L(b)
         shape = tuple(out.shape)
         if _terms(la) and _terms(lb):            # q @ k^T: attention scores
+            self.constructs.add("attention")
             self.hooks.sink(a, la, self.val(a))
             self.hooks.sink(b, lb, self.val(b))
             return STAT

@@ -481,7 +481,9 @@ class ChannelGraph:
         # order out-junctions: real junctions before q/k sinks
         for l in layers:
             l.out_junctions.sort(key=lambda j: (junctions[j].is_sink, j))
-        return cls(model, junctions, layers, out_j, exp, p.unknown)
+        graph = cls(model, junctions, layers, out_j, exp, p.unknown)
+        graph.unvalidated = sorted(p.constructs)
+        return graph
 
     @staticmethod
     def _run(gm, builder, modes, flat):

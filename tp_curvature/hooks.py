@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections.abc
 import itertools
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -353,7 +354,23 @@ def calibrate_graph(model: nn.Module, data, forward_fn: Optional[Callable] = Non
                                  data.length_hint())
     finally:
         it.close()                   # a failed pass releases the source's iterator at once
+    _warn_unvalidated(graph)
     return Calibration(graph, [normalise(a, normalize) for a in raw])
+
+
+class UnvalidatedCurvatureWarning(UserWarning):
+    """The model has constructs whose curvature is not yet checked against an independent
+    reference (see the README's Limitations)."""
+
+
+def _warn_unvalidated(graph: ChannelGraph) -> None:
+    found = getattr(graph, "unvalidated", ())
+    if found:
+        warnings.warn(
+            f"tp_curvature: this model has {', '.join(found)} junctions; their curvature is "
+            "computed but not yet validated against an independent exact reference (open "
+            "work, see the README's Limitations): treat those layers' scores with care",
+            UnvalidatedCurvatureWarning, stacklevel=4)
 
 
 def normalise(a: np.ndarray, mode: str = "minmax") -> np.ndarray:
