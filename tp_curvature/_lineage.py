@@ -480,8 +480,6 @@ class LineagePass(fx.Interpreter):
     def _norm(self, n, name, out):
         a = n.args
         x = self.L(a[0])
-        if _terms(x) and "batch_norm" not in name:
-            self.constructs.add("layer / group / RMS normalisation")
         o = out[0] if isinstance(out, tuple) else out
         res = x
         if _terms(x):
@@ -556,7 +554,6 @@ class LineagePass(fx.Interpreter):
         la, lb = self.L(a), self.L(b)
         shape = tuple(out.shape)
         if _terms(la) and _terms(lb):
-            self.constructs.add("multiplicative gate")
             # a multiplicative gate (SE x*gate, SwiGLU silu(g)*u): both operands' channels
             # reach the product, each with factor 1 (structure only)
             return self._expand(la, shape) + self._expand(lb, shape)

@@ -256,14 +256,24 @@ def build_layer_problem(graph: ChannelGraph, layer: WeightLayer, acts: list,
     s_yw = (np.hstack([graph.junction_edges(Y, w, cfg.p) for w in succs]) if succs
             else np.zeros((n_yn, 0)))
     a_w = np.concatenate([acts[w] for w in succs]) if succs else np.zeros(0)
+    # skip edges that bypass X or Y (a layer whose output reaches several junctions, a
+    # residual stream): the ground costs are shortest paths over every edge among Z, X, Y, W
+    skips = dict(
+        s_zw=(np.vstack([np.hstack([graph.junction_edges(z, w, cfg.p) for w in succs])
+                         for z in preds]) if preds and succs else None),
+        s_zy=(np.vstack([graph.junction_edges(z, Y, cfg.p) for z in preds]) if preds
+              else None),
+        s_xw=(np.hstack([graph.junction_edges(X, w, cfg.p) for w in succs]) if succs
+              else None))
     return problem_from_strengths(
         s_zx=s_zx, a_z=a_z, a_x=acts[X], s_xy_all=graph.junction_edges(X, Y, cfg.p),
         s_direct=s_xy_layer[:, cols], cols=cols, a_yn=acts[Y], s_yw=s_yw, a_w=a_w,
-        exists=exists, cfg=cfg, name=layer.name)
+        exists=exists, cfg=cfg, name=layer.name, **skips)
 
 
 def problem_from_strengths(*, s_zx, a_z, a_x, s_xy_all, s_direct, cols, a_yn, s_yw, a_w,
-                           exists, cfg: CurvatureConfig, name: str = ""):
+                           exists, cfg: CurvatureConfig, name: str = "", s_zw=None, s_zy=None,
+                           s_xw=None):
     """Build the transport problems of one layer pair from edge strengths ``|w|``.
 
     Parameters (``n_yn`` nodes in the Y layer; the connections' columns are ``cols`` of them)
@@ -276,6 +286,12 @@ def problem_from_strengths(*, s_zx, a_z, a_x, s_xy_all, s_direct, cols, a_yn, s_
     a_yn : (n_yn,)         node values of Y
     s_yw : (n_yn, n_w)     strengths Y -> successors; ``a_w`` (n_w,) their values
     exists : (n_x, n_c)    structural connections
+    s_zw, s_zy, s_xw : optional (n_z, n_w), (n_z, n_yn), (n_x, n_w) strengths of skip edges
+                           that bypass X or Y (None: none). The ground costs are then the
+                           shortest paths of at most 3 hops over every edge among Z, X, Y, W:
+                           ``c_zw = min(d_zw, d_zx . d_xw, d_zy . d_yw, d_zx . d_xy . d_yw)``
+                           (min-plus products), ``c_zy = min(d_zy, d_zx . d_xy)``,
+                           ``c_xw = min(d_xw, d_xy . d_yw)``.
 
     Returns the :class:`LayerPairProblem` with ``exists`` and ``length`` set, so that
     :func:`solve_problem` needs nothing else.
@@ -294,9 +310,15 @@ def problem_from_strengths(*, s_zx, a_z, a_x, s_xy_all, s_direct, cols, a_yn, s_
     d_xy_all = _lengths(s_xy_all, a_x, flow_len)
     d_yw = _lengths(s_yw[:, w_used], a_yn, flow_len)
     c_zy_all = minplus(d_zx, d_xy_all)
-    c_zw = minplus(c_zy_all, d_yw)
-    c_zy = c_zy_all[:, cols]
     c_xw = minplus(d_xy_all, d_yw)
+    if s_zy is not None:
+        c_zy_all = np.minimum(c_zy_all, _lengths(s_zy[z_used], a_z[z_used], flow_len))
+    if s_xw is not None:
+        c_xw = np.minimum(c_xw, _lengths(s_xw[:, w_used], a_x, flow_len))
+    c_zw = np.minimum(minplus(c_zy_all, d_yw), minplus(d_zx, c_xw))
+    if s_zw is not None:
+        c_zw = np.minimum(c_zw, _lengths(s_zw[np.ix_(z_used, w_used)], a_z[z_used], flow_len))
+    c_zy = c_zy_all[:, cols]
     d_xy = _lengths(s_direct, a_x, flow_len)
 
     solve = exists & np.isfinite(d_xy) & (a_x[:, None] > 0) & (a_y[None, :] > 0)

@@ -18,9 +18,9 @@ column: some w, or y itself) is the forward shortest-path length in the layered 
 =========  ===========  ============================================
 row        column       cost
 =========  ===========  ============================================
-z          w            ``c_zw[z, w]`` (3 hops: z -> x' -> y' -> w)
-z          y            ``c_zy[z, y]`` (2 hops: z -> x' -> y)
-x          w            ``c_xw[x, w]`` (2 hops: x -> y' -> w)
+z          w            ``c_zw[z, w]`` (<= 3 hops, e.g. z -> x' -> y' -> w)
+z          y            ``c_zy[z, y]`` (<= 2 hops, e.g. z -> x' -> y)
+x          w            ``c_xw[x, w]`` (<= 2 hops, e.g. x -> y' -> w)
 x          y            ``d_xy[x, y]`` (the connection itself)
 =========  ===========  ============================================
 
