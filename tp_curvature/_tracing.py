@@ -1,18 +1,18 @@
-"""The torch.fx tracing core shared by the channel graph and the element graph.
+"""The torch.fx tracing core of the element graph, and :func:`eval_mode` for every pass.
 
-:mod:`tp_curvature.graph` (one node per channel) and :mod:`tp_curvature.unstructured` (one node
-per scalar activation) read a network the same way: they trace it with :func:`trace`, run one
-forward pass through :class:`Recorder` (which stores every fx node's output shape, and the
-values of the nodes asked for), classify each fx node with the op tables below, and fold a
-BatchNorm into the preceding weight layer with :func:`bn_scale`. Every forward pass the library
-makes runs inside :func:`eval_mode`, which restores each submodule's own ``training`` flag
-afterwards, also when the pass raises.
+:mod:`tp_curvature.unstructured` (one node per scalar activation) traces a network with
+:func:`trace`, runs one forward pass through :class:`Recorder` (which stores every fx node's
+output shape, and the values of the nodes asked for), classifies each fx node with the op tables
+below, and folds a BatchNorm into the preceding weight layer with :func:`bn_scale`. The channel
+graph (:mod:`tp_curvature.graph`) is built from a :mod:`torch.export` program instead
+(:mod:`tp_curvature._lineage`). Every forward pass the library makes runs inside
+:func:`eval_mode`, which restores each submodule's own ``training`` flag afterwards, also when
+the pass raises.
 """
 from __future__ import annotations
 
 import contextlib
-import operator
-from typing import Iterable, Optional
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -22,9 +22,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "UnsupportedModelError", "BN_TYPES", "ELEMENTWISE_MODULES", "ELEMENTWISE_FUNCTIONS",
-    "ELEMENTWISE_METHODS", "POOL_MODULES", "POOL_FUNCTIONS", "ADD_FUNCTIONS", "ADD_METHODS",
-    "RESHAPE_METHODS", "SHAPE_META", "bn_scale", "trace", "Recorder", "tensor_shape",
-    "InterpreterModule", "eval_mode",
+    "ELEMENTWISE_METHODS", "RESHAPE_METHODS", "SHAPE_META", "bn_scale", "trace", "Recorder", "eval_mode",
 ]
 
 
@@ -52,18 +50,6 @@ ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone"
                        "log_softmax", "detach", "float", "to"}
 #: pooling and padding: they mix elements of one channel, so they keep the channel identity
 #: only (channel graph yes, element graph no)
-POOL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d,
-    nn.ConstantPad2d,
-)
-POOL_FUNCTIONS = {
-    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.pad,
-}
-#: residual connections (a subtraction is an add with factor -1: strengths use |factor|)
-ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub}
-ADD_METHODS = {"add", "add_", "sub", "sub_"}
 RESHAPE_METHODS = {"flatten", "view", "reshape"}
 
 
@@ -115,26 +101,6 @@ class Recorder(fx.Interpreter):
         if n in self.keep or n.op == "output":
             self.values[n] = out
         return out
-
-
-def tensor_shape(node: fx.Node) -> Optional[tuple]:
-    """The output shape :class:`Recorder` stored for ``node`` (None if not a tensor / not run)."""
-    return node.meta.get(SHAPE_META)
-
-
-class InterpreterModule(nn.Module):
-    """Lets a user ``forward_fn(model, batch)`` drive a :class:`Recorder` (keyword inputs are
-    matched to the graph's placeholders by name)."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__()
-        self.gm = gm
-
-    def forward(self, *args, **kwargs):
-        if kwargs:
-            names = [n.target for n in self.gm.graph.nodes if n.op == "placeholder"]
-            args = list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
-        return Recorder(self.gm).run(*args)
 
 
 @contextlib.contextmanager

@@ -42,7 +42,6 @@ is small (see ``benchmarks/kernels.py``); the kernels' work grows as :math:`(k+1
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import numbers
@@ -62,23 +61,22 @@ VARIANTS = {"paper": ("weight", "activation"), "flow": ("flow", "flow")}
 
 
 NORMALIZE_MODES = ("minmax", "max")
-BACKENDS = ("sinkhorn", "exact", "pot-sinkhorn")
 
 
 def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _transport():
+    """The solver subpackage, imported on first use (it pulls in POT and the Numba kernels)."""
+    from . import transport
+    return transport
+
+
 def solver_keywords() -> frozenset:
     """The keyword options the transport solver ``solve_w1`` takes (``backend_options``)."""
-    for mod in ("transport", "kernels"):
-        try:
-            fn = importlib.import_module(f".{mod}", __package__).solve_w1
-        except (ImportError, AttributeError):
-            continue
-        params = inspect.signature(fn).parameters.values()
-        return frozenset(q.name for q in params if q.kind == q.KEYWORD_ONLY)
-    raise ImportError("tp_curvature has no transport solver (solve_w1)")
+    params = inspect.signature(_transport().solve_w1).parameters.values()
+    return frozenset(q.name for q in params if q.kind == q.KEYWORD_ONLY)
 
 
 @dataclass
@@ -133,8 +131,9 @@ class CurvatureConfig:
             raise ValueError(f"topk must be a positive int or None, got {self.topk!r}")
         if self.topk is not None:
             self.topk = int(self.topk)
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        backends = _transport().BACKENDS
+        if self.backend not in backends:
+            raise ValueError(f"backend must be one of {backends}, got {self.backend!r}")
         if self.backend_options is not None and not isinstance(self.backend_options, dict):
             raise ValueError(f"backend_options must be a dict of solve_w1 keywords, got "
                              f"{type(self.backend_options).__name__}")
@@ -245,7 +244,7 @@ def build_layer_problem(graph: ChannelGraph, layer: WeightLayer, acts: list,
             raise ValueError(f"layer {layer.name!r}: some output channels do not reach "
                              f"junction {graph.junctions[Y].name!r}")
     else:
-        s_xy_layer, cols, exists = s_xy_layer, cols[channels], exists[:, channels]
+        cols, exists = cols[channels], exists[:, channels]
     # predecessors Z of X and successors W of Y (several junctions are stacked)
     preds = graph.predecessors(X)
     succs = graph.successors(Y)
@@ -337,12 +336,10 @@ def problem_from_strengths(*, s_zx, a_z, a_x, s_xy_all, s_direct, cols, a_yn, s_
 def solve_problem(prob: LayerPairProblem, cfg: CurvatureConfig) -> np.ndarray:
     """kappa of every pair of ``prob`` (see :meth:`LayerPairProblem.kappa`): solved connections
     from W1 with ``cfg.backend``, dead-endpoint / zero-weight ones 1, absent pairs NaN."""
-    from .transport import solve_w1
-
     prob.validate()
     w1 = np.full(prob.d_xy.shape, np.nan)
     if prob.solve.any():
-        w1 = solve_w1(prob, backend=cfg.backend, **cfg.backend_options)
+        w1 = _transport().solve_w1(prob, backend=cfg.backend, **cfg.backend_options)
     return prob.kappa(w1)
 
 

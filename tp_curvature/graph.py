@@ -70,7 +70,6 @@ Semantics of the constructs (documented; checked in ``tests/test_coverage.py``)
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -425,7 +424,6 @@ class ChannelGraph:
 
     @classmethod
     def _build(cls, model: nn.Module, exp):
-        from ._lineage import LineagePass
         gm = exp.gm
         flat = pytree.tree_leaves(((exp.example,), {}))
         nodes = list(gm.graph.nodes)

@@ -16,7 +16,6 @@ WEIGHT_TYPES = (nn.Linear, nn.Conv2d)
 AUX_METHODS = {"size", "dim"}
 OUTPUTS = ("softmax", "logits")
 REDUCES = ("min", "mean")
-NORMALIZES = ("minmax", "max")
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(CurvatureConfig))
 
 

@@ -15,7 +15,8 @@ from .._tracing import (BN_TYPES, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS,
                         ELEMENTWISE_MODULES, RESHAPE_METHODS, Recorder, UnsupportedModelError,
                         bn_scale, eval_mode, trace)
 from ..hooks import normalise
-from ._checks import (AUX_METHODS, NORMALIZES, OUTPUTS, WEIGHT_TYPES, _check_choice,
+from ..curvature import NORMALIZE_MODES
+from ._checks import (AUX_METHODS, OUTPUTS, WEIGHT_TYPES, _check_choice,
                       _check_layer_values, _check_model, _images, _indices)
 
 
@@ -302,7 +303,7 @@ def node_values(graph: ElementGraph, images: torch.Tensor, output: str = "softma
         raise TypeError(f"graph must be an ElementGraph (from element_graph()), got "
                         f"{type(graph).__name__}")
     _check_choice("output", output, OUTPUTS)
-    _check_choice("normalize", normalize, NORMALIZES)
+    _check_choice("normalize", normalize, NORMALIZE_MODES)
     images = _images(images)
     _check_layer_values(graph)
     model = graph.gm
