@@ -99,19 +99,23 @@ def graph_curvature(acts, edges, alpha=ALPHA, flow=False):
 
 
 def mlp_curvature(model: nn.Sequential, x: torch.Tensor, alpha=ALPHA, flow=False,
-                  normalize="minmax"):
+                  normalize="minmax", node_value="mean_abs"):
     """kappa for every connection of a Flatten/Linear/ReLU MLP; node values are the mean
-    |post-activation| over the batch ``x``."""
+    |post-activation| over the batch ``x`` (``node_value="std"``: its population std)."""
+    def value(h):
+        h = h.detach().double()
+        return h.std(0, unbiased=False) if node_value == "std" else h.abs().mean(0)
+
     linears = [m for m in model if isinstance(m, nn.Linear)]
     acts, h = [], x.flatten(1)
-    acts.append(h.abs().mean(0))
+    acts.append(value(h))
     mods = list(model)[1:]
     for i, m in enumerate(mods):
         h = m(h)
         nxt = mods[i + 1] if i + 1 < len(mods) else None
         if isinstance(m, nn.ReLU) or (isinstance(m, nn.Linear) and nxt is None):
-            acts.append(h.abs().mean(0))
-    acts = [_normalised(a.detach().double().numpy(), normalize) for a in acts]
+            acts.append(value(h))
+    acts = [_normalised(a.numpy(), normalize) for a in acts]
     sizes = [a.size for a in acts]
     offs = np.cumsum([0] + sizes)
     edges = {}

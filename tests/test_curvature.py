@@ -288,3 +288,49 @@ def test_config_extremes_are_valid():
         for lc in res.values():
             assert np.isfinite(lc.kappa).all()
             assert np.all(lc.kappa <= kappa_max + 1e-9)
+
+
+@pytest.mark.parametrize("variant", ["paper", "flow"])
+def test_node_value_std_matches_reference(variant):
+    """``node_value="std"``: node values are each neuron's spread over the batch."""
+    model = small_mlp(4)
+    x = torch.randn(48, 12, generator=torch.Generator().manual_seed(4)) * 2 + 1
+    ref = reference_mlp_curvature(model, x, flow=(variant == "flow"), node_value="std")
+    got = connection_curvature(model, x, variant=variant, topk=None, backend="exact",
+                               node_value="std")
+    for K_ref, lc in zip(ref, got.values()):
+        np.testing.assert_allclose(lc.kappa, K_ref, atol=1e-6)
+    # differs from the default's mean |a| on this data
+    base = connection_curvature(model, x, variant=variant, topk=None, backend="exact")
+    assert max(np.abs(a.kappa - b.kappa).max()
+               for a, b in zip(got.values(), base.values())) > 1e-3
+
+
+def test_node_value_std_conv_over_images_and_positions():
+    """For a conv feature map the spread is over images and positions; a channel that is
+    constant on the data (removable by bias compensation) is silent: its connections get
+    kappa 1, while with mean |a| the same channel is the most active one and bears load."""
+    from tp_curvature.hooks import calibrate_graph
+    torch.manual_seed(0)
+    conv1, conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3)
+    with torch.no_grad():
+        conv1.weight[2].zero_()
+        conv1.bias[2] = 5.0                     # channel 2: constant 5 after ReLU
+    model = nn.Sequential(conv1, nn.ReLU(), conv2).eval()
+    x = torch.randn(10, 3, 8, 8)
+    with torch.no_grad():
+        h = torch.relu(conv1(x))
+    want = h.double().permute(1, 0, 2, 3).reshape(6, -1).std(1, unbiased=False).numpy()
+    cal = calibrate_graph(model, x, normalize="max", node_value="std")
+    j = next(j for j in cal.graph.junctions if j.n_nodes == 6)
+    np.testing.assert_allclose(cal.acts[j.index], want / want.max(), rtol=1e-9, atol=1e-12)
+    assert cal.acts[j.index][2] == 0.0
+    lc = connection_curvature(model, x, topk=None, backend="exact", node_value="std")["2"]
+    np.testing.assert_array_equal(lc.kappa[2], 1.0)
+    lc_abs = connection_curvature(model, x, topk=None, backend="exact")["2"]
+    assert np.any(lc_abs.kappa[2] < 1.0)      # (an output at the minmax floor is dead: 1)
+
+
+def test_node_value_is_validated():
+    with pytest.raises(ValueError, match="node_value"):
+        connection_curvature(small_mlp(), torch.randn(4, 12), node_value="median")

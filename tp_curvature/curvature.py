@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 
 from .graph import ChannelGraph, WeightLayer
-from .hooks import as_batches, calibrate_graph
+from .hooks import NODE_VALUES, as_batches, calibrate_graph
 from .problem import LayerPairProblem
 from .shortest_paths import minplus
 
@@ -89,7 +89,9 @@ class CurvatureConfig:
     ``variant`` "paper" | "flow" | None; ``length`` "weight" | "flow"; ``measure``
     "activation" | "flow"; ``p`` > 0 and finite (the norm of a kernel slice; p = inf is refused,
     and a very large p, above ~50, can underflow small weights to a zero strength: keep p <= 10);
-    ``normalize`` "minmax" | "max"; ``topk`` a positive int (1 keeps each measure's single
+    ``normalize`` "minmax" | "max"; ``node_value`` "mean_abs" (the paper: mean |activation|)
+    | "std" (the activation's spread over images and positions; see
+    :func:`~tp_curvature.hooks.record_activations`); ``topk`` a positive int (1 keeps each measure's single
     heaviest neighbour) or None (all); ``backend`` "sinkhorn" | "exact" | "pot-sinkhorn";
     ``backend_options`` keyword arguments of the solver's ``solve_w1`` (``eps``, ``tol``,
     ``max_iter``...).
@@ -100,6 +102,7 @@ class CurvatureConfig:
     measure: Optional[str] = None      # "activation" | "flow" (overrides variant)
     p: float = 2.0                     # norm of a kernel slice
     normalize: str = "minmax"          # node values: "minmax" (paper) | "max"
+    node_value: str = "mean_abs"       # "mean_abs" (paper) | "std" (spread over images, positions)
     topk: Optional[int] = 32           # keep the k heaviest atoms of each measure (None: all)
     backend: str = "sinkhorn"          # "sinkhorn" | "exact" | "pot-sinkhorn"
     backend_options: dict = field(default_factory=dict)
@@ -125,6 +128,9 @@ class CurvatureConfig:
         if self.normalize not in NORMALIZE_MODES:
             raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got "
                              f"{self.normalize!r}")
+        if self.node_value not in NODE_VALUES:
+            raise ValueError(f"node_value must be one of {NODE_VALUES}, got "
+                             f"{self.node_value!r}")
         if self.topk is not None and (isinstance(self.topk, bool)
                                       or not isinstance(self.topk, numbers.Integral)
                                       or self.topk < 1):
@@ -437,5 +443,5 @@ def connection_curvature(model: nn.Module, data, forward_fn: Optional[Callable] 
     """
     cfg = CurvatureConfig(**config)
     cal = calibrate_graph(model, as_batches(data, max_batches, forward_fn), forward_fn,
-                          cfg.normalize, bool(progress))
+                          cfg.normalize, bool(progress), node_value=cfg.node_value)
     return graph_curvature(cal.graph, cal.acts, cfg, progress)

@@ -222,9 +222,19 @@ def default_forward(model: nn.Module, batch):
     return model(x.to(device))
 
 
+NODE_VALUES = ("mean_abs", "std")
+
+
 def record_activations(graph: ChannelGraph, batches, forward_fn: Optional[Callable] = None,
-                       progress: bool = False, total: Optional[int] = None) -> list[np.ndarray]:
-    """Mean |activation| of every node of ``graph``, one array per junction (unnormalised).
+                       progress: bool = False, total: Optional[int] = None,
+                       statistic: str = "mean_abs") -> list[np.ndarray]:
+    """The value of every node of ``graph``, one array per junction (unnormalised).
+
+    ``statistic`` ``"mean_abs"`` (the paper): :math:`\\mathbb{E}|x|`, the mean absolute
+    activation over images and positions. ``"std"``: the spread
+    :math:`\\sqrt{\\mathbb{E}[x^2] - \\mathbb{E}[x]^2}` over the same images and positions (a
+    channel that is constant on the data carries no information the next layer's bias could not
+    absorb, so it counts as silent).
 
     The exported program of the graph (``forward_fn`` is baked into it) runs under an
     :class:`torch.fx.Interpreter` that accumulates, at every junction, ``sum |x|`` per node over
@@ -238,9 +248,14 @@ def record_activations(graph: ChannelGraph, batches, forward_fn: Optional[Callab
     import torch.utils._pytree as pytree
     from ._lineage import slice_batch
 
+    if statistic not in NODE_VALUES:
+        raise ValueError(f"node_value must be one of {NODE_VALUES}, got {statistic!r}")
+    spread = statistic == "std"
     exp = graph.exported
     gm = exp.gm
     sums: list = [np.zeros(j.n_nodes) for j in graph.junctions]
+    sum1: list = [np.zeros(j.n_nodes) for j in graph.junctions] if spread else None
+    sum2: list = [np.zeros(j.n_nodes) for j in graph.junctions] if spread else None
     counts: list = [np.zeros(j.n_nodes) for j in graph.junctions]
     at: dict = {}
     for j in graph.junctions:
@@ -257,7 +272,8 @@ def record_activations(graph: ChannelGraph, batches, forward_fn: Optional[Callab
         t = t.detach()
         nd = t.dim()
         other = [d for d in range(nd) if d not in j.channel_dims]
-        a = t.abs().to(torch.float64)
+        x = t.to(torch.float64)
+        a = x.abs()
         if j.valid is not None:
             try:
                 v = j.valid.to(a.device).expand(a.shape)
@@ -267,6 +283,7 @@ def record_activations(graph: ChannelGraph, batches, forward_fn: Optional[Callab
             v = None
         if v is not None:
             a = a * v
+            x = x * v
             cnt = v.to(torch.float64).sum(other) if other else v.to(torch.float64)
         else:
             n_other = int(np.prod([t.shape[d] for d in other])) if other else 1
@@ -288,6 +305,10 @@ def record_activations(graph: ChannelGraph, batches, forward_fn: Optional[Callab
         ok = g >= 0
         np.add.at(sums[j.index], g[ok], feat[ok])
         np.add.at(counts[j.index], g[ok], cnt[ok])
+        if spread:
+            for acc, m in ((sum1, x), (sum2, x * x)):
+                f = (m.sum(other) if other else m).reshape(-1).cpu().numpy()
+                np.add.at(acc[j.index], g[ok], f[ok])
 
     class Rec(fx.Interpreter):
         def run_node(self, n):
@@ -320,7 +341,16 @@ def record_activations(graph: ChannelGraph, batches, forward_fn: Optional[Callab
     for j, s, c in zip(graph.junctions, sums, counts):
         if j.n_nodes and not (c > 0).any():
             raise CalibrationError(f"junction {j.name!r} saw no activation during calibration")
-        acts.append(np.divide(s, c, out=np.zeros_like(s), where=c > 0))
+        mean_abs = np.divide(s, c, out=np.zeros_like(s), where=c > 0)
+        if not spread:
+            acts.append(mean_abs)
+            continue
+        m1 = np.divide(sum1[j.index], c, out=np.zeros_like(s), where=c > 0)
+        m2 = np.divide(sum2[j.index], c, out=np.zeros_like(s), where=c > 0)
+        var = m2 - m1 * m1
+        # cancellation: a spread below float64 resolution of the mean square is no spread
+        var[var <= 1e-12 * np.maximum(m2, 1e-300)] = 0.0
+        acts.append(np.sqrt(var))
     return acts
 
 
@@ -334,10 +364,12 @@ class Calibration:
 
 def calibrate_graph(model: nn.Module, data, forward_fn: Optional[Callable] = None,
                     normalize: str = "minmax", progress: bool = False,
-                    max_batches: Optional[int] = None) -> Calibration:
+                    max_batches: Optional[int] = None,
+                    node_value: str = "mean_abs") -> Calibration:
     """The calibration pipeline: trace ``model`` into its :class:`~tp_curvature.graph.ChannelGraph`
-    (shapes from one sample of the first batch), record the mean |activation| of every node
-    (:func:`record_activations`) and normalise them per junction (:func:`normalise`).
+    (shapes from one sample of the first batch), record the value of every node (mean
+    |activation|, or its spread with ``node_value="std"``; :func:`record_activations`) and
+    normalise them per junction (:func:`normalise`).
 
     ``data`` is read in one streaming pass: its first batch gives the shapes and is then the
     first batch recorded. It may be a :class:`CalibrationData` (as :func:`as_batches` returns;
@@ -351,7 +383,7 @@ def calibrate_graph(model: nn.Module, data, forward_fn: Optional[Callable] = Non
         first = next(it)
         graph = ChannelGraph.from_model(model, first, forward_fn)
         raw = record_activations(graph, itertools.chain((first,), it), forward_fn, progress,
-                                 data.length_hint())
+                                 data.length_hint(), node_value)
     finally:
         it.close()                   # a failed pass releases the source's iterator at once
     _warn_unvalidated(graph)

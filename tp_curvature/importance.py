@@ -170,7 +170,8 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
     ----------
     config : CurvatureConfig, optional
         The curvature definition and its solver (``alpha``, ``variant``, ``length``,
-        ``measure``, ``p``, ``normalize``, ``topk``, ``backend``, ``backend_options``; see
+        ``measure``, ``p``, ``normalize``, ``node_value``, ``topk``, ``backend``,
+        ``backend_options``; see
         :class:`~tp_curvature.curvature.CurvatureConfig`). ``p`` is also the norm of
         Torch-Pruning's ``GroupMagnitudeImportance`` base.
     **config_fields
@@ -254,7 +255,8 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         data = self._data if data is None else data
         try:
             cal = calibrate_graph(state.model, data, forward_fn or self._forward_fn,
-                                  self.config.normalize, bool(self.progress))
+                                  self.config.normalize, bool(self.progress),
+                                  node_value=self.config.node_value)
         except UnsupportedModelError as exc:
             if "no Linear or Conv" in str(exc):
                 raise

@@ -83,22 +83,25 @@ class Criterion:
 
 
 def _curvature_parts(name: str):
-    """``curvature[-flow][-min|-negsum|-mean]`` -> (variant, reduction) or None."""
+    """``curvature[-flow][-spread][-min|-negsum|-mean]`` -> (variant, reduction, node_value)
+    or None (``spread``: node values from the activation's std, ``node_value="std"``)."""
     parts = name.split("-")
     if parts[0] != "curvature":
         return None
-    variant, reduction = "paper", "mean"
+    variant, reduction, node_value = "paper", "mean", "mean_abs"
     for p in parts[1:]:
         if p in ("flow", "paper"):
             variant = p
+        elif p == "spread":
+            node_value = "std"
         elif p in ("min", "mean"):
             reduction = p
         elif p in ("negsum", "neg_sum"):
             reduction = "neg_sum"
         else:
             raise ValueError(f"unknown curvature option {p!r} in {name!r} "
-                             "(use curvature[-flow][-min|-negsum])")
-    return variant, reduction
+                             "(use curvature[-flow][-spread][-min|-negsum])")
+    return variant, reduction, node_value
 
 
 def make_criterion(name: str, seed: int, args) -> Criterion:
@@ -150,21 +153,23 @@ def make_criterion(name: str, seed: int, args) -> Criterion:
     parts = _curvature_parts(name)
     if parts is not None:
         from tp_curvature import CurvatureImportance
-        variant, reduction = parts
+        variant, reduction, node_value = parts
         opts = {}
         if args.backend_options:
             opts = json.loads(args.backend_options)
         imp = CurvatureImportance(alpha=args.alpha, variant=variant, reduction=reduction,
-                                  topk=args.topk, backend=args.backend, backend_options=opts)
+                                  node_value=node_value, topk=args.topk, backend=args.backend,
+                                  backend_options=opts)
 
         def calibrate(model, x, y):
             imp.calibrate(model, x)
         return Criterion(name, imp, calibrate,
                          note=f"alpha={args.alpha}, variant={variant}, reduction={reduction}, "
-                              f"topk={args.topk}, backend={args.backend}")
+                              f"node_value={node_value}, topk={args.topk}, "
+                              f"backend={args.backend}")
     raise ValueError(f"unknown criterion {name!r}; choose from random, l1, l2, lamp, fpgm, "
                      "taylor, hessian, hessian-tp, activation, wanda, flap, "
-                     "curvature[-flow][-min|-negsum]")
+                     "curvature[-flow][-spread][-min|-negsum]")
 
 
 # ============================================================================================
