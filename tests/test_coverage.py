@@ -388,6 +388,48 @@ def test_unrepresentable_layer_falls_back_with_one_warning():
     assert m(x).shape == (8, 3)
 
 
+def test_fallback_is_activation_weighted_for_input_channels():
+    """A fallback layer's input channel that is silent on the calibration data scores lowest,
+    although its weights are the largest (weight magnitude alone would rank it first)."""
+    from torch_pruning.pruner import function
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(4, 8)
+            self.fc2 = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.cumsum(torch.relu(self.fc1(x)), dim=1)   # over tokens: opaque to the graph
+            return self.fc2(h)
+
+    torch.manual_seed(8)
+    m = Odd().eval()
+    with torch.no_grad():
+        m.fc1.weight[5] = -1.0                    # channel 5 dead on positive inputs
+        m.fc1.bias[5] = -1.0
+        m.fc2.weight[:, 5] *= 20.0                # ... with the largest weights into fc2
+    x = torch.rand(6, 5, 4)
+    imp = CurvatureImportance(topk=None).calibrate(m, x)
+    st = imp._refresh()
+    idxs = list(range(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = imp._fallback(st, m.fc2, function.prune_linear_in_channels, idxs, "fc2")
+    assert not imp.graph.scoreable(imp.graph.layer_of_module[id(m.fc2)])
+    assert int(torch.argmin(s)) == 5 and float(s[5]) == 0.0
+    mag = m.fc2.weight.detach().abs().pow(2).sum(0)
+    assert int(torch.argmax(mag)) == 5          # magnitude alone: first
+    # the pruning step runs on it (fc1's output channels, also a fallback, are scored by
+    # weight magnitude: no activation of theirs is recorded)
+    pruner = tp.pruner.BasePruner(m, x, importance=imp, pruning_ratio=0.25,
+                                  ignored_layers=[m.fc2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.step()
+    assert m.fc1.out_features == 6 and m(x).shape == (6, 5, 3)
+
+
 def test_chunk_shuffle_convtranspose_interpolate_graph():
     """chunk, a channel shuffle, ConvTranspose2d, interpolate, GroupNorm and DropPath in one
     model: every layer is scored and the shuffle is an exact permutation."""

@@ -168,6 +168,7 @@ class WeightLayer:
     in_group: Optional[np.ndarray] = None
     in_scale: Optional[np.ndarray] = None
     shared: bool = False          # the weight is used by several ops: not scored
+    nodes: list = field(default_factory=list)   # fx node names of its weight op(s)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -236,10 +237,12 @@ class _Builder:
             l = self.layers[self.by_weight[key]]
             l.shared = True
             l.in_junction = None
+            l.nodes.append(n.name)
         else:
             k = len(self.layers)
             l = WeightLayer(k, mod_name, module, None, weight_name=pname, kind=kind,
                             groups=groups)
+            l.nodes.append(n.name)
             self.layers.append(l)
             self.by_weight[key] = k
             if x_lin is not OPAQUE and isinstance(x_lin, list) and x_lin:
