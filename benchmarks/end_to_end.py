@@ -7,12 +7,23 @@ Two measurements, each in one process so the ratios compare like with like:
   same pruner; both times include scoring every group of one ``BasePruner`` step.
 * ``resnet50``: CurvatureImportance of torchvision ResNet-50 (random weights) at 224x224, wall
   time and peak resident memory (``ru_maxrss``) of the process.
+* ``vit_b_16`` (torchvision, random weights, 224x224, ``BasePruner`` with ``num_heads`` of each
+  ``nn.MultiheadAttention``, the head ignored) and ``timm_efficientnet_b0`` (timm, random
+  weights, 224x224): calibration time, wall time of scoring every group of one pruner step
+  once (the curvature of the whole graph is computed at the first group), peak RSS, the
+  connections (structural / solved), the scored groups and the coverage fallback list.
+  ``--size`` changes the image size, ``--vit-layers N`` keeps N encoder blocks (a quick
+  check; the full model has 12), ``--max-groups`` scores only the first groups and
+  ``--dry-run`` stops after calibration (graph, connections, groups; no curvature).
 
 Usage::
 
-    python benchmarks/end_to_end.py                 # both
+    python benchmarks/end_to_end.py                 # resnet56 and resnet50
     python benchmarks/end_to_end.py --only resnet56 --calib 256
     python benchmarks/end_to_end.py --only resnet50 --calib 16 --topk 8
+    python benchmarks/end_to_end.py --only vit_b_16              # calib 8, 224x224
+    python benchmarks/end_to_end.py --only timm_efficientnet_b0 --calib 8
+    python benchmarks/end_to_end.py --only vit_b_16 --vit-layers 1 --size 32 --calib 1 --out /tmp/e.json
 
 Writes ``results/end_to_end.json`` and prints a Markdown table.
 """
@@ -100,11 +111,85 @@ def bench_resnet50(calib: int, topk, backend: str, seed: int = 0) -> dict:
                 peak_rss_mib=peak_rss_mib(), peak_rss_before_mib=rss0)
 
 
+def _vit_b_16(size: int, layers: int):
+    from torchvision.models.vision_transformer import VisionTransformer
+    m = VisionTransformer(image_size=size, patch_size=16, num_layers=layers, num_heads=12,
+                          hidden_dim=768, mlp_dim=3072)          # vit_b_16 when layers == 12
+    nh = {mm: mm.num_heads for mm in m.modules() if isinstance(mm, nn.MultiheadAttention)}
+    return m, dict(num_heads=nh, ignored_layers=[m.heads.head])
+
+
+def _timm_efficientnet_b0(size: int, layers: int):
+    import timm
+    m = timm.create_model("efficientnet_b0", pretrained=False)
+    return m, dict(ignored_layers=[m.classifier])
+
+
+ZOO = {"vit_b_16": _vit_b_16, "timm_efficientnet_b0": _timm_efficientnet_b0}
+
+
+def bench_zoo(name: str, calib: int, topk, backend: str, size: int = 224, vit_layers: int = 12,
+              max_groups=None, dry_run: bool = False, seed: int = 0) -> dict:
+    """Calibrate, then score every group of one BasePruner step once (see the module
+    docstring); Torch-Pruning's dependency graph is built before the clock starts."""
+    import warnings
+
+    torch.manual_seed(seed)
+    model, kw = ZOO[name](size, vit_layers)
+    model.eval()
+    x = torch.randn(calib, 3, size, size)
+    rss0 = peak_rss_mib()
+    imp = CurvatureImportance(topk=topk, backend=backend, progress=True)
+    pruner = tp.pruner.BasePruner(model, x[:1], importance=imp, pruning_ratio=0.5, **kw)
+    groups = list(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                           root_module_types=pruner.root_module_types))
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        imp.calibrate(model, x)
+    t_cal = time.perf_counter() - t0
+    graph = imp.graph
+    scoreable = [l for l in graph.layers if graph.scoreable(l)]
+    structural = int(sum(graph.node_weights(l, imp.config.p)[1].sum() for l in scoreable))
+    row = dict(model=name, calib=calib, image_size=size, topk=topk, backend=backend,
+               groups=len(groups), connections=structural,
+               graph_fallback=sorted(l.name for l in graph.layers if not graph.scoreable(l)),
+               curvature_calibrate_s=t_cal)
+    if name == "vit_b_16":
+        row["encoder_layers"] = vit_layers
+    if not dry_run:
+        todo = groups if max_groups is None else groups[:max_groups]
+        t1 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scored = sum(imp(g) is not None for g in todo)
+        t_score = time.perf_counter() - t1
+        curv = imp.curvatures()
+        solved = int(sum(lc.solved.sum() for lc in curv.values()))
+        row.update(scored_groups=scored, groups_timed=len(todo), solved_connections=solved,
+                   curvature_scoring_s=t_score, curvature_total_s=t_cal + t_score,
+                   connections_per_s=solved / max(t_score, 1e-9),
+                   fallback=imp.coverage()["fallback"])
+    row.update(peak_rss_mib=peak_rss_mib(), peak_rss_before_mib=rss0)
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=["resnet56", "resnet50"], default=None)
+    ap.add_argument("--only", choices=["resnet56", "resnet50", *ZOO], default=None,
+                    help="one measurement (default: resnet56 and resnet50)")
     ap.add_argument("--calib", type=int, default=None,
-                    help="calibration images (default 256 for resnet56, 16 for resnet50)")
+                    help="calibration images (default 256 for resnet56, 16 for resnet50, 8 for "
+                         "vit_b_16 and timm_efficientnet_b0)")
+    ap.add_argument("--size", type=int, default=224,
+                    help="image size for vit_b_16 / timm_efficientnet_b0 (a multiple of 16)")
+    ap.add_argument("--vit-layers", type=int, default=12,
+                    help="encoder blocks of vit_b_16 (12 = the real model; fewer: quick check)")
+    ap.add_argument("--max-groups", type=int, default=None,
+                    help="score only the first N groups (the whole graph's curvature is still "
+                         "computed at the first one)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="vit_b_16 / timm_efficientnet_b0: stop after calibration")
     ap.add_argument("--topk", type=int, default=32)
     ap.add_argument("--backend", default="sinkhorn")
     ap.add_argument("--threads", type=int, default=None)
@@ -117,6 +202,9 @@ def main(argv=None):
         rows.append(bench_resnet56(args.calib or 256, args.topk, args.backend))
     if args.only in (None, "resnet50"):
         rows.append(bench_resnet50(args.calib or 16, args.topk, args.backend))
+    if args.only in ZOO:
+        rows.append(bench_zoo(args.only, args.calib or 8, args.topk, args.backend, args.size,
+                              args.vit_layers, args.max_groups, args.dry_run))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text()) if out.exists() else {}
@@ -131,6 +219,18 @@ def main(argv=None):
                   f"{r['curvature_total_s']:.2f} | Taylor fwd+bwd {r['taylor_forward_backward_s']:.2f} s"
                   f" (+ scoring {r['taylor_total_s']:.2f} s) | {r['ratio_vs_taylor_fb']:.2f}x fwd+bwd,"
                   f" {r['ratio_vs_taylor_total']:.2f}x total |")
+        elif r["model"] in ZOO:
+            if "curvature_total_s" not in r:
+                print(f"| {r['model']} | {r['calib']} | {r['topk']} | {r['connections']} | "
+                      f"(dry run: calibration {r['curvature_calibrate_s']:.1f} s) | "
+                      f"{r['groups']} groups, graph fallback {r['graph_fallback']} | "
+                      f"peak RSS {r['peak_rss_mib']:.0f} MiB |")
+                continue
+            print(f"| {r['model']} | {r['calib']} | {r['topk']} | {r['connections']} | "
+                  f"{r['curvature_total_s']:.1f} | calibration {r['curvature_calibrate_s']:.1f} s,"
+                  f" scoring {r['curvature_scoring_s']:.1f} s ({r['scored_groups']}/"
+                  f"{r['groups']} groups, fallback {r['fallback']}) | "
+                  f"peak RSS {r['peak_rss_mib']:.0f} MiB |")
         else:
             print(f"| resnet50 | {r['calib']} | {r['topk']} | {r['connections']} | "
                   f"{r['curvature_total_s']:.1f} | {r['connections_per_s']:.0f} connections/s | "

@@ -597,7 +597,6 @@ class LineagePass(fx.Interpreter):
         return STAT if any(l is STAT for l in ls) else None
 
     def _sdpa(self, n, name, out):
-        self.constructs.add("attention")
         q, k, v = n.args[:3]
         lq, lk, lv = self.L(q), self.L(k), self.L(v)
         for a, l in ((q, lq), (k, lk)):
@@ -632,7 +631,6 @@ class LineagePass(fx.Interpreter):
         la, lb = self.L(a), self.L(b)
         shape = tuple(out.shape)
         if _terms(la) and _terms(lb):            # q @ k^T: attention scores
-            self.constructs.add("attention")
             self.hooks.sink(a, la, self.val(a))
             self.hooks.sink(b, lb, self.val(b))
             return STAT

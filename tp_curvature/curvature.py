@@ -230,6 +230,46 @@ def _restrict(idx: np.ndarray):
     return used, out.astype(np.int64)
 
 
+def _internal_blocks(graph: ChannelGraph, juncs: list, p: float) -> list:
+    """``(i0, j0, S)`` blocks of the edges among the stacked junctions ``juncs`` (topological
+    order): S (strengths) joins the nodes at offset ``i0`` to those at offset ``j0``."""
+    offs = np.cumsum([0] + [graph.junctions[j].n_nodes for j in juncs])
+    blocks = []
+    for b, jb in enumerate(juncs):
+        srcs = set(graph.predecessors(jb))
+        for a, ja in enumerate(juncs):
+            if a != b and ja in srcs:
+                S = graph.junction_edges(ja, jb, p)
+                if (S > 0).any():
+                    blocks.append((int(offs[a]), int(offs[b]), S))
+    return blocks
+
+
+def _close_rows(d: np.ndarray, blocks: list, a_src: np.ndarray, flow: bool) -> np.ndarray:
+    """``D . d``: the rows of ``d`` (lengths from stacked nodes) closed under the edges among
+    those nodes (``blocks``, earlier junction -> later junction): a dynamic programme over
+    the blocks, later sources first, so one pass is exact."""
+    if not blocks or not np.isfinite(d).any():
+        return d
+    d = d.copy()
+    for i0, j0, S in sorted(blocks, key=lambda b: -b[0]):
+        r, c = slice(i0, i0 + S.shape[0]), slice(j0, j0 + S.shape[1])
+        d[r] = np.minimum(d[r], minplus(_lengths(S, a_src[r], flow), d[c]))
+    return d
+
+
+def _close_cols(d: np.ndarray, blocks: list, a_src: np.ndarray, flow: bool) -> np.ndarray:
+    """``d . D``: the columns of ``d`` (lengths into stacked nodes) closed under the edges
+    among those nodes (earlier sources first, one pass)."""
+    if not blocks or not np.isfinite(d).any():
+        return d
+    d = d.copy()
+    for i0, j0, S in sorted(blocks, key=lambda b: b[0]):
+        r, c = slice(i0, i0 + S.shape[0]), slice(j0, j0 + S.shape[1])
+        d[:, c] = np.minimum(d[:, c], minplus(d[:, r], _lengths(S, a_src[r], flow)))
+    return d
+
+
 def build_layer_problem(graph: ChannelGraph, layer: WeightLayer, acts: list,
                         cfg: CurvatureConfig, dst: Optional[int] = None,
                         channels: Optional[np.ndarray] = None) -> LayerPairProblem:
@@ -262,8 +302,12 @@ def build_layer_problem(graph: ChannelGraph, layer: WeightLayer, acts: list,
             else np.zeros((n_yn, 0)))
     a_w = np.concatenate([acts[w] for w in succs]) if succs else np.zeros(0)
     # skip edges that bypass X or Y (a layer whose output reaches several junctions, a
-    # residual stream): the ground costs are shortest paths over every edge among Z, X, Y, W
+    # residual stream) and edges among the junctions of Z or of W (a residual stream that
+    # also feeds the branch merged into X: x -> in_proj -> v -> out_proj -> X): the ground
+    # costs are shortest paths over every edge among Z, X, Y, W
     skips = dict(
+        s_zz=_internal_blocks(graph, preds, cfg.p),
+        s_ww=_internal_blocks(graph, succs, cfg.p),
         s_zw=(np.vstack([np.hstack([graph.junction_edges(z, w, cfg.p) for w in succs])
                          for z in preds]) if preds and succs else None),
         s_zy=(np.vstack([graph.junction_edges(z, Y, cfg.p) for z in preds]) if preds
@@ -278,7 +322,7 @@ def build_layer_problem(graph: ChannelGraph, layer: WeightLayer, acts: list,
 
 def problem_from_strengths(*, s_zx, a_z, a_x, s_xy_all, s_direct, cols, a_yn, s_yw, a_w,
                            exists, cfg: CurvatureConfig, name: str = "", s_zw=None, s_zy=None,
-                           s_xw=None):
+                           s_xw=None, s_zz=None, s_ww=None):
     """Build the transport problems of one layer pair from edge strengths ``|w|``.
 
     Parameters (``n_yn`` nodes in the Y layer; the connections' columns are ``cols`` of them)
@@ -292,11 +336,19 @@ def problem_from_strengths(*, s_zx, a_z, a_x, s_xy_all, s_direct, cols, a_yn, s_
     s_yw : (n_yn, n_w)     strengths Y -> successors; ``a_w`` (n_w,) their values
     exists : (n_x, n_c)    structural connections
     s_zw, s_zy, s_xw : optional (n_z, n_w), (n_z, n_yn), (n_x, n_w) strengths of skip edges
-                           that bypass X or Y (None: none). The ground costs are then the
-                           shortest paths of at most 3 hops over every edge among Z, X, Y, W:
-                           ``c_zw = min(d_zw, d_zx . d_xw, d_zy . d_yw, d_zx . d_xy . d_yw)``
-                           (min-plus products), ``c_zy = min(d_zy, d_zx . d_xy)``,
-                           ``c_xw = min(d_xw, d_xy . d_yw)``.
+                           that bypass X or Y (None: none).
+    s_zz, s_ww : optional lists of ``(i0, j0, S)`` blocks: edges among the stacked Z nodes
+                           (rows ``i0:i0+S.shape[0]`` -> rows ``j0:j0+S.shape[1]`` of ``s_zx``)
+                           and among the stacked W nodes (columns of ``s_yw``), each block from
+                           an earlier junction to a later one (None / []: none).
+
+    The ground costs are the shortest paths over every edge among Z, X, Y, W: with
+    ``D_Z`` / ``D_W`` the shortest paths inside Z / W (0 on the diagonal) and min-plus
+    products ``.``, the closed lengths ``d_zx* = D_Z . d_zx``, ``d_zy* = D_Z . d_zy``,
+    ``d_yw* = d_yw . D_W``, ``d_xw* = d_xw . D_W``, ``d_zw* = D_Z . d_zw . D_W`` give
+    ``c_zy = min(d_zy*, d_zx* . d_xy)``, ``c_xw = min(d_xw*, d_xy . d_yw*)`` and
+    ``c_zw = min(d_zw*, d_zx* . c_xw, c_zy . d_yw*)``. Paths that leave the neighbourhood
+    Z, X, Y, W are not considered.
 
     Returns the :class:`LayerPairProblem` with ``exists`` and ``length`` set, so that
     :func:`solve_problem` needs nothing else.
@@ -310,19 +362,28 @@ def problem_from_strengths(*, s_zx, a_z, a_x, s_xy_all, s_direct, cols, a_yn, s_
     z_used, pred_idx = _restrict(pred_idx)
     w_used, succ_idx = _restrict(succ_idx)
 
-    # ground costs: forward shortest paths
-    d_zx = _lengths(s_zx[z_used], a_z[z_used], flow_len)
+    # ground costs: forward shortest paths (Z- and W-internal edges closed first)
+    zz, ww = s_zz or [], s_ww or []
+
+    def close_z(d):
+        return _close_rows(d, zz, a_z, flow_len)
+
+    def close_w(d):
+        return _close_cols(d, ww, a_w, flow_len)
+
+    d_zx = close_z(_lengths(s_zx, a_z, flow_len))[z_used]
     d_xy_all = _lengths(s_xy_all, a_x, flow_len)
-    d_yw = _lengths(s_yw[:, w_used], a_yn, flow_len)
+    d_yw = close_w(_lengths(s_yw, a_yn, flow_len))[:, w_used]
     c_zy_all = minplus(d_zx, d_xy_all)
     c_xw = minplus(d_xy_all, d_yw)
     if s_zy is not None:
-        c_zy_all = np.minimum(c_zy_all, _lengths(s_zy[z_used], a_z[z_used], flow_len))
+        c_zy_all = np.minimum(c_zy_all, close_z(_lengths(s_zy, a_z, flow_len))[z_used])
     if s_xw is not None:
-        c_xw = np.minimum(c_xw, _lengths(s_xw[:, w_used], a_x, flow_len))
+        c_xw = np.minimum(c_xw, close_w(_lengths(s_xw, a_x, flow_len))[:, w_used])
     c_zw = np.minimum(minplus(c_zy_all, d_yw), minplus(d_zx, c_xw))
     if s_zw is not None:
-        c_zw = np.minimum(c_zw, _lengths(s_zw[np.ix_(z_used, w_used)], a_z[z_used], flow_len))
+        d = close_w(close_z(_lengths(s_zw, a_z, flow_len)))
+        c_zw = np.minimum(c_zw, d[np.ix_(z_used, w_used)])
     c_zy = c_zy_all[:, cols]
     d_xy = _lengths(s_direct, a_x, flow_len)
 

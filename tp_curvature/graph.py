@@ -58,9 +58,31 @@ Semantics of the constructs (documented; checked in ``tests/test_coverage.py``)
     * nn.Embedding: its output is an input junction (no inflows); its channels are scored by
       the outgoing connections of that junction;
     * attention (SDPA, nn.MultiheadAttention, explicit ``softmax(q @ k^T) @ v``, GQA by
-      ``repeat_interleave`` or ``enable_gqa``): the output carries v's channels, so value
-      channels flow to the output projection's inputs; an MHA's packed in-projection is one
-      layer whose q / k / v thirds reach the q sink, the k sink and the value junction;
+      ``repeat_interleave`` or ``enable_gqa``), checked against a hand-built neuron graph in
+      ``test_attention_block_against_reference``:
+
+      - *values*: the attention weights are a statistic without channel identity (they mix
+        tokens, never channels), so output feature ``c`` of ``attn @ v`` carries value
+        channel ``c`` with factor 1 (through the head split and merge, by lineage; with GQA
+        each kv head reaches all the query heads sharing it). The value channels therefore
+        flow to the output projection's inputs: the tensor ``out_proj`` reads is an ordinary
+        junction whose node ``c`` has one inflow, value channel ``c`` of the v projection;
+      - *queries and keys*: q and k end in the scores, so the tensors entering attention
+        (after the head split, RoPE, q/k norms) are *sink* junctions: no consumers, no
+        successors. A q / k channel is scored through its incoming connections only
+        (``m_y = delta_y``); a constant factor on the way (timm's ``q * scale``) is folded
+        into the strengths like any constant factor;
+      - an MHA's packed in-projection is one layer (weight ``in_proj_weight``) whose q / k / v
+        thirds reach the q sink, the k sink and the value junction (kappa columns 0..E-1,
+        E..2E-1, 2E..3E-1); Torch-Pruning's embed-dim channels of the MHA are scored from
+        the out-projection's incoming and the in-projection's outgoing connections;
+      - node values are mean |activation| of q, k (the sink tensors) and of ``out_proj``'s
+        input, min-max normalised per junction like every junction;
+      - the residual ``x + attn(x)`` is an identity edge from the stream x to the merge y, so
+        the layer reading y has Z = {x, value junction}; the in-projection's value edges
+        x -> v are then edges *among* Z, and the ground costs take them into account (a path
+        ``x_a -> v_i -> y_j -> o`` can be far shorter than ``x_a -> y_a -> o``; see
+        :func:`tp_curvature.curvature.problem_from_strengths`);
     * pooling / interpolate / Upsample / padding keep channels; ConvTranspose2d connects
       ``W[u, v]`` (input channel first) within its groups;
     * an op the lineage does not know makes its output *opaque*: layers reading it, or writing
@@ -146,6 +168,7 @@ class WeightLayer:
     in_group: Optional[np.ndarray] = None
     in_scale: Optional[np.ndarray] = None
     shared: bool = False          # the weight is used by several ops: not scored
+    nodes: list = field(default_factory=list)   # fx node names of its weight op(s)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -214,10 +237,12 @@ class _Builder:
             l = self.layers[self.by_weight[key]]
             l.shared = True
             l.in_junction = None
+            l.nodes.append(n.name)
         else:
             k = len(self.layers)
             l = WeightLayer(k, mod_name, module, None, weight_name=pname, kind=kind,
                             groups=groups)
+            l.nodes.append(n.name)
             self.layers.append(l)
             self.by_weight[key] = k
             if x_lin is not OPAQUE and isinstance(x_lin, list) and x_lin:

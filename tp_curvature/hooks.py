@@ -27,7 +27,7 @@ import collections.abc
 import itertools
 import numbers
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -227,7 +227,8 @@ NODE_VALUES = ("mean_abs", "std")
 
 def record_activations(graph: ChannelGraph, batches, forward_fn: Optional[Callable] = None,
                        progress: bool = False, total: Optional[int] = None,
-                       statistic: str = "mean_abs") -> list[np.ndarray]:
+                       statistic: str = "mean_abs",
+                       layer_inputs: Optional[dict] = None) -> list[np.ndarray]:
     """The value of every node of ``graph``, one array per junction (unnormalised).
 
     ``statistic`` ``"mean_abs"`` (the paper): :math:`\\mathbb{E}|x|`, the mean absolute
@@ -243,6 +244,12 @@ def record_activations(graph: ChannelGraph, batches, forward_fn: Optional[Callab
     functional linears) are seen too. ``batches`` is read once, in a streaming pass that keeps
     only per-node running sums (float64). Raises :class:`CalibrationError` naming the layer if
     any activation is NaN or infinite.
+
+    ``layer_inputs`` (a dict, filled in place): for every weight layer the graph cannot score
+    (:meth:`ChannelGraph.scoreable` is False), ``layer index -> mean |x|`` of its input per
+    contraction feature (the last dim for a Linear, dim 1 for a convolution), from the same
+    pass; the activation-weighted fallback of
+    :class:`~tp_curvature.importance.CurvatureImportance` reads it.
     """
     import torch.fx as fx
     import torch.utils._pytree as pytree
@@ -310,8 +317,32 @@ def record_activations(graph: ChannelGraph, batches, forward_fn: Optional[Callab
                 f = (m.sum(other) if other else m).reshape(-1).cpu().numpy()
                 np.add.at(acc[j.index], g[ok], f[ok])
 
+    fb: dict = {}                     # fx node name -> unscoreable layer (its input is recorded)
+    fb_sums: dict = {}
+    if layer_inputs is not None:
+        for l in graph.layers:
+            if not graph.scoreable(l):
+                for name in l.nodes:
+                    fb[name] = l
+
+    def accumulate_input(l, x):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return
+        dim = x.dim() - 1 if l.kind == "linear" else min(1, x.dim() - 1)
+        a = x.detach().abs().to(torch.float64).movedim(dim, -1)
+        feat = a.reshape(-1, a.shape[-1]).sum(0).cpu().numpy()
+        cnt = a.numel() // max(a.shape[-1], 1)
+        prev = fb_sums.get(l.index)
+        if prev is None or prev[0].shape != feat.shape:
+            fb_sums[l.index] = [feat, float(cnt)]
+        else:
+            prev[0] += feat
+            prev[1] += cnt
+
     class Rec(fx.Interpreter):
         def run_node(self, n):
+            if n.name in fb and n.args and isinstance(n.args[0], fx.Node):
+                accumulate_input(fb[n.name], self.env.get(n.args[0]))
             out = super().run_node(n)
             for j in at.get(n.name, ()):
                 accumulate(j, out)
@@ -337,6 +368,9 @@ def record_activations(graph: ChannelGraph, batches, forward_fn: Optional[Callab
     finally:
         if bar is not None:
             bar.close()
+    if layer_inputs is not None:
+        for k, (f, c) in fb_sums.items():
+            layer_inputs[k] = f / max(c, 1.0)
     acts = []
     for j, s, c in zip(graph.junctions, sums, counts):
         if j.n_nodes and not (c > 0).any():
@@ -357,9 +391,12 @@ def record_activations(graph: ChannelGraph, batches, forward_fn: Optional[Callab
 @dataclass
 class Calibration:
     """The result of :func:`calibrate_graph`: the channel graph of a model and the normalised
-    value of every node, one float64 array per junction (``acts[j][u]`` in [0, 1])."""
+    value of every node, one float64 array per junction (``acts[j][u]`` in [0, 1]), and
+    ``layer_inputs``: for each layer the graph cannot score, its index -> mean |input| per
+    contraction feature (unnormalised; see :func:`record_activations`)."""
     graph: ChannelGraph
     acts: list
+    layer_inputs: dict = field(default_factory=dict)
 
 
 def calibrate_graph(model: nn.Module, data, forward_fn: Optional[Callable] = None,
@@ -382,12 +419,13 @@ def calibrate_graph(model: nn.Module, data, forward_fn: Optional[Callable] = Non
     try:
         first = next(it)
         graph = ChannelGraph.from_model(model, first, forward_fn)
+        inputs: dict = {}
         raw = record_activations(graph, itertools.chain((first,), it), forward_fn, progress,
-                                 data.length_hint(), node_value)
+                                 data.length_hint(), node_value, layer_inputs=inputs)
     finally:
         it.close()                   # a failed pass releases the source's iterator at once
     _warn_unvalidated(graph)
-    return Calibration(graph, [normalise(a, normalize) for a in raw])
+    return Calibration(graph, [normalise(a, normalize) for a in raw], inputs)
 
 
 class UnvalidatedCurvatureWarning(UserWarning):

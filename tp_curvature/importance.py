@@ -125,6 +125,7 @@ class _ModelScores:
         self.fingerprint = None
         self.graph: Optional[ChannelGraph] = None
         self.acts = None
+        self.layer_inputs: dict = {}                # unscoreable layer index -> mean |input|
         self.curv: Optional[dict] = None
         self.by_module: dict = {}
         self.failure: Optional[str] = None          # why no graph could be built (fallback)
@@ -262,9 +263,11 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
                 raise
             # the whole model falls back (one warning per layer when it is scored)
             state.graph, state.acts, state.curv, state.by_module = None, None, {}, {}
+            state.layer_inputs = {}
             state.failure = str(exc)
         else:
             state.graph, state.acts, state.curv, state.by_module = cal.graph, cal.acts, None, {}
+            state.layer_inputs = cal.layer_inputs
             state.failure = None
         state.coverage = {"curvature": set(), "fallback": set()}
         state.fingerprint = _fingerprint(state.model)
@@ -351,10 +354,20 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         return {k: sorted(v) for k, v in st.coverage.items()}
 
     def _fallback(self, state, layer, fn, idxs, name) -> torch.Tensor:
-        """The fallback score of a layer the channel graph cannot represent: Torch-Pruning's
-        magnitude ``sum |W|^p`` over the channel's weight slice (as GroupMagnitudeImportance),
-        divided by its mean over the layer's channels so that it has the scale of a curvature
-        score (about 1)."""
+        """The fallback score of a layer the channel graph cannot represent, divided by its
+        mean over the layer's channels so that it has the scale of a curvature score (about 1).
+
+        * Input channels of a Linear / Conv whose input was recorded in the calibration pass
+          (every layer of an exported model; :func:`~tp_curvature.hooks.record_activations`):
+          **activation-weighted magnitude** (Wanda-like), ``mean|X_c| * sum_v |W[v, c]|``
+          (L1 over the channel's weight slice; ``mean|X_c|`` over batch, positions and
+          tokens), so a channel that is silent on the calibration data scores 0 however
+          large its weights.
+        * Everything else (output channels, ``nn.MultiheadAttention`` and ``nn.Embedding``
+          channels, and every layer when no channel graph could be built, e.g. the model does
+          not export): Torch-Pruning's magnitude ``sum |W|^p`` over the channel's weight slice
+          (as GroupMagnitudeImportance).
+        """
         p = self.p
         if fn in MHA_FNS:
             w = layer.out_proj.weight.detach()[idxs].flatten(1)
@@ -369,14 +382,31 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
                 all_ = (W.transpose(0, 1) if transposed else W).flatten(1)
             else:
                 all_ = (W if transposed else W.transpose(0, 1)).flatten(1)
-            imp = all_.abs().pow(p).sum(1)
             groups = getattr(layer, "groups", 1)
+            x_mean = self._input_means(state, layer) if fn in IN_FNS else None
+            if x_mean is not None:
+                imp = all_.abs().sum(1).double()
+            else:
+                imp = all_.abs().pow(p).sum(1)
             if fn in IN_FNS and groups not in (1, getattr(layer, "in_channels", 1)):
                 imp = imp.repeat(groups)
+            if x_mean is not None and x_mean.numel() == imp.numel():
+                imp = imp * x_mean.to(imp.device)
             imp = imp / imp.mean().clamp(min=1e-30)
             return imp[idxs].float()
         imp = w.abs().pow(p).sum(1)
         return (imp / imp.mean().clamp(min=1e-30)).float()
+
+    @staticmethod
+    def _input_means(state, layer) -> Optional[torch.Tensor]:
+        """mean |input| per contraction feature of ``layer`` from the calibration pass, or
+        None when it was not recorded."""
+        graph = state.graph
+        if graph is None:
+            return None
+        l = graph.layer_of_module.get(id(layer))
+        x = state.layer_inputs.get(l.index) if l is not None else None
+        return None if x is None else torch.as_tensor(x, dtype=torch.float64)
 
     def _warn_fallback(self, state, name, layer):
         seen = self.__dict__.setdefault("_warned", set())
@@ -391,7 +421,8 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
                    f"represent ({', '.join(sorted(ops)) or 'shared weights or no consumer'})")
         warnings.warn(f"CurvatureImportance: layer {name!r} ({type(layer).__name__}) is not "
                       f"part of the channel graph: {why}; it is scored by the documented "
-                      "fallback (normalised weight magnitude)", stacklevel=3)
+                      "fallback (normalised activation-weighted magnitude of its input "
+                      "channels, weight magnitude otherwise)", stacklevel=3)
 
     @torch.no_grad()
     def __call__(self, group) -> Optional[torch.Tensor]:

@@ -13,14 +13,15 @@ where Z are the predecessors of the X layer and W the successors of the Y layer.
 (all mass stays on x); the same for ``m_y``.
 
 The ground cost between a source point (a row: some z, or x itself) and a target point (a
-column: some w, or y itself) is the forward shortest-path length in the layered graph:
+column: some w, or y itself) is the forward shortest-path length over the edges among the
+junctions Z, X, Y, W (see :func:`tp_curvature.curvature.problem_from_strengths`):
 
 =========  ===========  ============================================
 row        column       cost
 =========  ===========  ============================================
-z          w            ``c_zw[z, w]`` (<= 3 hops, e.g. z -> x' -> y' -> w)
-z          y            ``c_zy[z, y]`` (<= 2 hops, e.g. z -> x' -> y)
-x          w            ``c_xw[x, w]`` (<= 2 hops, e.g. x -> y' -> w)
+z          w            ``c_zw[z, w]`` (e.g. z -> x' -> y' -> w, z -> z' -> x' -> y' -> w)
+z          y            ``c_zy[z, y]`` (e.g. z -> x' -> y, z -> z' -> x' -> y)
+x          w            ``c_xw[x, w]`` (e.g. x -> y' -> w, x -> y' -> w' -> w)
 x          y            ``d_xy[x, y]`` (the connection itself)
 =========  ===========  ============================================
 
