@@ -86,11 +86,16 @@ from ._masks import (UnknownWeightError, apply_masks, magnitude_scores, masks_fr
                      prune_by_curvature, prune_by_magnitude, prune_by_scores, prune_random,
                      random_scores, remove_pruning, weight_sparsity)
 from ._scores import EdgeCurvature, edge_curvature, weight_curvature
+from ._sparse import SparseElementGraph, SparseOp, sparse_element_graph
+from ._sparse_scores import (SPARSE_DEFAULT_TOPK, sparse_edge_curvature, sparse_node_values,
+                             sparse_weight_curvature)
 
 __all__ = [
     "ElementLayer", "ElementGraph", "EdgeCurvature", "DEFAULT_TOPK", "element_graph",
     "node_values", "edge_curvature", "weight_curvature", "masks_from_scores", "apply_masks",
     "prune_by_scores", "prune_by_curvature", "prune_by_magnitude", "prune_random",
     "magnitude_scores", "random_scores", "remove_pruning", "weight_sparsity",
-    "UnknownWeightError",
+    "UnknownWeightError", "SparseElementGraph", "SparseOp", "sparse_element_graph",
+    "sparse_edge_curvature", "sparse_node_values", "sparse_weight_curvature",
+    "SPARSE_DEFAULT_TOPK",
 ]

@@ -98,9 +98,10 @@ def _tensor_args(node: fx.Node) -> list:
     return out
 
 
-def _trace_chain(model: nn.Module):
+def _trace_chain(model: nn.Module, pooling: bool = False):
     """Trace ``model`` and check it is a chain; return (gm, ops) with ops = list of
-    (kind, node) where kind is "weight", "bn", "elementwise" or "reshape"."""
+    (kind, node) where kind is "weight", "bn", "elementwise" or "reshape" (and "pool" for a
+    ``MaxPool2d`` / ``AvgPool2d`` when ``pooling``: the sparse element graph)."""
     gm = trace(model, "unstructured curvature traces the model")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
@@ -161,6 +162,10 @@ def _trace_chain(model: nn.Module):
                 kind = "reshape"
             elif isinstance(m, ELEMENTWISE_MODULES):
                 kind = "elementwise"
+            elif pooling and isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+                if getattr(m, "return_indices", False):
+                    raise _unsupported(node, gm, "return_indices=True")
+                kind = "pool"
             else:
                 raise _unsupported(node, gm, "not an elementwise or weight layer (pooling and "
                                              "other element-mixing layers are not supported)")
