@@ -261,3 +261,18 @@ def test_element_importance_prunes_small_cnn_at_half():
     imp(next(iter(pruner.DG.get_all_groups(ignored_layers=[model[10]],
                                            root_module_types=[nn.Conv2d, nn.Linear]))))
     assert imp.weight_curvatures()[id(model[0])].shape == model[0].weight.shape
+
+
+@pytest.mark.slow
+def test_unstructured_benchmark_sparse_smoke(tmp_path, monkeypatch):
+    """benchmarks/unstructured.py in sparse mode end to end (digits MLP, trained here)."""
+    import unstructured
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "u"
+    unstructured.main(["--pairs", "digits:mlp", "--mode", "sparse", "--quick", "--images", "2",
+                       "--random-seeds", "1", "--sparsities", "0", "0.5", "--out", str(out),
+                       "--edge-check", "2", "--epochs", "2"])
+    for suf in (".csv", ".png", ".md", ".json"):
+        assert out.with_suffix(suf).is_file()
+    md = out.with_suffix(".md").read_text()
+    assert "(sparse)" in md and "Sampled edges" in md

@@ -91,9 +91,14 @@ def _max_fanout(op) -> int:
 
 
 def layer_tiles(graph: SparseElementGraph, bi: int, a: list, cfg: CurvatureConfig,
-                keep_edges: bool = False):
+                keep_edges: bool = False, tiles=None, max_solved: Optional[int] = None,
+                rng: Optional[np.random.Generator] = None):
     """Yield, per tile of weight op ``bi``: (weight flat index (nx, O), kappa (nx, O), solved
-    (nx, O), x global (nx,), y global (O,), seconds), for one image's node values ``a``."""
+    (nx, O), x global (nx,), y global (O,), seconds), for one image's node values ``a``.
+
+    ``tiles``: only these output positions (default all). ``max_solved``: solve at most this
+    many (random, ``rng``) of a tile's edges, the others come back unsolved (kappa 1; for
+    accuracy checks on a sample of edges)."""
     ops = graph.ops
     B = ops[bi]
     A = ops[bi - 1] if bi > 0 else None
@@ -121,7 +126,7 @@ def layer_tiles(graph: SparseElementGraph, bi: int, a: list, cfg: CurvatureConfi
     geoA = A.geometry() if A is not None else _DUMMY
     geoC = C.geometry() if C is not None else _DUMMY
     oo = np.arange(B.O)
-    for p in range(B.L):
+    for p in (range(B.L) if tiles is None else tiles):
         t0 = time.perf_counter()
         taps = np.flatnonzero(B.pos_tab[p] >= 0)
         q = B.pos_tab[p, taps]
@@ -146,6 +151,11 @@ def layer_tiles(graph: SparseElementGraph, bi: int, a: list, cfg: CurvatureConfi
             a_x, *B.geometry(), C is not None, a_y, *geoC)
         c_zy = minplus(d_zx, d_xy)
         solve = np.isfinite(d_xy) & (a_x[Xp][:, None] > 0) & (a_y[Yp][None, :] > 0)
+        if max_solved is not None and solve.sum() > max_solved:
+            on = np.flatnonzero(solve)
+            keep = (rng or np.random.default_rng(0)).choice(on, max_solved, replace=False)
+            solve = np.zeros_like(solve)
+            solve.flat[keep] = True
         finite = [c[np.isfinite(c)] for c in (c_zw, c_zy, c_xw, d_xy[solve])]
         top = max((f.max() for f in finite if f.size), default=1.0)
         c_zw, c_zy, c_xw = (np.where(np.isfinite(c), c, 2.0 * top) for c in (c_zw, c_zy, c_xw))
