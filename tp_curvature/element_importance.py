@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch_pruning as tp
