@@ -17,11 +17,20 @@ between the last grid point above and the first below), the Spearman correlation
 curvature score with ``|w|`` per layer, and the wall time of scoring (per image, and cumulative
 over images, which shows the linear scaling).
 
+The paper's VGG-9 (``paper_vgg9``, Fashion-MNIST padded to 32x32 with ``input_c=1``; CIFAR-10
+when its files are present) has 43M element edges per image: it is scored on the sparse
+element graph (:func:`tp_curvature.unstructured.sparse_weight_curvature`, chosen automatically
+by ``--mode auto`` whenever the dense element matrices do not fit or the model pools), with the
+node values of its logits as in the paper's VGG script.
+
 Usage::
 
     python benchmarks/unstructured.py            # LeNet / Fashion-MNIST and MLP / digits
     python benchmarks/unstructured.py --quick    # classes 0-1 only, coarse grid, 1 random seed
     python benchmarks/unstructured.py --pairs digits:mlp --per-class 2 --alpha 0.5
+    python benchmarks/unstructured.py --pairs fashion-mnist:paper_vgg9 --test-images 2000
+    python benchmarks/unstructured.py --pairs fashion-mnist:paper_vgg9 --quick --images 2
+    python benchmarks/unstructured.py --pairs fashion-mnist:paper_vgg9 --edge-check 20
 
 Writes ``results/unstructured.csv``, ``results/unstructured.png`` (one panel per dataset) and
 ``results/unstructured.md`` (``results/_scratch/unstructured_quick.*`` with ``--quick``).
@@ -44,29 +53,51 @@ from engine.data import calibration_batch, load_dataset
 from engine.training import TrainConfig, evaluate, train_or_load
 from engine.utils import write_csv
 from tp_curvature.unstructured import (
-    DEFAULT_TOPK, apply_masks, magnitude_scores, masks_from_scores, random_scores,
-    weight_curvature,
+    DEFAULT_TOPK, SPARSE_DEFAULT_TOPK, apply_masks, element_graph, magnitude_scores,
+    masks_from_scores, random_scores, sparse_weight_curvature, weight_curvature,
 )
 
-# CPU-friendly baselines (epochs): LeNet 3 epochs of Fashion-MNIST, MLP 30 of digits
-PAIRS = {"fashion-mnist:paper_lenet": 3, "digits:mlp": 30}
+# CPU-friendly baselines (epochs): LeNet 3 epochs of Fashion-MNIST, MLP 30 of digits, the
+# paper's VGG-9 3 epochs of Fashion-MNIST padded to 32x32 (and CIFAR-10 when present)
+PAIRS = {"fashion-mnist:paper_lenet": 3, "digits:mlp": 30, "fashion-mnist:paper_vgg9": 3,
+         "cifar10:paper_vgg9": 10}
+DEFAULT_PAIRS = ["fashion-mnist:paper_lenet", "digits:mlp"]
+#: images padded to this size for a model (the paper's VGG-9 reads 32x32)
+PAD_TO = {"paper_vgg9": 32}
+#: node values of the output layer per model (the paper: softmax for LeNet, logits for VGG)
+OUTPUT = {"paper_vgg9": "logits"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__)
-    p.add_argument("--pairs", nargs="+", default=list(PAIRS),
+    p.add_argument("--pairs", nargs="+", default=list(DEFAULT_PAIRS),
                    help="dataset:model pairs (default: %(default)s)")
     p.add_argument("--per-class", type=int, nargs="+", default=[1],
                    help="correctly classified calibration images per class (paper: 1); several "
                         "values score and sweep each")
     p.add_argument("--alpha", type=float, default=0.9, help="idleness (paper's scripts: 0.9)")
     p.add_argument("--variant", default="paper", choices=["paper", "flow"])
-    p.add_argument("--topk", type=int, default=DEFAULT_TOPK,
-                   help="atoms kept per measure (0: all)")
+    p.add_argument("--topk", type=int, default=None,
+                   help=f"atoms kept per measure (0: all; default {DEFAULT_TOPK} dense, "
+                        f"{SPARSE_DEFAULT_TOPK} sparse)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs of the baselines (default: per pair, see PAIRS)")
+    p.add_argument("--mode", default="auto", choices=["auto", "dense", "sparse"],
+                   help="element graph: dense matrices (small models), sparse (VGG-9, pooling) "
+                        "or auto (dense when it fits)")
+    p.add_argument("--images", type=int, default=None,
+                   help="use only the first N calibration images (after --quick's selection)")
+    p.add_argument("--test-images", type=int, default=None,
+                   help="evaluate on an evenly spaced subset of N test images (quick: 2000)")
+    p.add_argument("--edge-check", type=int, default=0,
+                   help="also compare, on N random edges per layer of one image of the first "
+                        "pair, the default topk / backend with topk=all and the exact solver")
     p.add_argument("--backend", default=None, help="solver backend (default: library default)")
-    p.add_argument("--output", default="softmax", choices=["softmax", "logits"])
+    p.add_argument("--output", default=None, choices=["softmax", "logits"],
+                   help="node values of the output (default: logits for paper_vgg9, else "
+                        "softmax)")
     p.add_argument("--reduce", default="min", choices=["min", "mean"])
     p.add_argument("--scope", default="global", choices=["global", "layer"])
     p.add_argument("--random-seeds", type=int, default=3)
@@ -130,11 +161,46 @@ def load_pair(pair, args, verbose=True):
     """``(model, train, test)``: the baseline of ``dataset:model`` (trained, or reloaded by
     ``train_or_load``), in eval mode, and its dataset."""
     dataset, model_name = pair.split(":")
-    cfg = TrainConfig(dataset=dataset, model=model_name, epochs=PAIRS.get(pair),
-                      num_threads=args.threads)
+    pad = PAD_TO.get(model_name)
+    cfg = TrainConfig(dataset=dataset, model=model_name, epochs=args.epochs or PAIRS.get(pair),
+                      num_threads=args.threads, pad_to=pad)
     model, _ = train_or_load(cfg, progress=False, verbose=verbose)
-    train, test, _ = load_dataset(dataset)
+    train, test, _ = load_dataset(dataset, pad_to=pad)
     return model.eval(), train, test
+
+
+def output_of(pair, args):
+    return args.output or OUTPUT.get(pair.split(":")[1], "softmax")
+
+
+def use_sparse(model, x, args) -> bool:
+    """``--mode auto``: the sparse element graph when the dense one is refused (too large
+    element matrices, pooling)."""
+    if args.mode != "auto":
+        return args.mode == "sparse"
+    try:
+        element_graph(model, x[:1])
+    except ValueError:          # UnsupportedModelError is a ValueError too
+        return True
+    return False
+
+
+def score_weights(model, x, pair, args, **over):
+    """Per-weight curvature (dense or sparse element graph), with the run's options; returns
+    (scores, info)."""
+    sparse = use_sparse(model, x, args)
+    topk = args.topk if args.topk is not None else (SPARSE_DEFAULT_TOPK if sparse
+                                                    else DEFAULT_TOPK)
+    ccfg = dict(alpha=args.alpha, variant=args.variant, topk=topk or None)
+    if args.backend:
+        ccfg["backend"] = args.backend
+    progress = over.pop("progress", True)
+    ccfg.update(over)
+    fn = sparse_weight_curvature if sparse else weight_curvature
+    scores, info = fn(model, x, output=output_of(pair, args), reduce=args.reduce,
+                      return_info=True, progress=progress, **ccfg)
+    info["mode"] = "sparse" if sparse else "dense"
+    return scores, info
 
 
 def run_pair(pair, args, sparsities, rows, summary, timing, diag, layer_sp):
@@ -142,23 +208,23 @@ def run_pair(pair, args, sparsities, rows, summary, timing, diag, layer_sp):
     torch.manual_seed(0)
     model, train, test = load_pair(pair, args)
     test_xy = test.tensors()
-    if args.quick and len(test_xy[1]) > 2000:
-        idx = torch.arange(0, len(test_xy[1]), len(test_xy[1]) // 2000)[:2000]
+    n_test = args.test_images or (2000 if args.quick else None)
+    if n_test and len(test_xy[1]) > n_test:
+        idx = torch.arange(0, len(test_xy[1]), len(test_xy[1]) // n_test)[:n_test]
         test_xy = (test_xy[0][idx], test_xy[1][idx])
     base = evaluate(model, test_xy)
-    ccfg = dict(alpha=args.alpha, variant=args.variant, topk=args.topk or None)
-    if args.backend:
-        ccfg["backend"] = args.backend
     mag = magnitude_scores(model)
     criteria = []
     for ci, per_class in enumerate(args.per_class):
         calib_x, _ = calibration_batch(train, per_class, per_class=True, model=model)
         if args.quick:
             calib_x = calib_x[:2 * per_class]   # classes 0 and 1 only
+        if args.images:
+            calib_x = calib_x[:args.images]
         n_img = len(calib_x)
-        print(f"[{pair}] base acc {base:.4f}; scoring with {n_img} calibration images {ccfg}")
-        scores, sinfo = weight_curvature(model, calib_x, output=args.output,
-                                         reduce=args.reduce, return_info=True, **ccfg)
+        print(f"[{pair}] base acc {base:.4f} on {len(test_xy[1])} test images; scoring with "
+              f"{n_img} calibration images")
+        scores, sinfo = score_weights(model, calib_x, pair, args)
         cum = np.cumsum(sinfo["per_image_s"])
         timing.append(dict(pair=pair, n_images=n_img, total_s=sinfo["total_s"],
                            per_image_s=[round(t, 2) for t in sinfo["per_image_s"]],
@@ -166,7 +232,9 @@ def run_pair(pair, args, sparsities, rows, summary, timing, diag, layer_sp):
                            layers={k: {kk: (round(vv, 2) if isinstance(vv, float) else vv)
                                        for kk, vv in v.items()}
                                    for k, v in sinfo["layers"].items()},
-                           backend=sinfo["config"]["backend"], topk=sinfo["config"]["topk"]))
+                           backend=sinfo["config"]["backend"], topk=sinfo["config"]["topk"],
+                           mode=sinfo["mode"], edges_per_image=sum(
+                               v["n_edges"] for v in sinfo["layers"].values())))
         print(f"[{pair}] scoring took {sinfo['total_s']:.1f}s "
               f"({np.mean(sinfo['per_image_s']):.2f}s per image)")
         # diagnostics: how much of the score is magnitude
@@ -218,12 +286,8 @@ def topk_scan(pair, args, ks):
     x, _ = calibration_batch(train, 1, per_class=True, model=model)
     out = {}
     for k in sorted(ks, key=lambda k: (k == 0, k)):
-        ccfg = dict(alpha=args.alpha, variant=args.variant, topk=k or None)
-        if args.backend:
-            ccfg["backend"] = args.backend
         t0 = time.perf_counter()
-        sc = weight_curvature(model, x[:1], output=args.output, reduce=args.reduce,
-                              progress=False, **ccfg)
+        sc, _ = score_weights(model, x[:1], pair, args, topk=k or None, progress=False)
         out[k] = (time.perf_counter() - t0, torch.cat([v.reshape(-1) for v in sc.values()]))
         print(f"[topk scan {pair}] topk={k or 'all'}: {out[k][0]:.1f}s")
     ref_k = sorted(ks, key=lambda k: (k == 0, k))[-1]
@@ -241,12 +305,12 @@ def exact_check(pair, args):
     x, _ = calibration_batch(train, args.per_class[0], per_class=True, model=model)
     if args.quick:
         x = x[:2 * args.per_class[0]]
+    if args.images:
+        x = x[:args.images]
     res = {}
     for be in (args.backend or "sinkhorn", "exact"):
         t0 = time.perf_counter()
-        sc = weight_curvature(model, x, output=args.output, reduce=args.reduce, progress=False,
-                              alpha=args.alpha, variant=args.variant, topk=args.topk or None,
-                              backend=be)
+        sc, _ = score_weights(model, x, pair, args, backend=be, progress=False)
         res[be] = (time.perf_counter() - t0, torch.cat([v.reshape(-1) for v in sc.values()]))
         print(f"[exact check {pair}] {be}: {res[be][0]:.1f}s")
     (ta, a), (tb, b) = res.values()
@@ -255,6 +319,49 @@ def exact_check(pair, args):
                 spearman=float(spearmanr(a, b).statistic),
                 max_abs_diff=float(np.abs(a - b).max()),
                 mean_diff=float((a - b).mean()))
+
+
+def edge_check(pair, args, n_edges, seed=0):
+    """On one calibration image of ``pair`` (sparse element graph), for ``n_edges`` random
+    solved edges of one random tile per weight layer: kappa at the run's topk / backend against
+    the same topk solved exactly and against topk=all solved exactly (the definition)."""
+    from tp_curvature.unstructured._sparse_scores import (
+        _config, _image_strengths, layer_tiles, sparse_node_values)
+    from tp_curvature.unstructured import sparse_element_graph
+    model, train, _ = load_pair(pair, args, verbose=False)
+    x, _ = calibration_batch(train, 1, per_class=True, model=model)
+    x = x[:1]
+    g = sparse_element_graph(model, x)
+    topk = args.topk if args.topk is not None else SPARSE_DEFAULT_TOPK
+    base = dict(alpha=args.alpha, variant=args.variant)
+    runs = {"run": _config(dict(base, topk=topk or None, **(
+                {"backend": args.backend} if args.backend else {}))),
+            "topk exact": _config(dict(base, topk=topk or None, backend="exact")),
+            "all exact": _config(dict(base, topk=None, backend="exact"))}
+    a, raw = sparse_node_values(g, x, output_of(pair, args), "minmax")[0]
+    _image_strengths(g, raw)
+    rows = []
+    pick = np.random.default_rng(seed)
+    for bi in g.weight_ops:
+        op = g.ops[bi]
+        tile = int(pick.integers(op.L))
+        got, secs = {}, {}
+        for name, cfg in runs.items():
+            t0 = time.perf_counter()
+            _, k, solved, _, _, _ = next(layer_tiles(g, bi, a, cfg, tiles=[tile],
+                                                     max_solved=n_edges,
+                                                     rng=np.random.default_rng(seed)))
+            secs[name] = time.perf_counter() - t0
+            got[name] = k[solved]
+        d_topk = np.abs(got["run"] - got["topk exact"])
+        d_all = np.abs(got["run"] - got["all exact"])
+        rows.append(dict(pair=pair, layer=op.name, tile=tile, n=int(got["run"].size),
+                         max_abs_solver=float(d_topk.max(initial=0)),
+                         max_abs_vs_all=float(d_all.max(initial=0)),
+                         mean_abs_vs_all=float(d_all.mean()) if d_all.size else 0.0,
+                         seconds={k: round(v, 2) for k, v in secs.items()}))
+        print(f"[edge check {pair}] {op.name} tile {tile}: {rows[-1]}")
+    return rows
 
 
 def plot(rows, summary, path, sparsities):
@@ -304,8 +411,9 @@ def cum_txt(cum):
 
 def markdown(summary, timing, diag, args, show_sp, layer_sp=()):
     lines = ["# Unstructured per-weight curvature pruning (the paper's experiment)", "",
-             f"Settings: alpha={args.alpha}, variant={args.variant}, topk={args.topk or 'all'}, "
-             f"output={args.output}, reduce={args.reduce} over positions and images, "
+             f"Settings: alpha={args.alpha}, variant={args.variant}, topk="
+             f"{'all' if args.topk == 0 else (args.topk or 'default')}, "
+             f"output={args.output or 'per model'}, reduce={args.reduce} over positions and images, "
              f"scope={args.scope}, {'/'.join(map(str, args.per_class))} correctly classified "
              f"calibration image(s) per "
              f"class{' (quick: classes 0 and 1 only)' if args.quick else ''}, no retraining. "
@@ -339,7 +447,8 @@ def markdown(summary, timing, diag, args, show_sp, layer_sp=()):
               "|---|---|---|---|---|---|---|---|"]
     for t in timing:
         solved = sum(v["solved"] for v in t["layers"].values()) / t["n_images"]
-        lines.append(f"| {t['pair'].split(':')[1]} / {t['pair'].split(':')[0]} | {t['backend']} "
+        lines.append(f"| {t['pair'].split(':')[1]} / {t['pair'].split(':')[0]} "
+                     f"({t.get('mode', 'dense')}) | {t['backend']} "
                      f"| {t['topk']} | {t['n_images']} | {t['total_s']:.1f} | "
                      f"{np.mean(t['per_image_s']):.2f} | "
                      f"{cum_txt(t['cumulative_s'])} | {solved:,.0f} |")
@@ -347,9 +456,10 @@ def markdown(summary, timing, diag, args, show_sp, layer_sp=()):
               "solve time (s):", ""]
     for t in timing:
         for k, v in t["layers"].items():
+            tm = (f"build {v['build_s']:.1f}, solve {v['solve_s']:.1f}" if "build_s" in v
+                  else f"{v['tiles']} tiles, {v['seconds']:.1f} s")
             lines.append(f"- {t['pair']} `{k}`: {v['n_edges']:,} edges per image for "
-                         f"{v['n_weights']:,} weights, {v['solved']:,} solved, build "
-                         f"{v['build_s']:.1f}, solve {v['solve_s']:.1f}")
+                         f"{v['n_weights']:,} weights, {v['solved']:,} solved, {tm}")
     lines += ["", "## How much of the score is magnitude", "",
               "| model / dataset | layer | weights | Spearman(score, abs w) | negative | "
               "exactly 1 (no active edge) | min | median | max |",
@@ -389,6 +499,7 @@ def main(argv=None):
         run_pair(pair, args, sparsities, rows, summary, timing, diag, layer_sp)
     scan = topk_scan(args.pairs[0], args, args.topk_scan) if args.topk_scan else []
     check = exact_check(args.pairs[0], args) if args.exact_check else None
+    echeck = edge_check(args.pairs[0], args, args.edge_check) if args.edge_check else []
     write_csv(out.with_suffix(".csv"), rows)
     plot(rows, summary, out.with_suffix(".png"), sparsities)
     show = [s for s in sparsities if round(s * 100) % 10 == 0 and s > 0] or sparsities
@@ -400,6 +511,14 @@ def main(argv=None):
                f"{check['max_abs_diff']:.3f}, mean difference {check['mean_diff']:+.4f} "
                f"(scores span about [-6, 2]); wall time {check['seconds']:.1f} s against "
                f"{check['exact_seconds']:.1f} s exact.\n")
+    if echeck:
+        md += ("\n## Sampled edges: run settings against exact (same topk) and against topk=all "
+               "exact (one image, one random tile per layer)\n\n| layer | tile | edges | max "
+               "abs diff vs exact, same topk | max / mean abs diff vs topk=all exact |\n"
+               "|---|---|---|---|---|\n")
+        for r in echeck:
+            md += (f"| {r['layer']} | {r['tile']} | {r['n']} | {r['max_abs_solver']:.4f} | "
+                   f"{r['max_abs_vs_all']:.4f} / {r['mean_abs_vs_all']:.4f} |\n")
     if scan:
         md += ("\n## topk: time and agreement (one calibration image)\n\n| model / dataset | topk "
                "| seconds | Spearman with topk=" + str(scan[0]["ref"]) + " | max abs diff |\n"
@@ -413,7 +532,7 @@ def main(argv=None):
     out.with_suffix(".md").write_text(md)
     with open(out.with_suffix(".json"), "w") as f:
         json.dump({"summary": summary, "timing": timing, "diagnostics": diag, "topk_scan": scan,
-                   "exact_check": check,
+                   "exact_check": check, "edge_check": echeck,
                    "layer_sparsity_at_50": layer_sp,
                    "args": vars(args)}, f, indent=1, default=str)
     print(md)

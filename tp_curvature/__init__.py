@@ -5,16 +5,20 @@ Data flow, one module each: :mod:`~tp_curvature.hooks` (calibration statistics) 
 :mod:`~tp_curvature.curvature` (measures, shortest paths, transport problems) ->
 :mod:`~tp_curvature.transport` (Numba Sinkhorn / exact POT solvers) ->
 :mod:`~tp_curvature.importance` (channel scores for Torch-Pruning).
-:mod:`~tp_curvature.unstructured` is the paper's per-weight mode on the same kernels.
+:mod:`~tp_curvature.unstructured` is the paper's per-weight mode on the same kernels (dense
+element matrices for small models, sparse element graphs for e.g. the paper's VGG-9);
+:mod:`~tp_curvature.element_importance` turns its per-weight kappa into channel scores.
 """
 from .curvature import CurvatureConfig, LayerCurvature, connection_curvature
 from .graph import ChannelGraph, UnsupportedModelError
 from .hooks import CalibrationError, UnvalidatedCurvatureWarning
+from .element_importance import ElementCurvatureImportance
 from .importance import CurvatureImportance
 from .problem import LayerPairProblem
-from .unstructured import prune_by_curvature, weight_curvature
+from .unstructured import prune_by_curvature, sparse_weight_curvature, weight_curvature
 
 __all__ = ["CurvatureImportance", "connection_curvature", "CurvatureConfig", "LayerCurvature",
            "ChannelGraph", "LayerPairProblem", "UnsupportedModelError", "CalibrationError",
-           "UnvalidatedCurvatureWarning", "weight_curvature", "prune_by_curvature"]
+           "UnvalidatedCurvatureWarning", "weight_curvature", "prune_by_curvature",
+           "sparse_weight_curvature", "ElementCurvatureImportance"]
 __version__ = "0.1.0"

@@ -383,12 +383,15 @@ def load_dataset(
     test_subset: int | None = None,
     seed: int = 0,
     augment: bool = False,
+    pad_to: int | None = None,
 ) -> tuple[TensorImageDataset, TensorImageDataset, DatasetMeta]:
     """Load ``name`` (one of :data:`DATASETS`) -> ``(train, test, meta)``.
 
     ``train_subset`` / ``test_subset`` cap the number of examples with a seeded stratified
     subset (``seed``) for CPU-friendly runs. ``augment`` turns on crop+flip augmentation of the
-    training set (meant for CIFAR).
+    training set (meant for CIFAR). ``pad_to`` zero-pads the raw images (pixel value 0, before
+    normalisation) symmetrically to ``pad_to x pad_to`` (Fashion-MNIST 28 -> 32 for the paper's
+    VGG-9; the extra pixel of an odd margin goes right / bottom); ``meta.image_size`` follows.
     """
     key = _ALIASES.get(name.lower(), name.lower())
     if key == "digits":
@@ -404,7 +407,21 @@ def load_dataset(
     if test_subset is not None and test_subset < len(test):
         test = test.subset(stratified_subset(test.targets.numpy(), test_subset, seed))
     train.augment = bool(augment)
+    if pad_to is not None and pad_to != meta.image_size:
+        if pad_to < meta.image_size:
+            raise ValueError(f"pad_to={pad_to} is smaller than the images ({meta.image_size})")
+        train, test = _pad_images(train, pad_to), _pad_images(test, pad_to)
+        meta = DatasetMeta(meta.name, meta.num_classes, meta.in_channels, int(pad_to),
+                           meta.mean, meta.std, meta.classes)
     return train, test, meta
+
+
+def _pad_images(ds: TensorImageDataset, size: int) -> TensorImageDataset:
+    h, w = ds.images.shape[-2:]
+    top, left = (size - h) // 2, (size - w) // 2
+    imgs = torch.nn.functional.pad(ds.images, (left, size - w - left, top, size - h - top))
+    return TensorImageDataset(imgs, ds.targets, ds.mean.flatten().tolist(),
+                              ds.std.flatten().tolist(), ds.classes, ds.augment)
 
 
 # --------------------------------------------------------------------------------------------

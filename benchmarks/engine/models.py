@@ -31,6 +31,12 @@ Sources
 * ``vgg9``: the paper's VGG-9 (6 convs + 3 fully connected layers); VGG of Simonyan and
   Zisserman, ICLR 2015, cut to 9 weight layers. The fully connected sizes (512, 512) are our
   choice; the paper's exact head was not recoverable (see :func:`vgg9`).
+* ``paper_vgg9``: the VGG-9 of the curvature paper's repository
+  (``tools/vgg9_custom_relu.py`` of SH-Tan/Post-Training-NN-Pruning-using-Graph-Curvature, see
+  ``/work/shared/README.md``): no pooling, no padding, 6 convs with BatchNorm and ReLU
+  (3->64 k2 s2, 64->128 k3, 128->128 k3, 128->128 k3 s2, 128->256 k3, 256->256 k3; maps 16, 14,
+  12, 5, 3, 1 for a 32x32 input) and fc 256 -> 512 -> 128 -> 10. Its element graph has 43.0M
+  edges per image (the per-weight experiment's model).
 * ``resnet20`` / ``resnet56``: CIFAR ResNets of He et al., "Deep Residual Learning for Image
   Recognition" (CVPR 2016, section 4.2): 3 stages of 16/32/64 channels, ``n`` basic blocks each
   (depth 6n+2), with projection (option B: 1x1 conv + BN) shortcuts wherever the shape changes, as
@@ -49,6 +55,7 @@ __all__ = [
     "lenet5",
     "paper_lenet",
     "vgg9",
+    "paper_vgg9",
     "resnet20",
     "resnet56",
     "CifarResNet",
@@ -249,6 +256,44 @@ def vgg9(
     return model
 
 
+#: the paper VGG-9's convs: (out channels, kernel, stride), padding 0
+PAPER_VGG9_CONVS: tuple = ((64, 2, 2), (128, 3, 1), (128, 3, 1), (128, 3, 2), (256, 3, 1),
+                           (256, 3, 1))
+
+
+def paper_vgg9(
+    in_channels: int = 3,
+    num_classes: int = 10,
+    image_size: int = 32,
+    fc_hidden: Sequence[int] = (512, 128),
+) -> nn.Module:
+    """The curvature paper's VGG-9 (its repository's ``tools/vgg9_custom_relu.py``).
+
+    ``conv 64@2x2 s2 -> conv 128@3x3 -> conv 128@3x3 -> conv 128@3x3 s2 -> conv 256@3x3 ->
+    conv 256@3x3``, each followed by BatchNorm and ReLU, no padding and no pooling (feature maps
+    16, 14, 12, 5, 3, 1 for 32x32 inputs); then ``flatten -> fc 256 -> 512 -> ReLU -> fc 128 ->
+    ReLU -> fc num_classes``. For Fashion-MNIST use ``in_channels=1`` with the images padded to
+    32x32 (``load_dataset(..., pad_to=32)``). Other image sizes work while the last map is at
+    least 1x1 (the first fc then reads ``256 * s * s`` features).
+    """
+    layers: list[nn.Module] = []
+    c_in, s = in_channels, image_size
+    for c, k, st in PAPER_VGG9_CONVS:
+        layers += [nn.Conv2d(c_in, c, kernel_size=k, stride=st, bias=False), nn.BatchNorm2d(c),
+                   nn.ReLU()]
+        c_in, s = c, _conv_out(s, k, st, 0)
+        _check_size(s, "paper_vgg9", image_size)
+    head: list[nn.Module] = []
+    prev = c_in * s * s
+    for h in fc_hidden:
+        head += [nn.Linear(prev, h), nn.ReLU()]
+        prev = h
+    head.append(nn.Linear(prev, num_classes))
+    model = _ConvFC(nn.Sequential(*layers), nn.Sequential(*head))
+    _init_weights(model)
+    return model
+
+
 # --------------------------------------------------------------------------------------------
 # CIFAR ResNets
 # --------------------------------------------------------------------------------------------
@@ -352,7 +397,7 @@ def timm_model(
 # --------------------------------------------------------------------------------------------
 # dispatch
 # --------------------------------------------------------------------------------------------
-MODEL_NAMES = ("mlp", "lenet5", "paper_lenet", "vgg9", "resnet20", "resnet56", "timm:<name>")
+MODEL_NAMES = ("mlp", "lenet5", "paper_lenet", "vgg9", "paper_vgg9", "resnet20", "resnet56", "timm:<name>")
 
 
 def build_model(
@@ -377,6 +422,7 @@ def build_model(
         "lenet5": lambda: lenet5(in_channels, num_classes, image_size, **kwargs),
         "paper_lenet": lambda: paper_lenet(in_channels, num_classes, image_size, **kwargs),
         "vgg9": lambda: vgg9(in_channels, num_classes, image_size, **kwargs),
+        "paper_vgg9": lambda: paper_vgg9(in_channels, num_classes, image_size, **kwargs),
         "resnet20": lambda: resnet20(num_classes, in_channels, **kwargs),
         "resnet56": lambda: resnet56(num_classes, in_channels, **kwargs),
     }

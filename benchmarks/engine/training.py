@@ -81,6 +81,7 @@ class TrainConfig:
     test_subset: int | None = None
     augment: bool = False
     model_kwargs: dict = field(default_factory=dict)
+    pad_to: int | None = None      # zero-pad the images to pad_to x pad_to (hashed when set)
     # -- not hashed --
     data_root: str | None = None
     download: bool = False
@@ -135,6 +136,8 @@ def _jsonable(v):
 def config_hash(config: TrainConfig, length: int = 10) -> str:
     """Short SHA-256 of the hashed fields (JSON, sorted keys)."""
     d = {k: _jsonable(getattr(config, k)) for k in HASHED_FIELDS}
+    if config.pad_to is not None:   # only when set, so earlier checkpoints keep their hash
+        d["pad_to"] = int(config.pad_to)
     d["dataset"] = d["dataset"].lower()
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
@@ -163,7 +166,7 @@ def make_loaders(config: TrainConfig) -> tuple[DataLoader, DataLoader, DatasetMe
     """``(train_loader, test_loader, meta)`` for a config (test batches of 512)."""
     train, test, meta = load_dataset(
         config.dataset, config.data_root, config.download, config.train_subset,
-        config.test_subset, seed=config.seed, augment=config.augment,
+        config.test_subset, seed=config.seed, augment=config.augment, pad_to=config.pad_to,
     )
     return (
         make_loader(train, config.batch_size, shuffle=True, seed=config.seed),

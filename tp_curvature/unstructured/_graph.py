@@ -98,9 +98,10 @@ def _tensor_args(node: fx.Node) -> list:
     return out
 
 
-def _trace_chain(model: nn.Module):
+def _trace_chain(model: nn.Module, pooling: bool = False):
     """Trace ``model`` and check it is a chain; return (gm, ops) with ops = list of
-    (kind, node) where kind is "weight", "bn", "elementwise" or "reshape"."""
+    (kind, node) where kind is "weight", "bn", "elementwise" or "reshape" (and "pool" for a
+    ``MaxPool2d`` / ``AvgPool2d`` when ``pooling``: the sparse element graph)."""
     gm = trace(model, "unstructured curvature traces the model")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
@@ -161,8 +162,13 @@ def _trace_chain(model: nn.Module):
                 kind = "reshape"
             elif isinstance(m, ELEMENTWISE_MODULES):
                 kind = "elementwise"
+            elif pooling and isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+                if getattr(m, "return_indices", False):
+                    raise _unsupported(node, gm, "return_indices=True")
+                kind = "pool"
             else:
-                raise _unsupported(node, gm, "not an elementwise or weight layer (pooling and "
+                raise _unsupported(node, gm, "not an elementwise or weight layer (pooling is "
+                                             "supported by sparse_weight_curvature only; "
                                              "other element-mixing layers are not supported)")
         elif node.op == "call_function":
             if node.target is torch.flatten:
@@ -264,7 +270,8 @@ def element_graph(model: nn.Module, example: torch.Tensor,
         if n_in * n_out > max_dense:
             raise ValueError(
                 f"layer {wn.target!r}: dense element matrix {n_in} x {n_out} exceeds max_dense="
-                f"{max_dense}; unstructured curvature is meant for small models")
+                f"{max_dense}; use sparse_weight_curvature (sparse element graph) for larger "
+                "models")
         if isinstance(m, nn.Linear):
             if len(in_shape) != 1:
                 raise _unsupported(wn, gm, f"Linear on a {len(in_shape) + 1}-D input "

@@ -1,0 +1,503 @@
+"""Sparse element graphs: edges by index arithmetic, costs restricted to receptive fields.
+
+The dense element graph of :mod:`._graph` holds ``(n_in, n_out)`` matrices per layer; this
+module never does. Every element op of the chain (a ``Conv2d`` / ``Linear`` weight layer, a
+``MaxPool2d`` / ``AvgPool2d``) is described by its *geometry*:
+
+``pos_tab[l, t]``
+    the input position read by output position ``l`` at kernel tap ``t`` (-1: padding), from
+    :func:`torch.nn.functional.unfold` of an index image (``L x K2`` integers, shared by every
+    channel). A ``Linear`` is a 1x1 "conv" on one position whose channels are its input
+    features (``L = P = K2 = 1``).
+inverse tables ``inv_ptr / inv_l / inv_t``
+    for every input position ``q`` the (output position, tap) pairs that read it: the
+    successors of an element are the outputs whose receptive fields contain it.
+strengths ``S``
+    ``|w|`` as ``(O, C*K2)`` (times the BatchNorm scale of a BatchNorm right after the layer,
+    as in the dense mode); for a pooling op ``(C, L*K2)``.
+
+Element ``(channel c, position q)`` of a layer has the flat index ``c * P + q`` (the order of
+``tensor.flatten(1)``). The in-edges of output ``(o, l)`` are ``(c * P + pos_tab[l, t],
+S[o, c*K2 + t])`` for every channel c and valid tap t; its out-edges follow the inverse tables.
+Memory is ``O(L*K2 + O*C*K2)`` per layer (the edges are enumerated on the fly inside the Numba
+kernels, never stored as a matrix); the number of edges is the closed form
+``O * C * #valid(pos_tab)`` (:attr:`SparseOp.n_edges`).
+
+Pooling at element level (an op of the chain that carries no weight and is not scored; its
+output is a node layer like any other, with its own node values):
+
+* ``MaxPool2d``: on each image, every window's output element has a single in-edge, from the
+  element that won the max on that image (PyTorch's ``return_indices``), with strength 1
+  (length 1); the window's other elements have no edge to it.
+* ``AvgPool2d``: every element of a window has an edge to the window's output with strength
+  ``1/divisor`` (``1/(kh*kw)`` with ``count_include_pad=True``, the number of valid elements
+  otherwise, or ``divisor_override``).
+
+``ceil_mode=True``, ``return_indices`` models, adaptive pooling and residual adds are refused
+(:class:`~tp_curvature.graph.UnsupportedModelError`).
+
+Curvature of a weight layer's edges (see :mod:`._sparse_scores`) uses exactly the dense mode's
+definitions: measures over predecessors / successors (top-k of ``exp(-1/a^2)``), ground costs
+= forward shortest paths of at most 3 hops, kappa from the same transport kernels; only the
+sets are restricted to what an edge can see (receptive fields), so on small models the sparse
+and the dense mode give the same kappa (tested).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numba
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .._tracing import Recorder, UnsupportedModelError, bn_scale, eval_mode
+
+POOL_TYPES = (nn.MaxPool2d, nn.AvgPool2d)
+
+
+@dataclass
+class SparseOp:
+    """One element op of the chain (weight layer or pooling), by its geometry."""
+    name: str
+    kind: str                     # "conv" | "linear" | "maxpool" | "avgpool"
+    module: nn.Module
+    in_shape: tuple
+    out_shape: tuple
+    C: int                        # input channels (Linear: input features)
+    P: int                        # input positions per channel
+    O: int                        # output channels
+    L: int                        # output positions per channel
+    K2: int                       # taps per window
+    pos_tab: np.ndarray           # (L, K2) int64, -1 = padding
+    inv_ptr: np.ndarray           # (P + 1,) int64
+    inv_l: np.ndarray             # output position of each (position, tap) reading q
+    inv_t: np.ndarray             # the tap
+    S: np.ndarray                 # strengths: weight (O, C*K2), pool (C, L*K2)
+    bn: Optional[nn.Module] = None
+    node: Optional[fx.Node] = None
+    tap: Optional[fx.Node] = None  # the fx node whose value is this op's input
+
+    @property
+    def depthwise(self) -> bool:
+        return self.kind in ("maxpool", "avgpool")
+
+    @property
+    def scored(self) -> bool:
+        return not self.depthwise
+
+    @property
+    def n_in(self) -> int:
+        return self.C * self.P
+
+    @property
+    def n_out(self) -> int:
+        return self.O * self.L
+
+    @property
+    def n_valid_taps(self) -> int:
+        return int((self.pos_tab >= 0).sum())
+
+    @property
+    def n_edges(self) -> int:
+        """Edges of the op (closed form): every valid (output position, tap) pair times the
+        channel pairs; a max pool keeps one winner per window."""
+        if self.kind == "maxpool":
+            return self.C * self.L
+        if self.depthwise:
+            return self.C * self.n_valid_taps
+        return self.O * self.C * self.n_valid_taps
+
+    @property
+    def param_name(self) -> str:
+        return f"{self.name}.weight" if self.name else "weight"
+
+    def geometry(self) -> tuple:
+        return (bool(self.depthwise), self.O, self.C, self.L, self.P, self.K2, self.pos_tab,
+                self.inv_ptr, self.inv_l, self.inv_t, self.S)
+
+
+@dataclass
+class SparseElementGraph:
+    """The chain as element ops; node layer ``i`` is the input of op ``i`` (``i = n``: output)."""
+    gm: fx.GraphModule
+    ops: list
+    output_node: fx.Node
+    input_shape: tuple
+    weight_ops: list = field(default_factory=list)
+
+    @property
+    def layer_sizes(self) -> list:
+        return [self.ops[0].n_in] + [op.n_out for op in self.ops]
+
+    @property
+    def n_edges(self) -> int:
+        """Edges of the scored (weight) layers."""
+        return sum(op.n_edges for op in self.ops if op.scored)
+
+
+def _inverse(pos_tab: np.ndarray, P: int):
+    L, K2 = pos_tab.shape
+    flat = pos_tab.ravel()
+    nz = np.flatnonzero(flat >= 0)
+    q = flat[nz]
+    order = np.argsort(q, kind="stable")
+    nz, q = nz[order], q[order]
+    ptr = np.zeros(P + 1, np.int64)
+    np.cumsum(np.bincount(q, minlength=P), out=ptr[1:])
+    return ptr, (nz // K2).astype(np.int64), (nz % K2).astype(np.int64)
+
+
+def _window_table(in_hw: tuple, kernel, stride, padding, dilation, out_hw: tuple,
+                  what: str) -> np.ndarray:
+    """``pos_tab`` (L, K2): unfold of a one-channel index image (0 = padding)."""
+    H, W = in_hw
+    idx = torch.arange(1, H * W + 1, dtype=torch.float64).view(1, 1, H, W)
+    unf = F.unfold(idx, kernel_size=kernel, dilation=dilation, padding=padding, stride=stride)[0]
+    tab = (unf.round().long() - 1).T.contiguous().numpy().astype(np.int64)   # (L, K2)
+    if tab.shape[0] != out_hw[0] * out_hw[1]:
+        raise UnsupportedModelError(f"{what}: unrolling gives {tab.shape[0]} positions, the "
+                                    f"output has {out_hw}")
+    return tab
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def make_op(name: str, m: nn.Module, in_shape: tuple, out_shape: tuple,
+            bn: Optional[nn.Module] = None) -> SparseOp:
+    """The :class:`SparseOp` of module ``m`` for per-sample shapes ``in_shape -> out_shape``."""
+    if isinstance(m, nn.Linear):
+        if len(in_shape) != 1:
+            raise UnsupportedModelError(f"layer {name!r}: Linear on a {len(in_shape) + 1}-D "
+                                        "input (flatten first)")
+        C, O = m.in_features, m.out_features
+        tab = np.zeros((1, 1), np.int64)
+        kind, P, L, K2 = "linear", 1, 1, 1
+    elif isinstance(m, nn.Conv2d):
+        if len(in_shape) != 3:
+            raise UnsupportedModelError(f"layer {name!r}: Conv2d needs a (N, C, H, W) input")
+        C, H, W = in_shape
+        O = m.out_channels
+        if isinstance(m.padding, str):
+            pad = m._reversed_padding_repeated_twice
+            if any(pad):
+                # asymmetric 'same' padding: unfold a padded index image without padding
+                idx = torch.arange(1, H * W + 1, dtype=torch.float64).view(1, 1, H, W)
+                idx = F.pad(idx, pad)
+                unf = F.unfold(idx, kernel_size=m.kernel_size, dilation=m.dilation, padding=0,
+                               stride=m.stride)[0]
+                tab = (unf.round().long() - 1).T.contiguous().numpy().astype(np.int64)
+            else:
+                tab = _window_table((H, W), m.kernel_size, m.stride, 0, m.dilation,
+                                    out_shape[1:], name)
+        else:
+            tab = _window_table((H, W), m.kernel_size, m.stride, m.padding, m.dilation,
+                                out_shape[1:], name)
+        kind, P, L, K2 = "conv", H * W, out_shape[1] * out_shape[2], tab.shape[1]
+    elif isinstance(m, POOL_TYPES):
+        if len(in_shape) != 3:
+            raise UnsupportedModelError(f"pooling {name!r}: needs a (N, C, H, W) input")
+        if m.ceil_mode:
+            raise UnsupportedModelError(f"pooling {name!r}: ceil_mode=True is not supported")
+        C, H, W = in_shape
+        O = C
+        dil = m.dilation if isinstance(m, nn.MaxPool2d) else 1
+        stride = m.stride if m.stride is not None else m.kernel_size
+        tab = _window_table((H, W), _pair(m.kernel_size), _pair(stride), _pair(m.padding),
+                            _pair(dil), out_shape[1:], name)
+        kind = "maxpool" if isinstance(m, nn.MaxPool2d) else "avgpool"
+        P, L, K2 = H * W, out_shape[1] * out_shape[2], tab.shape[1]
+    else:
+        raise UnsupportedModelError(f"{name!r}: {type(m).__name__} is not an element op")
+    ptr, il, it = _inverse(tab, P)
+    op = SparseOp(name=name, kind=kind, module=m, in_shape=tuple(in_shape),
+                  out_shape=tuple(out_shape), C=C, P=P, O=O, L=L, K2=K2, pos_tab=tab,
+                  inv_ptr=ptr, inv_l=il, inv_t=it, S=np.zeros((0, 0)), bn=bn)
+    set_strengths(op)
+    return op
+
+
+def set_strengths(op: SparseOp, pool_input: Optional[torch.Tensor] = None) -> None:
+    """(Re)compute ``op.S`` from the current weights; a max pool needs ``pool_input`` (the raw
+    values of its input for one image, ``(C, H, W)``) to know each window's winner."""
+    if op.kind in ("conv", "linear"):
+        w = op.module.weight.detach().double().abs().cpu().reshape(op.O, -1).numpy()
+        if op.bn is not None:
+            w = w * bn_scale(op.bn)[:, None]
+        op.S = np.ascontiguousarray(w)
+    elif op.kind == "avgpool":
+        m = op.module
+        valid = op.pos_tab >= 0
+        if m.divisor_override:
+            div = np.full(op.L, float(m.divisor_override))
+        elif m.count_include_pad:
+            div = np.full(op.L, float(op.K2))
+        else:
+            div = valid.sum(1).astype(np.float64)
+        s = np.where(valid, 1.0 / div[:, None], 0.0).reshape(-1)
+        op.S = np.ascontiguousarray(np.broadcast_to(s, (op.C, op.L * op.K2)))
+    else:  # maxpool
+        if pool_input is None:
+            op.S = np.zeros((op.C, op.L * op.K2))
+            return
+        m = op.module
+        _, idx = F.max_pool2d(pool_input[None].double(), m.kernel_size, m.stride, m.padding,
+                              m.dilation, ceil_mode=False, return_indices=True)
+        idx = idx[0].reshape(op.C, op.L).numpy()                       # winner position
+        hit = op.pos_tab[None, :, :] == idx[:, :, None]                 # (C, L, K2)
+        first = hit & (np.cumsum(hit, axis=2) == 1)
+        op.S = np.ascontiguousarray(first.reshape(op.C, op.L * op.K2).astype(np.float64))
+
+
+def sparse_element_graph(model: nn.Module, example: torch.Tensor) -> SparseElementGraph:
+    """Trace ``model`` (a chain, see :mod:`tp_curvature.unstructured`; pooling allowed) and
+    describe each element op by its geometry. Nothing of size ``n_in x n_out`` is built."""
+    from ._checks import _check_model, _images
+    from ._graph import _trace_chain
+
+    _check_model(model)
+    example = _images(example, "example")
+    gm, ops, last = _trace_chain(model, pooling=True)
+    elem_nodes = [n for k, n in ops if k in ("weight", "pool")]
+    rec = Recorder(gm, {n.args[0] for n in elem_nodes} | set(elem_nodes))
+    with eval_mode(model), torch.no_grad():
+        rec.run(example[:1])
+    vals = rec.values
+    kinds = [k for k, _ in ops]
+    nodes = [n for _, n in ops]
+    out = []
+    for i, n in enumerate(elem_nodes):
+        m = gm.get_submodule(n.target)
+        pos = nodes.index(n)
+        bn = None
+        if kinds[pos] == "weight" and pos + 1 < len(ops) and kinds[pos + 1] == "bn":
+            bn = gm.get_submodule(nodes[pos + 1].target)
+        in_shape = tuple(vals[n.args[0]].shape[1:])
+        out_shape = tuple(vals[n].shape[1:])
+        op = make_op(str(n.target), m, in_shape, out_shape, bn)
+        op.node, op.tap = n, n.args[0]
+        nxt = elem_nodes[i + 1].args[0] if i + 1 < len(elem_nodes) else last
+        if vals[nxt][0].numel() != op.n_out:
+            raise UnsupportedModelError(
+                f"fx node {nxt.name!r} changes the number of elements after {n.target!r} "
+                f"({op.n_out} -> {vals[nxt][0].numel()})")
+        out.append(op)
+    g = SparseElementGraph(gm=gm, ops=out, output_node=last,
+                           input_shape=tuple(example.shape[1:]),
+                           weight_ops=[i for i, op in enumerate(out) if op.scored])
+    return g
+
+
+# ------------------------------------------------------------------------------ Numba kernels
+@numba.njit(cache=True, inline="always")
+def _in_edges(y, dw, O, C, L, P, K2, pos_tab, S, src, st):
+    """In-edges of output element ``y``: fills ``src`` / ``st`` (strength > 0); returns n."""
+    o = y // L
+    l = y - o * L
+    n = 0
+    if dw:
+        for t in range(K2):
+            q = pos_tab[l, t]
+            if q < 0:
+                continue
+            s = S[o, l * K2 + t]
+            if s > 0:
+                src[n] = o * P + q
+                st[n] = s
+                n += 1
+    else:
+        for c in range(C):
+            for t in range(K2):
+                q = pos_tab[l, t]
+                if q < 0:
+                    continue
+                s = S[o, c * K2 + t]
+                if s > 0:
+                    src[n] = c * P + q
+                    st[n] = s
+                    n += 1
+    return n
+
+
+@numba.njit(cache=True, inline="always")
+def _out_edges(x, dw, O, C, L, P, K2, inv_ptr, inv_l, inv_t, S, dst, st):
+    """Out-edges of input element ``x``: fills ``dst`` / ``st`` (strength > 0); returns n."""
+    c = x // P
+    q = x - c * P
+    n = 0
+    for k in range(inv_ptr[q], inv_ptr[q + 1]):
+        l = inv_l[k]
+        t = inv_t[k]
+        if dw:
+            s = S[c, l * K2 + t]
+            if s > 0:
+                dst[n] = c * L + l
+                st[n] = s
+                n += 1
+        else:
+            for o in range(O):
+                s = S[o, c * K2 + t]
+                if s > 0:
+                    dst[n] = o * L + l
+                    st[n] = s
+                    n += 1
+    return n
+
+
+@numba.njit(cache=True, inline="always")
+def _length(s, a, flow):
+    v = s * a if flow else s
+    return 1.0 / v if v > 0 else np.inf
+
+
+@numba.njit(cache=True)
+def _topk_fill(nb, lw, n, k, out_idx, out_mass, row):
+    """Top-k of log-weights ``lw[:n]`` (neighbours ``nb``), normalised; -1 / 0 padding."""
+    order = np.argsort(-lw[:n], kind="mergesort")
+    kk = min(k, n)
+    for i in range(out_idx.shape[1]):
+        out_idx[row, i] = -1
+        out_mass[row, i] = 0.0
+    if kk == 0:
+        return
+    mx = lw[order[0]]
+    if not np.isfinite(mx):
+        return
+    tot = 0.0
+    for i in range(kk):
+        v = lw[order[i]]
+        if np.isfinite(v):
+            tot += np.exp(v - mx)
+    for i in range(kk):
+        v = lw[order[i]]
+        if np.isfinite(v):
+            m = np.exp(v - mx) / tot
+            if m > 0:
+                out_idx[row, i] = nb[order[i]]
+                out_mass[row, i] = m
+
+
+@numba.njit(parallel=True, cache=True)
+def pred_supports(n, k, flow_measure, a_src, dw, O, C, L, P, K2, pos_tab, inv_ptr, inv_l,
+                  inv_t, S):
+    """For every output element x of an op: the top-k of its predecessors z, weights
+    ``exp(-1/a_z^2)`` (``flow_measure``: ``a_z s``) over active ones; (n, k) idx / mass."""
+    fan = K2 if dw else C * K2
+    out_idx = np.full((n, k), -1, np.int64)
+    out_mass = np.zeros((n, k))
+    for x in numba.prange(n):
+        src = np.empty(fan, np.int64)
+        st = np.empty(fan)
+        m = _in_edges(x, dw, O, C, L, P, K2, pos_tab, S, src, st)
+        lw = np.full(m, -np.inf)
+        for i in range(m):
+            a = a_src[src[i]]
+            if a > 0:
+                lw[i] = np.log(a * st[i]) if flow_measure else -1.0 / (a * a)
+        _topk_fill(src, lw, m, k, out_idx, out_mass, x)
+    return out_idx, out_mass
+
+
+@numba.njit(parallel=True, cache=True)
+def succ_supports(n, k, flow_measure, a_dst, dw, O, C, L, P, K2, pos_tab, inv_ptr, inv_l,
+                  inv_t, S):
+    """For every input element y of an op: the top-k of its successors w; (n, k)."""
+    fan = 0
+    for q in range(P):
+        fan = max(fan, inv_ptr[q + 1] - inv_ptr[q])
+    fan = fan * (1 if dw else O)
+    out_idx = np.full((n, k), -1, np.int64)
+    out_mass = np.zeros((n, k))
+    for y in numba.prange(n):
+        dst = np.empty(fan, np.int64)
+        st = np.empty(fan)
+        m = _out_edges(y, dw, O, C, L, P, K2, inv_ptr, inv_l, inv_t, S, dst, st)
+        lw = np.full(m, -np.inf)
+        for i in range(m):
+            a = a_dst[dst[i]]
+            if a > 0:
+                lw[i] = np.log(a * st[i]) if flow_measure else -1.0 / (a * a)
+        _topk_fill(dst, lw, m, k, out_idx, out_mass, y)
+    return out_idx, out_mass
+
+
+@numba.njit(parallel=True, cache=True)
+def tile_costs(Xp, Zu, zmap, Wu, n_xlayer, flow,
+               hasA, a_z, dwA, OA, CA, LA, PA, K2A, posA, iptrA, ilA, itA, SA,
+               a_x, dwB, OB, CB, LB, PB, K2B, posB, iptrB, ilB, itB, SB,
+               hasC, a_y, dwC, OC, CC, LC, PC, K2C, posC, iptrC, ilC, itC, SC):
+    """Ground costs of one tile: ``d_zx`` (nz, nx) among the tile's sources Xp, and the
+    3-hop / 2-hop costs ``c_zw`` (nz, nw), ``c_xw`` (nx, nw) over every intermediate node.
+
+    ``b2[j, x]`` = shortest x -> y' -> W[j] over all y' (2 hops); then
+    ``c_xw[i, j] = b2[j, Xp[i]]`` and ``c_zw[a, j] = min_x d(Z[a], x) + b2[j, x]`` over the
+    successors x of Z[a]: exactly the dense mode's min-plus products, restricted to the
+    nodes that can lie on such a path.
+    """
+    nx = Xp.size
+    nz = Zu.size
+    nw = Wu.size
+    d_zx = np.full((nz, nx), np.inf)
+    if hasA and nz > 0:
+        fanA = K2A if dwA else CA * K2A
+        for i in numba.prange(nx):
+            src = np.empty(fanA, np.int64)
+            st = np.empty(fanA)
+            m = _in_edges(Xp[i], dwA, OA, CA, LA, PA, K2A, posA, SA, src, st)
+            for e in range(m):
+                j = zmap[src[e]]
+                if j >= 0:
+                    d = _length(st[e], a_z[src[e]], flow)
+                    if d < d_zx[j, i]:
+                        d_zx[j, i] = d
+    c_xw = np.full((nx, nw), np.inf)
+    c_zw = np.full((nz, nw), np.inf)
+    if not hasC or nw == 0:
+        return d_zx, c_zw, c_xw
+    b2 = np.full((nw, n_xlayer), np.inf)
+    fanC = K2C if dwC else CC * K2C
+    fanB = K2B if dwB else CB * K2B
+    for j in numba.prange(nw):
+        srcC = np.empty(fanC, np.int64)
+        stC = np.empty(fanC)
+        srcB = np.empty(fanB, np.int64)
+        stB = np.empty(fanB)
+        m = _in_edges(Wu[j], dwC, OC, CC, LC, PC, K2C, posC, SC, srcC, stC)
+        for e in range(m):
+            yp = srcC[e]
+            dyw = _length(stC[e], a_y[yp], flow)
+            if not np.isfinite(dyw):
+                continue
+            mb = _in_edges(yp, dwB, OB, CB, LB, PB, K2B, posB, SB, srcB, stB)
+            for f in range(mb):
+                xx = srcB[f]
+                v = _length(stB[f], a_x[xx], flow) + dyw
+                if v < b2[j, xx]:
+                    b2[j, xx] = v
+    for i in range(nx):
+        for j in range(nw):
+            c_xw[i, j] = b2[j, Xp[i]]
+    if hasA and nz > 0:
+        fanout = 0
+        for q in range(PA):
+            fanout = max(fanout, iptrA[q + 1] - iptrA[q])
+        fanout = fanout * (1 if dwA else OA)
+        for a in numba.prange(nz):
+            dst = np.empty(fanout, np.int64)
+            st = np.empty(fanout)
+            m = _out_edges(Zu[a], dwA, OA, CA, LA, PA, K2A, iptrA, ilA, itA, SA, dst, st)
+            for e in range(m):
+                d = _length(st[e], a_z[Zu[a]], flow)
+                if not np.isfinite(d):
+                    continue
+                xx = dst[e]
+                for j in range(nw):
+                    v = d + b2[j, xx]
+                    if v < c_zw[a, j]:
+                        c_zw[a, j] = v
+    return d_zx, c_zw, c_xw
