@@ -254,3 +254,43 @@ def test_best_other_table_picks_best_mean_per_cell():
     assert cells[4] == "wanda" and cells[6] == "2/0/1"
     p = ttest_rel(acc["curvature"], acc["wanda"]).pvalue
     assert cells[7] == stats.format_p(p)
+
+
+def test_one_per_class_picks_first_image_of_each_class():
+    x = torch.arange(8.0)[:, None]
+    y = torch.tensor([3, 3, 1, 0, 1, 2, 0, 3])
+    assert criteria.one_per_class(x, y, 4).flatten().tolist() == [0.0, 2.0, 3.0, 5.0]
+    assert criteria.one_per_class(x, y, 6).flatten().tolist() == [0.0, 2.0, 3.0, 5.0, 1.0, 4.0]
+
+
+def test_curvature_element_criterion_scores_a_small_cnn():
+    """``curvature-element`` (compare.py): calibrated on one image per class, it scores every
+    group of a Conv/BN/pool/Linear net, and the channel scores are ``kmax - mean`` per-weight
+    kappa of the channel's weights (checked on the first conv's output channels)."""
+    import argparse
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(4, 6, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(6, 3)).eval()
+    x, y = torch.randn(12, 1, 8, 8), torch.arange(12) % 3
+    args = argparse.Namespace(alpha=0.5, backend="exact", backend_options=None)
+    crit = criteria.make_criterion("curvature-element", 0, args)
+    crit.prepare(model, x, y)
+    assert crit.importance.images.shape[0] == 10
+    scores, _ = criteria.score_all_groups(model, x[:1], crit.importance)
+    got = [s for s in scores.values() if s is not None]
+    assert len(got) == 2 and all(torch.isfinite(s).all() for s in got)
+    k = crit.importance.weight_curvatures()[id(model[0])]
+    kmax = 1 / (1 - 0.5)
+    want = kmax - k.flatten(1).mean(1)
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+    g = DG.get_pruning_group(model[0], tp.prune_conv_out_channels, idxs=list(range(4)))
+    imp = criteria.make_criterion("curvature-element", 0, args).importance
+    imp.normalizer = None
+    imp.calibrate(model, criteria.one_per_class(x, y))
+    got0 = imp(g)
+    # group = conv0 out (kmax - mean kappa of W[o]) and conv1 in (kmax - mean of W[:, c]),
+    # averaged (BN adds nothing)
+    k1 = imp.weight_curvatures()[id(model[4])]
+    want = (want + (kmax - k1.transpose(0, 1).flatten(1).mean(1))) / 2
+    torch.testing.assert_close(got0, want.float(), rtol=1e-5, atol=1e-6)

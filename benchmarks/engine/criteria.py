@@ -150,6 +150,8 @@ def make_criterion(name: str, seed: int, args) -> Criterion:
                  "flap": "FLAP WIFV: Var(X_c) * ||W[:, c]||^2 at the consumers, standardised "
                          "per layer"}
         return Criterion(name, peer, collect, note=notes[name])
+    if name == "curvature-element":
+        return _element_criterion(args)
     parts = _curvature_parts(name)
     if parts is not None:
         from tp_curvature import CurvatureImportance
@@ -169,7 +171,41 @@ def make_criterion(name: str, seed: int, args) -> Criterion:
                               f"backend={args.backend}")
     raise ValueError(f"unknown criterion {name!r}; choose from random, l1, l2, lamp, fpgm, "
                      "taylor, hessian, hessian-tp, activation, wanda, flap, "
-                     "curvature[-flow][-spread][-min|-negsum]")
+                     "curvature[-flow][-spread][-min|-negsum], curvature-element")
+
+
+ELEMENT_IMAGES = 10
+
+
+def one_per_class(x: torch.Tensor, y: torch.Tensor, n: int = ELEMENT_IMAGES) -> torch.Tensor:
+    """Up to ``n`` images of ``x``: the first image of each class in order of appearance (the
+    paper's one calibration image per class), then the next images to fill ``n``."""
+    seen, first = set(), []
+    for i, c in enumerate(y.tolist()):
+        if c not in seen:
+            seen.add(c)
+            first.append(i)
+    rest = [i for i in range(len(y)) if i not in set(first)]
+    return x[(first + rest)[:n]]
+
+
+def _element_criterion(args) -> Criterion:
+    """``curvature-element``: channel scores from element-level (per-weight) curvature, the
+    paper's own granularity (:class:`tp_curvature.ElementCurvatureImportance`: per weight the
+    min kappa over positions and images, per channel ``kmax - mean``), on
+    :data:`ELEMENT_IMAGES` images of the calibration batch (one per class), because its cost
+    grows with every image's element graph. Sequential models only (no residual adds)."""
+    from tp_curvature import ElementCurvatureImportance
+    opts = json.loads(args.backend_options) if args.backend_options else {}
+    imp = ElementCurvatureImportance(alpha=args.alpha, backend=args.backend,
+                                     backend_options=opts)
+
+    def calibrate(model, x, y):
+        imp.calibrate(model, one_per_class(x, y))
+    return Criterion("curvature-element", imp, calibrate,
+                     note=f"element-level curvature on {ELEMENT_IMAGES} calibration images (one "
+                          f"per class), alpha={args.alpha}, topk={imp.config.topk}, weight "
+                          "score min over positions/images, channel kmax - mean")
 
 
 # ============================================================================================
