@@ -59,6 +59,12 @@ Criteria
 ``curvature``        ``CurvatureImportance(variant="paper")``: calibrate + score.
 ``curvature-flow``   ``CurvatureImportance(variant="flow")``.
 ``curvature[-flow]-min`` / ``-negsum``: the ``min`` / ``neg_sum`` channel reductions.
+``curvature[-flow]-spread``  node values from the activation's spread (std over images and
+                     positions, ``node_value="std"``) instead of its mean |a|: a channel that is
+                     constant on the data is removable by bias compensation / BN recalibration.
+``curvature-element`` channel scores aggregated from element-level (per-weight) curvature, the
+                     paper's own granularity (``ElementCurvatureImportance``), on 10 images of
+                     the calibration batch (one per class); sequential models only.
 
 Modes: ``uniform`` (local pruning, every group loses ``ratio`` of its channels) and ``global``
 (one ranking over all groups; every group keeps at least its best-scored channel so that no
@@ -615,8 +621,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2")
     g.add_argument("--criteria", nargs="+", default=list(DEFAULT_CRITERIA),
                    help=f"default: {' '.join(DEFAULT_CRITERIA)}; also fpgm, hessian-tp, "
-                        "curvature[-flow][-min|-negsum] (activation, wanda, flap: the "
-                        "calibration-data peers of engine/peers.py)")
+                        "curvature[-flow][-spread][-min|-negsum], curvature-element "
+                        "(activation, wanda, flap: the calibration-data peers of "
+                        "engine/peers.py)")
     g.add_argument("--ratios", type=float, nargs="+", default=None, help="default: 0.3 0.5 0.7")
     g.add_argument("--modes", nargs="+", choices=MODES, default=None,
                    help="default: uniform global")
