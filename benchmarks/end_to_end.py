@@ -205,6 +205,10 @@ def main(argv=None):
     if args.only in ZOO:
         rows.append(bench_zoo(args.only, args.calib or 8, args.topk, args.backend, args.size,
                               args.vit_layers, args.max_groups, args.dry_run))
+    import numba
+    for r in rows:          # the thread counts every row was measured with
+        r["torch_threads"] = torch.get_num_threads()
+        r["numba_threads"] = numba.get_num_threads()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text()) if out.exists() else {}
