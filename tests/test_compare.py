@@ -199,3 +199,37 @@ def test_cached_scores_replay_the_same_pruning():
     imp = criteria.CachedImportance(scores, "l2").bind(other)
     with pytest.raises(KeyError):
         criteria.make_pruner(other, torch.randn(1, 4), imp, 0.5).step()
+
+
+def test_compare_report_tables_from_synthetic_runs(tmp_path):
+    """compare_report: per-stage means over ratios, and the best curvature variant against the
+    best non-random other criterion of each cell, paired over seeds."""
+    import compare_report
+    from scipy.stats import ttest_rel
+    acc = {  # criterion -> seed -> ratio -> acc_bias
+        "random": {0: {0.3: .99, 0.5: .99}, 1: {0.3: .99, 0.5: .99}, 2: {0.3: .99, 0.5: .99}},
+        "l1": {0: {0.3: .80, 0.5: .60}, 1: {0.3: .82, 0.5: .62}, 2: {0.3: .81, 0.5: .58}},
+        "wanda": {0: {0.3: .85, 0.5: .50}, 1: {0.3: .86, 0.5: .51}, 2: {0.3: .84, 0.5: .52}},
+        "curvature": {0: {0.3: .86, 0.5: .40}, 1: {0.3: .87, 0.5: .40}, 2: {0.3: .83, 0.5: .40}},
+        "curvature-flow": {0: {0.3: .70, 0.5: .61}, 1: {0.3: .70, 0.5: .60}, 2: {0.3: .70, 0.5: .55}},
+    }
+    rows = [{"criterion": c, "seed": s, "mode": "uniform", "ratio": r, "acc_pruned": 0.5,
+             "acc_bias": a, "acc_bn": None, "acc_bias_bn": None, "acc_ft": None}
+            for c, by_seed in acc.items() for s, by_r in by_seed.items() for r, a in by_r.items()]
+    meta = {"args": {"model": "mlp", "epochs": 3, "width": None, "train_subset": None},
+            "seeds": [{"seed": s, "test_acc_full": 0.9 + 0.01 * s, "train_time_s": 10.0}
+                      for s in range(3)]}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "rows.json").write_text(json.dumps(rows))
+    (run / "meta.json").write_text(json.dumps(meta))
+    text = compare_report.report([run])
+    assert "| mlp | 3, full training set | 91.0 ± 1.0 | 10 s |" in text
+    # l1 over ratios: seeds 70, 72, 69.5 -> 70.5 ± 1.3
+    assert "| l1 | **50.0 ± 0.0** | 70.5 ± 1.3 |" in text     # a tie for best is bold
+    # ratio 0.3: best curvature = curvature (85.3) vs wanda (85.0), random is not a peer
+    p = ttest_rel([86, 87, 83], [85, 86, 84]).pvalue
+    assert (f"| mlp | bias | 0.3 | curvature 85.3 | wanda 85.0 | +0.33 ± 1.15 | 2/0/1 | "
+            f"{p:.3f} | at or above |") in text
+    # ratio 0.5: best curvature = curvature-flow (58.7) vs l1 (60.0): below, not significant
+    assert "| mlp | bias | 0.5 | curvature-flow 58.7 | l1 60.0 | -1.33 ± 2.08 | 1/0/2 |" in text
