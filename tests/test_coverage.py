@@ -484,17 +484,13 @@ def _timm_attn_forward(self, x, attn_mask=None, is_causal=False):
 def _model(name):
     import timm
     import torchvision
-    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
     img = torch.randn(2, 3, 64, 64)
     if name == "tv_mobilenet_v3_small":
         return torchvision.models.mobilenet_v3_small(), img, {}
     if name == "tv_efficientnet_b0":
         return torchvision.models.efficientnet_b0(), img, {}
-    if name == "tv_convnext_tiny_arch":
-        # convnext_tiny's blocks (permute, LayerNorm, layer scale, StochasticDepth, LayerNorm2d
-        # downsampling) at reduced width/depth: the full model's curvature takes ~100 s here
-        cfg = [CNBlockConfig(24, 48, 2), CNBlockConfig(48, None, 2)]
-        return ConvNeXt(cfg, stochastic_depth_prob=0.1, num_classes=10), img, {}
+    if name == "tv_convnext_tiny":
+        return torchvision.models.convnext_tiny(), img, {}
     if name == "tv_vit_b_16":
         m = torchvision.models.vit_b_16(image_size=32)
         nh = {mm: mm.num_heads for mm in m.modules() if isinstance(mm, nn.MultiheadAttention)}
@@ -525,7 +521,7 @@ def _model(name):
     raise KeyError(name)
 
 
-MODELS = ["tv_mobilenet_v3_small", "tv_efficientnet_b0", "tv_convnext_tiny_arch", "tv_vit_b_16",
+MODELS = ["tv_mobilenet_v3_small", "tv_efficientnet_b0", "tv_convnext_tiny", "tv_vit_b_16",
           "timm_vit_tiny_patch16_224", "timm_efficientnet_b0", "timm_convnext_atto", "llama"]
 
 
