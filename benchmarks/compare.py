@@ -84,6 +84,11 @@ p-value for reference -- at 5 seeds Wilcoxon cannot go below 0.0625), ``accuracy
 ``meta.json`` (arguments, baselines, timings).
 
 ``--report-only`` rewrites ``summary.md`` / ``accuracy.png`` from ``rows.json`` + ``meta.json``.
+``--add`` runs only ``--criteria`` and adds their rows to the run already in the output folder
+(its rows for those criteria are replaced): every option that defines the experiment must equal
+the saved run's (checked, the mismatched option is named), and each seed's baseline accuracy
+must come out identical (checked: baselines, calibration batches, test sets and the pruning
+are deterministic on CPU), so the added criteria are paired with the saved ones seed by seed.
 
 Examples (the CPU-sized Fashion-MNIST runs behind ``results/compare/``; Fashion-MNIST uses 5
 seeds, the ``--seeds`` default stays 0 1 2 for digits)::
@@ -656,6 +661,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--report-only", action="store_true",
                    help="rewrite summary.md / accuracy.png from the rows.json and meta.json "
                         "already in the output folder (no computation)")
+    g.add_argument("--add", action="store_true",
+                   help="run only --criteria and add them to the run saved in the output "
+                        "folder (same experiment options, checked)")
     g.add_argument("--progress", action="store_true", help="also show training progress bars")
     a = p.parse_args(argv)
     if a.quick:
@@ -704,6 +712,49 @@ def report_only(out: Path, no_plot: bool = False) -> int:
     return 0
 
 
+#: options that define an experiment: ``--add`` requires them equal to the saved run's
+EXPERIMENT_OPTIONS = ("dataset", "model", "epochs", "batch_size", "optimizer", "lr",
+                      "weight_decay", "train_subset", "augment", "width", "model_kwargs", "seeds",
+                      "ratios", "modes", "calib_size", "calib_per_class", "calib_correct",
+                      "eval_subset", "stages", "finetune_epochs", "finetune_subset",
+                      "finetune_lr")
+
+
+def load_for_add(out: Path, a) -> tuple:
+    """``(rows, meta)`` of the saved run that ``--add`` extends; raises ``SystemExit`` naming
+    the first option that differs."""
+    try:
+        rows = json.loads((out / "rows.json").read_text())
+        meta = json.loads((out / "meta.json").read_text())
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: --add needs rows.json and meta.json in {out}: {e}")
+    now = vars(a)
+    for k in EXPERIMENT_OPTIONS:
+        if k in meta["args"] and json.dumps(meta["args"][k]) != json.dumps(now.get(k)):
+            raise SystemExit(f"error: --add: option {k!r} is {now.get(k)!r} here but "
+                             f"{meta['args'][k]!r} in the saved run {out}")
+    return rows, meta
+
+
+def merge_added(old_rows, old_meta, rows, meta, a) -> tuple:
+    """The saved run with the new criteria's rows (replacing any saved rows of them)."""
+    for old, new in zip(old_meta["seeds"], meta["seeds"]):
+        if old["seed"] != new["seed"] or abs(old["base_acc"] - new["base_acc"]) > 0:
+            raise SystemExit(f"error: --add: seed {new['seed']}'s baseline accuracy "
+                             f"{new['base_acc']} differs from the saved {old['base_acc']}: "
+                             "the runs would not be paired")
+        for key in ("importance_s", "spearman_vs_l2", "notes"):
+            old.setdefault(key, {}).update(new.get(key, {}))
+    added = set(a.criteria)
+    kept = [{k: (float("nan") if v is None else v) for k, v in r.items()}
+            for r in old_rows if r["criterion"] not in added]
+    merged = kept + rows
+    crit = [c for c in old_meta["args"]["criteria"] if c not in added] + list(a.criteria)
+    old_meta["args"]["criteria"] = crit
+    old_meta.setdefault("added", []).append({"argv": meta["argv"], "wall_s": meta["wall_s"]})
+    return merged, old_meta
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.threads:
@@ -715,6 +766,7 @@ def main(argv=None) -> int:
     if a.report_only:
         return report_only(out, a.no_plot)
     out.mkdir(parents=True, exist_ok=True)
+    saved = load_for_add(out, a) if a.add else None
     # fail early on a bad criterion name
     for c in a.criteria:
         make_criterion(c, 0, a)
@@ -736,6 +788,8 @@ def main(argv=None) -> int:
         for seed in a.seeds:
             run_seed(a, seed, data, rows, meta, bar)
     meta["wall_s"] = time.perf_counter() - t0
+    if saved is not None:
+        rows, meta = merge_added(*saved, rows, meta, a)
     write_rows(rows, out)
     with open(out / "meta.json", "w") as f:
         json.dump(meta, f, indent=1, default=str)

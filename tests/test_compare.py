@@ -233,3 +233,32 @@ def test_compare_report_tables_from_synthetic_runs(tmp_path):
             f"{p:.3f} | at or above |") in text
     # ratio 0.5: best curvature = curvature-flow (58.7) vs l1 (60.0): below, not significant
     assert "| mlp | bias | 0.5 | curvature-flow 58.7 | l1 60.0 | -1.33 ± 2.08 | 1/0/2 |" in text
+
+
+def test_add_criteria_to_a_saved_run_pairs_them_seed_by_seed(tmp_path):
+    """``--add``: a criterion re-run into a saved run reproduces its saved rows exactly (the
+    pairing ``--add`` relies on), new criteria join the tables, and a run with different
+    experiment options is refused naming the option."""
+    base = ["--dataset", "digits", "--model", "mlp", "--model-kwargs", '{"hidden": [32, 16]}',
+            "--epochs", "3", "--seeds", "0", "1", "--ratios", "0.3", "0.6", "--modes",
+            "uniform", "--calib-size", "32", "--topk", "8", "--backend", "exact",
+            "--threads", "1", "--no-plot", "--checkpoint-dir", str(tmp_path / "ckpt"),
+            "--out", str(tmp_path / "out")]
+    assert compare.main([*base, "--criteria", "l2", "wanda"]) == 0
+    before = {(r["criterion"], r["seed"], r["ratio"]): r
+              for r in _read_csv(tmp_path / "out" / "rows.csv")}
+    assert compare.main([*base, "--criteria", "wanda", "curvature-flow-consumer", "--add"]) == 0
+    after = _read_csv(tmp_path / "out" / "rows.csv")
+    assert len(after) == 3 * 2 * 2
+    for r in after:
+        if r["criterion"] in ("l2", "wanda"):
+            old = before[r["criterion"], r["seed"], r["ratio"]]
+            assert {k: r[k] for k in r if k.startswith("acc_")} == \
+                   {k: old[k] for k in old if k.startswith("acc_")}
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| curvature-flow-consumer | uniform |" in md
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["args"]["criteria"] == ["l2", "wanda", "curvature-flow-consumer"]
+    with pytest.raises(SystemExit, match="ratios"):
+        compare.main([*base[:-2], "--out", str(tmp_path / "out"), "--criteria", "l1",
+                       "--add", "--ratios", "0.5"])

@@ -344,3 +344,30 @@ def test_failed_calibrate_keeps_previous_and_one_shot_is_replayed():
     ref = CurvatureImportance(**FAST).calibrate(model, [x[i:i + 4] for i in range(3)])
     for k, v in imp.channel_scores().items():
         np.testing.assert_array_equal(v[1], ref.channel_scores()[k][1])
+
+
+def test_sides_consumer_scores_channels_where_they_are_read():
+    """``sides="consumer"``: a hidden channel's score is its outgoing connections' alone (the
+    consumer's input-channel score); ``"both"`` averages it with its incoming connections'.
+    The last hidden layer's group has a consumer too; a group with no scored consumer keeps
+    its producer's score."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(),
+                          nn.Linear(4, 3)).eval()
+    x = torch.randn(32, 6)
+    kw = dict(group_reduction="mean", normalizer=None, topk=None, backend="exact")
+    both = CurvatureImportance(**kw).calibrate(model, x)
+    cons = CurvatureImportance(sides="consumer", **kw).calibrate(model, x)
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+    per_layer = both.channel_scores()
+    g = DG.get_pruning_group(model[0], tp.prune_linear_out_channels, idxs=list(range(5)))
+    in2, _ = per_layer["2"]
+    _, out0 = per_layer["0"]
+    torch.testing.assert_close(cons(g), torch.as_tensor(in2, dtype=torch.float32))
+    torch.testing.assert_close(both(g), torch.as_tensor((in2 + out0) / 2, dtype=torch.float32))
+    assert not torch.allclose(cons(g), both(g))
+    # the output layer's group (no consumer): the producer's score in both modes
+    g4 = DG.get_pruning_group(model[4], tp.prune_linear_out_channels, idxs=list(range(3)))
+    torch.testing.assert_close(cons(g4), both(g4))
+    with pytest.raises(ValueError, match="sides"):
+        CurvatureImportance(sides="producer")

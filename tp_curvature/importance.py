@@ -51,6 +51,7 @@ MHA_FNS = (function.prune_multihead_attention_out_channels,
            function.prune_multihead_attention_in_channels)
 EMBED_FNS = (function.prune_embedding_out_channels,)
 REDUCTIONS = ("mean", "min", "neg_sum")
+SIDES = ("both", "consumer")
 
 
 def reduce_kappa(kappa: np.ndarray, axis: int, reduction: str, alpha: float) -> np.ndarray:
@@ -182,6 +183,12 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         ``config`` and fields raises ``TypeError``.
     reduction : {"mean", "min", "neg_sum"}
         How a channel's connection curvatures become its score (see the module docstring).
+    sides : {"both", "consumer"}
+        Which connections of a channel enter its score: ``"both"`` (default) its incoming
+        connections (as an output channel of its producer) and its outgoing ones (as an input
+        channel of its consumers); ``"consumer"`` only the outgoing ones, where the channel is
+        read, as Wanda and FLAP score (the incoming ones are used only for a group without a
+        scored consumer).
     group_reduction : {"mean", "sum", "max", "prod", "first", "gate"}
         As in Torch-Pruning's ``GroupMagnitudeImportance``.
     normalizer : None, callable or {"mean", "sum", "max", "gaussian", "standarization", "lamp", "sentinel_<q>"}
@@ -195,7 +202,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
     """
 
     def __init__(self, config: Optional[CurvatureConfig] = None, *, reduction: str = "mean",
-                 group_reduction: str = "mean", normalizer: Optional[str] = "mean",
+                 sides: str = "both", group_reduction: str = "mean", normalizer: Optional[str] = "mean",
                  max_batches: Optional[int] = None, progress: Optional[bool] = None,
                  **config_fields):
         if config is None:
@@ -209,6 +216,8 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         super().__init__(p=config.p, group_reduction=group_reduction, normalizer=normalizer)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if sides not in SIDES:
+            raise ValueError(f"sides must be one of {SIDES}, got {sides!r}")
         if group_reduction not in GROUP_REDUCTIONS:
             raise ValueError(f"group_reduction must be one of {GROUP_REDUCTIONS}, got "
                              f"{group_reduction!r}")
@@ -216,6 +225,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         if progress not in (None, True, False):
             raise ValueError(f"progress must be True, False or None, got {progress!r}")
         self.reduction = reduction
+        self.sides = sides
         self.config = config
         self.max_batches = check_max_batches(max_batches)
         self.progress = progress
@@ -448,6 +458,8 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         if names is None:
             names = state._names = {id(m): n for n, m in state.model.named_modules()}
         group_imp, group_idxs = [], []
+        skip_out = self.sides == "consumer" and any(
+            dep.pruning_fn in IN_FNS and id(dep.layer) in by_module for dep, _ in group)
         for i, (dep, idxs) in enumerate(group):
             layer = dep.layer
             fn = dep.pruning_fn
@@ -456,6 +468,8 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
                 continue
             if fn not in OUT_FNS and fn not in IN_FNS and fn not in MHA_FNS \
                     and fn not in EMBED_FNS:
+                continue
+            if skip_out and fn in OUT_FNS and id(layer) in by_module:
                 continue
             idxs = np.asarray(idxs, dtype=np.int64)
             name = names.get(id(layer), type(layer).__name__)

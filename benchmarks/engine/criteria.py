@@ -83,25 +83,29 @@ class Criterion:
 
 
 def _curvature_parts(name: str):
-    """``curvature[-flow][-spread][-min|-negsum|-mean]`` -> (variant, reduction, node_value)
-    or None (``spread``: node values from the activation's std, ``node_value="std"``)."""
+    """``curvature[-flow][-spread][-consumer][-min|-negsum|-mean]`` -> (variant, reduction,
+    node_value, sides) or None (``spread``: node values from the activation's std,
+    ``node_value="std"``; ``consumer``: channels scored by their outgoing connections only,
+    ``sides="consumer"``)."""
     parts = name.split("-")
     if parts[0] != "curvature":
         return None
-    variant, reduction, node_value = "paper", "mean", "mean_abs"
+    variant, reduction, node_value, sides = "paper", "mean", "mean_abs", "both"
     for p in parts[1:]:
         if p in ("flow", "paper"):
             variant = p
         elif p == "spread":
             node_value = "std"
+        elif p == "consumer":
+            sides = "consumer"
         elif p in ("min", "mean"):
             reduction = p
         elif p in ("negsum", "neg_sum"):
             reduction = "neg_sum"
         else:
             raise ValueError(f"unknown curvature option {p!r} in {name!r} "
-                             "(use curvature[-flow][-spread][-min|-negsum])")
-    return variant, reduction, node_value
+                             "(use curvature[-flow][-spread][-consumer][-min|-negsum])")
+    return variant, reduction, node_value, sides
 
 
 def make_criterion(name: str, seed: int, args) -> Criterion:
@@ -155,23 +159,23 @@ def make_criterion(name: str, seed: int, args) -> Criterion:
     parts = _curvature_parts(name)
     if parts is not None:
         from tp_curvature import CurvatureImportance
-        variant, reduction, node_value = parts
+        variant, reduction, node_value, sides = parts
         opts = {}
         if args.backend_options:
             opts = json.loads(args.backend_options)
         imp = CurvatureImportance(alpha=args.alpha, variant=variant, reduction=reduction,
-                                  node_value=node_value, topk=args.topk, backend=args.backend,
+                                  sides=sides, node_value=node_value, topk=args.topk, backend=args.backend,
                                   backend_options=opts)
 
         def calibrate(model, x, y):
             imp.calibrate(model, x)
         return Criterion(name, imp, calibrate,
                          note=f"alpha={args.alpha}, variant={variant}, reduction={reduction}, "
-                              f"node_value={node_value}, topk={args.topk}, "
+                              f"node_value={node_value}, sides={sides}, topk={args.topk}, "
                               f"backend={args.backend}")
     raise ValueError(f"unknown criterion {name!r}; choose from random, l1, l2, lamp, fpgm, "
                      "taylor, hessian, hessian-tp, activation, wanda, flap, "
-                     "curvature[-flow][-spread][-min|-negsum], curvature-element")
+                     "curvature[-flow][-spread][-consumer][-min|-negsum], curvature-element")
 
 
 ELEMENT_IMAGES = 10
