@@ -371,3 +371,24 @@ def test_sides_consumer_scores_channels_where_they_are_read():
     torch.testing.assert_close(cons(g4), both(g4))
     with pytest.raises(ValueError, match="sides"):
         CurvatureImportance(sides="producer")
+
+
+@pytest.mark.parametrize("group_reduction", ["mean", "sum", "max", "prod", "first", "gate"])
+def test_sides_consumer_after_flatten_is_root_sized(group_reduction):
+    """A conv whose only consumer is a Linear after flatten (features = channels x positions):
+    with ``sides="consumer"`` the group's score is root-sized, finite, and (mean) equals the
+    per-channel mean of the Linear's input-feature scores."""
+    torch.manual_seed(0)
+    model = zoo.lenet5(1, 10, 28).eval()
+    x = _calib((1, 28, 28))
+    imp = CurvatureImportance(sides="consumer", group_reduction=group_reduction,
+                              normalizer=None, **FAST).calibrate(model, x)
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+    conv2 = [m for m in model.modules() if isinstance(m, nn.Conv2d)][1]
+    s = imp(DG.get_pruning_group(conv2, tp.prune_conv_out_channels, idxs=list(range(16))))
+    assert s.shape == (16,) and torch.isfinite(s).all() and (s > 0).all()
+    if group_reduction == "mean":
+        fc = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][0]
+        feat, _ = imp.channel_scores()[fc]
+        want = torch.as_tensor(feat, dtype=torch.float32).view(16, -1).mean(1)
+        torch.testing.assert_close(s, want)

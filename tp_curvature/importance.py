@@ -525,5 +525,24 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             group_idxs.append(root_idxs)
         if not group_imp:
             return None
-        imp = self._reduce(group_imp, group_idxs)
+        imp = self._reduce_to_root(group_imp, group_idxs, len(group[0].idxs))
         return self._normalize(imp, self.normalizer)
+
+    #: an item that leaves ``group_reduction`` unchanged (Torch-Pruning's ``_reduce`` buffer)
+    _NEUTRAL = {"sum": 0.0, "mean": 0.0, "max": -99999.0, "prod": 1.0, "gate": 0.0}
+
+    def _reduce_to_root(self, group_imp, group_idxs, n_root: int) -> torch.Tensor:
+        """Torch-Pruning's ``_reduce``, whose buffer takes the size of the first item: with
+        ``sides="consumer"`` the first item can be a consumer whose features are more than
+        the root's channels (a Linear after flatten), so a neutral root-sized item goes first
+        (and is not counted in the mean)."""
+        if group_imp[0].numel() == n_root or self.group_reduction is None:
+            return self._reduce(group_imp, group_idxs)
+        if self.group_reduction == "first":
+            out = torch.zeros(n_root, dtype=torch.float32)
+            return out.scatter_(0, torch.as_tensor(group_idxs[0]), group_imp[0].float())
+        pad = torch.full((n_root,), self._NEUTRAL[self.group_reduction])
+        out = self._reduce([pad, *group_imp], [list(range(n_root)), *group_idxs])
+        if self.group_reduction == "mean":
+            out = out * (len(group_imp) + 1) / len(group_imp)
+        return out
