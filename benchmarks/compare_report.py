@@ -7,6 +7,9 @@ Reads ``rows.json`` and ``meta.json`` of each run directory and writes one Markd
   time per seed);
 * per model, every criterion's accuracy at each stage, averaged over the pruning ratios
   (mean ± std over seeds of the per-seed average), best mean in bold;
+* the mean rank of every criterion over all (model, stage, ratio) cells, per stage group
+  (right after pruning; after a repair: ``bias``, ``bn``, ``bias+bn``; after fine-tuning), over
+  the criteria present in every run;
 * the goal table of issue 11: for each model, repair stage and ratio, the best curvature
   variant (highest mean in that cell) against the best other criterion (highest mean among the
   non-curvature criteria), paired over seeds: difference, wins / ties / losses and the paired
@@ -125,6 +128,35 @@ def goal_rows(rows, meta, stages) -> list:
     return out
 
 
+def mean_ranks(loaded) -> list:
+    """Markdown lines: each criterion's mean rank (1 = best mean accuracy of its cell) over
+    every (model, stage, ratio) cell of a stage group, criteria common to every run."""
+    common = None
+    for rows, _ in loaded:
+        c = list(dict.fromkeys(r["criterion"] for r in rows))
+        common = c if common is None else [x for x in common if x in c]
+    groups = {"pruned": ("pruned",), "repaired (bias, bn, bias+bn)": ("bias", "bn", "bias+bn"),
+              "fine-tuned": ("ft",)}
+    ranks = {g: {c: [] for c in common} for g in groups}
+    for rows, _ in loaded:
+        ratios = sorted({r["ratio"] for r in rows})
+        for g, stages in groups.items():
+            for st in (s for s in stages if s in present_stages(rows)):
+                for ratio in ratios:
+                    m = {c: np.mean(list(per_seed(rows, c, st, ratio).values())) for c in common}
+                    order = sorted(common, key=lambda c: -m[c])
+                    for c in common:        # ties share the best rank
+                        ranks[g][c].append(1 + sum(m[o] > m[c] for o in order))
+    used = [g for g in groups if any(ranks[g][c] for c in common)]
+    out = ["| criterion | " + " | ".join(f"{g} ({len(ranks[g][common[0]])} cells)"
+                                         for g in used) + " |",
+           "|---|" + "---|" * len(used)]
+    key = next((g for g in used if g.startswith("repaired")), used[-1] if used else None)
+    for c in sorted(common, key=lambda c: np.mean(ranks[key][c]) if key else 0):
+        out.append(f"| {c} | " + " | ".join(f"{np.mean(ranks[g][c]):.1f}" for g in used) + " |")
+    return out
+
+
 def report(runs) -> str:
     loaded = [load(Path(r)) for r in runs]
     lines = ["## Baselines", "", "| model | epochs | test accuracy (%) | training time per seed |",
@@ -133,6 +165,10 @@ def report(runs) -> str:
     lines += ["", "## Accuracy by stage", ""]
     for rows, meta in loaded:
         lines += stage_table(rows, meta)
+    lines += ["## Mean rank over models, ratios and stages", "",
+              f"Rank 1 = the best mean accuracy of a cell, among the {len(mean_ranks(loaded)) - 2} "
+              "criteria run on every model.", ""]
+    lines += mean_ranks(loaded) + [""]
     lines += ["## Best curvature variant against the best other criterion (paired over seeds)",
               "", "Best other: the non-curvature, non-random criterion with the highest mean in "
               "the cell. Difference = best curvature - best other (percentage points, mean ± std "

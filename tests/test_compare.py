@@ -231,6 +231,8 @@ def test_compare_report_tables_from_synthetic_runs(tmp_path):
     p = ttest_rel([86, 87, 83], [85, 86, 84]).pvalue
     assert (f"| mlp | bias | 0.3 | curvature 85.3 | wanda 85.0 | +0.33 ± 1.15 | 2/0/1 | "
             f"{p:.3f} | at or above |") in text
+    # mean ranks: all tie right after pruning; after repair (bias) l1 ranks 4 and 2
+    assert "| l1 | 1.0 | 3.0 |" in text and "| curvature-flow | 1.0 | 4.0 |" in text
     # ratio 0.5: best curvature = curvature-flow (58.7) vs l1 (60.0): below, not significant
     assert "| mlp | bias | 0.5 | curvature-flow 58.7 | l1 60.0 | -1.33 ± 2.08 | 1/0/2 |" in text
 
