@@ -276,3 +276,23 @@ def test_unstructured_benchmark_sparse_smoke(tmp_path, monkeypatch):
         assert out.with_suffix(suf).is_file()
     md = out.with_suffix(".md").read_text()
     assert "(sparse)" in md and "Sampled edges" in md
+
+
+def test_element_importance_flattened_channel_counts_once():
+    """A conv channel flattened into a Linear (36 features per channel): under the mean group
+    reduction the channel's score is the mean of its conv score and the mean of its 36
+    features' scores (one item each), as in CurvatureImportance."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    imp = ElementCurvatureImportance(normalizer=None, backend="exact", alpha=0.5)
+    imp.calibrate(model, x)
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+    g = DG.get_pruning_group(model[0], tp.prune_conv_out_channels, idxs=list(range(4)))
+    k0 = imp.weight_curvatures()[id(model[0])]
+    k3 = imp.weight_curvatures()[id(model[3])]
+    out = 2.0 - k0.flatten(1).mean(1)
+    feat = 2.0 - k3.transpose(0, 1).mean(1)              # per input feature of the Linear
+    want = (out + feat.view(4, 36).mean(1)) / 2
+    torch.testing.assert_close(imp(g), want.float(), rtol=1e-5, atol=1e-6)

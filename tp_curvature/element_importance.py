@@ -13,7 +13,9 @@ pruning, so the two granularities can be compared on equal terms:
    ``kmax - min kappa_w`` (its strongest bottleneck), with ``kmax = 1/(1-alpha)``, so scores
    are non-negative and higher = more important, as in :class:`~tp_curvature.CurvatureImportance`;
 3. per group, scattered by ``root_idxs`` and reduced with ``group_reduction`` / ``normalizer``
-   exactly as ``GroupMagnitudeImportance`` does (BatchNorm items add nothing).
+   exactly as ``GroupMagnitudeImportance`` does (BatchNorm items add nothing); the features of
+   one channel flattened into a Linear share that channel's item (as in
+   :class:`~tp_curvature.CurvatureImportance`).
 
 Supported models are those of the sparse element graph (chains of Conv2d / Linear / BatchNorm
 / elementwise activations / Flatten / MaxPool2d / AvgPool2d). The per-weight kappa is computed
@@ -28,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .importance import IN_FNS, OUT_FNS
+from .importance import IN_FNS, OUT_FNS, feature_share
 
 CHANNEL_REDUCTIONS = ("mean", "min")
 
@@ -119,7 +121,7 @@ class ElementCurvatureImportance(tp.importance.GroupMagnitudeImportance):
             if kappa is None:
                 continue
             local = self._channel(kappa, fn in OUT_FNS, idxs)
-            group_imp.append(local)
+            group_imp.append(feature_share(local, root_idxs, self.group_reduction))
             group_idxs.append(root_idxs)
         if not group_imp:
             return None

@@ -54,6 +54,17 @@ REDUCTIONS = ("mean", "min", "neg_sum")
 SIDES = ("both", "consumer")
 
 
+def feature_share(local: torch.Tensor, root_idxs, group_reduction) -> torch.Tensor:
+    """Several features of one channel (a Linear after flatten) share a root index: under a
+    ``mean`` / ``sum`` group reduction each carries an equal share, so the channel counts once
+    in the group (as one item), not once per feature."""
+    if group_reduction in ("mean", "sum") and len(root_idxs):
+        r = torch.as_tensor(root_idxs)
+        if (r >= 0).all():
+            return local / torch.bincount(r)[r].to(local.dtype)
+    return local
+
+
 def reduce_kappa(kappa: np.ndarray, axis: int, reduction: str, alpha: float) -> np.ndarray:
     """Channel scores from a kappa matrix, reducing over ``axis`` (NaN = no connection)."""
     kmax = 1.0 / (1.0 - alpha)
@@ -514,14 +525,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             else:
                 local = torch.as_tensor(local, dtype=torch.float32)
                 state.coverage["curvature"].add(name)
-            if self.group_reduction in ("mean", "sum") and len(root_idxs):
-                # several features of one channel (a Linear after flatten) share a root index:
-                # each carries an equal share so the channel counts once
-                r = torch.as_tensor(root_idxs)
-                if (r >= 0).all():
-                    counts = torch.bincount(r)[r].to(local.dtype)
-                    local = local / counts
-            group_imp.append(local)
+            group_imp.append(feature_share(local, root_idxs, self.group_reduction))
             group_idxs.append(root_idxs)
         if not group_imp:
             return None
