@@ -40,8 +40,12 @@ def col(stage: str) -> str:
 
 
 def load(run: Path):
+    """``(rows, meta)`` of a run; ``meta["label"]``: the run folder's name without its
+    dataset prefix (``vgg9``, ``vgg9-low``), so two runs of one model stay apart."""
     rows = json.loads((run / "rows.json").read_text())
     meta = json.loads((run / "meta.json").read_text())
+    prefix = f"{meta['args']['dataset'].lower()}-"
+    meta["label"] = run.name[len(prefix):] if run.name.startswith(prefix) else run.name
     return rows, meta
 
 
@@ -75,7 +79,7 @@ def baseline_line(meta) -> str:
     width = f", width {a['width']}" if a.get("width") else ""
     sub = f", {a['train_subset']} training images" if a.get("train_subset") else \
         ", full training set"
-    return (f"| {a['model']}{width} | {a['epochs']}{sub} | {fmt(np.mean(acc), np.std(acc, ddof=1))} "
+    return (f"| {meta['label']}{width} | {a['epochs']}{sub} | {fmt(np.mean(acc), np.std(acc, ddof=1))} "
             f"| {np.mean(t):.0f} s |")
 
 
@@ -89,7 +93,7 @@ def stage_table(rows, meta) -> list:
             v = list(per_seed(rows, c, st).values())
             cells[c, st] = (np.mean(v), np.std(v, ddof=1) if len(v) > 1 else 0.0)
     best = {st: max(cells[c, st][0] for c in crits) for st in stages}
-    out = [f"**{meta['args']['model']}**: accuracy (%) averaged over ratios "
+    out = [f"**{meta['label']}**: accuracy (%) averaged over ratios "
            f"{' / '.join(f'{r:g}' for r in ratios)}, mean ± std over {len(meta['seeds'])} seeds",
            "", "| criterion | " + " | ".join(stages) + " |",
            "|---|" + "---|" * len(stages)]
@@ -121,7 +125,7 @@ def goal_rows(rows, meta, stages) -> list:
             pc = paired_comparison([a[s] for s in seeds], [b[s] for s in seeds])
             verdict = ("at or above" if pc["mean"] >= 0 else
                        "below (p<0.05)" if pc["p_t"] < 0.05 else "below, n.s.")
-            out.append(f"| {meta['args']['model']} | {st} | {ratio:g} | {bc} {mean_of(bc):.1f} | "
+            out.append(f"| {meta['label']} | {st} | {ratio:g} | {bc} {mean_of(bc):.1f} | "
                        f"{bo} {mean_of(bo):.1f} | {pc['mean']:+.2f} ± {pc['std']:.2f} | "
                        f"{pc['wins']}/{pc['ties']}/{pc['losses']} | {format_p(pc['p_t'])} | "
                        f"{verdict} |")

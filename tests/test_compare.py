@@ -216,10 +216,11 @@ def test_compare_report_tables_from_synthetic_runs(tmp_path):
     rows = [{"criterion": c, "seed": s, "mode": "uniform", "ratio": r, "acc_pruned": 0.5,
              "acc_bias": a, "acc_bn": None, "acc_bias_bn": None, "acc_ft": None}
             for c, by_seed in acc.items() for s, by_r in by_seed.items() for r, a in by_r.items()]
-    meta = {"args": {"model": "mlp", "epochs": 3, "width": None, "train_subset": None},
+    meta = {"args": {"dataset": "digits", "model": "mlp", "epochs": 3, "width": None,
+                     "train_subset": None},
             "seeds": [{"seed": s, "test_acc_full": 0.9 + 0.01 * s, "train_time_s": 10.0}
                       for s in range(3)]}
-    run = tmp_path / "run"
+    run = tmp_path / "digits-mlp"           # labelled by the folder name: "mlp"
     run.mkdir()
     (run / "rows.json").write_text(json.dumps(rows))
     (run / "meta.json").write_text(json.dumps(meta))
