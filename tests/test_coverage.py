@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import shortest_path
+from _reference import PAPER
 
 from tp_curvature import CurvatureImportance, connection_curvature
 
@@ -130,7 +131,7 @@ def test_se_block_against_reference(backend):
     with torch.no_grad():
         m.fc1.bias.fill_(0.3)                    # keep the squeeze alive
     x = torch.randn(8, 3, 5, 5)
-    got = connection_curvature(m, x, topk=None, backend=backend)
+    got = connection_curvature(m, x, topk=None, backend=backend, **PAPER)
     with torch.no_grad():
         h = torch.relu(m.c1(x))
         s = h.mean((2, 3), keepdim=True)
@@ -179,7 +180,7 @@ def test_layernorm_residual_block_against_reference(backend):
         m.ln1.weight.uniform_(0.2, 2.0)
         m.ln2.weight.uniform_(0.2, 2.0)
     x = torch.randn(4, 5, 4)
-    got = connection_curvature(m, x, topk=None, backend=backend)
+    got = connection_curvature(m, x, topk=None, backend=backend, **PAPER)
     with torch.no_grad():
         r = m.fc0(x)
         l1 = m.ln1(r)
@@ -223,7 +224,7 @@ def test_attention_block_against_reference(backend):
     torch.manual_seed(2)
     m = AttnBlock().eval()
     x = torch.randn(4, 5, 8)
-    got = connection_curvature(m, x, topk=None, backend=backend)
+    got = connection_curvature(m, x, topk=None, backend=backend, **PAPER)
     E_ = 8
     W = m.mha.in_proj_weight.detach()
     b = m.mha.in_proj_bias.detach()
@@ -281,7 +282,7 @@ def test_attention_stream_writer_against_reference(backend):
     torch.manual_seed(7)
     m = StreamAttnBlock().eval()
     x0 = torch.randn(5, 4, 6)                    # (T, N, C)
-    got = connection_curvature(m, x0, topk=None, backend=backend)
+    got = connection_curvature(m, x0, topk=None, backend=backend, **PAPER)
     E_ = 8
     W = m.mha.in_proj_weight.detach()
     b = m.mha.in_proj_bias.detach()
