@@ -79,7 +79,8 @@ def main(argv=None):
         model.eval()
         for variant in ("paper", "flow"):
             t0 = time.perf_counter()
-            imp = CurvatureImportance(variant=variant, topk=args.topk, backend=args.backend)
+            imp = CurvatureImportance(variant=variant, node_value="mean_abs", topk=args.topk,
+                                      backend=args.backend)
             imp.calibrate(model, x)
             r = layer_rows(imp, f"{name} ({100 * info['test_acc']:.1f}%)")
             for row in r:

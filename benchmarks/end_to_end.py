@@ -45,6 +45,12 @@ from engine.models import resnet56
 from tp_curvature import CurvatureImportance
 
 
+#: the curvature definition timed (``--variant`` / ``--node-value``): the README's timings were
+#: measured with the paper's definition, the default here; the library's default is
+#: ``variant="flow", node_value="std"``
+DEFINITION = {"variant": "paper", "node_value": "mean_abs"}
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -73,7 +79,7 @@ def bench_resnet56(calib: int, topk, backend: str, seed: int = 0) -> dict:
 
     # Curvature: calibrate (hooks + one forward) + graph + kernels + scoring
     m_c = copy.deepcopy(model)
-    imp = CurvatureImportance(topk=topk, backend=backend)
+    imp = CurvatureImportance(topk=topk, backend=backend, **DEFINITION)
     t0 = time.perf_counter()
     imp.calibrate(m_c, x)
     t_cal = time.perf_counter() - t0
@@ -97,7 +103,7 @@ def bench_resnet50(calib: int, topk, backend: str, seed: int = 0) -> dict:
     model = torchvision.models.resnet50().eval()
     x = torch.randn(calib, 3, 224, 224)
     rss0 = peak_rss_mib()
-    imp = CurvatureImportance(topk=topk, backend=backend, progress=True)
+    imp = CurvatureImportance(topk=topk, backend=backend, progress=True, **DEFINITION)
     t0 = time.perf_counter()
     imp.calibrate(model, x)
     t_cal = time.perf_counter() - t0
@@ -139,7 +145,7 @@ def bench_zoo(name: str, calib: int, topk, backend: str, size: int = 224, vit_la
     model.eval()
     x = torch.randn(calib, 3, size, size)
     rss0 = peak_rss_mib()
-    imp = CurvatureImportance(topk=topk, backend=backend, progress=True)
+    imp = CurvatureImportance(topk=topk, backend=backend, progress=True, **DEFINITION)
     pruner = tp.pruner.BasePruner(model, x[:1], importance=imp, pruning_ratio=0.5, **kw)
     groups = list(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                            root_module_types=pruner.root_module_types))
@@ -193,8 +199,11 @@ def main(argv=None):
     ap.add_argument("--topk", type=int, default=32)
     ap.add_argument("--backend", default="sinkhorn")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--variant", default="paper", choices=["paper", "flow"])
+    ap.add_argument("--node-value", default="mean_abs", choices=["mean_abs", "std"])
     ap.add_argument("--out", default="results/end_to_end.json")
     args = ap.parse_args(argv)
+    DEFINITION.update(variant=args.variant, node_value=args.node_value)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
@@ -206,7 +215,8 @@ def main(argv=None):
         rows.append(bench_zoo(args.only, args.calib or 8, args.topk, args.backend, args.size,
                               args.vit_layers, args.max_groups, args.dry_run))
     import numba
-    for r in rows:          # the thread counts every row was measured with
+    for r in rows:          # the thread counts and definition every row was measured with
+        r.update(DEFINITION)
         r["torch_threads"] = torch.get_num_threads()
         r["numba_threads"] = numba.get_num_threads()
     out = Path(args.out)

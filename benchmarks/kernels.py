@@ -169,7 +169,8 @@ def trained_layer_problems(spec: str, args) -> dict:
                              verbose=False)
     train, _, _ = load_dataset(dataset)
     x, _ = calibration_batch(train, 256, seed=args.seed)
-    imp = CurvatureImportance(alpha=args.alpha, variant=args.measure, topk=None)
+    imp = CurvatureImportance(alpha=args.alpha, variant=args.measure, node_value="mean_abs",
+                              topk=None)
     return imp.calibrate(model.eval(), x).layer_problems()
 
 

@@ -25,6 +25,9 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import shortest_path
 
 ALPHA = 0.5
+#: the paper's definition, which these references compute (the library's default is the flow
+#: variant with spread node values)
+PAPER = {"variant": "paper", "node_value": "mean_abs"}
 
 
 def minmax(a):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from _reference import ALPHA
+from _reference import ALPHA, PAPER
 from _reference import mlp_curvature as reference_mlp_curvature
 from scipy.stats import spearmanr
 
@@ -32,7 +32,7 @@ def test_exact_backend_matches_independent_reference(variant, seed):
     model = small_mlp(seed)
     x = torch.randn(32, 12, generator=torch.Generator().manual_seed(seed))
     ref = reference_mlp_curvature(model, x, flow=(variant == "flow"))
-    got = connection_curvature(model, x, variant=variant, topk=None, backend="exact")
+    got = connection_curvature(model, x, variant=variant, node_value="mean_abs", topk=None, backend="exact")
     for K_ref, lc in zip(ref, got.values()):
         assert lc.kappa.shape == K_ref.shape
         np.testing.assert_allclose(lc.kappa, K_ref, atol=1e-6)  # float32 activations
@@ -43,7 +43,7 @@ def test_sinkhorn_backend_close_to_reference(variant):
     model = small_mlp(3, sizes=(16, 12, 10, 8))
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))
     ref = reference_mlp_curvature(model, x, flow=(variant == "flow"))
-    got = connection_curvature(model, x, variant=variant, topk=None, backend="sinkhorn")
+    got = connection_curvature(model, x, variant=variant, node_value="mean_abs", topk=None, backend="sinkhorn")
     for K_ref, lc in zip(ref, got.values()):
         # entropic bias is one-sided (kappa_eps <= kappa) and small at the default eps
         assert np.max(np.abs(lc.kappa - K_ref)) < 0.03
@@ -56,7 +56,7 @@ def test_single_layer_closed_form_kappa_zero():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(5, 4))
     x = torch.rand(16, 5) + 0.1
-    lc = next(iter(connection_curvature(model, x, topk=None, backend="exact",
+    lc = next(iter(connection_curvature(model, x, **PAPER, topk=None, backend="exact",
                                         normalize="max").values()))
     assert np.allclose(lc.kappa, 0.0)
 
@@ -81,7 +81,7 @@ def test_two_layer_closed_form(backend):
     r /= r.sum()
     expected = 1 - (c_xw @ r)[:, None] / d1
     expected[:, a_y == 0] = 1.0
-    lc = list(connection_curvature(model, x, topk=None, backend=backend, normalize="max",
+    lc = list(connection_curvature(model, x, **PAPER, topk=None, backend=backend, normalize="max",
                                    alpha=ALPHA).values())[0]
     tol = 1e-6 if backend == "exact" else 0.03
     np.testing.assert_allclose(lc.kappa, expected, atol=tol)
@@ -94,7 +94,7 @@ def test_dead_channel_and_zero_weight_give_documented_kappa():
         model[1].bias[3] = -1.0
         model[3].weight[2, 4] = 0.0         # one zero-weight connection
     x = torch.randn(32, 12)
-    res = list(connection_curvature(model, x, topk=None, backend="exact").values())
+    res = list(connection_curvature(model, x, **PAPER, topk=None, backend="exact").values())
     assert np.all(res[0].kappa[:, 3] == 1.0)       # dead endpoint
     assert np.all(res[1].kappa[3, :] == 1.0)
     assert res[1].kappa[4, 2] == 1.0               # zero weight
@@ -112,7 +112,7 @@ def test_conv_graph_groups_and_bn_fold():
         model[1].running_var.uniform_(0.5, 2.0)
         model[1].weight.uniform_(0.5, 2.0)
     x = torch.randn(8, 3, 8, 8)
-    res = connection_curvature(model, x, topk=None, backend="exact")
+    res = connection_curvature(model, x, **PAPER, topk=None, backend="exact")
     dw = res["3"]
     assert np.array_equal(dw.exists, np.eye(4, dtype=bool))
     assert np.all(np.isnan(dw.kappa[~np.eye(4, dtype=bool)]))
@@ -126,7 +126,8 @@ def test_conv_graph_groups_and_bn_fold():
 def test_flatten_maps_features_to_channels():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
-    res = connection_curvature(model, torch.randn(4, 1, 6, 6), topk=None, backend="exact")
+    res = connection_curvature(model, torch.randn(4, 1, 6, 6), **PAPER, topk=None,
+                               backend="exact")
     fc = res["3"]
     assert fc.kappa.shape == (3, 5)
     assert np.array_equal(fc.in_group, np.repeat(np.arange(3), 16))
@@ -180,13 +181,13 @@ def test_conv1d_residual_and_concat_graph():
     torch.manual_seed(0)
     model = Net().eval()
     x = torch.randn(16, 2, 8)
-    res = connection_curvature(model, x, topk=None, backend="exact")
+    res = connection_curvature(model, x, **PAPER, topk=None, backend="exact")
     assert set(res) == {"c1", "c2", "c3", "fc"}
     assert res["fc"].kappa.shape == (7, 5)                 # flatten groups 8 positions per channel
     assert res["c3"].kappa.shape == (4, 3)
     for lc in res.values():
         assert np.all(np.isfinite(lc.kappa))
-    approx = connection_curvature(model, x, topk=None, backend="sinkhorn")
+    approx = connection_curvature(model, x, **PAPER, topk=None, backend="sinkhorn")
     for k, lc in res.items():
         assert np.max(np.abs(approx[k].kappa - lc.kappa)) < 0.03
 
@@ -301,7 +302,7 @@ def test_node_value_std_matches_reference(variant):
     for K_ref, lc in zip(ref, got.values()):
         np.testing.assert_allclose(lc.kappa, K_ref, atol=1e-6)
     # differs from the default's mean |a| on this data
-    base = connection_curvature(model, x, variant=variant, topk=None, backend="exact")
+    base = connection_curvature(model, x, variant=variant, node_value="mean_abs", topk=None, backend="exact")
     assert max(np.abs(a.kappa - b.kappa).max()
                for a, b in zip(got.values(), base.values())) > 1e-3
 
@@ -327,7 +328,7 @@ def test_node_value_std_conv_over_images_and_positions():
     assert cal.acts[j.index][2] == 0.0
     lc = connection_curvature(model, x, topk=None, backend="exact", node_value="std")["2"]
     np.testing.assert_array_equal(lc.kappa[2], 1.0)
-    lc_abs = connection_curvature(model, x, topk=None, backend="exact")["2"]
+    lc_abs = connection_curvature(model, x, **PAPER, topk=None, backend="exact")["2"]
     assert np.any(lc_abs.kappa[2] < 1.0)      # (an output at the minmax floor is dead: 1)
 
 

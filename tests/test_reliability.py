@@ -40,9 +40,11 @@ def _kappas(res):
 
 
 def _same(a, b):
+    """Equal up to float64 summation order (batches split differently sum the spread's
+    moments in another order)."""
     assert a.keys() == b.keys()
     for k in a:
-        np.testing.assert_array_equal(a[k], b[k])
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------- 1. another model than calibrated

@@ -9,7 +9,11 @@ For a connection :math:`x \\to y` of a weight layer (x an input channel, y an ou
 with the measures and ground costs of :mod:`tp_curvature.problem`. Negative curvature marks a
 bottleneck that carries the network's flow; positive curvature a redundant connection.
 
-Definitions (``variant`` picks a consistent pair; each part can be set on its own):
+Definitions (``variant`` picks a consistent pair; each part can be set on its own). The default
+is ``variant="flow"`` with ``node_value="std"``: on the project's Fashion-MNIST comparisons
+(``benchmarks/compare.py``, README "When to use curvature") it ranks best of the curvature
+variants after a repair, the paper's definition (``variant="paper"``,
+``node_value="mean_abs"``) worst.
 
 ============  =====================================  ==========================================
 option        ``"weight"`` / ``"activation"`` (paper) ``"flow"``
@@ -86,23 +90,23 @@ class CurvatureConfig:
 
     ``alpha`` in [0, 1) (the mass a measure keeps at its centre: 0 puts it all on the
     neighbours and kappa is at most 1; 1 is excluded, kappa has a factor 1/(1 - alpha));
-    ``variant`` "paper" | "flow" | None; ``length`` "weight" | "flow"; ``measure``
+    ``variant`` "flow" (default) | "paper" | None; ``length`` "weight" | "flow"; ``measure``
     "activation" | "flow"; ``p`` > 0 and finite (the norm of a kernel slice; p = inf is refused,
     and a very large p, above ~50, can underflow small weights to a zero strength: keep p <= 10);
-    ``normalize`` "minmax" | "max"; ``node_value`` "mean_abs" (the paper: mean |activation|)
-    | "std" (the activation's spread over images and positions; see
+    ``normalize`` "minmax" | "max"; ``node_value`` "std" (default: the activation's spread over
+    images and positions) | "mean_abs" (the paper: mean |activation|; see
     :func:`~tp_curvature.hooks.record_activations`); ``topk`` a positive int (1 keeps each measure's single
     heaviest neighbour) or None (all); ``backend`` "sinkhorn" | "exact" | "pot-sinkhorn";
     ``backend_options`` keyword arguments of the solver's ``solve_w1`` (``eps``, ``tol``,
     ``max_iter``...).
     """
     alpha: float = 0.5
-    variant: Optional[str] = "paper"
+    variant: Optional[str] = "flow"
     length: Optional[str] = None       # "weight" | "flow" (overrides variant)
     measure: Optional[str] = None      # "activation" | "flow" (overrides variant)
     p: float = 2.0                     # norm of a kernel slice
     normalize: str = "minmax"          # node values: "minmax" (paper) | "max"
-    node_value: str = "mean_abs"       # "mean_abs" (paper) | "std" (spread over images, positions)
+    node_value: str = "std"            # "std" (spread over images, positions) | "mean_abs" (paper)
     topk: Optional[int] = 32           # keep the k heaviest atoms of each measure (None: all)
     backend: str = "sinkhorn"          # "sinkhorn" | "exact" | "pot-sinkhorn"
     backend_options: dict = field(default_factory=dict)
@@ -111,7 +115,7 @@ class CurvatureConfig:
         if self.variant is not None and self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)} or None, got "
                              f"{self.variant!r}")
-        base = VARIANTS.get(self.variant or "paper")
+        base = VARIANTS.get(self.variant or "flow")
         self.length = self.length or base[0]
         self.measure = self.measure or base[1]
         if self.length not in ("weight", "flow"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -70,16 +71,22 @@ def _indices(idx: list, limit: int = 8) -> str:
         if len(idx) > 1 else f"{idx[0]}"
 
 
-def _config(config: dict) -> CurvatureConfig:
-    """A :class:`CurvatureConfig` from keyword options (``topk`` defaults to
-    :data:`DEFAULT_TOPK`); unknown keywords are a TypeError naming them, and every value is
+def _config(config: dict, topk: Optional[int] = DEFAULT_TOPK) -> CurvatureConfig:
+    """A :class:`CurvatureConfig` from keyword options, with the per-weight mode's defaults:
+    the paper's definition (``variant="paper"``), ``topk`` (default :data:`DEFAULT_TOPK`) and
+    ``node_value="mean_abs"``, the only one that applies (an element's value on one image is one
+    number: it has no spread); unknown keywords are a TypeError naming them, and every value is
     checked by :class:`CurvatureConfig` with a message naming the option."""
     config = dict(config)
     unknown = sorted(set(config) - set(_CONFIG_FIELDS))
     if unknown:
         raise TypeError(f"unknown curvature option(s) {', '.join(map(repr, unknown))}; the "
                         f"options are {', '.join(_CONFIG_FIELDS)}")
-    config.setdefault("topk", DEFAULT_TOPK)
+    config.setdefault("topk", topk)
+    config.setdefault("variant", "paper")
+    if config.setdefault("node_value", "mean_abs") != "mean_abs":
+        raise ValueError(f"node_value={config['node_value']!r} does not apply to the per-weight "
+                         "mode: an element's value on one image has no spread (use 'mean_abs')")
     return CurvatureConfig(**config)
 
 

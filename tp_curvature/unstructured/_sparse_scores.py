@@ -40,14 +40,9 @@ _DUMMY = (False, 0, 0, 0, 0, 0, np.zeros((0, 0), np.int64), np.zeros(1, np.int64
 
 
 def _config(config: dict) -> CurvatureConfig:
-    from ._checks import _CONFIG_FIELDS
-    config = dict(config)
-    unknown = sorted(set(config) - set(_CONFIG_FIELDS))
-    if unknown:
-        raise TypeError(f"unknown curvature option(s) {', '.join(map(repr, unknown))}; the "
-                        f"options are {', '.join(_CONFIG_FIELDS)}")
-    config.setdefault("topk", SPARSE_DEFAULT_TOPK)
-    return CurvatureConfig(**config)
+    """:func:`._checks._config` with the sparse mode's ``topk`` default."""
+    from ._checks import _config as checked_config
+    return checked_config(config, topk=SPARSE_DEFAULT_TOPK)
 
 
 def sparse_node_values(graph: SparseElementGraph, images: torch.Tensor,
