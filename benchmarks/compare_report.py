@@ -30,13 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from compare import STAGES
+from compare import stage_col as col
 from engine.stats import format_p, paired_comparison
-
-STAGES = ("pruned", "bias", "bn", "bias+bn", "ft")
-
-
-def col(stage: str) -> str:
-    return "acc_" + stage.replace("+", "_")
 
 
 def load(run: Path):

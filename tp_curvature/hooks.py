@@ -290,7 +290,8 @@ def record_activations(graph: ChannelGraph, batches, forward_fn: Optional[Callab
             v = None
         if v is not None:
             a = a * v
-            x = x * v
+            if spread:
+                x = x * v
             cnt = v.to(torch.float64).sum(other) if other else v.to(torch.float64)
         else:
             n_other = int(np.prod([t.shape[d] for d in other])) if other else 1

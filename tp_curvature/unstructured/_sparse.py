@@ -382,6 +382,18 @@ def _topk_fill(nb, lw, n, k, out_idx, out_mass, row):
                 out_mass[row, i] = m
 
 
+@numba.njit(cache=True)
+def _log_weights(nbr, st, m, a, flow_measure):
+    """Log measure weight of each of the ``m`` neighbours ``nbr`` (edge strengths ``st``):
+    ``log(a |w|)`` (flow) or ``-1/a^2`` (paper); ``-inf`` for an inactive neighbour."""
+    lw = np.full(m, -np.inf)
+    for i in range(m):
+        v = a[nbr[i]]
+        if v > 0:
+            lw[i] = np.log(v * st[i]) if flow_measure else -1.0 / (v * v)
+    return lw
+
+
 @numba.njit(parallel=True, cache=True)
 def pred_supports(n, k, flow_measure, a_src, dw, O, C, L, P, K2, pos_tab, inv_ptr, inv_l,
                   inv_t, S):
@@ -394,11 +406,7 @@ def pred_supports(n, k, flow_measure, a_src, dw, O, C, L, P, K2, pos_tab, inv_pt
         src = np.empty(fan, np.int64)
         st = np.empty(fan)
         m = _in_edges(x, dw, O, C, L, P, K2, pos_tab, S, src, st)
-        lw = np.full(m, -np.inf)
-        for i in range(m):
-            a = a_src[src[i]]
-            if a > 0:
-                lw[i] = np.log(a * st[i]) if flow_measure else -1.0 / (a * a)
+        lw = _log_weights(src, st, m, a_src, flow_measure)
         _topk_fill(src, lw, m, k, out_idx, out_mass, x)
     return out_idx, out_mass
 
@@ -417,11 +425,7 @@ def succ_supports(n, k, flow_measure, a_dst, dw, O, C, L, P, K2, pos_tab, inv_pt
         dst = np.empty(fan, np.int64)
         st = np.empty(fan)
         m = _out_edges(y, dw, O, C, L, P, K2, inv_ptr, inv_l, inv_t, S, dst, st)
-        lw = np.full(m, -np.inf)
-        for i in range(m):
-            a = a_dst[dst[i]]
-            if a > 0:
-                lw[i] = np.log(a * st[i]) if flow_measure else -1.0 / (a * a)
+        lw = _log_weights(dst, st, m, a_dst, flow_measure)
         _topk_fill(dst, lw, m, k, out_idx, out_mass, y)
     return out_idx, out_mass
 
