@@ -411,3 +411,20 @@ def test_masks_from_scores_and_apply_masks_check_everything_first():
     with pytest.raises(ValueError, match=r"masks\['7.weight'\].*shape"):
         apply_masks(model, masks)
     assert _no_masks(model)
+
+
+def test_per_weight_mode_keeps_the_paper_definition_and_refuses_spread():
+    """The per-weight mode defaults to the paper's definition whatever CurvatureConfig's default
+    is (an explicit variant="paper" gives the same kappa), and node_value="std" -- one image's
+    element has no spread -- is refused by name in both the dense and the sparse mode."""
+    from tp_curvature.unstructured import sparse_weight_curvature
+    model, x = tiny_model(), _imgs(2)
+    default = weight_curvature(model, x, backend="exact")
+    paper = weight_curvature(model, x, backend="exact", variant="paper")
+    flow = weight_curvature(model, x, backend="exact", variant="flow")
+    for k in default:
+        torch.testing.assert_close(default[k], paper[k])
+    assert any(not torch.allclose(default[k], flow[k]) for k in default)
+    for fn in (weight_curvature, sparse_weight_curvature):
+        with pytest.raises(ValueError, match="node_value"):
+            fn(model, x, node_value="std")
