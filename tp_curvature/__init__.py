@@ -9,7 +9,8 @@ Data flow, one module each: :mod:`~tp_curvature.hooks` (calibration statistics) 
 element matrices for small models, sparse element graphs for e.g. the paper's VGG-9);
 :mod:`~tp_curvature.element_importance` turns its per-weight kappa into channel scores.
 """
-from .curvature import CurvatureConfig, LayerCurvature, connection_curvature
+from .config import CurvatureConfig
+from .curvature import LayerCurvature, connection_curvature
 from .graph import ChannelGraph, UnsupportedModelError
 from .hooks import CalibrationError, UnvalidatedCurvatureWarning
 from .element_importance import ElementCurvatureImportance

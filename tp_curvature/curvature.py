@@ -46,10 +46,7 @@ is small (see ``benchmarks/kernels.py``); the kernels' work grows as :math:`(k+1
 """
 from __future__ import annotations
 
-import inspect
-import math
-import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -57,104 +54,10 @@ import torch
 import torch.nn as nn
 
 from .graph import ChannelGraph, WeightLayer
-from .hooks import NODE_VALUES, as_batches, calibrate_graph
+from .config import CurvatureConfig
+from .hooks import as_batches, calibrate_graph
 from .problem import LayerPairProblem
 from .shortest_paths import minplus
-
-VARIANTS = {"paper": ("weight", "activation"), "flow": ("flow", "flow")}
-
-
-NORMALIZE_MODES = ("minmax", "max")
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def _transport():
-    """The solver subpackage, imported on first use (it pulls in POT and the Numba kernels)."""
-    from . import transport
-    return transport
-
-
-def solver_keywords() -> frozenset:
-    """The keyword options the transport solver ``solve_w1`` takes (``backend_options``)."""
-    params = inspect.signature(_transport().solve_w1).parameters.values()
-    return frozenset(q.name for q in params if q.kind == q.KEYWORD_ONLY)
-
-
-@dataclass
-class CurvatureConfig:
-    """Every knob of the curvature definition and its solver, checked when it is built
-    (``ValueError`` naming the option and its accepted values).
-
-    ``alpha`` in [0, 1) (the mass a measure keeps at its centre: 0 puts it all on the
-    neighbours and kappa is at most 1; 1 is excluded, kappa has a factor 1/(1 - alpha));
-    ``variant`` "flow" (default) | "paper" | None; ``length`` "weight" | "flow"; ``measure``
-    "activation" | "flow"; ``p`` > 0 and finite (the norm of a kernel slice; p = inf is refused,
-    and a very large p, above ~50, can underflow small weights to a zero strength: keep p <= 10);
-    ``normalize`` "minmax" | "max"; ``node_value`` "std" (default: the activation's spread over
-    images and positions) | "mean_abs" (the paper: mean |activation|; see
-    :func:`~tp_curvature.hooks.record_activations`); ``topk`` a positive int (1 keeps each measure's single
-    heaviest neighbour) or None (all); ``backend`` "sinkhorn" | "exact" | "pot-sinkhorn";
-    ``backend_options`` keyword arguments of the solver's ``solve_w1`` (``eps``, ``tol``,
-    ``max_iter``...).
-    """
-    alpha: float = 0.5
-    variant: Optional[str] = "flow"
-    length: Optional[str] = None       # "weight" | "flow" (overrides variant)
-    measure: Optional[str] = None      # "activation" | "flow" (overrides variant)
-    p: float = 2.0                     # norm of a kernel slice
-    normalize: str = "minmax"          # node values: "minmax" (paper) | "max"
-    node_value: str = "std"            # "std" (spread over images, positions) | "mean_abs" (paper)
-    topk: Optional[int] = 32           # keep the k heaviest atoms of each measure (None: all)
-    backend: str = "sinkhorn"          # "sinkhorn" | "exact" | "pot-sinkhorn"
-    backend_options: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.variant is not None and self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {sorted(VARIANTS)} or None, got "
-                             f"{self.variant!r}")
-        base = VARIANTS.get(self.variant or "flow")
-        self.length = self.length or base[0]
-        self.measure = self.measure or base[1]
-        if self.length not in ("weight", "flow"):
-            raise ValueError(f"length must be 'weight' or 'flow', got {self.length!r}")
-        if self.measure not in ("activation", "flow"):
-            raise ValueError(f"measure must be 'activation' or 'flow', got {self.measure!r}")
-        if not (_is_real(self.alpha) and 0.0 <= self.alpha < 1.0):
-            raise ValueError(f"alpha must be a number in [0, 1), got {self.alpha!r}")
-        self.alpha = float(self.alpha)
-        if not (_is_real(self.p) and math.isfinite(self.p) and self.p > 0):
-            raise ValueError(f"p (the norm of a kernel slice) must be a finite number > 0, got "
-                             f"{self.p!r}")
-        self.p = float(self.p)
-        if self.normalize not in NORMALIZE_MODES:
-            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got "
-                             f"{self.normalize!r}")
-        if self.node_value not in NODE_VALUES:
-            raise ValueError(f"node_value must be one of {NODE_VALUES}, got "
-                             f"{self.node_value!r}")
-        if self.topk is not None and (isinstance(self.topk, bool)
-                                      or not isinstance(self.topk, numbers.Integral)
-                                      or self.topk < 1):
-            raise ValueError(f"topk must be a positive int or None, got {self.topk!r}")
-        if self.topk is not None:
-            self.topk = int(self.topk)
-        backends = _transport().BACKENDS
-        if self.backend not in backends:
-            raise ValueError(f"backend must be one of {backends}, got {self.backend!r}")
-        if self.backend_options is not None and not isinstance(self.backend_options, dict):
-            raise ValueError(f"backend_options must be a dict of solve_w1 keywords, got "
-                             f"{type(self.backend_options).__name__}")
-        self.backend_options = dict(self.backend_options or {})
-        if self.backend_options:
-            known = solver_keywords()
-            bad = sorted(set(self.backend_options) - known)
-            if bad:
-                raise ValueError(f"backend_options has unknown keys {bad}; solve_w1 takes "
-                                 f"{sorted(known)}")
-
 
 @dataclass
 class LayerCurvature:
@@ -410,7 +313,8 @@ def solve_problem(prob: LayerPairProblem, cfg: CurvatureConfig) -> np.ndarray:
     prob.validate()
     w1 = np.full(prob.d_xy.shape, np.nan)
     if prob.solve.any():
-        w1 = _transport().solve_w1(prob, backend=cfg.backend, **cfg.backend_options)
+        from .transport import solve_w1       # imported on first use: POT and the Numba kernels
+        w1 = solve_w1(prob, backend=cfg.backend, **cfg.backend_options)
     return prob.kappa(w1)
 
 

@@ -222,7 +222,7 @@ def default_forward(model: nn.Module, batch):
     return model(x.to(device))
 
 
-NODE_VALUES = ("mean_abs", "std")
+from .config import NODE_VALUES
 
 
 def record_activations(graph: ChannelGraph, batches, forward_fn: Optional[Callable] = None,

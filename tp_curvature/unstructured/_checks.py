@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..curvature import CurvatureConfig
+from ..config import CurvatureConfig
 
 
 #: top-k atoms per measure used by this module unless ``topk=`` is passed

@@ -15,7 +15,7 @@ from .._tracing import (BN_TYPES, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS,
                         ELEMENTWISE_MODULES, RESHAPE_METHODS, Recorder, UnsupportedModelError,
                         bn_scale, eval_mode, trace)
 from ..hooks import normalise
-from ..curvature import NORMALIZE_MODES
+from ..config import NORMALIZE_MODES
 from ._checks import (AUX_METHODS, OUTPUTS, WEIGHT_TYPES, _check_choice,
                       _check_layer_values, _check_model, _images, _indices)
 
