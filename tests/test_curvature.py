@@ -13,7 +13,7 @@ from _reference import mlp_curvature as reference_mlp_curvature
 from scipy.stats import spearmanr
 
 from tp_curvature import CalibrationError, UnsupportedModelError, connection_curvature
-from tp_curvature.hooks import normalise
+from tp_curvature.calibration import normalise
 
 
 def small_mlp(seed=0, sizes=(12, 10, 8, 6)):
@@ -204,7 +204,7 @@ def test_submodule_modes_restored(mixed_modes):
     check()
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
-    with pytest.raises(CalibrationError, match="non-finite"):      # raised by the hooks pass
+    with pytest.raises(CalibrationError, match="non-finite"):      # raised by the calibration pass
         connection_curvature(model, bad)
     check()
 
@@ -221,7 +221,7 @@ def _kap(res):
 
 
 def test_calibration_data_forms_and_one_streaming_pass():
-    from tp_curvature.hooks import CalibrationData
+    from tp_curvature.calibration import CalibrationData
 
     m = small_mlp()
     g = torch.Generator().manual_seed(0)
@@ -311,7 +311,8 @@ def test_node_value_std_conv_over_images_and_positions():
     """For a conv feature map the spread is over images and positions; a channel that is
     constant on the data (removable by bias compensation) is silent: its connections get
     kappa 1, while with mean |a| the same channel is the most active one and bears load."""
-    from tp_curvature.hooks import calibrate_graph
+    from tp_curvature import CurvatureConfig
+    from tp_curvature.calibration import CalibrationData, calibrate
     torch.manual_seed(0)
     conv1, conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3)
     with torch.no_grad():
@@ -322,7 +323,7 @@ def test_node_value_std_conv_over_images_and_positions():
     with torch.no_grad():
         h = torch.relu(conv1(x))
     want = h.double().permute(1, 0, 2, 3).reshape(6, -1).std(1, unbiased=False).numpy()
-    cal = calibrate_graph(model, x, normalize="max", node_value="std")
+    cal = calibrate(model, CalibrationData(x), CurvatureConfig(normalize="max", node_value="std"))
     j = next(j for j in cal.graph.junctions if j.n_nodes == 6)
     np.testing.assert_allclose(cal.acts[j.index], want / want.max(), rtol=1e-9, atol=1e-12)
     assert cal.acts[j.index][2] == 0.0

@@ -1,7 +1,7 @@
 """tp-curvature: neural-curvature (Ollivier-Ricci) importance for Torch-Pruning.
 
-Data flow, one module each: :mod:`~tp_curvature.hooks` (calibration statistics) ->
-:mod:`~tp_curvature.graph` (channel graph from torch.export + id lineage) ->
+Data flow, one module each: :mod:`~tp_curvature.calibration` (the data, streamed once through the exported model, gives
+the statistics) -> :mod:`~tp_curvature.graph` (channel graph from torch.export + id lineage) ->
 :mod:`~tp_curvature.curvature` (measures, shortest paths, transport problems) ->
 :mod:`~tp_curvature.transport` (Numba Sinkhorn / exact POT solvers) ->
 :mod:`~tp_curvature.importance` (channel scores for Torch-Pruning).
@@ -11,8 +11,9 @@ element matrices for small models, sparse element graphs for e.g. the paper's VG
 """
 from .config import CurvatureConfig
 from .curvature import LayerCurvature, connection_curvature
-from .graph import ChannelGraph, UnsupportedModelError
-from .hooks import CalibrationError, UnvalidatedCurvatureWarning
+from ._export import UnsupportedModelError
+from .calibration import CalibrationError, UnvalidatedCurvatureWarning
+from .graph import ChannelGraph
 from .element_importance import ElementCurvatureImportance
 from .importance import CurvatureImportance
 from .problem import LayerPairProblem

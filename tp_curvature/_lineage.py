@@ -1,8 +1,7 @@
-"""torch.export tracing and id-tensor lineage: the engine under :mod:`tp_curvature.graph`.
+"""Id-tensor lineage over an exported program (:mod:`tp_curvature._export`): the engine
+under :mod:`tp_curvature.graph`.
 
-:func:`export_forward` turns ``forward_fn(model, batch)`` into an ATen-level fx graph with
-:func:`torch.export.export` (non-strict, batch dim dynamic; then a static batch-1 export; then
-:func:`torch.export.draft_export`). :class:`LineagePass` runs that graph once on an example batch
+:class:`LineagePass` runs the program's ATen graph once on an example batch
 (for concrete shapes and the values of parameters, buffers and size computations) and, beside
 every real value, a *lineage*: a list of :class:`Term` ``(kind, src, ids, scale)``. ``ids`` is
 an integer tensor with the value's shape: the channel (of layer ``src``'s output, or the node of
@@ -21,19 +20,13 @@ from __future__ import annotations
 
 import math
 import operator
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.utils._pytree as pytree
 
-from ._tracing import UnsupportedModelError
-
-aten = torch.ops.aten
-
+from ._export import op_name
 
 class _Marker:
     def __init__(self, name):
@@ -53,15 +46,6 @@ class Term:
     src: int
     ids: torch.Tensor               # int64, the value's shape; -1: nothing
     scale: Optional[torch.Tensor]   # float64, broadcastable to ids (None: 1)
-
-
-def _name(t) -> str:
-    """ATen op name without namespace/overload (``aten.view.default`` -> ``view``)."""
-    if isinstance(t, torch._ops.OpOverload):
-        return t._schema.name.split("::")[-1]
-    if isinstance(t, torch._ops.OpOverloadPacket):
-        return t.__name__
-    return getattr(t, "__name__", str(t))
 
 
 #: pure data movement: the same op is run on the id (and scale) tensors
@@ -102,7 +86,7 @@ CAT = {"cat", "concat", "concatenate", "stack", "hstack", "vstack"}
 SDPA = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_cudnn_attention"}
-MATMUL = {"matmul", "bmm", "mm", "einsum_never"}
+MATMUL = {"matmul", "bmm", "mm"}
 WEIGHT = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d",
           "conv_transpose2d", "conv_transpose3d", "_convolution", "embedding"}
 SHAPE_ONLY = {"sym_size", "sym_numel", "sym_stride", "size", "dim", "_assert_scalar",
@@ -111,106 +95,6 @@ SHAPE_ONLY = {"sym_size", "sym_numel", "sym_stride", "size", "dim", "_assert_sca
               "full_like", "empty_like", "scalar_tensor", "tensor", "triu", "tril",
               "_assert_async", "eq", "ne", "lt", "gt", "le", "ge", "logical_not", "bitwise_not",
               "masked_fill", "masked_fill_", "where", "isnan", "any", "all"}
-
-
-# ------------------------------------------------------------------------------- export
-class _Forward(nn.Module):
-    """``forward_fn(model, batch)`` as a module with the batch as its single input."""
-
-    def __init__(self, model: nn.Module, fn: Callable):
-        super().__init__()
-        self.model = model
-        self.fn = fn
-
-    def forward(self, batch):
-        return self.fn(self.model, batch)
-
-
-def _batch_size(batch) -> Optional[int]:
-    for leaf in pytree.tree_leaves(batch):
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-            return leaf.shape[0]
-    return None
-
-
-def slice_batch(batch, lo: int, hi: int, size: int):
-    """Rows ``lo:hi`` of every tensor of ``batch`` whose first dim is the batch size."""
-    return pytree.tree_map(lambda t: t[lo:hi] if isinstance(t, torch.Tensor) and t.dim() > 0
-                           and t.shape[0] == size else t, batch)
-
-
-def _example(batch, n: int):
-    """An ``n``-sample example of ``batch`` (samples repeated when it has fewer)."""
-    b = _batch_size(batch)
-    if b is None:
-        return batch, None
-
-    def take(t):
-        if not (isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == b):
-            return t
-        idx = torch.arange(n, device=t.device) % b
-        return t[idx]
-    return pytree.tree_map(take, batch), b
-
-
-@dataclass
-class Exported:
-    gm: fx.GraphModule          # ep.module(): parameters as get_attr, pytree-flat placeholders
-    example: object             # the example batch it was traced with
-    static_batch: Optional[int]  # None: any batch size; else batches are fed in chunks of it
-    prefix: str = "model."
-
-
-def export_forward(model: nn.Module, batch, forward_fn: Callable) -> Exported:
-    """Export ``forward_fn(model, batch)`` (model in eval mode already)."""
-    from torch.export import Dim
-    wrapper = _Forward(model, forward_fn)
-    errors = []
-    ex2, b = _example(batch, 2)
-    ex1 = _example(batch, 1)[0] if b is not None else batch
-
-    def attempt(kind):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if kind == "dynamic":
-                dyn = pytree.tree_map(lambda t: {0: Dim.AUTO} if isinstance(t, torch.Tensor)
-                                      and t.dim() > 0 and t.shape[0] == 2 else None, ex2)
-                gm = torch.export.export(wrapper, (ex2,), dynamic_shapes=(dyn,),
-                                         strict=False).module()
-                ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
-                dynamic = any(isinstance(p.meta.get("val"), torch.Tensor)
-                              and p.meta["val"].dim() > 0
-                              and not isinstance(p.meta["val"].shape[0], int) for p in ph)
-                if not dynamic:
-                    raise UnsupportedModelError("the batch dim was specialised")
-                return Exported(gm, ex2, None)
-            if kind == "static":
-                gm = torch.export.export(wrapper, (ex1,), strict=False).module()
-            else:
-                gm = torch.export.draft_export(wrapper, (ex1,)).module()
-            return Exported(gm, ex1, 1 if b is not None else None)
-
-    for kind in (("dynamic", "static", "draft") if b is not None else ("static", "draft")):
-        try:
-            return attempt(kind)
-        except Exception as exc:  # noqa: BLE001 - try the next form, report all
-            errors.append((kind, exc))
-    first = errors[0][1]
-    if _user_error(first):
-        raise first
-    raise UnsupportedModelError(
-        f"tp_curvature builds its channel graph with torch.export, and exporting "
-        f"{type(model).__name__} failed: " +
-        " | ".join(f"{k}: {type(e).__name__}: {str(e)[:300]}" for k, e in errors))
-
-
-def _user_error(exc: BaseException) -> bool:
-    """An error raised by the user's own code (not by the exporter): re-raised as is."""
-    import traceback
-    tb = traceback.extract_tb(exc.__traceback__)
-    # raised in a frame outside torch (the model's or forward_fn's own code)
-    return bool(tb) and "/torch/" not in tb[-1].filename.replace("\\", "/") \
-        and not type(exc).__module__.startswith("torch")
 
 
 # ------------------------------------------------------------------------------- lineage
@@ -237,8 +121,8 @@ def _terms(lin) -> bool:
 class LineagePass(fx.Interpreter):
     """Run ``gm`` on the example, computing the lineage of every node.
 
-    ``hooks`` decides the graph: ``hooks.weight(node, kind, wname, x_lin, value)`` returns the
-    lineage of a weight op's output; ``hooks.junction(node, lin, value)`` is asked for every node
+    ``hooks`` decides the graph: ``hooks.weight(node, kind, wname, x_lin, x_value, value)``
+    returns the lineage of a weight op's output; ``hooks.junction(node, lin, value)`` is asked for every node
     whether it is a junction (returns the replacement lineage or None); ``hooks.sink(node, lin,
     value)`` records q/k tensors. ``input_mode[name]`` gives each float placeholder's ids:
     ``"dim1"`` (channels along dim 1), ``"last"`` or ``"element"`` (one id per element).
@@ -268,7 +152,7 @@ class LineagePass(fx.Interpreter):
         return self.env[a] if isinstance(a, fx.Node) else a
 
     def _opaque(self, n):
-        self.unknown.setdefault(_name(n.target), n.name)
+        self.unknown.setdefault(op_name(n.target), n.name)
         return OPAQUE
 
     def _sub(self, a, repl):
@@ -369,7 +253,7 @@ class LineagePass(fx.Interpreter):
             return None
         if n.op != "call_function":
             return None
-        name = _name(n.target)
+        name = op_name(n.target)
         args = n.args
         kinds = [self.L(a) for a in n.all_input_nodes]
         if not any(k is not None for k in kinds) and name not in WEIGHT:
@@ -393,8 +277,6 @@ class LineagePass(fx.Interpreter):
             return None if name not in ("where", "masked_fill", "masked_fill_") else \
                 self._where(n, name, out)
         if name in MOVE:
-            if name in ("_to_copy",):
-                return self.L(args[0])
             return self._move(n, out)
         if name in IDENTITY:
             x = self.L(args[0])
@@ -457,7 +339,7 @@ class LineagePass(fx.Interpreter):
         args = n.args
         if name == "embedding":
             w, x = args[0], args[1]
-            return self.hooks.weight(n, "embedding", self.attr_names.get(w), None, out)
+            return self.hooks.weight(n, "embedding", self.attr_names.get(w), None, None, out)
         x, w = args[0], args[1]
         wname = self.attr_names.get(w) if isinstance(w, fx.Node) else None
         kind = "linear" if name == "linear" else "conv"
@@ -475,7 +357,7 @@ class LineagePass(fx.Interpreter):
                     int(n.kwargs.get("groups", 1))
         if wname is None:                     # a weight computed at run time
             return self._opaque(n)
-        return self.hooks.weight(n, kind, wname, self.L(x), out, groups=groups)
+        return self.hooks.weight(n, kind, wname, self.L(x), self.val(x), out, groups=groups)
 
     def _norm(self, n, name, out):
         a = n.args

@@ -184,3 +184,17 @@ class CurvatureConfig:
             if bad:
                 raise ValueError(f"backend_options has unknown keys {bad}; solve_w1 takes "
                                  f"{sorted(known)}")
+
+
+def resolve_config(config: Optional[CurvatureConfig], fields: dict) -> CurvatureConfig:
+    """``config``, or ``CurvatureConfig(**fields)`` when it is None; passing both is a
+    ``TypeError`` (so is a ``config`` that is not a :class:`CurvatureConfig`)."""
+    if config is None:
+        return CurvatureConfig(**fields)
+    if not isinstance(config, CurvatureConfig):
+        raise TypeError(f"config must be a CurvatureConfig, got {type(config).__name__}; "
+                        "pass CurvatureConfig fields as keywords instead")
+    if fields:
+        raise TypeError(f"pass either config=CurvatureConfig(...) or its fields as keywords, "
+                        f"not both (got config and {sorted(fields)})")
+    return config

@@ -25,7 +25,7 @@ measure       :math:`p_x(z) \\propto e^{-1/a_z^2}`     :math:`p_x(z) \\propto a_
 
 :math:`|w_{uv}|` is the node-level strength of :mod:`tp_curvature.graph` (kernel-slice norm,
 BatchNorm scale folded in). Node values :math:`a` are min-max normalised per junction
-(:mod:`tp_curvature.hooks`); the paper's weights :math:`e^{-1/a^2}` are normalised in the log
+(:mod:`tp_curvature.calibration`); the paper's weights :math:`e^{-1/a^2}` are normalised in the log
 domain, so small activations keep their (tiny) share instead of underflowing to zero as in
 float32 reference code. Only active neighbours (``a > 0``) joined by an edge carry mass; a node
 with none keeps all its mass (``m_x = delta_x``).
@@ -54,8 +54,7 @@ import torch
 import torch.nn as nn
 
 from .graph import ChannelGraph, WeightLayer
-from .config import CurvatureConfig
-from .hooks import as_batches, calibrate_graph
+from .config import CurvatureConfig, resolve_config
 from .problem import LayerPairProblem
 from .shortest_paths import minplus
 
@@ -386,31 +385,44 @@ def graph_curvature(graph: ChannelGraph, acts: list, cfg: CurvatureConfig,
 
 def connection_curvature(model: nn.Module, data, forward_fn: Optional[Callable] = None,
                          max_batches: Optional[int] = None, progress: Optional[bool] = None,
-                         **config) -> dict:
+                         config: Optional[CurvatureConfig] = None, **fields) -> dict:
     """Per-connection curvature of every Linear/Conv layer of ``model``.
 
     Parameters
     ----------
     model : nn.Module
-        A torch.fx-traceable network.
+        A network :func:`torch.export.export` can export (layers it cannot represent are left
+        out; see :mod:`tp_curvature.graph`).
     data : tensor, (inputs, targets), dict, list of batches or DataLoader
         Calibration data, read in one streaming pass (see
-        :class:`tp_curvature.hooks.CalibrationData` for the accepted forms). A one-shot
+        :class:`tp_curvature.calibration.CalibrationData` for the accepted forms). A one-shot
         iterator (a generator, ``iter(loader)``) needs ``max_batches``.
     forward_fn : callable, optional
         ``forward_fn(model, batch) -> output`` for batches that are not a plain tensor or an
         ``(inputs, targets)`` tuple/list (required for dict batches).
     max_batches : int, optional
         Use at most this many batches (of any form).
-    **config
-        Fields of :class:`CurvatureConfig` (``alpha``, ``variant``, ``topk``, ``backend``...).
+    config : CurvatureConfig, optional
+        The definition (default ``CurvatureConfig()``); or its fields as keywords.
 
     Returns
     -------
     dict
         Layer name -> :class:`LayerCurvature` (``kappa`` is ``(in_channels, out_channels)``).
+
+    Examples
+    --------
+    >>> import torch, torch.nn as nn
+    >>> from tp_curvature import connection_curvature
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    >>> kappa = connection_curvature(net, torch.randn(32, 6), topk=None, backend="exact")
+    >>> {name: lc.kappa.shape for name, lc in kappa.items()}
+    {'0': (6, 5), '2': (5, 3)}
     """
-    cfg = CurvatureConfig(**config)
-    cal = calibrate_graph(model, as_batches(data, max_batches, forward_fn), forward_fn,
-                          cfg.normalize, bool(progress), node_value=cfg.node_value)
+    from .calibration import CalibrationData, calibrate
+    cfg = resolve_config(config, fields)
+    cal = calibrate(model, CalibrationData(data, max_batches, forward_fn), cfg, bool(progress))
     return graph_curvature(cal.graph, cal.acts, cfg, progress)
+

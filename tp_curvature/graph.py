@@ -18,14 +18,15 @@ Edges and their strength ``s(u, v)`` (the length is ``d = 1 / s``)
     * an identity path (residual add, concatenation) from a junction to a later junction with
       ``s = |BN scale|`` (1 without BN).
     Channel-preserving operations (activations, pooling, dropout, identity, flatten,
-    reshape to ``(N, -1)``; the op tables of :mod:`tp_curvature._tracing`, shared with the
-    element graph of :mod:`tp_curvature.unstructured`) are collapsed; BatchNorm only scales.
+    reshape to ``(N, -1)``; the op tables of :mod:`tp_curvature._lineage`) are collapsed;
+    BatchNorm only scales.
     Grouped and depthwise convolutions connect only channels of the same group; the other pairs
     are *structurally absent* (no edge, no connection).
 
-How the graph is obtained (issue 9)
+How the graph is obtained
     ``forward_fn(model, batch)`` is exported with :func:`torch.export.export` (non-strict, the
-    batch dim dynamic; fallbacks: a static batch-1 export, then ``draft_export``) and every
+    batch dim dynamic; fallbacks: a static batch-1 export, then ``draft_export``;
+    :mod:`tp_curvature._export`) and every
     tensor's channel identity is tracked by *id-tensor lineage* (:mod:`tp_curvature._lineage`):
     the same ATen data-movement op runs on integer id tensors, so permute, transpose,
     flatten(2), a split into heads and back, cat/chunk/split and channel shuffles need no case
@@ -36,8 +37,8 @@ How the graph is obtained (issue 9)
     in-projection, functional linears) and has no index mapping for permute/transpose/head
     splits/shuffles. Why not extending ``torch.fx.symbolic_trace``: every op comes in several
     spellings (module / function / method) and control flow on shapes fails; export gives one
-    ATen spelling per op and real shapes. Calibration runs the same exported program
-    (:mod:`tp_curvature.hooks`).
+    ATen spelling per op and real shapes. Calibration streams the data through the same
+    exported program (:mod:`tp_curvature.calibration`).
 
 Semantics of the constructs (documented; checked in ``tests/test_coverage.py``)
     * junction discovery: the inputs of weight ops, the model output (the first floating leaf of
@@ -93,7 +94,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -102,8 +103,9 @@ import torch.nn as nn
 
 import torch.utils._pytree as pytree
 
-from ._lineage import Term, _name as _op_name, channel_ids
-from ._tracing import UnsupportedModelError, eval_mode
+from ._export import PREFIX, Program, UnsupportedModelError, op_name
+from ._lineage import (ADD, CAT, IDENTITY, MOVE, MUL, NORMS, OPAQUE, LineagePass, Term,
+                       channel_ids)
 
 WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 
@@ -189,10 +191,9 @@ def _get_param(module, name):
 
 
 def _transparent(n: fx.Node) -> bool:
-    from ._lineage import IDENTITY, MOVE, NORMS, MUL, _name
     if n.op != "call_function":
         return False
-    name = _name(n.target)
+    name = op_name(n.target)
     return (name in MOVE or name in IDENTITY or name in NORMS or name in MUL) \
         and name not in ("split", "split_with_sizes", "chunk", "unbind", "tensor_split")
 
@@ -200,9 +201,8 @@ def _transparent(n: fx.Node) -> bool:
 class _Builder:
     """The hooks :class:`~tp_curvature._lineage.LineagePass` calls: junctions and layers."""
 
-    def __init__(self, model, prefix, junction_at: set, sinks_on: bool = True):
+    def __init__(self, model, junction_at: set):
         self.model = model
-        self.prefix = prefix
         self.junction_at = junction_at          # fx node names that are junctions
         self.junctions: list[Junction] = []
         self.layers: list[WeightLayer] = []
@@ -221,9 +221,9 @@ class _Builder:
         self.at_node[n.name] = j.index
         return [Term("junction", j.index, self._full_ids(j, value), None)]
 
-    def weight(self, n, kind, wname, x_lin, out, groups=1):
-        from ._lineage import OPAQUE, Term as T
-        qual = wname[len(self.prefix):] if wname.startswith(self.prefix) else wname
+    def weight(self, n, kind, wname, x_lin, x_val, out, groups=1):
+        T = Term
+        qual = wname[len(PREFIX):] if wname.startswith(PREFIX) else wname
         mod_name, _, pname = qual.rpartition(".")
         module = self.model.get_submodule(mod_name) if mod_name else self.model
         if kind == "embedding":
@@ -246,7 +246,7 @@ class _Builder:
             self.layers.append(l)
             self.by_weight[key] = k
             if x_lin is not OPAQUE and isinstance(x_lin, list) and x_lin:
-                self._attach_input(l, n.args[0], x_lin, out)
+                self._attach_input(l, n.args[0], x_lin, x_val)
         cdim = -1 if kind == "linear" else 1
         return [T("layer", l.index, channel_ids(tuple(out.shape), cdim), None)]
 
@@ -264,14 +264,13 @@ class _Builder:
             j.is_sink = True
 
     # -- helpers -----------------------------------------------------------------------
-    def _attach_input(self, layer, xnode, x_lin, out):
+    def _attach_input(self, layer, xnode, x_lin, x_val):
         """Contraction feature -> junction node of ``layer`` (a junction is made at the input
         when it is not a single junction term)."""
         cdim = -1 if layer.kind == "linear" else 1
         if not (len(x_lin) == 1 and x_lin[0].kind == "junction"):
             if xnode.name in self.at_node:
                 return
-            x_val = self._value_of(xnode)
             j = self._new_junction(xnode.name, x_lin, x_val)
             self.at_node[xnode.name] = j.index
             x_lin = [Term("junction", j.index, self._full_ids(j, x_val), None)]
@@ -296,9 +295,6 @@ class _Builder:
             counts = np.bincount(layer.in_group[layer.in_group >= 0])
             if counts.size and counts.max() > 1 and layer.kind == "linear":
                 self.input_consumer_fail[jn.name] = "features share a node"
-
-    def _value_of(self, xnode):
-        return self._pass.env[xnode]
 
     @staticmethod
     def _full_ids(j: Junction, value) -> torch.Tensor:
@@ -382,19 +378,18 @@ def _walk_prenorm(gm: fx.GraphModule, kinds: dict, cands: list) -> set:
     """Junction fx nodes: each candidate, moved back through transparent unary ops to a merge
     (add/sub/cat of two traced tensors), the network input or an embedding (the pre-norm
     rule); else the candidate itself."""
-    from ._lineage import ADD, CAT, _name
     out = set()
     for c in cands:
         cur = c
         target = c
         while True:
             if cur.op == "placeholder" or (cur.op == "call_function" and
-                                           _name(cur.target) == "embedding"):
+                                           op_name(cur.target) == "embedding"):
                 target = cur
                 break
             if cur.op != "call_function":
                 break
-            nm = _name(cur.target)
+            nm = op_name(cur.target)
             traced = [a for a in cur.all_input_nodes if kinds.get(a.name) == "T"]
             if nm in ADD or nm in CAT:
                 if len(traced) >= 2:
@@ -410,26 +405,81 @@ def _walk_prenorm(gm: fx.GraphModule, kinds: dict, cands: list) -> set:
 
 
 
+WEIGHT_OPS = ("linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d",
+              "conv_transpose2d", "_convolution")
+#: an input placeholder's channel ids, tried in this order until its consumers read channels
+INPUT_MODES = {"dim1": "last", "last": "element"}
+
+
+def _lineage_pass(program: Program, builder: "_Builder", modes: dict) -> LineagePass:
+    p = LineagePass(program.gm, builder, modes)
+    with torch.no_grad():
+        p.run(*pytree.tree_leaves(((program.example,), {})))
+    return p
+
+
+def _build_with_input_modes(model, program: Program, junction_at: set):
+    """Build passes until every input placeholder's channel ids suit its consumers (at most
+    three: dim 1, the last dim, one node per element)."""
+    modes: dict = {}
+    for _ in range(len(INPUT_MODES) + 1):
+        builder = _Builder(model, junction_at)
+        lineage = _lineage_pass(program, builder, modes)
+        bumped = False
+        for name, why in builder.input_consumer_fail.items():
+            cur = modes.get(name, "dim1")
+            nxt = INPUT_MODES.get(cur)
+            if why == "features share a node":
+                nxt = "element" if cur != "element" else None
+            if nxt:
+                modes[name] = nxt
+                bumped = True
+        if not bumped:
+            break
+    return builder, lineage
+
+
+def _output_leaf(gm: fx.GraphModule, lineage: LineagePass) -> Optional[fx.Node]:
+    """The first floating-point output tensor traced back to the input (the graph's output
+    junction)."""
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    for a in pytree.tree_leaves(out_node.args[0]):
+        if isinstance(a, fx.Node) and isinstance(lineage.lin.get(a), list):
+            v = lineage.env.get(a)
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                return a
+    return None
+
+
 class ChannelGraph:
     """The channel-level layered graph of ``model`` (see the module docstring).
 
-    Build it with :meth:`from_model`; it holds structure only (which channels connect, the
+    Build it with :meth:`from_program`; it holds structure only (which channels connect, the
     norm scales on the way); strengths are read from the live weights by :meth:`node_weights`.
+    ``unvalidated`` names the constructs met whose curvature has no independent reference check
+    yet; ``unknown_ops`` the ATen ops the lineage does not know (op name -> first fx node).
     """
 
     def __init__(self, model: nn.Module, junctions: list, layers: list, output_junction: int,
-                 exported=None, unknown_ops: Optional[dict] = None):
+                 program: Optional[Program] = None, unknown_ops: Optional[dict] = None,
+                 unvalidated: tuple = ()):
         self.model = model
         self.junctions: list[Junction] = junctions
         self.layers: list[WeightLayer] = layers
         self.output_junction = output_junction
-        self.exported = exported
+        self.program = program
         self.unknown_ops = dict(unknown_ops or {})
+        self.unvalidated = tuple(unvalidated)
         self.layer_of_module = {}
         for l in layers:
             self.layer_of_module.setdefault(id(l.module), l)
         self.embedding_junctions = {id(j.source_module): j for j in junctions
                                     if j.source_module is not None}
+        self._node_weight_cache: dict = {}
+        self._successors = {i: [] for i in range(len(junctions))}
+        for d in range(len(junctions)):
+            for src in self.predecessors(d):
+                self._successors[src].append(d)
 
     def scoreable(self, layer: WeightLayer) -> bool:
         """Whether ``layer``'s connections get a curvature (else: the importance fallback)."""
@@ -438,57 +488,35 @@ class ChannelGraph:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_model(cls, model: nn.Module, example_batch, forward_fn: Optional[Callable] = None):
-        """Export ``forward_fn(model, batch)`` with :mod:`torch.export` and build the graph by
-        id-tensor lineage on (at most two samples of) ``example_batch``."""
-        from ._lineage import export_forward
-        forward_fn = forward_fn or (lambda mod, b: mod(b))
-        with eval_mode(model), torch.no_grad():
-            exp = export_forward(model, example_batch, forward_fn)
-            return cls._build(model, exp)
-
-    @classmethod
-    def _build(cls, model: nn.Module, exp):
-        gm = exp.gm
-        flat = pytree.tree_leaves(((exp.example,), {}))
-        nodes = list(gm.graph.nodes)
-        out_node = next(n for n in nodes if n.op == "output")
-        modes: dict = {}
-        # pass 1: kinds of every node and the weight ops' inputs
-        b1 = _Builder(model, exp.prefix, set())
-        p1 = cls._run(gm, b1, modes, flat)
-        kinds = {n.name: ("T" if isinstance(v, list) else None) for n, v in p1.lin.items()}
-        cands = [n.args[0] for n in nodes if n.op == "call_function" and n.args
-                 and isinstance(n.args[0], fx.Node) and _op_name(n.target) in
-                 ("linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d",
-                  "conv_transpose2d", "_convolution")]
-        out_val = cls._output_leaf(out_node, p1)
-        if out_val is None:
+    def from_program(cls, model: nn.Module, program: Program) -> "ChannelGraph":
+        """The channel graph of ``model`` from its exported program
+        (:func:`tp_curvature._export.export_program`), by id-tensor lineage on the program's
+        example batch: a first pass finds the junctions (the pre-norm rule), then the graph is
+        built, re-reading an input placeholder's channels along another dim when its consumers
+        cannot use dim 1 (the last dim of tokens, or one node per element)."""
+        first = _lineage_pass(program, _Builder(model, set()), {})
+        out_node = _output_leaf(program.gm, first)
+        if out_node is None:
             raise UnsupportedModelError(
                 "the model output has no floating-point tensor derived from the input")
-        junction_at = _walk_prenorm(gm, kinds, cands) | {out_val.name}
-        for _ in range(3):
-            b = _Builder(model, exp.prefix, junction_at)
-            p = cls._run(gm, b, modes, flat)
-            bumped = False
-            for name, why in b.input_consumer_fail.items():
-                cur = modes.get(name, "dim1")
-                nxt = {"dim1": "last", "last": "element"}.get(cur)
-                if why == "features share a node":
-                    nxt = "element" if cur != "element" else None
-                if nxt:
-                    modes[name] = nxt
-                    bumped = True
-            if not bumped:
-                break
+        kinds = {n.name: ("T" if isinstance(v, list) else None) for n, v in first.lin.items()}
+        cands = [n.args[0] for n in program.gm.graph.nodes if n.op == "call_function" and n.args
+                 and isinstance(n.args[0], fx.Node) and op_name(n.target) in WEIGHT_OPS]
+        junction_at = _walk_prenorm(program.gm, kinds, cands) | {out_node.name}
+        builder, lineage = _build_with_input_modes(model, program, junction_at)
+        return cls._assemble(model, program, builder, lineage, out_node)
+
+    @classmethod
+    def _assemble(cls, model, program, b: "_Builder", lineage, out_node) -> "ChannelGraph":
+        """Link the layers and junctions the builder found into a graph."""
         junctions, layers = b.junctions, b.layers
-        if out_val.name in b.at_node:
-            out_j = b.at_node[out_val.name]
+        if out_node.name in b.at_node:
+            out_j = b.at_node[out_node.name]
         else:
-            lin = p.lin.get(out_val)
+            lin = lineage.lin.get(out_node)
             if not isinstance(lin, list) or not lin:
                 raise UnsupportedModelError("the model output is not traced to its layers")
-            out_j = b._new_junction(out_val.name, lin, p.env[out_val]).index
+            out_j = b._new_junction(out_node.name, lin, lineage.env[out_node]).index
         junctions[out_j].is_output = True
         if not layers:
             raise UnsupportedModelError("the model has no Linear or Conv layer to score")
@@ -501,30 +529,10 @@ class ChannelGraph:
                 l.in_junction = None
             if l.in_junction is not None:
                 junctions[l.in_junction].consumers.append(l.index)
-        # order out-junctions: real junctions before q/k sinks
-        for l in layers:
+            # real junctions before q/k sinks
             l.out_junctions.sort(key=lambda j: (junctions[j].is_sink, j))
-        graph = cls(model, junctions, layers, out_j, exp, p.unknown)
-        graph.unvalidated = sorted(p.constructs)
-        return graph
-
-    @staticmethod
-    def _run(gm, builder, modes, flat):
-        from ._lineage import LineagePass
-        p = LineagePass(gm, builder, modes)
-        builder._pass = p
-        with torch.no_grad():
-            p.run(*flat)
-        return p
-
-    @staticmethod
-    def _output_leaf(out_node, p):
-        for a in pytree.tree_leaves(out_node.args[0]):
-            if isinstance(a, fx.Node) and isinstance(p.lin.get(a), list):
-                v = p.env.get(a)
-                if isinstance(v, torch.Tensor) and v.is_floating_point():
-                    return a
-        return None
+        return cls(model, junctions, layers, out_j, program, lineage.unknown,
+                   sorted(lineage.constructs))
 
     # ------------------------------------------------------------------ strengths
     def node_weights(self, layer: WeightLayer, p: float = 2.0):
@@ -536,11 +544,9 @@ class ChannelGraph:
         graph is rebuilt whenever the model changes).
         """
         key = (layer.index, float(p))
-        if not hasattr(self, "_nw_cache"):
-            self._nw_cache = {}
-        if key not in self._nw_cache:
-            self._nw_cache[key] = self._node_weights(layer, p)
-        return self._nw_cache[key]
+        if key not in self._node_weight_cache:
+            self._node_weight_cache[key] = self._node_weights(layer, p)
+        return self._node_weight_cache[key]
 
     def _node_weights(self, layer: WeightLayer, p: float):
         junc = self.junctions[layer.in_junction]
@@ -622,21 +628,4 @@ class ChannelGraph:
 
     def successors(self, j: int) -> list[int]:
         """Junctions that junction ``j`` has an edge into (topological order)."""
-        if not hasattr(self, "_succ"):
-            self._succ = {i: [] for i in range(len(self.junctions))}
-            for d in range(len(self.junctions)):
-                for s in self.predecessors(d):
-                    self._succ[s].append(d)
-        return self._succ[j]
-
-
-def _first_sample(batch):
-    """The first sample of a batch (tensors sliced to ``[:1]``, recursively); the shape pass
-    needs one sample, not the whole calibration batch."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:1] if batch.dim() > 0 else batch
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_first_sample(b) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _first_sample(v) for k, v in batch.items()}
-    return batch
+        return self._successors[j]

@@ -37,11 +37,11 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning.pruner import function
 
-from .curvature import CurvatureConfig, LayerCurvature, build_layer_problem, graph_curvature
+from ._export import UnsupportedModelError
+from .calibration import CalibrationData, CalibrationError, calibrate, check_max_batches
+from .config import CurvatureConfig, resolve_config
+from .curvature import LayerCurvature, build_layer_problem, graph_curvature
 from .graph import ChannelGraph
-from ._tracing import UnsupportedModelError
-from .hooks import (CalibrationData, CalibrationError, as_batches, calibrate_graph,
-                    check_max_batches)
 
 OUT_FNS = (function.prune_conv_out_channels, function.prune_linear_out_channels,
            function.prune_depthwise_conv_out_channels)
@@ -134,6 +134,7 @@ class _ModelScores:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.names = {id(m): n for n, m in model.named_modules()}
         self.fingerprint = None
         self.graph: Optional[ChannelGraph] = None
         self.acts = None
@@ -156,7 +157,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
 
     Every option is checked when the object is built (``ValueError`` naming the option).
 
-    Calibration data (see :class:`~tp_curvature.hooks.CalibrationData`): a tensor (one batch),
+    Calibration data (see :class:`~tp_curvature.calibration.CalibrationData`): a tensor (one batch),
     a tuple ``(inputs, targets)`` (one batch, any target dtype), a dict (one batch, needs
     ``forward_fn``), a list of batches or any iterable / ``DataLoader`` of batches. It is read
     in one streaming pass. A re-iterable source (list, tensor, ``DataLoader``) is kept by
@@ -216,14 +217,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
                  sides: str = "both", group_reduction: str = "mean", normalizer: Optional[str] = "mean",
                  max_batches: Optional[int] = None, progress: Optional[bool] = None,
                  **config_fields):
-        if config is None:
-            config = CurvatureConfig(**config_fields)
-        elif not isinstance(config, CurvatureConfig):
-            raise TypeError(f"config must be a CurvatureConfig, got {type(config).__name__}; "
-                            "pass CurvatureConfig fields as keywords instead")
-        elif config_fields:
-            raise TypeError(f"pass either config=CurvatureConfig(...) or its fields as keywords, "
-                            f"not both (got config and {sorted(config_fields)})")
+        config = resolve_config(config, config_fields)
         super().__init__(p=config.p, group_reduction=group_reduction, normalizer=normalizer)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -242,7 +236,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         self.progress = progress
         self.model: Optional[nn.Module] = None
         self._data: Optional[CalibrationData] = None
-        self._forward_fn = None
+        self._warned: set = set()                     # layers whose fallback was announced
         self._own: Optional[_ModelScores] = None      # the calibrated model
         self._other: Optional[_ModelScores] = None    # the last other model a pruner asked for
         self._last: Optional[_ModelScores] = None
@@ -255,7 +249,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         ``data``: a tensor (one batch), a tuple ``(inputs, targets)`` (one batch, any target
         dtype/shape), a dict (one batch, needs ``forward_fn``), a list of batches (tensors,
         ``(inputs, targets)`` tuples/lists or dicts) or any iterable/``DataLoader`` of them;
-        see :class:`~tp_curvature.hooks.CalibrationData`. It is read in one streaming pass
+        see :class:`~tp_curvature.calibration.CalibrationData`. It is read in one streaming pass
         (at most ``max_batches`` batches, default the constructor's). What is kept for the
         recomputations (when the model changes, see the class docstring): a re-iterable
         source by reference (streamed again, nothing copied); a one-shot iterator, which
@@ -266,19 +260,17 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         On error the previous calibration (if any) is left as it was.
         """
         cap = self.max_batches if max_batches is None else check_max_batches(max_batches)
-        data = as_batches(data, cap, forward_fn)
+        data = CalibrationData(data, cap, forward_fn)
         own = _ModelScores(model)
-        self._recalibrate(own, data, forward_fn)
-        self.model, self._data, self._forward_fn = model, data, forward_fn
+        self._recalibrate(own, data)
+        self.model, self._data = model, data
         self._own, self._other = own, None
         return self
 
-    def _recalibrate(self, state: _ModelScores, data=None, forward_fn=None):
-        data = self._data if data is None else data
+    def _recalibrate(self, state: _ModelScores, data: Optional[CalibrationData] = None):
         try:
-            cal = calibrate_graph(state.model, data, forward_fn or self._forward_fn,
-                                  self.config.normalize, bool(self.progress),
-                                  node_value=self.config.node_value)
+            data = self._data if data is None else data
+            cal = calibrate(state.model, data, self.config, bool(self.progress))
         except UnsupportedModelError as exc:
             if "no Linear or Conv" in str(exc):
                 raise
@@ -379,7 +371,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         mean over the layer's channels so that it has the scale of a curvature score (about 1).
 
         * Input channels of a Linear / Conv whose input was recorded in the calibration pass
-          (every layer of an exported model; :func:`~tp_curvature.hooks.record_activations`):
+          (every layer of an exported model; :class:`~tp_curvature.calibration.FallbackInputs`):
           **activation-weighted magnitude** (Wanda-like), ``mean|X_c| * sum_v |W[v, c]|``
           (L1 over the channel's weight slice; ``mean|X_c|`` over batch, positions and
           tokens), so a channel that is silent on the calibration data scores 0 however
@@ -430,10 +422,9 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         return None if x is None else torch.as_tensor(x, dtype=torch.float64)
 
     def _warn_fallback(self, state, name, layer):
-        seen = self.__dict__.setdefault("_warned", set())
-        if name in seen:
+        if name in self._warned:
             return
-        seen.add(name)
+        self._warned.add(name)
         if state.failure is not None:
             why = f"no channel graph could be built ({state.failure[:300]})"
         else:
@@ -465,9 +456,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         by_module = state.by_module
         graph = state.graph
         alpha = self.config.alpha
-        names = state.__dict__.get("_names")
-        if names is None:
-            names = state._names = {id(m): n for n, m in state.model.named_modules()}
+        names = state.names
         group_imp, group_idxs = [], []
         skip_out = self.sides == "consumer" and any(
             dep.pruning_fn in IN_FNS and id(dep.layer) in by_module for dep, _ in group)

@@ -2,7 +2,8 @@
 
 Tan, Sia, Bogdan, Ivanov ("Post-Training Neural Network Pruning using Graph Curvature", TMLR
 2026) score individual weights, not channels. This subpackage rebuilds that mode on top of the
-library's tracing core (:mod:`tp_curvature._tracing`), transport problems
+library's tracer (:mod:`tp_curvature._export`: the element graph is read from the same
+torch.export program as the channel graph, :mod:`._chain`), transport problems
 (:func:`tp_curvature.curvature.problem_from_strengths`) and kernels
 (:func:`tp_curvature.curvature.solve_problem`), so the two modes share one definition of
 curvature and one solver.

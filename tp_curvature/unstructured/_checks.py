@@ -90,13 +90,8 @@ def _config(config: dict, topk: Optional[int] = DEFAULT_TOPK) -> CurvatureConfig
     return CurvatureConfig(**config)
 
 
-def _module_names(model: nn.Module) -> dict:
-    return {id(m): n for n, m in model.named_modules()}
-
-
 def _check_layer_values(graph) -> None:
     """Weights, biases and BatchNorm parameters / statistics of every layer are finite."""
-    names = _module_names(graph.gm)
     for lay in graph.layers:
         tensors = [("weight", lay.module.weight), ("bias", getattr(lay.module, "bias", None))]
         for what, t in tensors:
@@ -106,7 +101,7 @@ def _check_layer_values(graph) -> None:
                     f"(NaN/inf) {what}: {int((~torch.isfinite(t.detach())).sum())} of "
                     f"{t.numel()} entries")
         if lay.bn is not None:
-            bn_name = names.get(id(lay.bn), "?")
+            bn_name = lay.bn_name
             for what in ("weight", "bias", "running_mean", "running_var"):
                 t = getattr(lay.bn, what, None)
                 if t is not None and not bool(torch.isfinite(t.detach()).all()):

@@ -7,17 +7,15 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._tracing import (BN_TYPES, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS,
-                        ELEMENTWISE_MODULES, RESHAPE_METHODS, Recorder, UnsupportedModelError,
-                        bn_scale, eval_mode, trace)
-from ..hooks import normalise
+from .._export import UnsupportedModelError
+from ..calibration import normalise
 from ..config import NORMALIZE_MODES
-from ._checks import (AUX_METHODS, OUTPUTS, WEIGHT_TYPES, _check_choice,
-                      _check_layer_values, _check_model, _images, _indices)
+from ._chain import Chain, bn_scale, trace_chain
+from ._checks import (OUTPUTS, _check_choice, _check_layer_values, _check_model, _images,
+                      _indices)
 
 
 @dataclass
@@ -35,6 +33,7 @@ class ElementLayer:
     strength: np.ndarray         # (n_in, n_out) float64
     weight_index: np.ndarray     # (n_in, n_out) int64, -1 = no edge
     bn: Optional[nn.Module] = None
+    bn_name: str = ""
 
     @property
     def param_name(self) -> str:
@@ -60,139 +59,15 @@ class ElementLayer:
 @dataclass
 class ElementGraph:
     """The element-level layered graph of a sequential model (see the module docstring)."""
-    gm: fx.GraphModule
+    chain: Chain                  # the model's exported program read as a chain
     layers: list                  # ElementLayer, in forward order
-    taps: list                    # fx nodes whose values are N_0 .. N_{n-1} (layer inputs)
-    output_node: fx.Node          # the value of N_n (before the softmax option)
+    taps: list                    # fx node names whose values are N_0 .. N_{n-1} (layer inputs)
+    output: str                   # fx node name of N_n (before the softmax option)
     input_shape: tuple
 
     @property
     def layer_sizes(self) -> list:
         return [self.layers[0].n_in] + [l.n_out for l in self.layers]
-
-
-def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
-    if node.op == "call_module":
-        return f"module {node.target!r} ({type(gm.get_submodule(node.target)).__name__})"
-    if node.op == "call_function":
-        return f"function {getattr(node.target, '__name__', node.target)} (fx node {node.name!r})"
-    if node.op == "call_method":
-        return f"method .{node.target}() (fx node {node.name!r})"
-    return f"fx node {node.name!r} ({node.op})"
-
-
-def _unsupported(node: fx.Node, gm: fx.GraphModule, why: str) -> UnsupportedModelError:
-    return UnsupportedModelError(
-        f"unstructured curvature supports sequential chains of Conv2d / Linear / Flatten / "
-        f"BatchNorm / elementwise activations only; {_describe(node, gm)}: {why}")
-
-
-def _tensor_args(node: fx.Node) -> list:
-    out = []
-
-    def visit(a):
-        if isinstance(a, fx.Node):
-            out.append(a)
-        return a
-    fx.node.map_arg((node.args, node.kwargs), visit)
-    return out
-
-
-def _trace_chain(model: nn.Module, pooling: bool = False):
-    """Trace ``model`` and check it is a chain; return (gm, ops) with ops = list of
-    (kind, node) where kind is "weight", "bn", "elementwise" or "reshape" (and "pool" for a
-    ``MaxPool2d`` / ``AvgPool2d`` when ``pooling``: the sparse element graph)."""
-    gm = trace(model, "unstructured curvature traces the model")
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        raise UnsupportedModelError(
-            f"unstructured curvature needs a model with exactly one input, got "
-            f"{len(placeholders)}")
-    cur = placeholders[0]
-    chain = {cur}
-    aux = set()
-    ops = []
-    seen_modules = set()
-    prev_kind = None
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            continue
-        args = _tensor_args(node)
-        chain_args = [a for a in args if a in chain]
-        if node.op == "output":
-            if chain_args != [cur] or len(args) != 1:
-                raise _unsupported(node, gm, "the model output must be the end of the chain")
-            break
-        if node.op == "get_attr":
-            raise _unsupported(node, gm, "parameters or buffers used outside a module")
-        if node.op == "call_method" and node.target in AUX_METHODS:
-            if chain_args and chain_args != [cur]:
-                raise _unsupported(node, gm, "reads a tensor that is not the chain's last one")
-            aux.add(node)
-            continue
-        other = [a for a in args if a not in chain and a not in aux]
-        if chain_args != [cur] or other:
-            raise _unsupported(
-                node, gm, "it does not read exactly the previous chain tensor (branches, "
-                "residual connections and multi-input ops are not supported)")
-        if node.args and node.args[0] is not cur:
-            raise _unsupported(node, gm, "the chain tensor must be its first argument")
-        kind = None
-        if node.op == "call_module":
-            m = gm.get_submodule(node.target)
-            if isinstance(m, WEIGHT_TYPES):
-                if id(m) in seen_modules:
-                    raise _unsupported(node, gm, "a weight module used twice")
-                seen_modules.add(id(m))
-                if isinstance(m, nn.Conv2d):
-                    if m.groups != 1:
-                        raise _unsupported(node, gm, f"groups={m.groups} (only groups=1)")
-                    if m.padding_mode != "zeros":
-                        raise _unsupported(node, gm, f"padding_mode={m.padding_mode!r} (only "
-                                                     "'zeros')")
-                kind = "weight"
-            elif isinstance(m, BN_TYPES):
-                if prev_kind != "weight":
-                    raise _unsupported(node, gm, "BatchNorm is supported only directly after "
-                                                 "a Conv2d / Linear (its scale is folded in)")
-                kind = "bn"
-            elif isinstance(m, nn.Flatten):
-                if m.start_dim != 1 or m.end_dim != -1:
-                    raise _unsupported(node, gm, "Flatten must flatten dims 1..-1")
-                kind = "reshape"
-            elif isinstance(m, ELEMENTWISE_MODULES):
-                kind = "elementwise"
-            elif pooling and isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-                if getattr(m, "return_indices", False):
-                    raise _unsupported(node, gm, "return_indices=True")
-                kind = "pool"
-            else:
-                raise _unsupported(node, gm, "not an elementwise or weight layer (pooling is "
-                                             "supported by sparse_weight_curvature only; "
-                                             "other element-mixing layers are not supported)")
-        elif node.op == "call_function":
-            if node.target is torch.flatten:
-                kind = "reshape"
-            elif node.target in ELEMENTWISE_FUNCTIONS:
-                kind = "elementwise"
-            else:
-                raise _unsupported(node, gm, "function not supported")
-        elif node.op == "call_method":
-            if node.target in RESHAPE_METHODS:
-                kind = "reshape"
-            elif node.target in ELEMENTWISE_METHODS:
-                kind = "elementwise"
-            else:
-                raise _unsupported(node, gm, "method not supported")
-        else:
-            raise _unsupported(node, gm, "unsupported fx op")
-        ops.append((kind, node))
-        chain.add(node)
-        cur = node
-        prev_kind = kind
-    if not any(k == "weight" for k, _ in ops):
-        raise UnsupportedModelError("unstructured curvature: the model has no Conv2d / Linear")
-    return gm, ops, cur
 
 
 def _conv_index(m: nn.Conv2d, in_shape: tuple, out_shape: tuple) -> np.ndarray:
@@ -233,6 +108,43 @@ def _strength(layer_module: nn.Module, weight_index: np.ndarray, bn: Optional[nn
     return s
 
 
+def _element_layer(chain: Chain, i: int, weights: list, vals: dict,
+                   max_dense: int) -> ElementLayer:
+    """The :class:`ElementLayer` of weight op ``chain.ops[i]`` (``vals``: one sample's values of
+    every chain node; the BatchNorm right after it is folded in)."""
+    op = chain.ops[i]
+    m = op.module
+    nxt = chain.ops[i + 1] if i + 1 < len(chain.ops) else None
+    bn = nxt if nxt is not None and nxt.kind == "bn" else None
+    x_in = vals[op.input]
+    in_shape, out_shape = tuple(x_in.shape[1:]), tuple(vals[op.node].shape[1:])
+    n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
+    if n_in * n_out > max_dense:
+        raise ValueError(
+            f"layer {op.name!r}: dense element matrix {n_in} x {n_out} exceeds max_dense="
+            f"{max_dense}; use sparse_weight_curvature (sparse element graph) for larger models")
+    if isinstance(m, nn.Linear):
+        if len(in_shape) != 1:
+            raise UnsupportedModelError(f"layer {op.name!r}: Linear on a {len(in_shape) + 1}-D "
+                                        "input (flatten first)")
+        wi = np.arange(m.out_features * m.in_features, dtype=np.int64).reshape(
+            m.out_features, m.in_features).T.copy()
+    else:
+        if len(in_shape) != 3:
+            raise UnsupportedModelError(f"layer {op.name!r}: Conv2d needs a (N, C, H, W) input")
+        wi = _conv_index(m, in_shape, out_shape)
+    # the next layer's input (or the output) must carry the same elements in order
+    after = weights[weights.index(i) + 1] if weights.index(i) + 1 < len(weights) else None
+    nxt_in = chain.ops[after].input if after is not None else chain.output
+    if vals[nxt_in][0].numel() != n_out:
+        raise UnsupportedModelError(
+            f"fx node {nxt_in!r} changes the number of elements after {op.name!r} "
+            f"({n_out} -> {vals[nxt_in][0].numel()})")
+    return ElementLayer(name=op.name, module=m, in_shape=in_shape, out_shape=out_shape,
+                        strength=_strength(m, wi, bn and bn.module, out_shape),
+                        weight_index=wi, bn=bn and bn.module, bn_name=bn.name if bn else "")
+
+
 def element_graph(model: nn.Module, example: torch.Tensor,
                   max_dense: int = 20_000_000) -> ElementGraph:
     """Trace ``model`` and build its element graph (strengths from the current weights).
@@ -247,50 +159,13 @@ def element_graph(model: nn.Module, example: torch.Tensor,
     if not isinstance(max_dense, numbers.Integral) or isinstance(max_dense, bool) or \
             max_dense < 1:
         raise ValueError(f"max_dense must be a positive int, got {max_dense!r}")
-    gm, ops, last = _trace_chain(model)
-    weight_nodes = [n for k, n in ops if k == "weight"]
-    in_nodes = [n.args[0] for n in weight_nodes]
-    rec = Recorder(gm, set(in_nodes) | set(weight_nodes) | {n for _, n in ops})
-    with eval_mode(model), torch.no_grad():
-        rec.run(example[:1])
-    vals = rec.values
-    layers = []
-    # BN after each weight layer
-    kinds = [k for k, _ in ops]
-    nodes = [n for _, n in ops]
-    for li, wn in enumerate(weight_nodes):
-        m = gm.get_submodule(wn.target)
-        pos = nodes.index(wn)
-        bn = (gm.get_submodule(nodes[pos + 1].target)
-              if pos + 1 < len(ops) and kinds[pos + 1] == "bn" else None)
-        x_in = vals[wn.args[0]]
-        y = vals[wn]
-        in_shape, out_shape = tuple(x_in.shape[1:]), tuple(y.shape[1:])
-        n_in, n_out = int(np.prod(in_shape)), int(np.prod(out_shape))
-        if n_in * n_out > max_dense:
-            raise ValueError(
-                f"layer {wn.target!r}: dense element matrix {n_in} x {n_out} exceeds max_dense="
-                f"{max_dense}; use sparse_weight_curvature (sparse element graph) for larger "
-                "models")
-        if isinstance(m, nn.Linear):
-            if len(in_shape) != 1:
-                raise _unsupported(wn, gm, f"Linear on a {len(in_shape) + 1}-D input "
-                                           "(flatten first)")
-            wi = np.arange(m.out_features * m.in_features, dtype=np.int64).reshape(
-                m.out_features, m.in_features).T.copy()
-        else:
-            if len(in_shape) != 3:
-                raise _unsupported(wn, gm, "Conv2d needs a (N, C, H, W) input")
-            wi = _conv_index(m, in_shape, out_shape)
-        # the next layer's input (or the output) must carry the same elements in order
-        nxt = in_nodes[li + 1] if li + 1 < len(weight_nodes) else last
-        if vals[nxt][0].numel() != n_out:
-            raise _unsupported(nxt, gm, f"changes the number of elements after {wn.target!r} "
-                                        f"({n_out} -> {vals[nxt][0].numel()})")
-        layers.append(ElementLayer(name=str(wn.target), module=m, in_shape=in_shape,
-                                   out_shape=out_shape, strength=_strength(m, wi, bn, out_shape),
-                                   weight_index=wi, bn=bn))
-    graph = ElementGraph(gm=gm, layers=layers, taps=in_nodes, output_node=last,
+    chain = trace_chain(model, example)
+    weights = [i for i, op in enumerate(chain.ops) if op.kind == "weight"]
+    vals = chain.values(example[:1], {op.node for op in chain.ops}
+                        | {op.input for op in chain.ops} | {chain.output})
+    layers = [_element_layer(chain, i, weights, vals, max_dense) for i in weights]
+    graph = ElementGraph(chain=chain, layers=layers,
+                         taps=[chain.ops[i].input for i in weights], output=chain.output,
                          input_shape=tuple(example.shape[1:]))
     _check_layer_values(graph)
     for lay in layers:
@@ -313,26 +188,25 @@ def node_values(graph: ElementGraph, images: torch.Tensor, output: str = "softma
     _check_choice("normalize", normalize, NORMALIZE_MODES)
     images = _images(images)
     _check_layer_values(graph)
-    model = graph.gm
-    rec = Recorder(model, set(graph.taps) | {graph.output_node})
-    with eval_mode(model), torch.no_grad():
-        rec.run(images)
+    check_image_shape(images, graph.input_shape)
+    vals = graph.chain.values(images, set(graph.taps) | {graph.output})
     per_layer = []
     for l, t in enumerate(graph.taps):
-        per_layer.append(np.abs(_finite_values(rec.values[t], f"the input of layer "
-                                                              f"{graph.layers[l].name!r}")))
-    out = _finite_values(rec.values[graph.output_node],
+        per_layer.append(np.abs(_finite_values(vals[t], f"the input of layer "
+                                                        f"{graph.layers[l].name!r}")))
+    out = _finite_values(vals[graph.output],
                          f"the model output (after layer {graph.layers[-1].name!r})")
     if output == "softmax":
         out = np.asarray(torch.softmax(torch.from_numpy(out), dim=1))
     per_layer.append(np.abs(out))
-    for l, (a, n) in enumerate(zip(per_layer, graph.layer_sizes)):
-        if a.shape[1] != n:
-            raise ValueError(
-                f"images of per-sample shape {tuple(images.shape[1:])} do not fit the element "
-                f"graph (built for {graph.input_shape}): {a.shape[1]} elements at element "
-                f"layer {l}, the graph has {n}")
     return [[normalise(a[i], normalize) for a in per_layer] for i in range(images.shape[0])]
+
+
+def check_image_shape(images: torch.Tensor, input_shape: tuple) -> None:
+    """Images must have the per-sample shape the element graph was built for."""
+    if tuple(images.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"images of per-sample shape {tuple(images.shape[1:])} do not fit the "
+                         f"element graph (built for {tuple(input_shape)})")
 
 
 def _finite_values(t, where: str) -> np.ndarray:

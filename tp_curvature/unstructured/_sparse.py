@@ -50,13 +50,11 @@ from typing import Optional
 import numba
 import numpy as np
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._tracing import Recorder, UnsupportedModelError, bn_scale, eval_mode
-
-POOL_TYPES = (nn.MaxPool2d, nn.AvgPool2d)
+from .._export import UnsupportedModelError
+from ._chain import Chain, ChainOp, bn_scale, trace_chain
 
 
 @dataclass
@@ -78,8 +76,9 @@ class SparseOp:
     inv_t: np.ndarray             # the tap
     S: np.ndarray                 # strengths: weight (O, C*K2), pool (C, L*K2)
     bn: Optional[nn.Module] = None
-    node: Optional[fx.Node] = None
-    tap: Optional[fx.Node] = None  # the fx node whose value is this op's input
+    pool: Optional["PoolSpec"] = None
+    node: str = ""                # fx node name of the op's output
+    tap: str = ""                 # fx node name whose value is this op's input
 
     @property
     def depthwise(self) -> bool:
@@ -121,11 +120,36 @@ class SparseOp:
 
 
 @dataclass
+class PoolSpec:
+    """A pooling op's arguments (from its ATen call)."""
+    kind: str                     # "maxpool" | "avgpool"
+    kernel_size: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple = (1, 1)
+    count_include_pad: bool = True
+    divisor_override: Optional[int] = None
+
+    @classmethod
+    def of(cls, op: ChainOp, name: str) -> "PoolSpec":
+        a = op.args
+        if a.get("ceil_mode"):
+            raise UnsupportedModelError(f"pooling {name!r}: ceil_mode=True is not supported")
+        kernel = _pair(a["kernel_size"])
+        stride = _pair(a["stride"]) if a.get("stride") else kernel
+        if op.op.startswith("max_pool"):
+            return cls("maxpool", kernel, stride, _pair(a["padding"]), _pair(a["dilation"]))
+        return cls("avgpool", kernel, stride, _pair(a["padding"]),
+                   count_include_pad=bool(a["count_include_pad"]),
+                   divisor_override=a.get("divisor_override"))
+
+
+@dataclass
 class SparseElementGraph:
     """The chain as element ops; node layer ``i`` is the input of op ``i`` (``i = n``: output)."""
-    gm: fx.GraphModule
+    chain: Chain
     ops: list
-    output_node: fx.Node
+    output: str
     input_shape: tuple
     weight_ops: list = field(default_factory=list)
 
@@ -168,10 +192,18 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def make_op(name: str, m: nn.Module, in_shape: tuple, out_shape: tuple,
-            bn: Optional[nn.Module] = None) -> SparseOp:
-    """The :class:`SparseOp` of module ``m`` for per-sample shapes ``in_shape -> out_shape``."""
-    if isinstance(m, nn.Linear):
+def make_op(name: str, m: Optional[nn.Module], in_shape: tuple, out_shape: tuple,
+            bn: Optional[nn.Module] = None, pool: Optional[PoolSpec] = None) -> SparseOp:
+    """The :class:`SparseOp` of module ``m`` (a Linear / Conv2d) or of pooling ``pool`` for
+    per-sample shapes ``in_shape -> out_shape``."""
+    if pool is not None:
+        if len(in_shape) != 3:
+            raise UnsupportedModelError(f"pooling {name!r}: needs a (N, C, H, W) input")
+        C, H, W = in_shape
+        tab = _window_table((H, W), pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                            out_shape[1:], name)
+        kind, O, P, L, K2 = pool.kind, C, H * W, out_shape[1] * out_shape[2], tab.shape[1]
+    elif isinstance(m, nn.Linear):
         if len(in_shape) != 1:
             raise UnsupportedModelError(f"layer {name!r}: Linear on a {len(in_shape) + 1}-D "
                                         "input (flatten first)")
@@ -183,43 +215,31 @@ def make_op(name: str, m: nn.Module, in_shape: tuple, out_shape: tuple,
             raise UnsupportedModelError(f"layer {name!r}: Conv2d needs a (N, C, H, W) input")
         C, H, W = in_shape
         O = m.out_channels
-        if isinstance(m.padding, str):
-            pad = m._reversed_padding_repeated_twice
-            if any(pad):
-                # asymmetric 'same' padding: unfold a padded index image without padding
-                idx = torch.arange(1, H * W + 1, dtype=torch.float64).view(1, 1, H, W)
-                idx = F.pad(idx, pad)
-                unf = F.unfold(idx, kernel_size=m.kernel_size, dilation=m.dilation, padding=0,
-                               stride=m.stride)[0]
-                tab = (unf.round().long() - 1).T.contiguous().numpy().astype(np.int64)
-            else:
-                tab = _window_table((H, W), m.kernel_size, m.stride, 0, m.dilation,
-                                    out_shape[1:], name)
-        else:
-            tab = _window_table((H, W), m.kernel_size, m.stride, m.padding, m.dilation,
-                                out_shape[1:], name)
+        tab = _conv_table(m, (H, W), out_shape[1:], name)
         kind, P, L, K2 = "conv", H * W, out_shape[1] * out_shape[2], tab.shape[1]
-    elif isinstance(m, POOL_TYPES):
-        if len(in_shape) != 3:
-            raise UnsupportedModelError(f"pooling {name!r}: needs a (N, C, H, W) input")
-        if m.ceil_mode:
-            raise UnsupportedModelError(f"pooling {name!r}: ceil_mode=True is not supported")
-        C, H, W = in_shape
-        O = C
-        dil = m.dilation if isinstance(m, nn.MaxPool2d) else 1
-        stride = m.stride if m.stride is not None else m.kernel_size
-        tab = _window_table((H, W), _pair(m.kernel_size), _pair(stride), _pair(m.padding),
-                            _pair(dil), out_shape[1:], name)
-        kind = "maxpool" if isinstance(m, nn.MaxPool2d) else "avgpool"
-        P, L, K2 = H * W, out_shape[1] * out_shape[2], tab.shape[1]
     else:
         raise UnsupportedModelError(f"{name!r}: {type(m).__name__} is not an element op")
     ptr, il, it = _inverse(tab, P)
     op = SparseOp(name=name, kind=kind, module=m, in_shape=tuple(in_shape),
                   out_shape=tuple(out_shape), C=C, P=P, O=O, L=L, K2=K2, pos_tab=tab,
-                  inv_ptr=ptr, inv_l=il, inv_t=it, S=np.zeros((0, 0)), bn=bn)
+                  inv_ptr=ptr, inv_l=il, inv_t=it, S=np.zeros((0, 0)), bn=bn, pool=pool)
     set_strengths(op)
     return op
+
+
+def _conv_table(m: nn.Conv2d, in_hw: tuple, out_hw: tuple, name: str) -> np.ndarray:
+    """``pos_tab`` of a Conv2d; string padding ('same') is applied to the index image first."""
+    if not isinstance(m.padding, str):
+        return _window_table(in_hw, m.kernel_size, m.stride, m.padding, m.dilation, out_hw, name)
+    pad = m._reversed_padding_repeated_twice
+    if not any(pad):
+        return _window_table(in_hw, m.kernel_size, m.stride, 0, m.dilation, out_hw, name)
+    # asymmetric 'same' padding: unfold a padded index image without padding
+    H, W = in_hw
+    idx = F.pad(torch.arange(1, H * W + 1, dtype=torch.float64).view(1, 1, H, W), pad)
+    unf = F.unfold(idx, kernel_size=m.kernel_size, dilation=m.dilation, padding=0,
+                   stride=m.stride)[0]
+    return (unf.round().long() - 1).T.contiguous().numpy().astype(np.int64)
 
 
 def set_strengths(op: SparseOp, pool_input: Optional[torch.Tensor] = None) -> None:
@@ -231,11 +251,11 @@ def set_strengths(op: SparseOp, pool_input: Optional[torch.Tensor] = None) -> No
             w = w * bn_scale(op.bn)[:, None]
         op.S = np.ascontiguousarray(w)
     elif op.kind == "avgpool":
-        m = op.module
+        spec = op.pool
         valid = op.pos_tab >= 0
-        if m.divisor_override:
-            div = np.full(op.L, float(m.divisor_override))
-        elif m.count_include_pad:
+        if spec.divisor_override:
+            div = np.full(op.L, float(spec.divisor_override))
+        elif spec.count_include_pad:
             div = np.full(op.L, float(op.K2))
         else:
             div = valid.sum(1).astype(np.float64)
@@ -245,9 +265,9 @@ def set_strengths(op: SparseOp, pool_input: Optional[torch.Tensor] = None) -> No
         if pool_input is None:
             op.S = np.zeros((op.C, op.L * op.K2))
             return
-        m = op.module
-        _, idx = F.max_pool2d(pool_input[None].double(), m.kernel_size, m.stride, m.padding,
-                              m.dilation, ceil_mode=False, return_indices=True)
+        spec = op.pool
+        _, idx = F.max_pool2d(pool_input[None].double(), spec.kernel_size, spec.stride,
+                              spec.padding, spec.dilation, ceil_mode=False, return_indices=True)
         idx = idx[0].reshape(op.C, op.L).numpy()                       # winner position
         hit = op.pos_tab[None, :, :] == idx[:, :, None]                 # (C, L, K2)
         first = hit & (np.cumsum(hit, axis=2) == 1)
@@ -258,39 +278,32 @@ def sparse_element_graph(model: nn.Module, example: torch.Tensor) -> SparseEleme
     """Trace ``model`` (a chain, see :mod:`tp_curvature.unstructured`; pooling allowed) and
     describe each element op by its geometry. Nothing of size ``n_in x n_out`` is built."""
     from ._checks import _check_model, _images
-    from ._graph import _trace_chain
 
     _check_model(model)
     example = _images(example, "example")
-    gm, ops, last = _trace_chain(model, pooling=True)
-    elem_nodes = [n for k, n in ops if k in ("weight", "pool")]
-    rec = Recorder(gm, {n.args[0] for n in elem_nodes} | set(elem_nodes))
-    with eval_mode(model), torch.no_grad():
-        rec.run(example[:1])
-    vals = rec.values
-    kinds = [k for k, _ in ops]
-    nodes = [n for _, n in ops]
+    chain = trace_chain(model, example, pooling=True)
+    elem = [i for i, op in enumerate(chain.ops) if op.kind in ("weight", "pool")]
+    vals = chain.values(example[:1], {chain.ops[i].node for i in elem}
+                        | {chain.ops[i].input for i in elem} | {chain.output})
     out = []
-    for i, n in enumerate(elem_nodes):
-        m = gm.get_submodule(n.target)
-        pos = nodes.index(n)
-        bn = None
-        if kinds[pos] == "weight" and pos + 1 < len(ops) and kinds[pos + 1] == "bn":
-            bn = gm.get_submodule(nodes[pos + 1].target)
-        in_shape = tuple(vals[n.args[0]].shape[1:])
-        out_shape = tuple(vals[n].shape[1:])
-        op = make_op(str(n.target), m, in_shape, out_shape, bn)
-        op.node, op.tap = n, n.args[0]
-        nxt = elem_nodes[i + 1].args[0] if i + 1 < len(elem_nodes) else last
-        if vals[nxt][0].numel() != op.n_out:
+    for k, i in enumerate(elem):
+        c = chain.ops[i]
+        nxt = chain.ops[i + 1] if i + 1 < len(chain.ops) else None
+        bn = nxt.module if c.kind == "weight" and nxt is not None and nxt.kind == "bn" else None
+        name = c.name
+        op = make_op(name, c.module, tuple(vals[c.input].shape[1:]),
+                     tuple(vals[c.node].shape[1:]), bn,
+                     PoolSpec.of(c, name) if c.kind == "pool" else None)
+        op.node, op.tap = c.node, c.input
+        after = chain.ops[elem[k + 1]].input if k + 1 < len(elem) else chain.output
+        if vals[after][0].numel() != op.n_out:
             raise UnsupportedModelError(
-                f"fx node {nxt.name!r} changes the number of elements after {n.target!r} "
-                f"({op.n_out} -> {vals[nxt][0].numel()})")
+                f"fx node {after!r} changes the number of elements after {name!r} "
+                f"({op.n_out} -> {vals[after][0].numel()})")
         out.append(op)
-    g = SparseElementGraph(gm=gm, ops=out, output_node=last,
-                           input_shape=tuple(example.shape[1:]),
-                           weight_ops=[i for i, op in enumerate(out) if op.scored])
-    return g
+    return SparseElementGraph(chain=chain, ops=out, output=chain.output,
+                              input_shape=tuple(example.shape[1:]),
+                              weight_ops=[i for i, op in enumerate(out) if op.scored])
 
 
 # ------------------------------------------------------------------------------ Numba kernels

@@ -22,12 +22,11 @@ import torch
 import torch.nn as nn
 
 from ..curvature import CurvatureConfig, solve_problem
-from ..hooks import normalise
+from ..calibration import normalise
 from ..problem import LayerPairProblem
 from ..shortest_paths import minplus
-from .._tracing import Recorder, eval_mode
 from ._checks import OUTPUTS, REDUCES, _check_choice, _check_model, _images
-from ._graph import _finite_values
+from ._graph import _finite_values, check_image_shape
 from ._sparse import (SparseElementGraph, pred_supports, set_strengths, sparse_element_graph,
                       succ_supports, tile_costs)
 
@@ -52,24 +51,18 @@ def sparse_node_values(graph: SparseElementGraph, images: torch.Tensor,
     (op index -> (C, H, W)), used to find the winners."""
     _check_choice("output", output, OUTPUTS)
     images = _images(images)
+    check_image_shape(images, graph.input_shape)
     taps = [op.tap for op in graph.ops]
-    rec = Recorder(graph.gm, set(taps) | {graph.output_node})
-    with eval_mode(graph.gm), torch.no_grad():
-        rec.run(images)
-    per_layer = [np.abs(_finite_values(rec.values[t], f"the input of {op.name!r}"))
+    vals = graph.chain.values(images, set(taps) | {graph.output})
+    per_layer = [np.abs(_finite_values(vals[t], f"the input of {op.name!r}"))
                  for t, op in zip(taps, graph.ops)]
-    out = _finite_values(rec.values[graph.output_node], "the model output")
+    out = _finite_values(vals[graph.output], "the model output")
     if output == "softmax":
         out = np.asarray(torch.softmax(torch.from_numpy(out), dim=1))
     per_layer.append(np.abs(out))
-    for l, (a, n) in enumerate(zip(per_layer, graph.layer_sizes)):
-        if a.shape[1] != n:
-            raise ValueError(f"images of per-sample shape {tuple(images.shape[1:])} do not fit "
-                             f"the element graph (built for {graph.input_shape}): {a.shape[1]} "
-                             f"elements at node layer {l}, the graph has {n}")
     res = []
     for i in range(images.shape[0]):
-        raw = {j: rec.values[op.tap][i].detach().cpu()
+        raw = {j: vals[op.tap][i].detach().cpu()
                for j, op in enumerate(graph.ops) if op.kind == "maxpool"}
         res.append(([normalise(a[i], normalize) for a in per_layer], raw))
     return res

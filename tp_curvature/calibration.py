@@ -1,0 +1,468 @@
+"""Calibration: the data a user gives, streamed once through the exported model, becomes the
+statistics the library needs.
+
+One pipeline, read top to bottom (:func:`observe`):
+
+1. **batches**: the user's data wrapped once as :class:`CalibrationData` (the accepted forms,
+   ``max_batches``, ``forward_fn``, what is kept for a later pass);
+2. **export**: its first batch is the example for :func:`~tp_curvature._export.export_program`;
+3. **one streaming pass**: every batch, the first included, runs once through the exported
+   program, whose *taps* hand the tensors the observers asked for to them
+   (:meth:`~tp_curvature._export.Program.run`); only running sums are kept;
+4. **statistics**: each observer turns its sums into what its user needs.
+
+:func:`calibrate` is this pipeline for the curvature: the observers are :class:`NodeStatistics`
+(the value of every node of the channel graph) and :class:`FallbackInputs` (the mean |input|
+of the layers the graph cannot score). The least-squares repair (:mod:`tp_curvature.repair`)
+runs the same pipeline with its own observer.
+
+The value of a node (a channel of a junction tensor, see :mod:`tp_curvature.graph`) is
+
+.. math::  \\bar a_u = \\frac{1}{|B|} \\sum_{b \\in B} \\operatorname{mean}_{s} |T_b[u, s]|
+
+(``node_value="mean_abs"``, the paper), or the spread
+:math:`\\sqrt{\\mathbb{E}[x^2] - \\mathbb{E}[x]^2}` over the same images and positions
+(``"std"``, the default), over the calibration inputs ``B`` and every position ``s`` outside
+the junction's channel dims (spatial positions of a feature map, tokens of an ``(N, T, C)``
+tensor; for a Linear after flatten, the features of channel ``u``), min-max normalised per
+junction (:func:`normalise`).
+
+The pass runs the exported program, not the model's modules: the user's forward hooks do not
+fire during it, and every submodule's train/eval flag is restored afterwards (calibration runs
+in eval mode: BatchNorm on running statistics, dropout off).
+"""
+from __future__ import annotations
+
+import collections.abc
+import contextlib
+import itertools
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ._export import Program, export_program
+from .config import NODE_VALUES, NORMALIZE_MODES, CurvatureConfig
+from .graph import ChannelGraph, Junction
+
+
+class CalibrationError(ValueError):
+    """The calibration data or the activations it produced cannot give valid scores."""
+
+
+def check_max_batches(max_batches) -> Optional[int]:
+    """``max_batches`` must be a positive int or None (a bool is refused); returns it as int."""
+    if max_batches is None:
+        return None
+    if isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) \
+            or max_batches < 1:
+        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    return int(max_batches)
+
+
+def _shape_beyond_batch(t: torch.Tensor) -> tuple:
+    return tuple(t.shape[1:])
+
+
+class CalibrationData:
+    """Calibration data as a re-iterable, bounded sequence of batches.
+
+    Accepted forms of ``data`` (``max_batches`` caps the number of batches of every form):
+
+    * a tensor: one batch;
+    * a tuple ``(inputs, targets)`` (or ``(inputs, targets, ...)``): one batch, whatever the
+      dtype and shape of the targets (class indices, float or one-hot); the model gets
+      ``inputs``;
+    * a dict: one batch; it needs ``forward_fn(model, batch)``;
+    * a list of batches, each a tensor, a tuple/list ``(inputs, targets)`` or a dict (a dict,
+      or anything whose first element is not a tensor, needs ``forward_fn``). A list of
+      exactly two tensors whose shapes differ beyond the batch dimension (``[x, y]``) is
+      ambiguous and refused: pass a tuple ``(x, y)`` for one batch, or a list of same-shaped
+      tensors for several batches;
+    * any other iterable of such batches, e.g. a ``DataLoader`` (its default collate yields
+      lists ``[x, y]``: each is one batch of inputs and targets).
+
+    What is kept for a later pass (a recomputation after the model changed):
+
+    * a tensor, tuple, dict, list or re-iterable source (any object whose ``iter()`` gives a
+      fresh iterator: a ``DataLoader``, a ``Dataset``-like object) is kept *by reference* and
+      streamed again; no batch is copied or held between passes;
+    * a one-shot iterator (a generator, ``iter(loader)``; an object that is its own
+      iterator) can be read only once, so it must come with ``max_batches`` (else
+      :class:`CalibrationError` before any item is read) and its first ``max_batches``
+      batches are then kept in memory, as given (on their device), for the later passes.
+
+    A re-iterable source that never ends (e.g. a ``DataLoader`` over an ``IterableDataset``
+    that yields forever) cannot be told apart from a long one: give it ``max_batches``.
+
+    ``forward_fn(model, batch)`` says how the model takes a batch (default
+    :func:`default_forward`: ``model(batch)``, or ``model(batch[0])`` for ``(inputs,
+    targets)``). It is *traced once*, at export, on the first batch: Python control flow and
+    Python values it reads from a batch are fixed by that batch; the tensors of every batch
+    then flow through the traced program.
+    """
+
+    def __init__(self, data, max_batches: Optional[int] = None,
+                 forward_fn: Optional[Callable] = None):
+        self.max_batches = check_max_batches(max_batches)
+        if forward_fn is not None and not callable(forward_fn):
+            raise TypeError(f"forward_fn must be a callable forward_fn(model, batch), got "
+                            f"{type(forward_fn).__name__}")
+        self.custom_forward = forward_fn is not None
+        self.forward_fn = forward_fn or default_forward
+        self._iterator: Optional[Iterator] = None
+        self._kept: Optional[list] = None
+        self._passes = 0
+        if data is None:
+            raise CalibrationError("no calibration data: pass a tensor, an (inputs, targets) "
+                                   "tuple, a list of batches or a DataLoader")
+        if isinstance(data, (torch.Tensor, tuple, dict)):
+            self.kind, self._source = "batch", [data]
+        elif isinstance(data, list):
+            if (len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+                    and (data[0].dim() != data[1].dim()
+                         or _shape_beyond_batch(data[0]) != _shape_beyond_batch(data[1]))):
+                raise CalibrationError(
+                    f"calibration data is a list of two tensors of shapes "
+                    f"{tuple(data[0].shape)} and {tuple(data[1].shape)}: is it one batch of "
+                    "(inputs, targets) or two batches? Pass a tuple (inputs, targets) for one "
+                    "batch, or a list of same-shaped tensors for several batches")
+            self.kind, self._source = "list", data
+        elif isinstance(data, (str, bytes)):
+            raise CalibrationError(f"cannot use a {type(data).__name__} as calibration data")
+        elif isinstance(data, collections.abc.Iterator):
+            if self.max_batches is None:
+                raise CalibrationError(
+                    f"calibration data is a one-shot iterator ({type(data).__name__}): it can "
+                    "be read only once and may never end, so pass max_batches=N (its first N "
+                    "batches are kept in memory for recomputations), or pass a re-iterable "
+                    "source (a list, a tensor, a DataLoader)")
+            self.kind, self._source, self._iterator = "iterator", None, data
+        elif isinstance(data, collections.abc.Iterable):
+            self.kind, self._source = "iterable", data
+        else:
+            raise CalibrationError(
+                f"cannot use a {type(data).__name__} as calibration data: pass a tensor, an "
+                "(inputs, targets) tuple, a dict (with forward_fn), a list of batches or an "
+                "iterable/DataLoader of batches")
+
+    def __len__(self) -> int:
+        """The number of batches a pass yields, when known (TypeError otherwise)."""
+        if self.kind == "iterator":
+            if self._kept is None:
+                raise TypeError("length unknown before the first pass")
+            return len(self._kept)
+        n = len(self._source)
+        return n if self.max_batches is None else min(n, self.max_batches)
+
+    def length_hint(self) -> Optional[int]:
+        try:
+            return len(self)
+        except TypeError:
+            return self.max_batches
+
+    def _raw(self):
+        if self.kind != "iterator":
+            return itertools.islice(self._source, self.max_batches)
+        if self._kept is not None:
+            return iter(self._kept)
+        if self._iterator is None:
+            raise CalibrationError("the one-shot calibration iterator was not read to the end "
+                                   "(its first pass failed) and cannot be read again: "
+                                   "calibrate again with fresh data")
+        return self._read_once()
+
+    def _read_once(self):
+        kept, source, self._iterator = [], self._iterator, None
+        for batch in itertools.islice(source, self.max_batches):
+            kept.append(batch)
+            yield batch
+        self._kept = kept
+
+    def __iter__(self):
+        """One pass over the batches (each checked before it reaches the model)."""
+        first_pass = self._passes == 0
+        self._passes += 1
+        n = 0
+        for i, batch in enumerate(self._raw()):
+            check_batch(batch, i, self.custom_forward)
+            n += 1
+            yield batch
+        if n == 0:
+            if first_pass:
+                raise CalibrationError("calibration data is empty: at least one batch is needed")
+            raise CalibrationError(
+                f"calibration data ({type(self._source).__name__}) yielded no batch on a second "
+                "pass: it is a one-shot iterable; pass a list, a DataLoader, or the iterator "
+                "with max_batches")
+
+
+    @contextlib.contextmanager
+    def open(self):
+        """``(first, batches)``: the first batch (the export's example) and an iterator over
+        every batch from the first, read in one pass; the source's iterator is closed when the
+        block ends, also after an error."""
+        it = iter(self)
+        try:
+            first = next(it)
+            yield first, itertools.chain((first,), it)
+        finally:
+            it.close()
+
+
+def check_batch(batch, i: int = 0, custom_forward: bool = False) -> None:
+    """Refuse a batch the model cannot take: an empty tensor, or (without ``forward_fn``) a
+    batch that is neither a tensor nor a tuple/list whose first element is a tensor."""
+    x = batch_inputs(batch)
+    if isinstance(x, torch.Tensor):
+        if x.numel() == 0:
+            raise CalibrationError(f"calibration batch {i} is empty")
+        return
+    if not custom_forward:
+        what = ("a dict" if isinstance(batch, dict) else
+                f"a {type(batch).__name__} whose first element is a {type(x).__name__}"
+                if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}")
+        raise CalibrationError(
+            f"calibration batch {i} is {what}, not a tensor or (inputs, targets): pass "
+            "forward_fn=lambda model, batch: model(...) to say how the model takes it")
+
+
+def batch_inputs(batch):
+    """The model input of a batch: the tensor itself, or the first element of a tuple/list."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0] if len(batch) else None
+    return batch
+
+
+def default_forward(model: nn.Module, batch):
+    """``model(batch)`` for a tensor, ``model(batch[0])`` for an (inputs, targets) batch."""
+    x = batch_inputs(batch)
+    if not isinstance(x, torch.Tensor):
+        check_batch(batch)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return model(x.to(device))
+
+
+# ------------------------------------------------------------------------------ the pass
+def observe(model: nn.Module, data: "CalibrationData", make_observers: Callable,
+            progress: bool = False) -> tuple:
+    """The calibration pass every statistic of the library comes from.
+
+    ``data``'s first batch is the example of the export; ``make_observers(program)`` returns
+    the observers (objects with ``taps() -> {fx node name: [key, ...]}`` and
+    ``observe(key, value)``); then every batch, the first included, streams once through the
+    program with their taps. Returns ``(program, observers)``.
+    """
+    if not isinstance(data, CalibrationData):
+        raise TypeError(f"data must be a CalibrationData, got {type(data).__name__}")
+    with data.open() as (first, batches):
+        program = export_program(model, first, data.forward_fn)
+        observers = make_observers(program)
+        program.run(model, batches, observers, progress, data.length_hint())
+    return program, observers
+
+
+@dataclass
+class Calibration:
+    """The result of :func:`calibrate`: the channel graph of a model, the normalised value of
+    every node (one float64 array per junction, ``acts[j][u]`` in [0, 1]) and, for each layer
+    the graph cannot score, its index -> mean |input| per contraction feature (unnormalised;
+    :class:`FallbackInputs`)."""
+    graph: ChannelGraph
+    acts: list
+    layer_inputs: dict
+
+
+def calibrate(model: nn.Module, data: "CalibrationData", config: CurvatureConfig,
+              progress: bool = False) -> Calibration:
+    """The curvature's calibration: :func:`observe` with :class:`NodeStatistics` (statistic
+    ``config.node_value``) and :class:`FallbackInputs` on the channel graph built from the
+    exported program, then :func:`normalise` (``config.normalize``) per junction."""
+    def observers(program: Program) -> list:
+        graph = ChannelGraph.from_program(model, program)
+        return [NodeStatistics(graph, config.node_value), FallbackInputs(graph)]
+
+    _, (nodes, inputs) = observe(model, data, observers, progress)
+    _warn_unvalidated(nodes.graph)
+    acts = [normalise(a, config.normalize) for a in nodes.values()]
+    return Calibration(nodes.graph, acts, inputs.means())
+
+
+# ------------------------------------------------------------------------------ observers
+class NodeStatistics:
+    """Running per-node sums (float64) at every junction of ``graph``: ``sum |x|`` and the
+    number of values, and with ``statistic="std"`` also ``sum x`` and ``sum x^2``, over the
+    batch and every position outside the junction's channel dims."""
+
+    def __init__(self, graph: ChannelGraph, statistic: str = "mean_abs"):
+        if statistic not in NODE_VALUES:
+            raise ValueError(f"node_value must be one of {NODE_VALUES}, got {statistic!r}")
+        self.graph = graph
+        self.spread = statistic == "std"
+        sizes = [j.n_nodes for j in graph.junctions]
+        self.abs_sum = [np.zeros(n) for n in sizes]
+        self.count = [np.zeros(n) for n in sizes]
+        self.sum = [np.zeros(n) for n in sizes] if self.spread else None
+        self.sq_sum = [np.zeros(n) for n in sizes] if self.spread else None
+
+    def taps(self) -> dict:
+        """Junction fx node -> the junctions read there (a q/k sink shares its tensor)."""
+        taps: dict = {}
+        for j in self.graph.junctions:
+            taps.setdefault(j.name.split(":sink")[0], []).append(j.index)
+        return taps
+
+    def observe(self, index: int, t: torch.Tensor) -> None:
+        j = self.graph.junctions[index]
+        x = t.detach().to(torch.float64)
+        other = [d for d in range(x.dim()) if d not in j.channel_dims]
+        mask = _validity(j, x)
+        a = x.abs() if mask is None else x.abs() * mask
+        feat = _per_feature(a, other)
+        if not torch.isfinite(feat).all():
+            raise CalibrationError(
+                f"non-finite (NaN/inf) activations at the input of {self._where(j)}: check the "
+                "model and the calibration data")
+        if tuple(feat.shape) != tuple(j.node_ids.shape):
+            raise CalibrationError(
+                f"{self._where(j)}: a batch gave {tuple(feat.shape)} channels where the traced "
+                f"graph has {tuple(j.node_ids.shape)}; every calibration batch must have the "
+                "same shape beyond the batch dimension")
+        if mask is None:
+            n_other = int(np.prod([x.shape[d] for d in other])) if other else 1
+            cnt = np.full(feat.numel(), float(n_other))
+        else:
+            cnt = _numpy(_per_feature(mask.to(torch.float64).expand(x.shape), other))
+        g = j.group
+        ok = g >= 0
+        np.add.at(self.abs_sum[index], g[ok], _numpy(feat)[ok])
+        np.add.at(self.count[index], g[ok], cnt[ok])
+        if self.spread:
+            xm = x if mask is None else x * mask
+            np.add.at(self.sum[index], g[ok], _numpy(_per_feature(xm, other))[ok])
+            np.add.at(self.sq_sum[index], g[ok], _numpy(_per_feature(xm * xm, other))[ok])
+
+    def _where(self, j: Junction) -> str:
+        if j.is_output:
+            return "the model output"
+        if j.consumers:
+            return f"layer {self.graph.layers[j.consumers[0]].name!r}"
+        return f"the tensor {j.name!r}"
+
+    def values(self) -> list:
+        """The unnormalised value of every node, one array per junction: the mean |x|, or
+        the spread (a spread below float64 resolution of the mean square is 0)."""
+        out = []
+        for j, s, c in zip(self.graph.junctions, self.abs_sum, self.count):
+            if j.n_nodes and not (c > 0).any():
+                raise CalibrationError(f"junction {j.name!r} saw no activation during "
+                                       "calibration")
+            if not self.spread:
+                out.append(_mean(s, c))
+                continue
+            m1, m2 = _mean(self.sum[j.index], c), _mean(self.sq_sum[j.index], c)
+            var = m2 - m1 * m1
+            var[var <= 1e-12 * np.maximum(m2, 1e-300)] = 0.0     # cancellation
+            out.append(np.sqrt(var))
+        return out
+
+
+class FallbackInputs:
+    """Mean |input| per contraction feature (the last dim of a Linear's input, dim 1 of a
+    convolution's) of every weight layer the channel graph cannot score: the activation-weighted
+    fallback of :class:`~tp_curvature.importance.CurvatureImportance` reads it."""
+
+    def __init__(self, graph: ChannelGraph):
+        self.graph = graph
+        self.sums: dict = {}                 # layer index -> [sum |x| per feature, count]
+
+    def taps(self) -> dict:
+        nodes = {n.name: n for n in self.graph.program.gm.graph.nodes}
+        taps: dict = {}
+        for l in self.graph.layers:
+            if self.graph.scoreable(l):
+                continue
+            for name in l.nodes:
+                arg = nodes[name].args[0] if nodes[name].args else None
+                if arg is not None and hasattr(arg, "name"):
+                    taps.setdefault(arg.name, []).append(l.index)
+        return taps
+
+    def observe(self, index: int, x) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return
+        l = self.graph.layers[index]
+        dim = x.dim() - 1 if l.kind == "linear" else min(1, x.dim() - 1)
+        a = x.detach().abs().to(torch.float64).movedim(dim, -1)
+        feat = _numpy(a.reshape(-1, a.shape[-1]).sum(0))
+        cnt = a.numel() // max(a.shape[-1], 1)
+        prev = self.sums.get(index)
+        if prev is None or prev[0].shape != feat.shape:
+            self.sums[index] = [feat, float(cnt)]
+        else:
+            prev[0] += feat
+            prev[1] += cnt
+
+    def means(self) -> dict:
+        return {k: f / max(c, 1.0) for k, (f, c) in self.sums.items()}
+
+
+def _validity(j: Junction, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The junction's mask of positions that carry a node (a class-token row), as float."""
+    if j.valid is None:
+        return None
+    try:
+        return j.valid.to(x.device).expand(x.shape).to(x.dtype)
+    except RuntimeError:
+        return None
+
+
+def _per_feature(t: torch.Tensor, other: list) -> torch.Tensor:
+    return t.sum(other) if other else t
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.reshape(-1).cpu().numpy()
+
+
+def _mean(s: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return np.divide(s, c, out=np.zeros_like(s), where=c > 0)
+
+
+# ------------------------------------------------------------------------------ results
+class UnvalidatedCurvatureWarning(UserWarning):
+    """The model has constructs whose curvature is not yet checked against an independent
+    reference (see docs/method.md, open work)."""
+
+
+def _warn_unvalidated(graph: ChannelGraph) -> None:
+    if graph.unvalidated:
+        warnings.warn(
+            f"tp_curvature: this model has {', '.join(graph.unvalidated)} junctions; their "
+            "curvature is computed but not yet validated against an independent exact "
+            "reference (open work, see docs/method.md): treat those layers' scores with care",
+            UnvalidatedCurvatureWarning, stacklevel=4)
+
+
+def normalise(a: np.ndarray, mode: str = "minmax") -> np.ndarray:
+    """Per-junction normalisation of node values to [0, 1].
+
+    ``"minmax"`` (the paper): ``(a - min) / (max - min)``; the least active node becomes 0
+    (and so counts as inactive). ``"max"``: ``a / max`` keeps zero only for truly silent
+    nodes. A constant junction maps to all ones (all zeros if it is silent).
+    """
+    a = np.asarray(a, dtype=np.float64)
+    if a.size == 0:
+        return a
+    hi, lo = a.max(), a.min()
+    if mode == "minmax":
+        if hi - lo <= 1e-12 * max(hi, 1e-300):
+            return np.ones_like(a) if hi > 0 else np.zeros_like(a)
+        return (a - lo) / (hi - lo)
+    if mode == "max":
+        return a / hi if hi > 0 else np.zeros_like(a)
+    raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {mode!r}")
