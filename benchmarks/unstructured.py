@@ -197,7 +197,7 @@ def score_weights(model, x, pair, args, **over):
     progress = over.pop("progress", True)
     ccfg.update(over)
     fn = sparse_weight_curvature if sparse else weight_curvature
-    scores, info = fn(model, x, output=output_of(pair, args), reduce=args.reduce,
+    scores, info = fn(model, x, output=output_of(pair, args), reduction=args.reduce,
                       return_info=True, progress=progress, **ccfg)
     info["mode"] = "sparse" if sparse else "dense"
     return scores, info
@@ -325,8 +325,9 @@ def edge_check(pair, args, n_edges, seed=0):
     """On one calibration image of ``pair`` (sparse element graph), for ``n_edges`` random
     solved edges of one random tile per weight layer: kappa at the run's topk / backend against
     the same topk solved exactly and against topk=all solved exactly (the definition)."""
+    from tp_curvature.unstructured._checks import element_config
     from tp_curvature.unstructured._sparse_scores import (
-        _config, _image_strengths, layer_tiles, sparse_node_values)
+        set_image_strengths, layer_tiles, sparse_node_values)
     from tp_curvature.unstructured import sparse_element_graph
     model, train, _ = load_pair(pair, args, verbose=False)
     x, _ = calibration_batch(train, 1, per_class=True, model=model)
@@ -334,12 +335,12 @@ def edge_check(pair, args, n_edges, seed=0):
     g = sparse_element_graph(model, x)
     topk = args.topk if args.topk is not None else SPARSE_DEFAULT_TOPK
     base = dict(alpha=args.alpha, variant=args.variant)
-    runs = {"run": _config(dict(base, topk=topk or None, **(
-                {"backend": args.backend} if args.backend else {}))),
-            "topk exact": _config(dict(base, topk=topk or None, backend="exact")),
-            "all exact": _config(dict(base, topk=None, backend="exact"))}
+    runs = {"run": element_config(dict(base, topk=topk or None, **(
+                {"backend": args.backend} if args.backend else {})), sparse=True),
+            "topk exact": element_config(dict(base, topk=topk or None, backend="exact"), True),
+            "all exact": element_config(dict(base, topk=None, backend="exact"), True)}
     a, raw = sparse_node_values(g, x, output_of(pair, args), "minmax")[0]
-    _image_strengths(g, raw)
+    set_image_strengths(g, raw)
     rows = []
     pick = np.random.default_rng(seed)
     for bi in g.weight_ops:

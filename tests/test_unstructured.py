@@ -88,7 +88,7 @@ def test_weight_scores_shapes_and_min_over_images():
             atol=1e-6)  # fp32 forward of a batch vs single images
     assert info["n_images"] == 3 and len(info["per_image_s"]) == 3
     mean = weight_curvature(model, imgs, topk=None, backend="exact", alpha=ALPHA,
-                            progress=False, reduce="mean")
+                            progress=False, reduction="mean")
     assert all((mean[k] >= scores[k] - 1e-12).all() for k in scores)
 
 
@@ -320,7 +320,7 @@ def test_non_finite_activations_name_the_layer_and_leave_state(mixed_modes):
 
 @pytest.mark.parametrize("kw,exc,needle", [
     (dict(output="probs"), ValueError, "output"),
-    (dict(reduce="max"), ValueError, "reduce"),
+    (dict(reduction="max"), ValueError, "reduction"),
     (dict(normalize="zscore"), ValueError, "normalize"),
     (dict(alpha=float("nan")), ValueError, "alpha"),
     (dict(alpha=1.0), ValueError, "alpha"),
@@ -334,7 +334,7 @@ def test_options_checked_up_front_naming_the_option(kw, exc, needle):
     unsupported = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2))   # would fail in tracing
     with pytest.raises(exc, match=needle):
         weight_curvature(unsupported, _imgs(), progress=False, **kw)
-    if "reduce" not in kw:
+    if "reduction" not in kw:
         with pytest.raises(exc, match=needle):
             edge_curvature(unsupported, _imgs(1), **kw)
 
@@ -428,3 +428,22 @@ def test_per_weight_mode_keeps_the_paper_definition_and_refuses_spread():
     for fn in (weight_curvature, sparse_weight_curvature):
         with pytest.raises(ValueError, match="node_value"):
             fn(model, x, node_value="std")
+
+
+def test_renamed_keywords_are_deprecated_aliases():
+    """One name per idea: ``reduction`` everywhere; the old keywords still work, with a
+    DeprecationWarning, and give the same result."""
+    from tp_curvature import ElementCurvatureImportance
+    from tp_curvature.unstructured import sparse_weight_curvature
+    model, x = tiny_model(), _imgs(2)
+    for fn in (weight_curvature, sparse_weight_curvature):
+        want = fn(model, x, reduction="mean", **FAST)
+        with pytest.warns(DeprecationWarning, match="reduce="):
+            got = fn(model, x, reduce="mean", **FAST)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    with pytest.warns(DeprecationWarning) as rec:
+        imp = ElementCurvatureImportance(channel_reduction="min", weight_reduce="mean")
+    assert sorted(str(w.message).split("=")[0] for w in rec) == [
+        "the keyword channel_reduction", "the keyword weight_reduce"]
+    assert (imp.reduction, imp.weight_reduction) == ("min", "mean")

@@ -235,97 +235,93 @@ class LineagePass(fx.Interpreter):
     # -------------------------------------------------------------- rules
     def _lineage(self, n, out):
         if n.op == "placeholder":
-            if not _is_tensor(out) or not out.is_floating_point():
-                return None
-            mode = self.input_mode.get(n.name, "dim1")
-            shape = tuple(out.shape)
-            if mode == "element" or out.dim() <= 2:
-                per = shape[1:]
-                ids = torch.arange(int(math.prod(per))).view(per) if per else torch.zeros((), dtype=torch.long)
-                ids = ids.unsqueeze(0).expand(shape)
-            else:
-                ids = channel_ids(shape, 1 if mode == "dim1" else -1)
-            return self.hooks.input(n, ids, out)
+            return self._placeholder(n, out)
         if n.op == "get_attr":
             self.attr_names[n] = n.target
-            return None
-        if n.op == "output":
             return None
         if n.op != "call_function":
             return None
         name = op_name(n.target)
-        args = n.args
         kinds = [self.L(a) for a in n.all_input_nodes]
         if not any(k is not None for k in kinds) and name not in WEIGHT:
             return None
         if n.target is operator.getitem:
-            src = self.L(args[0])
+            src = self.L(n.args[0])
             if isinstance(src, tuple):
-                return src[args[1]]
+                return src[n.args[1]]
             if src is None or src is STAT or src is OPAQUE:
                 return src
             return self._move(n, out)
         if not (_is_tensor(out) or (isinstance(out, (list, tuple)) and out and
                                     all(_is_tensor(o) for o in out))):
             return None
-        shape = tuple(out.shape) if _is_tensor(out) else None
         if name in WEIGHT:
             return self._weight(n, name, out)
         if any(k is OPAQUE for k in kinds):
             return OPAQUE
-        if name in SHAPE_ONLY:
-            return None if name not in ("where", "masked_fill", "masked_fill_") else \
-                self._where(n, name, out)
-        if name in MOVE:
-            return self._move(n, out)
-        if name in IDENTITY:
-            x = self.L(args[0])
-            if isinstance(out, tuple):           # native_dropout -> (out, mask)
-                return (x, None)
-            return x
-        if name in UNARY:
-            x = self.L(args[0])
-            return x
-        if name in NORMS:
-            return self._norm(n, name, out)
-        if name in SPATIAL:
-            o = out[0] if isinstance(out, tuple) else out
-            x = self.L(args[0])
-            if not _terms(x):
-                return x
-            res = self._collapse(x, tuple(o.shape))
-            if res is None:
-                return self._opaque(n)
-            return (res, None) if isinstance(out, tuple) else res
-        if name in PAD:
-            x = self.L(args[0])
-            if not _terms(x):
-                return x
-            pad = self.val(args[1])
-            res = []
-            for t in x:
-                ids = torch.nn.functional.pad(t.ids, list(pad), value=-1)
-                sc = None if t.scale is None else torch.nn.functional.pad(
-                    t.scale.expand(t.ids.shape), list(pad), value=1.0)
-                res.append(Term(t.kind, t.src, ids, sc))
-            return res
-        if name in REDUCE:
-            return self._reduce(n, name, out)
-        if name in ADD:
-            ls = [self.L(a) for a in args[:2]]
-            terms = [t for l in ls if _terms(l) for t in self._expand(l, shape)]
-            if terms:
-                return terms
-            return STAT if any(l is STAT for l in ls) else None
-        if name in MUL:
-            return self._mul(n, name, out)
-        if name in CAT:
-            return self._cat(n, name, out)
-        if name in SDPA:
-            return self._sdpa(n, name, out)
-        if name in MATMUL:
-            return self._matmul(n, name, out)
+        for table, rule in self._RULES:
+            if name in table:
+                return rule(self, n, name, out)
         return self._opaque(n)
+
+    def _placeholder(self, n, out):
+        """A float input: channel ids along dim 1, the last dim, or one per element
+        (``input_mode``)."""
+        if not _is_tensor(out) or not out.is_floating_point():
+            return None
+        mode = self.input_mode.get(n.name, "dim1")
+        shape = tuple(out.shape)
+        if mode == "element" or out.dim() <= 2:
+            per = shape[1:]
+            ids = torch.arange(int(math.prod(per))).view(per) if per else \
+                torch.zeros((), dtype=torch.long)
+            ids = ids.unsqueeze(0).expand(shape)
+        else:
+            ids = channel_ids(shape, 1 if mode == "dim1" else -1)
+        return self.hooks.input(n, ids, out)
+
+    def _shape_only(self, n, name, out):
+        return self._where(n, name, out) if name in ("where", "masked_fill",
+                                                      "masked_fill_") else None
+
+    def _identity(self, n, name, out):
+        x = self.L(n.args[0])
+        if isinstance(out, tuple):               # native_dropout -> (out, mask)
+            return (x, None)
+        return x
+
+    def _unary(self, n, name, out):
+        return self.L(n.args[0])
+
+    def _spatial(self, n, name, out):
+        o = out[0] if isinstance(out, tuple) else out
+        x = self.L(n.args[0])
+        if not _terms(x):
+            return x
+        res = self._collapse(x, tuple(o.shape))
+        if res is None:
+            return self._opaque(n)
+        return (res, None) if isinstance(out, tuple) else res
+
+    def _pad(self, n, name, out):
+        x = self.L(n.args[0])
+        if not _terms(x):
+            return x
+        pad = list(self.val(n.args[1]))
+        res = []
+        for t in x:
+            ids = torch.nn.functional.pad(t.ids, pad, value=-1)
+            sc = None if t.scale is None else torch.nn.functional.pad(
+                t.scale.expand(t.ids.shape), pad, value=1.0)
+            res.append(Term(t.kind, t.src, ids, sc))
+        return res
+
+    def _add(self, n, name, out):
+        ls = [self.L(a) for a in n.args[:2]]
+        terms = [t for l in ls if _terms(l) for t in self._expand(l, tuple(out.shape))]
+        if terms:
+            return terms
+        return STAT if any(l is STAT for l in ls) else None
 
     def _where(self, n, name, out):
         # masked_fill(x, mask, v) keeps x's channels; where(c, a, b) unions a and b
@@ -532,3 +528,14 @@ class LineagePass(fx.Interpreter):
         if la is STAT or lb is STAT:
             return STAT
         return self._opaque(n)
+
+    def _moved(self, n, name, out):
+        return self._move(n, out)
+
+
+    #: op tables and the rule that gives their lineage, in the order they are tried
+    _RULES = (
+        (SHAPE_ONLY, _shape_only), (MOVE, _moved), (IDENTITY, _identity), (UNARY, _unary),
+        (NORMS, _norm), (SPATIAL, _spatial), (PAD, _pad), (REDUCE, _reduce), (ADD, _add),
+        (MUL, _mul), (CAT, _cat), (SDPA, _sdpa), (MATMUL, _matmul),
+    )

@@ -36,6 +36,7 @@ ValueError: alpha must be a number in [0, 1), got 1.0
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import inspect
 import math
 import numbers
@@ -198,3 +199,13 @@ def resolve_config(config: Optional[CurvatureConfig], fields: dict) -> Curvature
         raise TypeError(f"pass either config=CurvatureConfig(...) or its fields as keywords, "
                         f"not both (got config and {sorted(fields)})")
     return config
+
+
+def renamed_keyword(old: str, old_value, new: str, new_value):
+    """The value of a keyword renamed from ``old`` to ``new``: ``new_value``, or the value
+    passed under the old name (with a ``DeprecationWarning``)."""
+    if old_value is None:
+        return new_value
+    warnings.warn(f"the keyword {old}= is deprecated; use {new}= (same values)",
+                  DeprecationWarning, stacklevel=3)
+    return old_value

@@ -55,7 +55,7 @@ import torch.nn as nn
 
 from .graph import ChannelGraph, WeightLayer
 from .config import CurvatureConfig, resolve_config
-from .problem import LayerPairProblem
+from .problem import LayerPairProblem, cap_costs
 from .shortest_paths import minplus
 
 @dataclass
@@ -220,33 +220,48 @@ def build_layer_problem(graph: ChannelGraph, layer: WeightLayer, acts: list,
               else None),
         s_xw=(np.hstack([graph.junction_edges(X, w, cfg.p) for w in succs]) if succs
               else None))
-    return problem_from_strengths(
+    strengths = PairStrengths(
         s_zx=s_zx, a_z=a_z, a_x=acts[X], s_xy_all=graph.junction_edges(X, Y, cfg.p),
         s_direct=s_xy_layer[:, cols], cols=cols, a_yn=acts[Y], s_yw=s_yw, a_w=a_w,
-        exists=exists, cfg=cfg, name=layer.name, **skips)
+        exists=exists, **skips)
+    return problem_from_strengths(strengths, cfg, layer.name)
 
 
-def problem_from_strengths(*, s_zx, a_z, a_x, s_xy_all, s_direct, cols, a_yn, s_yw, a_w,
-                           exists, cfg: CurvatureConfig, name: str = "", s_zw=None, s_zy=None,
-                           s_xw=None, s_zz=None, s_ww=None):
-    """Build the transport problems of one layer pair from edge strengths ``|w|``.
+@dataclass
+class PairStrengths:
+    """Edge strengths ``|w|`` (0 = no edge) and normalised node values around one layer pair
+    (``n_yn`` nodes in the Y layer; the connections' columns are ``cols`` of them).
 
-    Parameters (``n_yn`` nodes in the Y layer; the connections' columns are ``cols`` of them)
-    ----------
-    s_zx : (n_z, n_x)      strengths predecessors -> X (0 = no edge)
-    a_z, a_x : (n_z,), (n_x,)   normalised node values
-    s_xy_all : (n_x, n_yn) strengths of every edge X -> Y (for the shortest paths)
-    s_direct : (n_x, n_c)  strengths of the scored connections (columns ``cols`` of Y)
-    cols : (n_c,)          Y node of each connection column
-    a_yn : (n_yn,)         node values of Y
-    s_yw : (n_yn, n_w)     strengths Y -> successors; ``a_w`` (n_w,) their values
-    exists : (n_x, n_c)    structural connections
-    s_zw, s_zy, s_xw : optional (n_z, n_w), (n_z, n_yn), (n_x, n_w) strengths of skip edges
-                           that bypass X or Y (None: none).
-    s_zz, s_ww : optional lists of ``(i0, j0, S)`` blocks: edges among the stacked Z nodes
-                           (rows ``i0:i0+S.shape[0]`` -> rows ``j0:j0+S.shape[1]`` of ``s_zx``)
-                           and among the stacked W nodes (columns of ``s_yw``), each block from
-                           an earlier junction to a later one (None / []: none).
+    ``s_zx`` (n_z, n_x): predecessors -> X; ``a_z``, ``a_x`` (n_z,), (n_x,): node values;
+    ``s_xy_all`` (n_x, n_yn): every edge X -> Y (for the shortest paths); ``s_direct``
+    (n_x, n_c): the scored connections (columns ``cols`` of Y); ``cols`` (n_c,): the Y node of
+    each connection column; ``a_yn`` (n_yn,): node values of Y; ``s_yw`` (n_yn, n_w), ``a_w``
+    (n_w,): Y -> successors and their values; ``exists`` (n_x, n_c): structural connections.
+    Optional: ``s_zw``, ``s_zy``, ``s_xw`` (n_z, n_w), (n_z, n_yn), (n_x, n_w), skip edges that
+    bypass X or Y; ``s_zz``, ``s_ww``: lists of ``(i0, j0, S)`` blocks, edges among the stacked
+    Z nodes (rows ``i0:i0+S.shape[0]`` -> rows ``j0:j0+S.shape[1]`` of ``s_zx``) and among the
+    stacked W nodes (columns of ``s_yw``), each from an earlier junction to a later one.
+    """
+    s_zx: np.ndarray
+    a_z: np.ndarray
+    a_x: np.ndarray
+    s_xy_all: np.ndarray
+    s_direct: np.ndarray
+    cols: np.ndarray
+    a_yn: np.ndarray
+    s_yw: np.ndarray
+    a_w: np.ndarray
+    exists: np.ndarray
+    s_zw: Optional[np.ndarray] = None
+    s_zy: Optional[np.ndarray] = None
+    s_xw: Optional[np.ndarray] = None
+    s_zz: Optional[list] = None
+    s_ww: Optional[list] = None
+
+
+def problem_from_strengths(st: PairStrengths, cfg: CurvatureConfig,
+                           name: str = "") -> LayerPairProblem:
+    """Build the transport problems of one layer pair from its :class:`PairStrengths`.
 
     The ground costs are the shortest paths over every edge among Z, X, Y, W: with
     ``D_Z`` / ``D_W`` the shortest paths inside Z / W (0 on the diagonal) and min-plus
@@ -260,49 +275,47 @@ def problem_from_strengths(*, s_zx, a_z, a_x, s_xy_all, s_direct, cols, a_yn, s_
     :func:`solve_problem` needs nothing else.
     """
     flow_len = cfg.length == "flow"
-    a_y = a_yn[cols]
+    a_y = st.a_yn[st.cols]
     # measures (top-k supports)
-    pred_idx, pred_mass = _support(_neighbour_weights(s_zx, a_z, cfg.measure, 0).T, cfg.topk)
-    succ_logw = _neighbour_weights(s_yw, a_w, cfg.measure, 1)[cols]
+    pred_logw = _neighbour_weights(st.s_zx, st.a_z, cfg.measure, 0).T
+    pred_idx, pred_mass = _support(pred_logw, cfg.topk)
+    succ_logw = _neighbour_weights(st.s_yw, st.a_w, cfg.measure, 1)[st.cols]
     succ_idx, succ_mass = _support(succ_logw, cfg.topk)
     z_used, pred_idx = _restrict(pred_idx)
     w_used, succ_idx = _restrict(succ_idx)
 
     # ground costs: forward shortest paths (Z- and W-internal edges closed first)
-    zz, ww = s_zz or [], s_ww or []
+    zz, ww = st.s_zz or [], st.s_ww or []
 
     def close_z(d):
-        return _close_rows(d, zz, a_z, flow_len)
+        return _close_rows(d, zz, st.a_z, flow_len)
 
     def close_w(d):
-        return _close_cols(d, ww, a_w, flow_len)
+        return _close_cols(d, ww, st.a_w, flow_len)
 
-    d_zx = close_z(_lengths(s_zx, a_z, flow_len))[z_used]
-    d_xy_all = _lengths(s_xy_all, a_x, flow_len)
-    d_yw = close_w(_lengths(s_yw, a_yn, flow_len))[:, w_used]
+    d_zx = close_z(_lengths(st.s_zx, st.a_z, flow_len))[z_used]
+    d_xy_all = _lengths(st.s_xy_all, st.a_x, flow_len)
+    d_yw = close_w(_lengths(st.s_yw, st.a_yn, flow_len))[:, w_used]
     c_zy_all = minplus(d_zx, d_xy_all)
     c_xw = minplus(d_xy_all, d_yw)
-    if s_zy is not None:
-        c_zy_all = np.minimum(c_zy_all, close_z(_lengths(s_zy, a_z, flow_len))[z_used])
-    if s_xw is not None:
-        c_xw = np.minimum(c_xw, close_w(_lengths(s_xw, a_x, flow_len))[:, w_used])
+    if st.s_zy is not None:
+        c_zy_all = np.minimum(c_zy_all, close_z(_lengths(st.s_zy, st.a_z, flow_len))[z_used])
+    if st.s_xw is not None:
+        c_xw = np.minimum(c_xw, close_w(_lengths(st.s_xw, st.a_x, flow_len))[:, w_used])
     c_zw = np.minimum(minplus(c_zy_all, d_yw), minplus(d_zx, c_xw))
-    if s_zw is not None:
-        d = close_w(close_z(_lengths(s_zw, a_z, flow_len)))
+    if st.s_zw is not None:
+        d = close_w(close_z(_lengths(st.s_zw, st.a_z, flow_len)))
         c_zw = np.minimum(c_zw, d[np.ix_(z_used, w_used)])
-    c_zy = c_zy_all[:, cols]
-    d_xy = _lengths(s_direct, a_x, flow_len)
+    c_zy = c_zy_all[:, st.cols]
+    d_xy = _lengths(st.s_direct, st.a_x, flow_len)
 
-    solve = exists & np.isfinite(d_xy) & (a_x[:, None] > 0) & (a_y[None, :] > 0)
-    finite = [c[np.isfinite(c)] for c in (c_zw, c_zy, c_xw, d_xy[solve])]
-    top = max((f.max() for f in finite if f.size), default=1.0)
-    cap = 2.0 * top
-    c_zw, c_zy, c_xw = (np.where(np.isfinite(c), c, cap) for c in (c_zw, c_zy, c_xw))
+    solve = st.exists & np.isfinite(d_xy) & (st.a_x[:, None] > 0) & (a_y[None, :] > 0)
+    c_zw, c_zy, c_xw = cap_costs((c_zw, c_zy, c_xw), d_xy[solve])
     prob = LayerPairProblem(d_xy=np.where(solve, d_xy, np.inf), c_zw=c_zw, c_zy=c_zy,
                             c_xw=c_xw, pred_idx=pred_idx, pred_mass=pred_mass,
                             succ_idx=succ_idx, succ_mass=succ_mass, alpha=cfg.alpha,
-                            solve=solve, name=name, exists=exists,
-                            length=np.where(exists, d_xy, np.inf))
+                            solve=solve, name=name, exists=st.exists,
+                            length=np.where(st.exists, d_xy, np.inf))
     return prob
 
 

@@ -5,11 +5,11 @@ activation; :func:`tp_curvature.unstructured.sparse_weight_curvature`). This sib
 :class:`~tp_curvature.CurvatureImportance` brings that granularity to Torch-Pruning's channel
 pruning, so the two granularities can be compared on equal terms:
 
-1. per weight, ``kappa_w`` = min (``weight_reduce="min"``, the paper) or mean of the curvature
+1. per weight, ``kappa_w`` = min (``weight_reduction="min"``, the paper) or mean of the curvature
    of every element edge the weight generates, over its positions and the calibration images;
 2. per channel of a Conv2d / Linear, over the weights of that channel: for an output channel
    ``o`` the slice ``W[o]`` (all input channels and taps), for an input channel ``c`` the slice
-   ``W[:, c]``; ``channel_reduction="mean"`` scores ``kmax - mean kappa_w``, ``"min"``
+   ``W[:, c]``; ``reduction="mean"`` scores ``kmax - mean kappa_w``, ``"min"``
    ``kmax - min kappa_w`` (its strongest bottleneck), with ``kmax = 1/(1-alpha)``, so scores
    are non-negative and higher = more important, as in :class:`~tp_curvature.CurvatureImportance`;
 3. per group, scattered by ``root_idxs`` and reduced with ``group_reduction`` / ``normalizer``
@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from .config import renamed_keyword
 from .importance import IN_FNS, OUT_FNS, feature_share
 
 CHANNEL_REDUCTIONS = ("mean", "min")
@@ -44,22 +45,29 @@ class ElementCurvatureImportance(tp.importance.GroupMagnitudeImportance):
     paper's VGG, or ``"softmax"``).
     """
 
-    def __init__(self, *, channel_reduction: str = "mean", weight_reduce: str = "min",
+    def __init__(self, *, reduction: str = "mean", weight_reduction: str = "min",
                  output: str = "logits", group_reduction: str = "mean",
-                 normalizer: Optional[str] = "mean", progress: bool = False, **config):
+                 normalizer: Optional[str] = "mean", progress: bool = False,
+                 channel_reduction: Optional[str] = None, weight_reduce: Optional[str] = None,
+                 **config):
         super().__init__(p=1, group_reduction=group_reduction, normalizer=normalizer)
-        from .unstructured._sparse_scores import _config
-        if channel_reduction not in CHANNEL_REDUCTIONS:
-            raise ValueError(f"channel_reduction must be one of {CHANNEL_REDUCTIONS}, got "
-                             f"{channel_reduction!r}")
-        if weight_reduce not in ("min", "mean"):
-            raise ValueError(f"weight_reduce must be 'min' or 'mean', got {weight_reduce!r}")
+        from .unstructured._checks import element_config
+        reduction = renamed_keyword("channel_reduction", channel_reduction, "reduction",
+                                    reduction)
+        weight_reduction = renamed_keyword("weight_reduce", weight_reduce, "weight_reduction",
+                                           weight_reduction)
+        if reduction not in CHANNEL_REDUCTIONS:
+            raise ValueError(f"reduction must be one of {CHANNEL_REDUCTIONS}, got "
+                             f"{reduction!r}")
+        if weight_reduction not in ("min", "mean"):
+            raise ValueError(f"weight_reduction must be 'min' or 'mean', got "
+                             f"{weight_reduction!r}")
         if output not in ("logits", "softmax"):
             raise ValueError(f"output must be 'logits' or 'softmax', got {output!r}")
-        self.config = _config(config)
+        self.config = element_config(config, sparse=True)
         self._options = dict(config)
-        self.channel_reduction = channel_reduction
-        self.weight_reduce = weight_reduce
+        self.reduction = reduction
+        self.weight_reduction = weight_reduction
         self.output = output
         self.progress = progress
         self.model: Optional[nn.Module] = None
@@ -70,9 +78,9 @@ class ElementCurvatureImportance(tp.importance.GroupMagnitudeImportance):
     def calibrate(self, model: nn.Module, images) -> "ElementCurvatureImportance":
         """Score every weight of ``model`` on ``images`` (a tensor ``(N, ...)`` or an
         ``(images, targets)`` pair); the images are kept for recomputations."""
-        from .unstructured._checks import _images
+        from .unstructured._checks import check_images
         self.model = model
-        self.images = _images(images).detach()
+        self.images = check_images(images).detach()
         self._compute()
         return self
 
@@ -85,7 +93,7 @@ class ElementCurvatureImportance(tp.importance.GroupMagnitudeImportance):
     def _compute(self):
         from .unstructured import sparse_weight_curvature
         kappa = sparse_weight_curvature(self.model, self.images, output=self.output,
-                                        reduce=self.weight_reduce, progress=self.progress,
+                                        reduction=self.weight_reduction, progress=self.progress,
                                         **self._options)
         mods = dict(self.model.named_modules())
         self.scores = {id(mods[k[:-len(".weight")] if k != "weight" else ""]): v
@@ -100,7 +108,7 @@ class ElementCurvatureImportance(tp.importance.GroupMagnitudeImportance):
         kmax = 1.0 / (1.0 - self.config.alpha)
         k = kappa.transpose(0, 1) if not out else kappa
         k = k.flatten(1)[torch.as_tensor(idxs, dtype=torch.long)]
-        red = k.mean(1) if self.channel_reduction == "mean" else k.min(1).values
+        red = k.mean(1) if self.reduction == "mean" else k.min(1).values
         return (kmax - red).float()
 
     @torch.no_grad()

@@ -45,6 +45,15 @@ from typing import Optional
 import numpy as np
 
 
+def cap_costs(costs: tuple, d_solved: np.ndarray) -> tuple:
+    """Each cost matrix of ``costs`` with its infinite entries (pairs no forward path joins)
+    set to the cap, twice the largest finite cost among ``costs`` and the lengths of the
+    connections to solve (``d_solved``), so every transport problem is well posed."""
+    finite = [c[np.isfinite(c)] for c in (*costs, d_solved)]
+    cap = 2.0 * max((f.max() for f in finite if f.size), default=1.0)
+    return tuple(np.where(np.isfinite(c), c, cap) for c in costs)
+
+
 def kappa_from_w1(w1: np.ndarray, d_xy: np.ndarray, alpha: float) -> np.ndarray:
     """:math:`\\kappa = (1 - W_1/d)/(1-\\alpha)` elementwise."""
     return (1.0 - w1 / d_xy) / (1.0 - alpha)

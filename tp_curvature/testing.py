@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .problem import LayerPairProblem
+from .problem import LayerPairProblem, cap_costs
 
 __all__ = ["minplus", "random_layer_pair", "problem_from_layers", "truncate_topk"]
 
@@ -126,9 +126,7 @@ def problem_from_layers(
     c_xw = minplus(l_xy, l_yw)
     c_zw = minplus(c_zy, l_yw)
     if cap_unreachable:
-        fin = [c[np.isfinite(c)] for c in (c_zw, c_zy, c_xw, l_xy)]
-        cap = 2.0 * max((f.max() for f in fin if f.size), default=1.0)
-        c_zw, c_zy, c_xw = (np.where(np.isfinite(c), c, cap) for c in (c_zw, c_zy, c_xw))
+        c_zw, c_zy, c_xw = cap_costs((c_zw, c_zy, c_xw), l_xy)
     pred_idx, pred_mass = _measure_rows(pw)
     succ_idx, succ_mass = _measure_rows(rw)
     if topk is not None:

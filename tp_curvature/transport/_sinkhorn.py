@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -86,8 +87,22 @@ TRIM_SHARE = 0.1  # share of kappa_tol left to the mass_tol trimming term of the
 REFINE_EPS = 0.25  # the refinement pass runs at this fraction of eps and tol, in float64
 
 
-def sinkhorn_backend(problem, eps, tol, max_iter, omega, eps_scaling, levels, mass_tol, batch,
-                     chunk_rows, progress, precision, kappa_tol=None, refine=True):
+class EngineOptions(NamedTuple):
+    """The engine's knobs (see :func:`~tp_curvature.transport.solve_w1`)."""
+    eps: float
+    tol: float
+    max_iter: int
+    omega: float
+    eps_scaling: float
+    levels: int
+    mass_tol: float
+    batch: int
+    chunk_rows: int
+    precision: str
+
+
+def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
+                     kappa_tol=None, refine: bool = True):
     """W1 of every connection of ``problem`` with the Numba engine, certified (see
     :func:`certify`); returns (W, log dict).
 
@@ -97,108 +112,120 @@ def sinkhorn_backend(problem, eps, tol, max_iter, omega, eps_scaling, levels, ma
     bound); each connection keeps the value with the smaller certified bound, and only those
     still above ``kappa_tol`` go to the exact solver.
     """
-    al = float(problem.alpha)
     n_x, n_y = problem.d_xy.shape
     outs = Outputs(np.full((n_x, n_y), np.nan), np.zeros((n_x, n_y), np.int64),
                    np.zeros((n_x, n_y), np.int64), np.full((n_x, n_y), np.nan))
     t0 = time.perf_counter()
-    mass_tol_eff = mass_tol
-    if kappa_tol is not None and mass_tol > 0 and problem.solve.any():
-        # keep the trimming term of the certificate, (delta_x + delta_y) max M / d in kappa,
-        # below TRIM_SHARE * kappa_tol (delta <= mass_tol for normalised rows)
-        from ._prepare import trim_cost_bound
-
-        top = trim_cost_bound(problem)
-        dmin = float(problem.d_xy[problem.solve].min())
-        if top > 0:
-            mass_tol_eff = min(mass_tol, 0.5 * TRIM_SHARE * kappa_tol * dmin / top)
+    mass_tol_eff = _trimming_tolerance(problem, opts.mass_tol, kappa_tol)
     prep = prepare(problem, mass_tol_eff)
-    costs, meas, uniform = prep.costs, prep.meas, prep.uniform
-    nzu, nwu = costs.C.shape
-    R32 = np.minimum(costs.R, 1e30).astype(np.float32)
-    path = PATHS[precision]
     t_prep = time.perf_counter() - t0
-
-    pairs = np.argwhere(problem.solve)
-    n_solved = len(pairs)
+    n_solved = int(problem.solve.sum())
     if n_solved:
-        d = costs.dxy[pairs[:, 0], pairs[:, 1]]
-        pairs, lev, starts, ends, dmin, rho = eps_levels(pairs, d, levels)
-        n_stages = 2 if eps_scaling and eps_scaling > 1 else 1
-        from numba import get_num_threads
-
-        nthr = get_num_threads()
-        # level groups: the stage kernels of a group of levels are computed at once (memory
-        # bounded by KERNEL_BYTES) and all their connections go to one parallel call
-        batched = uniform and path <= 1
-        per_level = (n_stages * 2 + 1) * max(nzu * nwu, 1) * 4  # float32 kernels, transposes
-        lv_per_group = max(1, KERNEL_BYTES // per_level)
-        n_lv = len(starts)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n_solved, desc=f"W1 sinkhorn {problem.name}", leave=False)
-        tol_st = np.array([max(tol, COARSE_TOL), tol][2 - n_stages:])
-        for g0 in range(0, n_lv, lv_per_group):
-            g1 = min(n_lv, g0 + lv_per_group)
-            ng = g1 - g0
-            e_fine = eps * dmin * rho ** lev[starts[g0:g1]].astype(np.float64)
-            eps_lv = np.stack([eps_scaling * e_fine, e_fine], axis=1)[:, 2 - n_stages:].copy()
-            kern = stage_kernels(R32, costs.C32, eps_lv, path, batched)
-            s, e = starts[g0], ends[g1 - 1]
-            cx = np.ascontiguousarray(pairs[s:e, 0])
-            cy = np.ascontiguousarray(pairs[s:e, 1])
-            # chunks: batches of at most `batch` connections (uniform supports), else enough
-            # chunks to balance the threads
-            target = batch if batched else max(1, (e - s) // (8 * nthr))
-            lv_loc = np.repeat(np.arange(ng), ends[g0:g1] - starts[g0:g1])
-            chunk_ptr, chunk_lv = make_chunks(cx, lv_loc, target, chunk_rows)
-            cfg = Settings(eps_lv, tol_st, int(max_iter), float(omega), path, al, uniform)
-            with one_blas_thread(batched):
-                run_parallel(solve_chunks, min(nthr, len(chunk_ptr) - 1), kern, costs, meas,
-                             cfg, cx, cy, chunk_ptr, chunk_lv, outs)
-            if bar is not None:
-                bar.update(e - s)
-        if bar is not None:
-            bar.close()
+        _solve_levels(problem, prep, opts, outs, progress)
     t_cert = time.perf_counter()
     kgap, _ = certify(problem, prep, outs, None)
     n_refined = n_exact = 0
     if kappa_tol is not None and refine:
-        bad = problem.solve & ~(kgap <= kappa_tol)
-        n_refined = int(bad.sum())
-        if n_refined:
-            w2, log2 = sinkhorn_backend(
-                replace(problem, solve=bad), REFINE_EPS * eps, REFINE_EPS * tol, max_iter,
-                omega, eps_scaling, levels, mass_tol, batch, chunk_rows, False, "float64",
-                kappa_tol, refine=False)
-            # the refinement pass itself re-solves exactly what it cannot certify
-            better = bad & (log2["kappa_gap"] < kgap)
-            outs.out[better] = w2[better]
-            kgap[better] = log2["kappa_gap"][better]
-            n_exact = log2["n_exact_fallback"]
+        n_refined, n_exact = _refine(problem, opts, outs, kgap, kappa_tol)
     n_exact += exact_fallback(problem, outs, kgap, kappa_tol)
-    t_cert = time.perf_counter() - t_cert
     st = outs.status[problem.solve]
     its = outs.iters[problem.solve]
     log = dict(
-        backend="sinkhorn", name=problem.name, n_solved=int(n_solved),
-        uniform_support=uniform, k_z=int(prep.k_z), k_w=int(prep.k_w),
+        backend="sinkhorn", name=problem.name, n_solved=n_solved,
+        uniform_support=prep.uniform, k_z=int(prep.k_z), k_w=int(prep.k_w),
         iterations_mean=float(its.mean()) if its.size else 0.0,
         iterations_max=int(its.max()) if its.size else 0,
         n_not_converged=int(np.isin(st, (MAXITER, F64 + MAXITER, LOG + MAXITER)).sum()),
         n_float64=int(((st == F64) | (st == F64 + MAXITER)).sum()),
         n_log_domain=int((st >= LOG).sum()),
         seconds_prepare=t_prep, seconds=time.perf_counter() - t0,
-        eps=eps, tol=tol, max_iter=int(max_iter), omega=omega, eps_scaling=eps_scaling,
-        levels=levels, mass_tol=mass_tol, mass_tol_effective=mass_tol_eff, kappa_tol=kappa_tol,
-        n_refined=n_refined, n_exact_fallback=n_exact,
-        kappa_gap=kgap,
+        **{k: v for k, v in opts._asdict().items() if k not in ("batch", "chunk_rows",
+                                                                "precision")},
+        mass_tol_effective=mass_tol_eff, kappa_tol=kappa_tol,
+        n_refined=n_refined, n_exact_fallback=n_exact, kappa_gap=kgap,
         kappa_gap_max=float(np.max(kgap[problem.solve])) if n_solved else 0.0,
-        seconds_certificate=t_cert,
+        seconds_certificate=time.perf_counter() - t_cert,
     )
     return outs.out, log
+
+
+def _trimming_tolerance(problem, mass_tol: float, kappa_tol) -> float:
+    """``mass_tol``, lowered so that the trimming term of the certificate,
+    ``(delta_x + delta_y) max M / d`` in kappa, stays below ``TRIM_SHARE * kappa_tol``
+    (``delta <= mass_tol`` for normalised rows)."""
+    if kappa_tol is None or mass_tol <= 0 or not problem.solve.any():
+        return mass_tol
+    from ._prepare import trim_cost_bound
+
+    top = trim_cost_bound(problem)
+    dmin = float(problem.d_xy[problem.solve].min())
+    return min(mass_tol, 0.5 * TRIM_SHARE * kappa_tol * dmin / top) if top > 0 else mass_tol
+
+
+def _solve_levels(problem, prep, opts: EngineOptions, outs, progress: bool) -> None:
+    """Solve every connection of ``problem`` into ``outs``: connections bucketed by eps level,
+    the stage kernels of a group of levels computed at once (memory bounded by
+    ``KERNEL_BYTES``), and all their connections sent to one parallel call."""
+    from numba import get_num_threads
+
+    costs, meas, uniform = prep.costs, prep.meas, prep.uniform
+    nzu, nwu = costs.C.shape
+    R32 = np.minimum(costs.R, 1e30).astype(np.float32)
+    path = PATHS[opts.precision]
+    pairs = np.argwhere(problem.solve)
+    d = costs.dxy[pairs[:, 0], pairs[:, 1]]
+    pairs, lev, starts, ends, dmin, rho = eps_levels(pairs, d, opts.levels)
+    n_stages = 2 if opts.eps_scaling and opts.eps_scaling > 1 else 1
+    nthr = get_num_threads()
+    batched = uniform and path <= 1
+    per_level = (n_stages * 2 + 1) * max(nzu * nwu, 1) * 4  # float32 kernels, transposes
+    lv_per_group = max(1, KERNEL_BYTES // per_level)
+    tol_st = np.array([max(opts.tol, COARSE_TOL), opts.tol][2 - n_stages:])
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(pairs), desc=f"W1 sinkhorn {problem.name}", leave=False)
+    for g0 in range(0, len(starts), lv_per_group):
+        g1 = min(len(starts), g0 + lv_per_group)
+        e_fine = opts.eps * dmin * rho ** lev[starts[g0:g1]].astype(np.float64)
+        eps_lv = np.stack([opts.eps_scaling * e_fine, e_fine], axis=1)[:, 2 - n_stages:].copy()
+        kern = stage_kernels(R32, costs.C32, eps_lv, path, batched)
+        s, e = starts[g0], ends[g1 - 1]
+        cx = np.ascontiguousarray(pairs[s:e, 0])
+        cy = np.ascontiguousarray(pairs[s:e, 1])
+        # chunks: batches of at most `batch` connections (uniform supports), else enough
+        # chunks to balance the threads
+        target = opts.batch if batched else max(1, (e - s) // (8 * nthr))
+        lv_loc = np.repeat(np.arange(g1 - g0), ends[g0:g1] - starts[g0:g1])
+        chunk_ptr, chunk_lv = make_chunks(cx, lv_loc, target, opts.chunk_rows)
+        cfg = Settings(eps_lv, tol_st, int(opts.max_iter), float(opts.omega), path,
+                       float(problem.alpha), uniform)
+        with one_blas_thread(batched):
+            run_parallel(solve_chunks, min(nthr, len(chunk_ptr) - 1), kern, costs, meas,
+                         cfg, cx, cy, chunk_ptr, chunk_lv, outs)
+        if bar is not None:
+            bar.update(e - s)
+    if bar is not None:
+        bar.close()
+
+
+def _refine(problem, opts: EngineOptions, outs, kgap, kappa_tol) -> tuple:
+    """Solve the connections whose bound exceeds ``kappa_tol`` again at ``REFINE_EPS`` times
+    eps and tol in float64; each keeps the value with the smaller bound (``outs`` and ``kgap``
+    updated in place). Returns (number refined, number the refinement re-solved exactly)."""
+    bad = problem.solve & ~(kgap <= kappa_tol)
+    n_refined = int(bad.sum())
+    if not n_refined:
+        return 0, 0
+    fine = opts._replace(eps=REFINE_EPS * opts.eps, tol=REFINE_EPS * opts.tol,
+                         precision="float64")
+    w2, log2 = sinkhorn_backend(replace(problem, solve=bad), fine, False, kappa_tol,
+                                refine=False)
+    # the refinement pass itself re-solves exactly what it cannot certify
+    better = bad & (log2["kappa_gap"] < kgap)
+    outs.out[better] = w2[better]
+    kgap[better] = log2["kappa_gap"][better]
+    return n_refined, log2["n_exact_fallback"]
 
 
 def certify(problem, prep, outs, kappa_tol):

@@ -7,7 +7,7 @@ import numpy as np
 
 from ..problem import LayerPairProblem
 from ._exact import loop_backend
-from ._sinkhorn import PATHS, sinkhorn_backend
+from ._sinkhorn import PATHS, EngineOptions, sinkhorn_backend
 
 BACKENDS = ("sinkhorn", "exact", "pot-sinkhorn")
 
@@ -144,9 +144,9 @@ def solve_w1(
             raise ValueError(f"kappa_tol must be > 0 or None, got {kappa_tol}")
         if precision not in PATHS:
             raise ValueError(f"precision must be float32, float64 or log, got {precision!r}")
-        W, info = sinkhorn_backend(problem, eps, tol, max_iter, omega, eps_scaling, levels,
-                                   mass_tol, int(batch), chunk_rows, progress, precision,
-                                   kappa_tol)
+        opts = EngineOptions(eps, tol, max_iter, omega, eps_scaling, levels, mass_tol,
+                             int(batch), chunk_rows, precision)
+        W, info = sinkhorn_backend(problem, opts, progress, kappa_tol)
     elif backend in ("exact", "pot-sinkhorn"):
         W, n_warn = loop_backend(problem, backend, eps, tol, max_iter, progress)
         info = dict(backend=backend, name=problem.name, n_solved=int(np.sum(problem.solve)),

@@ -36,6 +36,10 @@ Curvature
     ``s_zx = S_{l-1}``, ``s_xy = S_l``, ``s_yw = S_{l+1}`` (input nodes have no predecessors:
     ``m_x = delta_x``; output nodes no successors: ``m_y = delta_y``). Conventions are the
     library's: a dead endpoint (``a = 0``) or a zero weight gives ``kappa = 1`` without a solve.
+    The definition is the preset :meth:`CurvatureConfig.element()
+    <tp_curvature.CurvatureConfig.element>` (the paper's: lengths ``1/|w|``, measures
+    ``exp(-1/a^2)``, ``alpha = 0.9``; ``topk`` :data:`DEFAULT_TOPK` dense,
+    :data:`SPARSE_DEFAULT_TOPK` sparse); keyword options override its fields.
 
 Per-weight score
     ``reduce="min"`` (the paper): the minimum kappa over every edge the weight generates and over
@@ -81,33 +85,31 @@ Sparse element graphs (:func:`sparse_weight_curvature`, :func:`sparse_element_gr
     kappa (tested to 1e-9 with the exact solver). ``MaxPool2d`` / ``AvgPool2d`` are supported
     here only: a max pool's output has one edge, from the element that won the max on that
     image (strength 1); an average pool's output an edge from each element of its window
-    (strength ``1/divisor``); pools are not scored. Residual adds are not supported. Default
-    ``topk`` :data:`SPARSE_DEFAULT_TOPK` = 8. Measured on this 2-core machine: one image of
-    an untrained paper VGG-9 (Fashion-MNIST, 1 input channel, 42.9M edges, 11.0M solved,
-    alpha 0.9, certified Sinkhorn) in 81 s, peak RSS 1.1 GB.
+    (strength ``1/divisor``); pools are not scored. Residual adds are not supported.
 
 Cost
     The strength matrices are dense ``(n_in_elements, n_out_elements)``: fine for the paper's
     LeNet (largest 784 x 864) and MLPs, refused above ``max_dense`` entries per layer. The work is
     one transport problem per edge with both endpoints active, per image, of size at most
     ``(topk + 1) x (topk + 1)``: it grows linearly with the number of calibration images.
-    ``topk`` (:data:`DEFAULT_TOPK` = 32, the library default) keeps the ``k`` heaviest atoms of
-    every measure; with the paper's ``exp(-1/a^2)`` weights almost all mass sits on the few most
-    active neighbours. The shortest paths of the problems are recomputed per image. The first
-    call in a fresh environment also compiles the Numba kernels (cached afterwards). Timings,
-    and the agreement of topk 4..64 and of the exact backend with the default, are in
-    ``results/unstructured.md`` and the README, with the commands that produced them
-    (``benchmarks/unstructured.py --exact-check --topk-scan ...``).
+    ``topk`` keeps the ``k`` heaviest atoms of every measure; with the paper's ``exp(-1/a^2)``
+    weights almost all mass sits on the few most active neighbours. The shortest paths of the
+    problems are recomputed per image. The first call in a fresh environment also compiles the
+    Numba kernels (cached afterwards). Timings, and the agreement of topk 4..64 and of the
+    exact backend with the default, are in docs/paper.md with the commands that produced them.
 """
-from ._checks import DEFAULT_TOPK
+from ..config import ELEMENT_TOPK
 from ._graph import ElementGraph, ElementLayer, element_graph, node_values
 from ._masks import (UnknownWeightError, apply_masks, magnitude_scores, masks_from_scores,
                      prune_by_curvature, prune_by_magnitude, prune_by_scores, prune_random,
                      random_scores, remove_pruning, weight_sparsity)
 from ._scores import EdgeCurvature, edge_curvature, weight_curvature
 from ._sparse import SparseElementGraph, SparseOp, sparse_element_graph
-from ._sparse_scores import (SPARSE_DEFAULT_TOPK, sparse_edge_curvature, sparse_node_values,
-                             sparse_weight_curvature)
+from ._sparse_scores import sparse_edge_curvature, sparse_node_values, sparse_weight_curvature
+
+#: ``topk`` of the per-weight mode's preset (:meth:`~tp_curvature.CurvatureConfig.element`):
+#: dense element matrices / sparse element graphs
+DEFAULT_TOPK, SPARSE_DEFAULT_TOPK = ELEMENT_TOPK[False], ELEMENT_TOPK[True]
 
 __all__ = [
     "ElementLayer", "ElementGraph", "EdgeCurvature", "DEFAULT_TOPK", "element_graph",

@@ -2,16 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
-
 import torch
 import torch.nn as nn
 
 from ..config import CurvatureConfig
 
-
-#: top-k atoms per measure used by this module unless ``topk=`` is passed
-DEFAULT_TOPK = 32
 
 WEIGHT_TYPES = (nn.Linear, nn.Conv2d)
 AUX_METHODS = {"size", "dim"}
@@ -20,18 +15,18 @@ REDUCES = ("min", "mean")
 _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(CurvatureConfig))
 
 
-def _check_choice(name: str, value, choices: tuple):
+def check_choice(name: str, value, choices: tuple):
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got "
                          f"{value!r}")
 
 
-def _check_model(model) -> None:
+def check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def _images(images, what: str = "images") -> torch.Tensor:
+def check_images(images, what: str = "images") -> torch.Tensor:
     """The image tensor of ``images`` (a tensor ``(N, ...)`` or an ``(images, targets)`` pair,
     targets of any dtype), checked: a non-empty floating-point batch with finite values."""
     if isinstance(images, (tuple, list)):
@@ -61,36 +56,33 @@ def _images(images, what: str = "images") -> torch.Tensor:
     if not bool(ok.all()):
         bad = torch.nonzero(~ok).flatten().tolist()
         raise ValueError(f"{what} contain non-finite values (NaN/inf) in image(s) "
-                         f"{_indices(bad)}")
+                         f"{format_indices(bad)}")
     return images
 
 
-def _indices(idx: list, limit: int = 8) -> str:
+def format_indices(idx: list, limit: int = 8) -> str:
     head = ", ".join(str(i) for i in idx[:limit])
     return f"[{head}{', ...' if len(idx) > limit else ''}] ({len(idx)} in all)" \
         if len(idx) > 1 else f"{idx[0]}"
 
 
-def _config(config: dict, topk: Optional[int] = DEFAULT_TOPK) -> CurvatureConfig:
-    """A :class:`CurvatureConfig` from keyword options, with the per-weight mode's defaults:
-    the paper's definition (``variant="paper"``), ``topk`` (default :data:`DEFAULT_TOPK`) and
-    ``node_value="mean_abs"``, the only one that applies (an element's value on one image is one
-    number: it has no spread); unknown keywords are a TypeError naming them, and every value is
-    checked by :class:`CurvatureConfig` with a message naming the option."""
-    config = dict(config)
+def element_config(config: dict, sparse: bool = False) -> CurvatureConfig:
+    """:meth:`CurvatureConfig.element` (the paper's definition; ``topk`` 32 dense, 8 sparse)
+    with the keyword options as overrides. ``node_value`` must stay ``"mean_abs"`` (an
+    element's value on one image is one number: it has no spread); unknown keywords are a
+    TypeError naming them, and every value is checked by :class:`CurvatureConfig` with a
+    message naming the option."""
     unknown = sorted(set(config) - set(_CONFIG_FIELDS))
     if unknown:
         raise TypeError(f"unknown curvature option(s) {', '.join(map(repr, unknown))}; the "
                         f"options are {', '.join(_CONFIG_FIELDS)}")
-    config.setdefault("topk", topk)
-    config.setdefault("variant", "paper")
-    if config.setdefault("node_value", "mean_abs") != "mean_abs":
+    if config.get("node_value", "mean_abs") != "mean_abs":
         raise ValueError(f"node_value={config['node_value']!r} does not apply to the per-weight "
                          "mode: an element's value on one image has no spread (use 'mean_abs')")
-    return CurvatureConfig(**config)
+    return CurvatureConfig.element(sparse, **config)
 
 
-def _check_layer_values(graph) -> None:
+def check_layer_values(graph) -> None:
     """Weights, biases and BatchNorm parameters / statistics of every layer are finite."""
     for lay in graph.layers:
         tensors = [("weight", lay.module.weight), ("bias", getattr(lay.module, "bias", None))]

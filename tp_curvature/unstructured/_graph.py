@@ -14,8 +14,8 @@ from .._export import UnsupportedModelError
 from ..calibration import normalise
 from ..config import NORMALIZE_MODES
 from ._chain import Chain, bn_scale, trace_chain
-from ._checks import (OUTPUTS, _check_choice, _check_layer_values, _check_model, _images,
-                      _indices)
+from ._checks import (OUTPUTS, check_choice, check_layer_values, check_model, check_images,
+                      format_indices)
 
 
 @dataclass
@@ -154,8 +154,8 @@ def element_graph(model: nn.Module, example: torch.Tensor,
     ``ValueError`` when a layer's dense ``(n_in, n_out)`` matrix would exceed ``max_dense``
     entries.
     """
-    _check_model(model)
-    example = _images(example, "example")
+    check_model(model)
+    example = check_images(example, "example")
     if not isinstance(max_dense, numbers.Integral) or isinstance(max_dense, bool) or \
             max_dense < 1:
         raise ValueError(f"max_dense must be a positive int, got {max_dense!r}")
@@ -167,7 +167,7 @@ def element_graph(model: nn.Module, example: torch.Tensor,
     graph = ElementGraph(chain=chain, layers=layers,
                          taps=[chain.ops[i].input for i in weights], output=chain.output,
                          input_shape=tuple(example.shape[1:]))
-    _check_layer_values(graph)
+    check_layer_values(graph)
     for lay in layers:
         if not np.isfinite(lay.strength).all():
             raise ValueError(f"layer {lay.name!r}: non-finite edge strengths")
@@ -184,17 +184,17 @@ def node_values(graph: ElementGraph, images: torch.Tensor, output: str = "softma
     if not isinstance(graph, ElementGraph):
         raise TypeError(f"graph must be an ElementGraph (from element_graph()), got "
                         f"{type(graph).__name__}")
-    _check_choice("output", output, OUTPUTS)
-    _check_choice("normalize", normalize, NORMALIZE_MODES)
-    images = _images(images)
-    _check_layer_values(graph)
+    check_choice("output", output, OUTPUTS)
+    check_choice("normalize", normalize, NORMALIZE_MODES)
+    images = check_images(images)
+    check_layer_values(graph)
     check_image_shape(images, graph.input_shape)
     vals = graph.chain.values(images, set(graph.taps) | {graph.output})
     per_layer = []
     for l, t in enumerate(graph.taps):
-        per_layer.append(np.abs(_finite_values(vals[t], f"the input of layer "
+        per_layer.append(np.abs(finite_values(vals[t], f"the input of layer "
                                                         f"{graph.layers[l].name!r}")))
-    out = _finite_values(vals[graph.output],
+    out = finite_values(vals[graph.output],
                          f"the model output (after layer {graph.layers[-1].name!r})")
     if output == "softmax":
         out = np.asarray(torch.softmax(torch.from_numpy(out), dim=1))
@@ -209,7 +209,7 @@ def check_image_shape(images: torch.Tensor, input_shape: tuple) -> None:
                          f"element graph (built for {tuple(input_shape)})")
 
 
-def _finite_values(t, where: str) -> np.ndarray:
+def finite_values(t, where: str) -> np.ndarray:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{where}: expected a tensor, got {type(t).__name__}")
     a = t.detach().flatten(1).double().cpu().numpy()
@@ -217,6 +217,6 @@ def _finite_values(t, where: str) -> np.ndarray:
     if not ok.all():
         raise ValueError(
             f"non-finite (NaN/inf) activations at {where} in image(s) "
-            f"{_indices(np.flatnonzero(~ok).tolist())}: check the layer's weights and the "
+            f"{format_indices(np.flatnonzero(~ok).tolist())}: check the layer's weights and the "
             "calibration images")
     return a

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import prune as torch_prune
 
-from ._checks import WEIGHT_TYPES, _check_choice, _check_model
+from ._checks import WEIGHT_TYPES, check_choice, check_model
 
 
 def _weight_params(model: nn.Module) -> dict:
@@ -52,7 +52,7 @@ def _resolve(model: nn.Module, tensors: dict, what: str = "scores", masks: bool 
              ) -> dict:
     """Check every entry of ``tensors`` against ``model`` (key = a Conv2d / Linear weight, same
     shape, finite values; 0/1 values for masks) and return name -> module. Nothing is changed."""
-    _check_model(model)
+    check_model(model)
     _check_tensors(tensors, what, allow_empty=masks)
     mods = _weight_params(model)
     out = {}
@@ -89,8 +89,8 @@ def _check_prune_options(sparsity, order: str, scope: str, seed) -> None:
         raise TypeError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
     if not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
-    _check_choice("order", order, ("lowest", "highest"))
-    _check_choice("scope", scope, ("global", "layer"))
+    check_choice("order", order, ("lowest", "highest"))
+    check_choice("scope", scope, ("global", "layer"))
     if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
         raise TypeError(f"seed must be an int, got {seed!r}")
 
@@ -186,7 +186,7 @@ def prune_by_curvature(model: nn.Module, scores: dict, sparsity: float,
     calibration image). ``tie_break="random"`` (seeded) orders them at random,
     ``"magnitude"`` removes the smaller ``|w|`` first.
     """
-    _check_choice("tie_break", tie_break, ("random", "magnitude"))
+    check_choice("tie_break", tie_break, ("random", "magnitude"))
     _check_prune_options(sparsity, order, scope, seed)
     _resolve(model, scores, "scores")
     sec = magnitude_scores(model) if tie_break == "magnitude" else None

@@ -9,8 +9,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..curvature import CurvatureConfig, problem_from_strengths, solve_problem
-from ._checks import OUTPUTS, REDUCES, _check_choice, _check_model, _config, _images
+from ..curvature import (CurvatureConfig, PairStrengths, problem_from_strengths,
+                         solve_problem)
+from ..config import renamed_keyword
+from ._checks import OUTPUTS, REDUCES, check_choice, check_model, element_config, check_images
 from ._graph import ElementGraph, element_graph, node_values
 
 
@@ -45,10 +47,10 @@ def _image_edges(graph: ElementGraph, a: list, cfg: CurvatureConfig,
         else:
             s_yw, a_w = np.zeros((lay.n_out, 0)), np.zeros(0)
         t0 = time.perf_counter()
-        prob = problem_from_strengths(
+        prob = problem_from_strengths(PairStrengths(
             s_zx=s_zx, a_z=a_z, a_x=a[l], s_xy_all=lay.strength, s_direct=lay.strength,
             cols=np.arange(lay.n_out), a_yn=a[l + 1], s_yw=s_yw, a_w=a_w,
-            exists=lay.exists, cfg=cfg, name=lay.name)
+            exists=lay.exists), cfg, lay.name)
         t1 = time.perf_counter()
         kappa = solve_problem(prob, cfg)
         t2 = time.perf_counter()
@@ -65,9 +67,9 @@ def edge_curvature(model: nn.Module, image: torch.Tensor, output: str = "softmax
     ``variant``, ``topk`` (default :data:`DEFAULT_TOPK`), ``backend``, ``normalize``...).
     Returns a list of :class:`EdgeCurvature`, in layer order.
     """
-    _check_choice("output", output, OUTPUTS)
-    cfg = _config(config)
-    image = _images(image, "image")
+    check_choice("output", output, OUTPUTS)
+    cfg = element_config(config)
+    image = check_images(image, "image")
     if graph is None:
         graph = element_graph(model, image)
     a = node_values(graph, image[:1], output, cfg.normalize)[0]
@@ -75,11 +77,11 @@ def edge_curvature(model: nn.Module, image: torch.Tensor, output: str = "softmax
 
 
 def _reduce_into(acc: torch.Tensor, cnt: Optional[torch.Tensor], ek: EdgeCurvature,
-                 reduce: str):
+                 reduction: str):
     ex = ek.weight_index >= 0
     wi = torch.from_numpy(ek.weight_index[ex])
     k = torch.from_numpy(ek.kappa[ex])
-    if reduce == "min":
+    if reduction == "min":
         acc.scatter_reduce_(0, wi, k, reduce="amin", include_self=True)
     else:
         acc.index_add_(0, wi, k)
@@ -87,8 +89,8 @@ def _reduce_into(acc: torch.Tensor, cnt: Optional[torch.Tensor], ek: EdgeCurvatu
 
 
 def weight_curvature(model: nn.Module, images: torch.Tensor, output: str = "softmax",
-                     reduce: str = "min", progress: bool = True, return_info: bool = False,
-                     **config):
+                     reduction: str = "min", progress: bool = True, return_info: bool = False,
+                     *, reduce: Optional[str] = None, **config):
     """Per-weight curvature scores of every Conv2d / Linear weight of ``model``.
 
     Parameters
@@ -100,11 +102,13 @@ def weight_curvature(model: nn.Module, images: torch.Tensor, output: str = "soft
         ``per_class=True, model=model`` (the paper: one correctly classified image per class).
     output : ``"softmax"`` | ``"logits"``
         Node values of the output layer.
-    reduce : ``"min"`` | ``"mean"``
-        Over a weight's edges and over images (the paper: min).
+    reduction : ``"min"`` | ``"mean"``
+        Over a weight's edges and over images (the paper: min). ``reduce=`` is a deprecated
+        alias.
     **config
-        :class:`~tp_curvature.curvature.CurvatureConfig` fields; ``topk`` defaults to
-        :data:`DEFAULT_TOPK`.
+        Overrides of the preset :meth:`CurvatureConfig.element()
+        <tp_curvature.CurvatureConfig.element>` (the paper's definition, ``alpha=0.9``,
+        ``topk`` :data:`DEFAULT_TOPK`).
 
     Returns
     -------
@@ -112,11 +116,12 @@ def weight_curvature(model: nn.Module, images: torch.Tensor, output: str = "soft
         Parameter name (``"features.0.weight"``) -> float64 tensor shaped like the weight.
         With ``return_info=True`` also a dict of timings and counts.
     """
-    _check_model(model)
-    _check_choice("output", output, OUTPUTS)
-    _check_choice("reduce", reduce, REDUCES)
-    cfg = _config(config)
-    images = _images(images)
+    check_model(model)
+    check_choice("output", output, OUTPUTS)
+    reduction = renamed_keyword("reduce", reduce, "reduction", reduction)
+    check_choice("reduction", reduction, REDUCES)
+    cfg = element_config(config)
+    images = check_images(images)
     t_start = time.perf_counter()
     graph = element_graph(model, images)
     t_graph = time.perf_counter() - t_start
@@ -124,14 +129,14 @@ def weight_curvature(model: nn.Module, images: torch.Tensor, output: str = "soft
     accs, cnts = [], []
     for lay in graph.layers:
         numel = lay.module.weight.numel()
-        init = float("inf") if reduce == "min" else 0.0
+        init = float("inf") if reduction == "min" else 0.0
         accs.append(torch.full((numel,), init, dtype=torch.float64))
-        cnts.append(torch.zeros(numel, dtype=torch.float64) if reduce == "mean" else None)
+        cnts.append(torch.zeros(numel, dtype=torch.float64) if reduction == "mean" else None)
     info = {"n_images": len(acts), "graph_s": t_graph, "per_image_s": [],
             "layers": {l.name: {"n_edges": l.n_edges, "n_weights": l.module.weight.numel(),
                                 "solved": 0, "build_s": 0.0, "solve_s": 0.0}
                        for l in graph.layers},
-            "config": {**cfg.__dict__, "output": output, "reduce": reduce}}
+            "config": {**cfg.__dict__, "output": output, "reduction": reduction}}
     it = range(len(acts))
     bar = None
     if progress:
@@ -142,7 +147,7 @@ def weight_curvature(model: nn.Module, images: torch.Tensor, output: str = "soft
         t0 = time.perf_counter()
         for li in range(len(graph.layers)):
             ek = _image_edges(graph, acts[i], cfg, layers=[li])[0]
-            _reduce_into(accs[li], cnts[li], ek, reduce)
+            _reduce_into(accs[li], cnts[li], ek, reduction)
             rec = info["layers"][ek.name]
             rec["solved"] += int(ek.solved.sum())
             rec["build_s"] += ek.build_s
@@ -155,7 +160,7 @@ def weight_curvature(model: nn.Module, images: torch.Tensor, output: str = "soft
         bar.close()
     scores = {}
     for lay, acc, cnt in zip(graph.layers, accs, cnts):
-        if reduce == "mean":
+        if reduction == "mean":
             acc = torch.where(cnt > 0, acc / cnt.clamp_min(1), torch.ones_like(acc))
         else:
             acc = torch.where(torch.isinf(acc), torch.ones_like(acc), acc)

@@ -45,7 +45,7 @@ and the dense mode give the same kappa (tested).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numba
 import numpy as np
@@ -55,6 +55,28 @@ import torch.nn.functional as F
 
 from .._export import UnsupportedModelError
 from ._chain import Chain, ChainOp, bn_scale, trace_chain
+
+
+class Geometry(NamedTuple):
+    """What the Numba kernels read of an op (see :class:`SparseOp`): ``dw`` (depthwise: a
+    pool, channel ``c`` to channel ``c``), the sizes ``O, C, L, P, K2``, the window table, its
+    inverse and the strengths."""
+    dw: bool
+    O: int
+    C: int
+    L: int
+    P: int
+    K2: int
+    pos_tab: np.ndarray
+    inv_ptr: np.ndarray
+    inv_l: np.ndarray
+    inv_t: np.ndarray
+    S: np.ndarray
+
+
+#: the geometry of a missing neighbour op (no predecessors / successors)
+NO_GEOMETRY = Geometry(False, 0, 0, 0, 0, 0, np.zeros((0, 0), np.int64), np.zeros(1, np.int64),
+                       np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0)))
 
 
 @dataclass
@@ -114,9 +136,9 @@ class SparseOp:
     def param_name(self) -> str:
         return f"{self.name}.weight" if self.name else "weight"
 
-    def geometry(self) -> tuple:
-        return (bool(self.depthwise), self.O, self.C, self.L, self.P, self.K2, self.pos_tab,
-                self.inv_ptr, self.inv_l, self.inv_t, self.S)
+    def geometry(self) -> Geometry:
+        return Geometry(bool(self.depthwise), self.O, self.C, self.L, self.P, self.K2,
+                        self.pos_tab, self.inv_ptr, self.inv_l, self.inv_t, self.S)
 
 
 @dataclass
@@ -277,10 +299,10 @@ def set_strengths(op: SparseOp, pool_input: Optional[torch.Tensor] = None) -> No
 def sparse_element_graph(model: nn.Module, example: torch.Tensor) -> SparseElementGraph:
     """Trace ``model`` (a chain, see :mod:`tp_curvature.unstructured`; pooling allowed) and
     describe each element op by its geometry. Nothing of size ``n_in x n_out`` is built."""
-    from ._checks import _check_model, _images
+    from ._checks import check_model, check_images
 
-    _check_model(model)
-    example = _images(example, "example")
+    check_model(model)
+    example = check_images(example, "example")
     chain = trace_chain(model, example, pooling=True)
     elem = [i for i, op in enumerate(chain.ops) if op.kind in ("weight", "pool")]
     vals = chain.values(example[:1], {chain.ops[i].node for i in elem}
@@ -308,58 +330,73 @@ def sparse_element_graph(model: nn.Module, example: torch.Tensor) -> SparseEleme
 
 # ------------------------------------------------------------------------------ Numba kernels
 @numba.njit(cache=True, inline="always")
-def _in_edges(y, dw, O, C, L, P, K2, pos_tab, S, src, st):
-    """In-edges of output element ``y``: fills ``src`` / ``st`` (strength > 0); returns n."""
-    o = y // L
-    l = y - o * L
+def _in_edges(y, g, src, st):
+    """In-edges of output element ``y`` of the op with geometry ``g``: fills ``src`` / ``st``
+    (strength > 0); returns their number."""
+    o = y // g.L
+    l = y - o * g.L
     n = 0
-    if dw:
-        for t in range(K2):
-            q = pos_tab[l, t]
+    if g.dw:
+        for t in range(g.K2):
+            q = g.pos_tab[l, t]
             if q < 0:
                 continue
-            s = S[o, l * K2 + t]
+            s = g.S[o, l * g.K2 + t]
             if s > 0:
-                src[n] = o * P + q
+                src[n] = o * g.P + q
                 st[n] = s
                 n += 1
     else:
-        for c in range(C):
-            for t in range(K2):
-                q = pos_tab[l, t]
+        for c in range(g.C):
+            for t in range(g.K2):
+                q = g.pos_tab[l, t]
                 if q < 0:
                     continue
-                s = S[o, c * K2 + t]
+                s = g.S[o, c * g.K2 + t]
                 if s > 0:
-                    src[n] = c * P + q
+                    src[n] = c * g.P + q
                     st[n] = s
                     n += 1
     return n
 
 
 @numba.njit(cache=True, inline="always")
-def _out_edges(x, dw, O, C, L, P, K2, inv_ptr, inv_l, inv_t, S, dst, st):
-    """Out-edges of input element ``x``: fills ``dst`` / ``st`` (strength > 0); returns n."""
-    c = x // P
-    q = x - c * P
+def _out_edges(x, g, dst, st):
+    """Out-edges of input element ``x`` of the op with geometry ``g``: fills ``dst`` / ``st``
+    (strength > 0); returns their number."""
+    c = x // g.P
+    q = x - c * g.P
     n = 0
-    for k in range(inv_ptr[q], inv_ptr[q + 1]):
-        l = inv_l[k]
-        t = inv_t[k]
-        if dw:
-            s = S[c, l * K2 + t]
+    for k in range(g.inv_ptr[q], g.inv_ptr[q + 1]):
+        l = g.inv_l[k]
+        t = g.inv_t[k]
+        if g.dw:
+            s = g.S[c, l * g.K2 + t]
             if s > 0:
-                dst[n] = c * L + l
+                dst[n] = c * g.L + l
                 st[n] = s
                 n += 1
         else:
-            for o in range(O):
-                s = S[o, c * K2 + t]
+            for o in range(g.O):
+                s = g.S[o, c * g.K2 + t]
                 if s > 0:
-                    dst[n] = o * L + l
+                    dst[n] = o * g.L + l
                     st[n] = s
                     n += 1
     return n
+
+
+@numba.njit(cache=True, inline="always")
+def _fan_in(g):
+    return g.K2 if g.dw else g.C * g.K2
+
+
+@numba.njit(cache=True, inline="always")
+def _fan_out(g):
+    fan = 0
+    for q in range(g.P):
+        fan = max(fan, g.inv_ptr[q + 1] - g.inv_ptr[q])
+    return fan * (1 if g.dw else g.O)
 
 
 @numba.njit(cache=True, inline="always")
@@ -407,114 +444,168 @@ def _log_weights(nbr, st, m, a, flow_measure):
     return lw
 
 
+# A parallel loop cannot take a bundle of arrays as a closure variable (Numba's parfor
+# lowering refuses it), so the parallel kernels unpack their Geometry before the loop and
+# rebuild it in the loop body, where it costs nothing.
+
 @numba.njit(parallel=True, cache=True)
-def pred_supports(n, k, flow_measure, a_src, dw, O, C, L, P, K2, pos_tab, inv_ptr, inv_l,
-                  inv_t, S):
-    """For every output element x of an op: the top-k of its predecessors z, weights
-    ``exp(-1/a_z^2)`` (``flow_measure``: ``a_z s``) over active ones; (n, k) idx / mass."""
-    fan = K2 if dw else C * K2
+def pred_supports(n, k, flow_measure, a_src, g):
+    """For every output element x of the op with geometry ``g``: the top-k of its
+    predecessors z, weights ``exp(-1/a_z^2)`` (``flow_measure``: ``a_z s``) over active ones;
+    (n, k) idx / mass."""
+    dw, O, C, L, P, K2, pos_tab, inv_ptr, inv_l, inv_t, S = g
+    fan = _fan_in(g)
     out_idx = np.full((n, k), -1, np.int64)
     out_mass = np.zeros((n, k))
     for x in numba.prange(n):
+        gx = Geometry(dw, O, C, L, P, K2, pos_tab, inv_ptr, inv_l, inv_t, S)
         src = np.empty(fan, np.int64)
         st = np.empty(fan)
-        m = _in_edges(x, dw, O, C, L, P, K2, pos_tab, S, src, st)
+        m = _in_edges(x, gx, src, st)
         lw = _log_weights(src, st, m, a_src, flow_measure)
         _topk_fill(src, lw, m, k, out_idx, out_mass, x)
     return out_idx, out_mass
 
 
 @numba.njit(parallel=True, cache=True)
-def succ_supports(n, k, flow_measure, a_dst, dw, O, C, L, P, K2, pos_tab, inv_ptr, inv_l,
-                  inv_t, S):
-    """For every input element y of an op: the top-k of its successors w; (n, k)."""
-    fan = 0
-    for q in range(P):
-        fan = max(fan, inv_ptr[q + 1] - inv_ptr[q])
-    fan = fan * (1 if dw else O)
+def succ_supports(n, k, flow_measure, a_dst, g):
+    """For every input element y of the op with geometry ``g``: the top-k of its successors
+    w; (n, k)."""
+    dw, O, C, L, P, K2, pos_tab, inv_ptr, inv_l, inv_t, S = g
+    fan = _fan_out(g)
     out_idx = np.full((n, k), -1, np.int64)
     out_mass = np.zeros((n, k))
     for y in numba.prange(n):
+        gy = Geometry(dw, O, C, L, P, K2, pos_tab, inv_ptr, inv_l, inv_t, S)
         dst = np.empty(fan, np.int64)
         st = np.empty(fan)
-        m = _out_edges(y, dw, O, C, L, P, K2, inv_ptr, inv_l, inv_t, S, dst, st)
+        m = _out_edges(y, gy, dst, st)
         lw = _log_weights(dst, st, m, a_dst, flow_measure)
         _topk_fill(dst, lw, m, k, out_idx, out_mass, y)
     return out_idx, out_mass
 
 
-@numba.njit(parallel=True, cache=True)
-def tile_costs(Xp, Zu, zmap, Wu, n_xlayer, flow,
-               hasA, a_z, dwA, OA, CA, LA, PA, K2A, posA, iptrA, ilA, itA, SA,
-               a_x, dwB, OB, CB, LB, PB, K2B, posB, iptrB, ilB, itB, SB,
-               hasC, a_y, dwC, OC, CC, LC, PC, K2C, posC, iptrC, ilC, itC, SC):
-    """Ground costs of one tile: ``d_zx`` (nz, nx) among the tile's sources Xp, and the
-    3-hop / 2-hop costs ``c_zw`` (nz, nw), ``c_xw`` (nx, nw) over every intermediate node.
+class Tile(NamedTuple):
+    """The elements of one tile: its sources ``Xp`` (global indices in X), the union ``Zu`` of
+    their predecessor supports with ``zmap`` (Z element -> row of ``Zu``, -1 elsewhere), and
+    the union ``Wu`` of its outputs' successor supports."""
+    Xp: np.ndarray
+    Zu: np.ndarray
+    zmap: np.ndarray
+    Wu: np.ndarray
+
+
+class Neighbourhood(NamedTuple):
+    """The three ops around a tile's edges (``A``: Z -> X, ``B``: X -> Y, ``C``: Y -> W; a
+    missing one is :data:`NO_GEOMETRY` with ``has_a`` / ``has_c`` False), the node values of
+    Z, X, Y and whether lengths are flow lengths."""
+    A: Geometry
+    B: Geometry
+    C: Geometry
+    has_a: bool
+    has_c: bool
+    a_z: np.ndarray
+    a_x: np.ndarray
+    a_y: np.ndarray
+    flow: bool
+
+
+def tile_costs(t: Tile, nb: Neighbourhood) -> tuple:
+    """Ground costs of tile ``t`` in the neighbourhood ``nb``: ``d_zx`` (nz, nx) among the
+    tile's sources, and the 3-hop / 2-hop costs ``c_zw`` (nz, nw), ``c_xw`` (nx, nw) over every
+    intermediate node.
 
     ``b2[j, x]`` = shortest x -> y' -> W[j] over all y' (2 hops); then
     ``c_xw[i, j] = b2[j, Xp[i]]`` and ``c_zw[a, j] = min_x d(Z[a], x) + b2[j, x]`` over the
     successors x of Z[a]: exactly the dense mode's min-plus products, restricted to the
     nodes that can lie on such a path.
     """
-    nx = Xp.size
-    nz = Zu.size
-    nw = Wu.size
-    d_zx = np.full((nz, nx), np.inf)
-    if hasA and nz > 0:
-        fanA = K2A if dwA else CA * K2A
-        for i in numba.prange(nx):
-            src = np.empty(fanA, np.int64)
-            st = np.empty(fanA)
-            m = _in_edges(Xp[i], dwA, OA, CA, LA, PA, K2A, posA, SA, src, st)
-            for e in range(m):
-                j = zmap[src[e]]
-                if j >= 0:
-                    d = _length(st[e], a_z[src[e]], flow)
-                    if d < d_zx[j, i]:
-                        d_zx[j, i] = d
-    c_xw = np.full((nx, nw), np.inf)
-    c_zw = np.full((nz, nw), np.inf)
-    if not hasC or nw == 0:
-        return d_zx, c_zw, c_xw
-    b2 = np.full((nw, n_xlayer), np.inf)
-    fanC = K2C if dwC else CC * K2C
-    fanB = K2B if dwB else CB * K2B
-    for j in numba.prange(nw):
-        srcC = np.empty(fanC, np.int64)
-        stC = np.empty(fanC)
-        srcB = np.empty(fanB, np.int64)
-        stB = np.empty(fanB)
-        m = _in_edges(Wu[j], dwC, OC, CC, LC, PC, K2C, posC, SC, srcC, stC)
+    nx, nz, nw = t.Xp.size, t.Zu.size, t.Wu.size
+    if nb.has_a and nz > 0:
+        d_zx = _zx_lengths(t.Xp, t.zmap, nz, nb.A, nb.a_z, nb.flow)
+    else:
+        d_zx = np.full((nz, nx), np.inf)
+    if not nb.has_c or nw == 0:
+        return d_zx, np.full((nz, nw), np.inf), np.full((nx, nw), np.inf)
+    b2 = _two_hops(t.Wu, nb.B, nb.C, nb.a_x, nb.a_y, nb.flow)
+    c_xw = np.ascontiguousarray(b2[:, t.Xp].T)
+    if nb.has_a and nz > 0:
+        c_zw = _zw_costs(t.Zu, nb.A, nb.a_z, b2, nb.flow)
+    else:
+        c_zw = np.full((nz, nw), np.inf)
+    return d_zx, c_zw, c_xw
+
+
+@numba.njit(parallel=True, cache=True)
+def _zx_lengths(Xp, zmap, nz, A, a_z, flow):
+    """``d_zx[j, i]``: the length of the edge Z[j] -> Xp[i] of op ``A`` (inf: none)."""
+    dw, O, C, L, P, K2, pos_tab, inv_ptr, inv_l, inv_t, S = A
+    fan = _fan_in(A)
+    d_zx = np.full((nz, Xp.size), np.inf)
+    for i in numba.prange(Xp.size):
+        g = Geometry(dw, O, C, L, P, K2, pos_tab, inv_ptr, inv_l, inv_t, S)
+        src = np.empty(fan, np.int64)
+        st = np.empty(fan)
+        m = _in_edges(Xp[i], g, src, st)
         for e in range(m):
-            yp = srcC[e]
-            dyw = _length(stC[e], a_y[yp], flow)
+            j = zmap[src[e]]
+            if j >= 0:
+                d = _length(st[e], a_z[src[e]], flow)
+                if d < d_zx[j, i]:
+                    d_zx[j, i] = d
+    return d_zx
+
+
+@numba.njit(parallel=True, cache=True)
+def _two_hops(Wu, B, Cg, a_x, a_y, flow):
+    """``b2[j, x]``: the shortest path x -> y' -> Wu[j] over every y' (ops ``B`` then
+    ``Cg``), for every element x of X."""
+    dwB, OB, CB, LB, PB, K2B, posB, iptrB, ilB, itB, SB = B
+    dwC, OC, CC, LC, PC, K2C, posC, iptrC, ilC, itC, SC = Cg
+    fan_b, fan_c = _fan_in(B), _fan_in(Cg)
+    b2 = np.full((Wu.size, CB * PB), np.inf)
+    for j in numba.prange(Wu.size):
+        gb = Geometry(dwB, OB, CB, LB, PB, K2B, posB, iptrB, ilB, itB, SB)
+        gc = Geometry(dwC, OC, CC, LC, PC, K2C, posC, iptrC, ilC, itC, SC)
+        src_c = np.empty(fan_c, np.int64)
+        st_c = np.empty(fan_c)
+        src_b = np.empty(fan_b, np.int64)
+        st_b = np.empty(fan_b)
+        m = _in_edges(Wu[j], gc, src_c, st_c)
+        for e in range(m):
+            yp = src_c[e]
+            dyw = _length(st_c[e], a_y[yp], flow)
             if not np.isfinite(dyw):
                 continue
-            mb = _in_edges(yp, dwB, OB, CB, LB, PB, K2B, posB, SB, srcB, stB)
+            mb = _in_edges(yp, gb, src_b, st_b)
             for f in range(mb):
-                xx = srcB[f]
-                v = _length(stB[f], a_x[xx], flow) + dyw
+                xx = src_b[f]
+                v = _length(st_b[f], a_x[xx], flow) + dyw
                 if v < b2[j, xx]:
                     b2[j, xx] = v
-    for i in range(nx):
-        for j in range(nw):
-            c_xw[i, j] = b2[j, Xp[i]]
-    if hasA and nz > 0:
-        fanout = 0
-        for q in range(PA):
-            fanout = max(fanout, iptrA[q + 1] - iptrA[q])
-        fanout = fanout * (1 if dwA else OA)
-        for a in numba.prange(nz):
-            dst = np.empty(fanout, np.int64)
-            st = np.empty(fanout)
-            m = _out_edges(Zu[a], dwA, OA, CA, LA, PA, K2A, iptrA, ilA, itA, SA, dst, st)
-            for e in range(m):
-                d = _length(st[e], a_z[Zu[a]], flow)
-                if not np.isfinite(d):
-                    continue
-                xx = dst[e]
-                for j in range(nw):
-                    v = d + b2[j, xx]
-                    if v < c_zw[a, j]:
-                        c_zw[a, j] = v
-    return d_zx, c_zw, c_xw
+    return b2
+
+
+@numba.njit(parallel=True, cache=True)
+def _zw_costs(Zu, A, a_z, b2, flow):
+    """``c_zw[a, j]``: min over the successors x of Zu[a] (op ``A``) of ``d(Zu[a], x) +
+    b2[j, x]``."""
+    dw, O, C, L, P, K2, pos_tab, inv_ptr, inv_l, inv_t, S = A
+    fan = _fan_out(A)
+    nw = b2.shape[0]
+    c_zw = np.full((Zu.size, nw), np.inf)
+    for a in numba.prange(Zu.size):
+        g = Geometry(dw, O, C, L, P, K2, pos_tab, inv_ptr, inv_l, inv_t, S)
+        dst = np.empty(fan, np.int64)
+        st = np.empty(fan)
+        m = _out_edges(Zu[a], g, dst, st)
+        for e in range(m):
+            d = _length(st[e], a_z[Zu[a]], flow)
+            if not np.isfinite(d):
+                continue
+            xx = dst[e]
+            for j in range(nw):
+                v = d + b2[j, xx]
+                if v < c_zw[a, j]:
+                    c_zw[a, j] = v
+    return c_zw

@@ -23,25 +23,14 @@ import torch.nn as nn
 
 from ..curvature import CurvatureConfig, solve_problem
 from ..calibration import normalise
-from ..problem import LayerPairProblem
+from ..problem import LayerPairProblem, cap_costs
 from ..shortest_paths import minplus
-from ._checks import OUTPUTS, REDUCES, _check_choice, _check_model, _images
-from ._graph import _finite_values, check_image_shape
-from ._sparse import (SparseElementGraph, pred_supports, set_strengths, sparse_element_graph,
-                      succ_supports, tile_costs)
+from ..config import renamed_keyword
+from ._checks import OUTPUTS, REDUCES, check_choice, check_model, element_config, check_images
+from ._graph import finite_values, check_image_shape
+from ._sparse import (NO_GEOMETRY, Neighbourhood, SparseElementGraph, Tile, pred_supports,
+                      set_strengths, sparse_element_graph, succ_supports, tile_costs)
 
-#: top-k atoms per measure of the sparse element mode unless ``topk=`` is passed: the paper's
-#: ``exp(-1/a^2)`` weights put almost all mass on the few most active neighbours
-SPARSE_DEFAULT_TOPK = 8
-
-_DUMMY = (False, 0, 0, 0, 0, 0, np.zeros((0, 0), np.int64), np.zeros(1, np.int64),
-          np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0)))
-
-
-def _config(config: dict) -> CurvatureConfig:
-    """:func:`._checks._config` with the sparse mode's ``topk`` default."""
-    from ._checks import _config as checked_config
-    return checked_config(config, topk=SPARSE_DEFAULT_TOPK)
 
 
 def sparse_node_values(graph: SparseElementGraph, images: torch.Tensor,
@@ -49,14 +38,14 @@ def sparse_node_values(graph: SparseElementGraph, images: torch.Tensor,
     """Per image: ``(a, raw)`` with ``a`` the normalised node values of every node layer
     (inputs of the ops, then the output) and ``raw`` the raw input tensor of every max pool
     (op index -> (C, H, W)), used to find the winners."""
-    _check_choice("output", output, OUTPUTS)
-    images = _images(images)
+    check_choice("output", output, OUTPUTS)
+    images = check_images(images)
     check_image_shape(images, graph.input_shape)
     taps = [op.tap for op in graph.ops]
     vals = graph.chain.values(images, set(taps) | {graph.output})
-    per_layer = [np.abs(_finite_values(vals[t], f"the input of {op.name!r}"))
+    per_layer = [np.abs(finite_values(vals[t], f"the input of {op.name!r}"))
                  for t, op in zip(taps, graph.ops)]
-    out = _finite_values(vals[graph.output], "the model output")
+    out = finite_values(vals[graph.output], "the model output")
     if output == "softmax":
         out = np.asarray(torch.softmax(torch.from_numpy(out), dim=1))
     per_layer.append(np.abs(out))
@@ -99,20 +88,21 @@ def layer_tiles(graph: SparseElementGraph, bi: int, a: list, cfg: CurvatureConfi
     if A is not None:
         fan_a = A.K2 if A.depthwise else A.C * A.K2
         pred_idx, pred_mass = pred_supports(B.n_in, _k(cfg.topk, fan_a), flow_m, a_z,
-                                            *A.geometry())
+                                            A.geometry())
         zmap = np.full(A.n_in, -1, np.int64)
     else:
         pred_idx, pred_mass = np.full((B.n_in, 0), -1, np.int64), np.zeros((B.n_in, 0))
         zmap = np.full(0, -1, np.int64)
     if C is not None:
         succ_idx, succ_mass = succ_supports(C.n_in, _k(cfg.topk, _max_fanout(C)), flow_m,
-                                            a_w, *C.geometry())
+                                            a_w, C.geometry())
         wmap = np.full(C.n_out, -1, np.int64)
     else:
         succ_idx, succ_mass = np.full((B.n_out, 0), -1, np.int64), np.zeros((B.n_out, 0))
         wmap = np.full(0, -1, np.int64)
-    geoA = A.geometry() if A is not None else _DUMMY
-    geoC = C.geometry() if C is not None else _DUMMY
+    nb = Neighbourhood(A.geometry() if A is not None else NO_GEOMETRY, B.geometry(),
+                       C.geometry() if C is not None else NO_GEOMETRY, A is not None,
+                       C is not None, a_z, a_x, a_y, flow_l)
     oo = np.arange(B.O)
     for p in (range(B.L) if tiles is None else tiles):
         t0 = time.perf_counter()
@@ -134,9 +124,7 @@ def layer_tiles(graph: SparseElementGraph, bi: int, a: list, cfg: CurvatureConfi
         si = succ_idx[Yp]
         Wu = np.unique(si[si >= 0])
         wmap[Wu] = np.arange(Wu.size)
-        d_zx, c_zw, c_xw = tile_costs(
-            Xp, Zu, zmap, Wu, B.n_in, flow_l, A is not None, a_z, *geoA,
-            a_x, *B.geometry(), C is not None, a_y, *geoC)
+        d_zx, c_zw, c_xw = tile_costs(Tile(Xp, Zu, zmap, Wu), nb)
         c_zy = minplus(d_zx, d_xy)
         solve = np.isfinite(d_xy) & (a_x[Xp][:, None] > 0) & (a_y[Yp][None, :] > 0)
         if max_solved is not None and solve.sum() > max_solved:
@@ -144,9 +132,7 @@ def layer_tiles(graph: SparseElementGraph, bi: int, a: list, cfg: CurvatureConfi
             keep = (rng or np.random.default_rng(0)).choice(on, max_solved, replace=False)
             solve = np.zeros_like(solve)
             solve.flat[keep] = True
-        finite = [c[np.isfinite(c)] for c in (c_zw, c_zy, c_xw, d_xy[solve])]
-        top = max((f.max() for f in finite if f.size), default=1.0)
-        c_zw, c_zy, c_xw = (np.where(np.isfinite(c), c, 2.0 * top) for c in (c_zw, c_zy, c_xw))
+        c_zw, c_zy, c_xw = cap_costs((c_zw, c_zy, c_xw), d_xy[solve])
         prob = LayerPairProblem(
             d_xy=np.where(solve, d_xy, np.inf), c_zw=c_zw, c_zy=c_zy, c_xw=c_xw,
             pred_idx=np.where(pi >= 0, zmap[np.maximum(pi, 0)] if zmap.size else -1, -1),
@@ -167,12 +153,12 @@ def sparse_edge_curvature(model: nn.Module, image: torch.Tensor, output: str = "
     """Per-edge kappa of every weight layer for one image ``(1, ...)`` (for checks on small
     models): layer name -> ``(x, y, weight index, kappa)`` flat arrays, one entry per edge
     (x / y: flat element indices of the layer's input / output)."""
-    cfg = _config(config)
-    image = _images(image, "image")
+    cfg = element_config(config, sparse=True)
+    image = check_images(image, "image")
     if graph is None:
         graph = sparse_element_graph(model, image)
     a, raw = sparse_node_values(graph, image[:1], output, cfg.normalize)[0]
-    _image_strengths(graph, raw)
+    set_image_strengths(graph, raw)
     out = {}
     for bi in graph.weight_ops:
         parts = [(np.repeat(x, y.size), np.tile(y, x.size), wi.ravel(), k.ravel())
@@ -181,15 +167,16 @@ def sparse_edge_curvature(model: nn.Module, image: torch.Tensor, output: str = "
     return out
 
 
-def _image_strengths(graph: SparseElementGraph, raw: dict) -> None:
+def set_image_strengths(graph: SparseElementGraph, raw: dict) -> None:
     for j, op in enumerate(graph.ops):
         if op.kind == "maxpool":
             set_strengths(op, raw[j])
 
 
 def sparse_weight_curvature(model: nn.Module, images, output: str = "softmax",
-                            reduce: str = "min", progress: bool = True,
-                            return_info: bool = False, **config):
+                            reduction: str = "min", progress: bool = True,
+                            return_info: bool = False, *, reduce: Optional[str] = None,
+                            **config):
     """Per-weight curvature of every Conv2d / Linear weight, on the sparse element graph.
 
     Same contract as :func:`~tp_curvature.unstructured.weight_curvature` (same definitions,
@@ -199,11 +186,12 @@ def sparse_weight_curvature(model: nn.Module, images, output: str = "softmax",
     :data:`SPARSE_DEFAULT_TOPK`. A tqdm bar counts edges. ``return_info`` adds timings, edges
     and solved edges per layer.
     """
-    _check_model(model)
-    _check_choice("output", output, OUTPUTS)
-    _check_choice("reduce", reduce, REDUCES)
-    cfg = _config(config)
-    images = _images(images)
+    check_model(model)
+    check_choice("output", output, OUTPUTS)
+    reduction = renamed_keyword("reduce", reduce, "reduction", reduction)
+    check_choice("reduction", reduction, REDUCES)
+    cfg = element_config(config, sparse=True)
+    images = check_images(images)
     t_start = time.perf_counter()
     graph = sparse_element_graph(model, images)
     for op in graph.ops:
@@ -213,13 +201,13 @@ def sparse_weight_curvature(model: nn.Module, images, output: str = "softmax",
     accs, cnts = {}, {}
     for op in wops:
         n = op.module.weight.numel()
-        accs[op.name] = np.full(n, np.inf if reduce == "min" else 0.0)
-        cnts[op.name] = np.zeros(n) if reduce == "mean" else None
+        accs[op.name] = np.full(n, np.inf if reduction == "min" else 0.0)
+        cnts[op.name] = np.zeros(n) if reduction == "mean" else None
     info = {"n_images": int(images.shape[0]), "graph_s": t_graph, "per_image_s": [],
             "n_edges_per_image": graph.n_edges,
             "layers": {op.name: {"n_edges": op.n_edges, "n_weights": op.module.weight.numel(),
                                  "tiles": op.L, "solved": 0, "seconds": 0.0} for op in wops},
-            "config": {**cfg.__dict__, "output": output, "reduce": reduce}}
+            "config": {**cfg.__dict__, "output": output, "reduction": reduction}}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -229,7 +217,7 @@ def sparse_weight_curvature(model: nn.Module, images, output: str = "softmax",
         for i in range(images.shape[0]):
             t0 = time.perf_counter()
             a, raw = sparse_node_values(graph, images[i:i + 1], output, cfg.normalize)[0]
-            _image_strengths(graph, raw)
+            set_image_strengths(graph, raw)
             for bi in graph.weight_ops:
                 op = graph.ops[bi]
                 acc, cnt, rec = accs[op.name], cnts[op.name], info["layers"][op.name]
@@ -237,7 +225,7 @@ def sparse_weight_curvature(model: nn.Module, images, output: str = "softmax",
                     bar.set_postfix(image=i, layer=op.name, refresh=False)
                 for wi, kappa, solved, _, _, sec in layer_tiles(graph, bi, a, cfg):
                     ok = ~np.isnan(kappa)
-                    if reduce == "min":
+                    if reduction == "min":
                         np.minimum.at(acc, wi[ok], kappa[ok])
                     else:
                         np.add.at(acc, wi[ok], kappa[ok])
@@ -253,7 +241,7 @@ def sparse_weight_curvature(model: nn.Module, images, output: str = "softmax",
     scores = {}
     for op in wops:
         acc = accs[op.name]
-        if reduce == "mean":
+        if reduction == "mean":
             cnt = cnts[op.name]
             acc = np.where(cnt > 0, acc / np.maximum(cnt, 1), 1.0)
         else:
