@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOC_PAGES = sorted((ROOT / "docs").rglob("*.md"))
 #: modules whose docstrings hold ``>>>`` examples; add a module here when it gains some
-DOCTEST_MODULES = ["tp_curvature.config"]
+DOCTEST_MODULES = ["tp_curvature.config", "tp_curvature.curvature", "tp_curvature.importance",
+                   "tp_curvature.unstructured._scores"]
 MAX_README_LINES = 260
 
 PYTHON_BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)

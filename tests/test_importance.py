@@ -313,10 +313,26 @@ def test_importance_options_refused_by_name(kw):
 
 
 def test_importance_options_accepted():
-    for kw in (dict(normalizer="sentinel_0.5"), dict(normalizer=lambda s: s),
-               dict(normalizer="standarization"), dict(group_reduction="gate"),
-               dict(max_batches=np.int64(3))):
-        CurvatureImportance(**kw)
+    """Every accepted option value is applied as Torch-Pruning applies it: the group's raw
+    scores (normalizer=None) normalised by its ``_normalize`` give the option's scores."""
+    torch.manual_seed(0)
+    model = zoo.lenet5(1, 10, 28).eval()
+    x = _calib((1, 28, 28))
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+    conv2 = [m for m in model.modules() if isinstance(m, nn.Conv2d)][1]
+    group = DG.get_pruning_group(conv2, tp.prune_conv_out_channels, idxs=list(range(16)))
+    raw = CurvatureImportance(normalizer=None, **FAST).calibrate(model, x)(group)
+    for norm in ("sentinel_0.5", "standarization", "lamp", lambda s: s * 0 + 7):
+        imp = CurvatureImportance(normalizer=norm, **FAST).calibrate(model, x)
+        want = imp._normalize(raw.clone(), norm)
+        torch.testing.assert_close(imp(group), want)
+    torch.testing.assert_close(
+        CurvatureImportance(normalizer=lambda s: s * 0 + 7, **FAST).calibrate(model, x)(group),
+        torch.full((16,), 7.0))
+    gate = CurvatureImportance(group_reduction="gate", normalizer=None, **FAST)
+    assert torch.isfinite(gate.calibrate(model, x)(group)).all()
+    imp = CurvatureImportance(max_batches=np.int64(3), **FAST)
+    assert imp.max_batches == 3 and type(imp.max_batches) is int
 
 
 def test_failed_calibrate_keeps_previous_and_one_shot_is_replayed():

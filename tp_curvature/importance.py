@@ -211,6 +211,23 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
     progress : bool or None
         tqdm progress bars for calibration and curvature; None (default) shows the curvature
         bar only for graphs of over a million connections.
+
+    Examples
+    --------
+    >>> import torch, torch.nn as nn, torch_pruning as tp
+    >>> from tp_curvature import CurvatureImportance
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+    ...                       nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    >>> images = torch.randn(16, 3, 8, 8)
+    >>> imp = CurvatureImportance(topk=8).calibrate(model, images)
+    >>> pruner = tp.pruner.BasePruner(model, images[:1], importance=imp, pruning_ratio=0.5,
+    ...                               ignored_layers=[model[-1]])
+    >>> pruner.step()
+    >>> model[0].out_channels, model(images).shape
+    (4, torch.Size([16, 4]))
+    >>> imp.coverage()
+    {'curvature': ['0', '4'], 'fallback': []}
     """
 
     def __init__(self, config: Optional[CurvatureConfig] = None, *, reduction: str = "mean",

@@ -115,6 +115,18 @@ def weight_curvature(model: nn.Module, images: torch.Tensor, output: str = "soft
     dict
         Parameter name (``"features.0.weight"``) -> float64 tensor shaped like the weight.
         With ``return_info=True`` also a dict of timings and counts.
+
+    Examples
+    --------
+    >>> import torch, torch.nn as nn
+    >>> from tp_curvature.unstructured import weight_curvature, prune_by_curvature
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> scores = weight_curvature(net, torch.randn(4, 1, 4, 4), progress=False)
+    >>> {name: tuple(s.shape) for name, s in scores.items()}
+    {'1.weight': (8, 16), '3.weight': (3, 8)}
+    >>> bool(max(s.max() for s in scores.values()) <= 1 / (1 - 0.9))   # kappa <= 1/(1-alpha)
+    True
     """
     check_model(model)
     check_choice("output", output, OUTPUTS)

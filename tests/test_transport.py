@@ -9,9 +9,11 @@ Bounds used below (relative to d = d(x, y), i.e. directly on W1/d):
 """
 from __future__ import annotations
 
+import hypothesis as hyp
 import numpy as np
 import ot
 import pytest
+from hypothesis import strategies as st
 from scipy.optimize import linprog
 
 from tp_curvature.transport import DEFAULTS, connection_problem, solve_w1
@@ -331,8 +333,6 @@ def test_solve_mask_and_validation():
 
 
 # ------------------------------------------------------------------------- property (fast)
-hyp = pytest.importorskip("hypothesis")
-st = hyp.strategies
 
 
 @hyp.settings(max_examples=25, deadline=None, derandomize=True)

@@ -1,0 +1,107 @@
+"""Calibration (tp_curvature.calibration): the data forms, one streaming pass, node values
+(mean |a| and the spread) against independent computations."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from _reference import PAPER
+from _reference import mlp_curvature as reference_mlp_curvature
+from _models import small_mlp
+
+from tp_curvature import CalibrationError, connection_curvature
+
+
+# ---------------------------------------------------------------- calibration data forms
+def _kap(res):
+    return {k: v.kappa for k, v in res.items()}
+
+
+def test_calibration_data_forms_and_one_streaming_pass():
+    from tp_curvature.calibration import CalibrationData
+
+    m = small_mlp()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 12, generator=g)
+    ref = _kap(connection_curvature(m, x, topk=4))
+    # a list of same-shaped tensors is several batches; a list of (x, y) lists too
+    for data in ([x[:8], x[8:]], [[x[:8], torch.zeros(8)], [x[8:], torch.zeros(8)]],
+                 (x, torch.zeros(16, 3))):
+        got = _kap(connection_curvature(m, data, topk=4))
+        for k in ref:
+            np.testing.assert_allclose(got[k], ref[k], atol=1e-9)
+    # max_batches caps every form, a tensor included (one batch)
+    assert len(CalibrationData([x[:4]] * 5, max_batches=2)) == 2
+    assert len(CalibrationData(x, max_batches=3)) == 1
+    # a one-shot iterator is read once, at most max_batches items, then replayed
+    reads = []
+
+    def gen():
+        for i in range(10):
+            reads.append(i)
+            yield x[i:i + 1]
+    data = CalibrationData(gen(), max_batches=3)
+    assert reads == []                                   # nothing read at construction
+    assert len(list(data)) == 3 and reads == [0, 1, 2]
+    assert len(list(data)) == 3 and reads == [0, 1, 2]   # replayed, not read again
+    with pytest.raises(CalibrationError, match="max_batches"):
+        CalibrationData(iter([x]))
+    with pytest.raises(CalibrationError, match="cannot use"):
+        connection_curvature(m, 3.0)
+
+    class SameIterator:                                  # iter() returns one shared iterator
+        def __init__(self):
+            self.it = iter([x[:8], x[8:]])
+
+        def __iter__(self):
+            return self.it
+    data = CalibrationData(SameIterator())
+    assert len(list(data)) == 2
+    with pytest.raises(CalibrationError, match="second pass"):
+        list(data)
+
+
+@pytest.mark.parametrize("variant", ["paper", "flow"])
+def test_node_value_std_matches_reference(variant):
+    """``node_value="std"``: node values are each neuron's spread over the batch."""
+    model = small_mlp(4)
+    x = torch.randn(48, 12, generator=torch.Generator().manual_seed(4)) * 2 + 1
+    ref = reference_mlp_curvature(model, x, flow=(variant == "flow"), node_value="std")
+    got = connection_curvature(model, x, variant=variant, topk=None, backend="exact",
+                               node_value="std")
+    for K_ref, lc in zip(ref, got.values()):
+        np.testing.assert_allclose(lc.kappa, K_ref, atol=1e-6)
+    # differs from the default's mean |a| on this data
+    base = connection_curvature(model, x, variant=variant, node_value="mean_abs", topk=None, backend="exact")
+    assert max(np.abs(a.kappa - b.kappa).max()
+               for a, b in zip(got.values(), base.values())) > 1e-3
+
+
+def test_node_value_std_conv_over_images_and_positions():
+    """For a conv feature map the spread is over images and positions; a channel that is
+    constant on the data (removable by bias compensation) is silent: its connections get
+    kappa 1, while with mean |a| the same channel is the most active one and bears load."""
+    from tp_curvature import CurvatureConfig
+    from tp_curvature.calibration import CalibrationData, calibrate
+    torch.manual_seed(0)
+    conv1, conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3)
+    with torch.no_grad():
+        conv1.weight[2].zero_()
+        conv1.bias[2] = 5.0                     # channel 2: constant 5 after ReLU
+    model = nn.Sequential(conv1, nn.ReLU(), conv2).eval()
+    x = torch.randn(10, 3, 8, 8)
+    with torch.no_grad():
+        h = torch.relu(conv1(x))
+    want = h.double().permute(1, 0, 2, 3).reshape(6, -1).std(1, unbiased=False).numpy()
+    cal = calibrate(model, CalibrationData(x), CurvatureConfig(normalize="max", node_value="std"))
+    j = next(j for j in cal.graph.junctions if j.n_nodes == 6)
+    np.testing.assert_allclose(cal.acts[j.index], want / want.max(), rtol=1e-9, atol=1e-12)
+    assert cal.acts[j.index][2] == 0.0
+    lc = connection_curvature(model, x, topk=None, backend="exact", node_value="std")["2"]
+    np.testing.assert_array_equal(lc.kappa[2], 1.0)
+    lc_abs = connection_curvature(model, x, **PAPER, topk=None, backend="exact")["2"]
+    assert np.any(lc_abs.kappa[2] < 1.0)      # (an output at the minmax floor is dead: 1)
+
+
+def test_node_value_is_validated():
+    with pytest.raises(ValueError, match="node_value"):
+        connection_curvature(small_mlp(), torch.randn(4, 12), node_value="median")
