@@ -23,6 +23,13 @@ element graph (:func:`tp_curvature.unstructured.sparse_weight_curvature`, chosen
 by ``--mode auto`` whenever the dense element matrices do not fit or the model pools), with the
 node values of its logits as in the paper's VGG script.
 
+The curvature definition is a library preset: ``--preset element`` (the default,
+``CurvatureConfig.element(sparse=...)``: the paper's definition, alpha 0.9, topk 32 on dense
+element matrices and 8 on sparse element graphs) or ``--preset paper``
+(``CurvatureConfig.paper()``, untruncated), with the overrides ``--alpha``, ``--topk`` (0: all),
+``--backend`` and ``--backend-options``. The preset call and ``describe()`` of what ran are
+recorded with each pair's timing and in the Markdown.
+
 Usage::
 
     python benchmarks/unstructured.py            # LeNet / Fashion-MNIST and MLP / digits
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -50,11 +58,13 @@ import torch
 from scipy.stats import spearmanr
 
 from engine.data import calibration_batch, load_dataset
+from engine.presets import (CurvatureOverrides, add_curvature_arguments, config_from_args,
+                            preset_call, recipe)
 from engine.training import TrainConfig, evaluate, train_or_load
 from engine.utils import write_csv
 from tp_curvature.unstructured import (
-    DEFAULT_TOPK, SPARSE_DEFAULT_TOPK, apply_masks, element_graph, magnitude_scores,
-    masks_from_scores, random_scores, sparse_weight_curvature, weight_curvature,
+    apply_masks, element_graph, magnitude_scores, masks_from_scores, random_scores,
+    sparse_weight_curvature, weight_curvature,
 )
 
 # CPU-friendly baselines (epochs): LeNet 3 epochs of Fashion-MNIST, MLP 30 of digits, the
@@ -77,11 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--per-class", type=int, nargs="+", default=[1],
                    help="correctly classified calibration images per class (paper: 1); several "
                         "values score and sweep each")
-    p.add_argument("--alpha", type=float, default=0.9, help="idleness (paper's scripts: 0.9)")
-    p.add_argument("--variant", default="paper", choices=["paper", "flow"])
-    p.add_argument("--topk", type=int, default=None,
-                   help=f"atoms kept per measure (0: all; default {DEFAULT_TOPK} dense, "
-                        f"{SPARSE_DEFAULT_TOPK} sparse)")
+    add_curvature_arguments(p.add_argument_group("curvature"), preset="element",
+                            presets=("element", "paper"))
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs of the baselines (default: per pair, see PAIRS)")
     p.add_argument("--mode", default="auto", choices=["auto", "dense", "sparse"],
@@ -94,7 +101,6 @@ def parse_args(argv=None):
     p.add_argument("--edge-check", type=int, default=0,
                    help="also compare, on N random edges per layer of one image of the first "
                         "pair, the default topk / backend with topk=all and the exact solver")
-    p.add_argument("--backend", default=None, help="solver backend (default: library default)")
     p.add_argument("--output", default=None, choices=["softmax", "logits"],
                    help="node values of the output (default: logits for paper_vgg9, else "
                         "softmax)")
@@ -185,21 +191,36 @@ def use_sparse(model, x, args) -> bool:
     return False
 
 
+def curvature_config(args, sparse: bool):
+    """``(config, recipe)`` of the run's preset (``element``: for the sparse or the dense element
+    graph) with the command line's overrides."""
+    kw = {"sparse": sparse} if args.preset == "element" else {}
+    return config_from_args(args, **kw), recipe(args, **kw)
+
+
+def preset_settings(args) -> str:
+    """The run's preset call (``element``: sparse or dense per model, see the timings)."""
+    kw = {"sparse": "per model"} if args.preset == "element" else {}
+    return preset_call(args.preset, CurvatureOverrides.from_args(args).changes(), **kw)
+
+
+def config_fields(config) -> dict:
+    """A ``CurvatureConfig`` as the keyword options of the per-weight functions."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
 def score_weights(model, x, pair, args, **over):
-    """Per-weight curvature (dense or sparse element graph), with the run's options; returns
-    (scores, info)."""
+    """Per-weight curvature (dense or sparse element graph), with the run's options (``over``:
+    config fields changed, and ``progress``); returns (scores, info)."""
     sparse = use_sparse(model, x, args)
-    topk = args.topk if args.topk is not None else (SPARSE_DEFAULT_TOPK if sparse
-                                                    else DEFAULT_TOPK)
-    ccfg = dict(alpha=args.alpha, variant=args.variant, topk=topk or None)
-    if args.backend:
-        ccfg["backend"] = args.backend
+    config, how = curvature_config(args, sparse)
     progress = over.pop("progress", True)
-    ccfg.update(over)
+    ccfg = {**config_fields(config), **over}
     fn = sparse_weight_curvature if sparse else weight_curvature
     scores, info = fn(model, x, output=output_of(pair, args), reduce=args.reduce,
                       return_info=True, progress=progress, **ccfg)
     info["mode"] = "sparse" if sparse else "dense"
+    info["curvature"] = how
     return scores, info
 
 
@@ -233,7 +254,7 @@ def run_pair(pair, args, sparsities, rows, summary, timing, diag, layer_sp):
                                        for kk, vv in v.items()}
                                    for k, v in sinfo["layers"].items()},
                            backend=sinfo["config"]["backend"], topk=sinfo["config"]["topk"],
-                           mode=sinfo["mode"], edges_per_image=sum(
+                           mode=sinfo["mode"], curvature=sinfo["curvature"], edges_per_image=sum(
                                v["n_edges"] for v in sinfo["layers"].values())))
         print(f"[{pair}] scoring took {sinfo['total_s']:.1f}s "
               f"({np.mean(sinfo['per_image_s']):.2f}s per image)")
@@ -308,7 +329,7 @@ def exact_check(pair, args):
     if args.images:
         x = x[:args.images]
     res = {}
-    for be in (args.backend or "sinkhorn", "exact"):
+    for be in (curvature_config(args, True)[0].backend, "exact"):
         t0 = time.perf_counter()
         sc, _ = score_weights(model, x, pair, args, backend=be, progress=False)
         res[be] = (time.perf_counter() - t0, torch.cat([v.reshape(-1) for v in sc.values()]))
@@ -326,18 +347,16 @@ def edge_check(pair, args, n_edges, seed=0):
     solved edges of one random tile per weight layer: kappa at the run's topk / backend against
     the same topk solved exactly and against topk=all solved exactly (the definition)."""
     from tp_curvature.unstructured._sparse_scores import (
-        _config, _image_strengths, layer_tiles, sparse_node_values)
+        _image_strengths, layer_tiles, sparse_node_values)
     from tp_curvature.unstructured import sparse_element_graph
     model, train, _ = load_pair(pair, args, verbose=False)
     x, _ = calibration_batch(train, 1, per_class=True, model=model)
     x = x[:1]
     g = sparse_element_graph(model, x)
-    topk = args.topk if args.topk is not None else SPARSE_DEFAULT_TOPK
-    base = dict(alpha=args.alpha, variant=args.variant)
-    runs = {"run": _config(dict(base, topk=topk or None, **(
-                {"backend": args.backend} if args.backend else {}))),
-            "topk exact": _config(dict(base, topk=topk or None, backend="exact")),
-            "all exact": _config(dict(base, topk=None, backend="exact"))}
+    run, _ = curvature_config(args, sparse=True)
+    runs = {"run": run,
+            "topk exact": run.replace(backend="exact", backend_options={}),
+            "all exact": run.replace(topk=None, backend="exact", backend_options={})}
     a, raw = sparse_node_values(g, x, output_of(pair, args), "minmax")[0]
     _image_strengths(g, raw)
     rows = []
@@ -411,8 +430,7 @@ def cum_txt(cum):
 
 def markdown(summary, timing, diag, args, show_sp, layer_sp=()):
     lines = ["# Unstructured per-weight curvature pruning (the paper's experiment)", "",
-             f"Settings: alpha={args.alpha}, variant={args.variant}, topk="
-             f"{'all' if args.topk == 0 else (args.topk or 'default')}, "
+             f"Settings: curvature {preset_settings(args)}, "
              f"output={args.output or 'per model'}, reduce={args.reduce} over positions and images, "
              f"scope={args.scope}, {'/'.join(map(str, args.per_class))} correctly classified "
              f"calibration image(s) per "
@@ -452,6 +470,9 @@ def markdown(summary, timing, diag, args, show_sp, layer_sp=()):
                      f"| {t['topk']} | {t['n_images']} | {t['total_s']:.1f} | "
                      f"{np.mean(t['per_image_s']):.2f} | "
                      f"{cum_txt(t['cumulative_s'])} | {solved:,.0f} |")
+    lines += ["", "Curvature: " + "; ".join(
+        f"{t['pair']} ({t.get('mode', 'dense')}): {t['curvature']}" for t in timing
+        if "curvature" in t) + "."]
     lines += ["", "Per layer (all images): edges, solved transport problems, problem build and "
               "solve time (s):", ""]
     for t in timing:

@@ -80,21 +80,23 @@ class CurvatureOverrides:
 
 
 def add_curvature_arguments(parser, preset: Optional[str] = "default",
-                            presets=("default", "paper")) -> None:
-    """``--preset`` (unless ``preset`` is None: the caller picks the presets) and the
-    overrides ``--alpha``, ``--topk``, ``--backend``, ``--backend-options``."""
+                            presets=("default", "paper"), solver: bool = True) -> None:
+    """``--preset`` (choices ``presets``, default ``preset``; none when ``preset`` is None:
+    the caller picks the presets) and the overrides ``--alpha``, ``--topk`` and, with
+    ``solver``, ``--backend`` and ``--backend-options``."""
     if preset is not None:
         parser.add_argument("--preset", choices=presets, default=preset,
-                            help="the library preset the curvature starts from: default = "
-                                 "CurvatureConfig(), paper = CurvatureConfig.paper() "
-                                 "(default: %(default)s)")
+                            help="the library preset the curvature starts from: "
+                                 + ", ".join(f"{p} = {preset_call(p)}" for p in presets)
+                                 + " (default: %(default)s)")
     parser.add_argument("--alpha", type=float, default=None, help="default: the preset's")
     parser.add_argument("--topk", type=int, default=None,
                         help="atoms kept per measure (0: all); default: the preset's")
-    parser.add_argument("--backend", default=None, choices=BACKENDS,
-                        help="transport solver; default: the preset's")
-    parser.add_argument("--backend-options", default=None,
-                        help='JSON, e.g. \'{"eps": 0.02}\'; default: the preset\'s')
+    if solver:
+        parser.add_argument("--backend", default=None, choices=BACKENDS,
+                            help="transport solver; default: the preset's")
+        parser.add_argument("--backend-options", default=None,
+                            help='JSON, e.g. \'{"eps": 0.02}\'; default: the preset\'s')
 
 
 def config_from_args(args, preset: Optional[str] = None, **preset_kwargs) -> CurvatureConfig:
