@@ -115,29 +115,20 @@ def _random(seed, overrides) -> Criterion:
     return Criterion("random", tp.importance.RandomImportance(), seed_rng)
 
 
-@register_criterion("l1", help="GroupMagnitudeImportance(p=1) (group mean, mean-normalised)")
-def _l1(seed, overrides) -> Criterion:
-    return Criterion("l1", tp.importance.GroupMagnitudeImportance(p=1))
+def _register_plain(name: str, help: str, make_importance: Callable) -> None:
+    """A criterion that needs nothing before scoring: ``make_importance()`` is its importance."""
+    def factory(seed, overrides) -> Criterion:
+        return Criterion(name, make_importance())
+    register_criterion(name, help=help)(factory)
 
 
-@register_criterion("l2", help="GroupMagnitudeImportance(p=2) (group mean, mean-normalised)")
-def _l2(seed, overrides) -> Criterion:
-    return Criterion("l2", tp.importance.GroupMagnitudeImportance(p=2))
-
-
-@register_criterion("magnitude", help="the same as l2")
-def _magnitude(seed, overrides) -> Criterion:
-    return Criterion("magnitude", tp.importance.GroupMagnitudeImportance(p=2))
-
-
-@register_criterion("lamp", help="LAMPImportance(p=2)")
-def _lamp(seed, overrides) -> Criterion:
-    return Criterion("lamp", tp.importance.LAMPImportance(p=2))
-
-
-@register_criterion("fpgm", help="FPGMImportance(p=2)")
-def _fpgm(seed, overrides) -> Criterion:
-    return Criterion("fpgm", tp.importance.FPGMImportance(p=2))
+_register_plain("l1", "GroupMagnitudeImportance(p=1) (group mean, mean-normalised)",
+                lambda: tp.importance.GroupMagnitudeImportance(p=1))
+_register_plain("l2", "GroupMagnitudeImportance(p=2) (group mean, mean-normalised)",
+                lambda: tp.importance.GroupMagnitudeImportance(p=2))
+_register_plain("magnitude", "the same as l2", lambda: tp.importance.GroupMagnitudeImportance(p=2))
+_register_plain("lamp", "LAMPImportance(p=2)", lambda: tp.importance.LAMPImportance(p=2))
+_register_plain("fpgm", "FPGMImportance(p=2)", lambda: tp.importance.FPGMImportance(p=2))
 
 
 @register_criterion("taylor", help="GroupTaylorImportance after loss.backward() on the "
