@@ -171,9 +171,9 @@ def main(argv=None) -> int:
     if a.report_only:
         return report_only(out, a.no_plot)
     out.mkdir(parents=True, exist_ok=True)
-    saved = load_for_add(out, a) if a.add else None
-    for c in a.criteria:        # fail early on a bad criterion name or option
-        make_criterion(c, 0, a)
+    # fail early on a bad criterion name or option
+    notes = {c: make_criterion(c, 0, a).note for c in a.criteria}
+    saved = load_for_add(out, a, notes) if a.add else None
     try:
         data = load_data(a)
     except (FileNotFoundError, RuntimeError) as e:   # missing files / failed download

@@ -5,9 +5,12 @@ to a saved run (``--add``).
 ``--add`` runs only the given criteria and adds their rows to the run already in the output
 folder (its rows for those criteria are replaced): every option that defines the experiment
 (:data:`EXPERIMENT_OPTIONS`) must equal the saved run's (checked, the mismatched option is
-named), and each seed's baseline accuracy must come out identical (checked: baselines,
-calibration batches, test sets and the pruning are deterministic on CPU), so the added criteria
-are paired with the saved ones seed by seed.
+named), a criterion the saved run already holds must run what its saved note says (checked:
+the curvature names changed meaning with the library presets, so ``curvature`` added to a run of
+the first release, where it was the paper's definition, is refused rather than mixed), and
+each seed's baseline accuracy must come out identical (checked: baselines, calibration batches,
+test sets and the pruning are deterministic on CPU), so the added criteria are paired with the
+saved ones seed by seed.
 """
 from __future__ import annotations
 
@@ -63,9 +66,10 @@ def report_only(out: Path, no_plot: bool = False) -> int:
     return 0
 
 
-def load_for_add(out: Path, args) -> tuple:
+def load_for_add(out: Path, args, notes: dict = None) -> tuple:
     """``(rows, meta)`` of the saved run that ``--add`` extends; raises ``SystemExit`` naming
-    the first option that differs."""
+    the first option that differs, or a criterion whose saved note differs from ``notes``
+    (criterion -> the note of what this run computes)."""
     try:
         rows, meta = read_run(out)
     except FileNotFoundError as e:
@@ -75,7 +79,19 @@ def load_for_add(out: Path, args) -> tuple:
         if k in meta["args"] and json.dumps(meta["args"][k]) != json.dumps(now.get(k)):
             raise SystemExit(f"error: --add: option {k!r} is {now.get(k)!r} here but "
                              f"{meta['args'][k]!r} in the saved run {out}")
+    _check_same_definitions(meta, notes or {}, out)
     return rows, meta
+
+
+def _check_same_definitions(meta: dict, notes: dict, out: Path) -> None:
+    saved = {}
+    for sd in meta["seeds"]:
+        saved.update(sd.get("notes", {}))
+    for c, note in notes.items():
+        if c in meta["args"]["criteria"] and saved.get(c, "") != note:
+            raise SystemExit(f"error: --add: criterion {c!r} of the saved run {out} ran "
+                             f"{saved.get(c, '')!r} but here runs {note!r}; use another --out "
+                             "(or another name) rather than mixing two definitions")
 
 
 def merge_added(old_rows, old_meta, rows, meta, args) -> tuple:

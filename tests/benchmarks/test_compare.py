@@ -284,3 +284,25 @@ def test_add_criteria_to_a_saved_run_pairs_them_seed_by_seed(tmp_path):
     with pytest.raises(SystemExit, match="ratios"):
         compare.main([*base[:-2], "--out", str(tmp_path / "out"), "--criteria", "l1",
                        "--add", "--ratios", "0.5"])
+
+
+def test_add_refuses_a_criterion_that_changed_meaning(tmp_path):
+    """A run of the first release named the paper's definition ``curvature``: ``--add`` of
+    today's ``curvature`` (the library default) into it is refused, naming both definitions;
+    a criterion whose note is unchanged (``wanda``) passes the check."""
+    from engine import runs
+    args = compare.parse_args(["--criteria", "curvature", "--seeds", "0", "--out",
+                               str(tmp_path)])
+    saved_args = dict(vars(args), criteria=["wanda", "curvature"])
+    old_note = ("alpha=0.5, variant=paper, reduction=mean, node_value=mean_abs, sides=both, "
+                "topk=32, backend=sinkhorn")
+    wanda_note = criteria.make_criterion("wanda", 0).note
+    meta = {"args": saved_args, "seeds": [{"seed": 0, "notes": {"curvature": old_note,
+                                                                "wanda": wanda_note}}]}
+    (tmp_path / "rows.json").write_text("[]")
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    assert runs.load_for_add(tmp_path, args, {"wanda": wanda_note})[1]["seeds"]
+    new_note = criteria.make_criterion("curvature", 0, args).note
+    with pytest.raises(SystemExit, match="criterion 'curvature' of the saved run .* ran "
+                                         "'alpha=0.5, variant=paper"):
+        runs.load_for_add(tmp_path, args, {"curvature": new_note})
