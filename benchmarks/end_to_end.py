@@ -16,14 +16,23 @@ Two measurements, each in one process so the ratios compare like with like:
   check; the full model has 12), ``--max-groups`` scores only the first groups and
   ``--dry-run`` stops after calibration (graph, connections, groups; no curvature).
 
+The curvature definition is a library preset (``--preset default``: ``CurvatureConfig()``,
+``--preset paper``: ``CurvatureConfig.paper()``) with the overrides ``--alpha``, ``--topk``,
+``--backend``, ``--backend-options``; every row records the preset call and ``describe()`` of
+what ran (``curvature``) and the table is printed under it.
+
 Usage::
 
-    python benchmarks/end_to_end.py                 # resnet56 and resnet50
+    python benchmarks/end_to_end.py                 # resnet56 and resnet50, library default
     python benchmarks/end_to_end.py --only resnet56 --calib 256
     python benchmarks/end_to_end.py --only resnet50 --calib 16 --topk 8
     python benchmarks/end_to_end.py --only vit_b_16              # calib 8, 224x224
     python benchmarks/end_to_end.py --only timm_efficientnet_b0 --calib 8
     python benchmarks/end_to_end.py --only vit_b_16 --vit-layers 1 --size 32 --calib 1 --out /tmp/e.json
+    # the README's timings: the paper's definition as they ran it (alpha 0.5, topk 32) ...
+    python benchmarks/end_to_end.py --only resnet56 --threads 2 --preset paper --alpha 0.5 --topk 32
+    # ... and the library default
+    python benchmarks/end_to_end.py --only resnet56 --threads 2 --out results/end_to_end_flow.json
 
 Writes ``results/end_to_end.json`` and prints a Markdown table.
 """
@@ -42,7 +51,8 @@ import torch_pruning as tp
 
 from engine.criteria import score_all_groups
 from engine.models import resnet56
-from tp_curvature import CurvatureImportance
+from engine.presets import add_curvature_arguments, config_from_args, recipe
+from tp_curvature import CurvatureConfig, CurvatureImportance
 
 
 def peak_rss_mib() -> float:
@@ -53,7 +63,13 @@ def n_scored(scores: dict) -> int:
     return sum(s is not None for s in scores.values())
 
 
-def bench_resnet56(calib: int, curvature: dict, seed: int = 0) -> dict:
+def config_columns(config: CurvatureConfig) -> dict:
+    """The definition's main fields, as row columns."""
+    return dict(alpha=config.alpha, variant=config.variant, node_value=config.node_value,
+                topk=config.topk, backend=config.backend)
+
+
+def bench_resnet56(calib: int, config: CurvatureConfig, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     model = resnet56(10, 3).eval()
     x = torch.randn(calib, 3, 32, 32)
@@ -73,7 +89,7 @@ def bench_resnet56(calib: int, curvature: dict, seed: int = 0) -> dict:
 
     # Curvature: calibrate (hooks + one forward) + graph + kernels + scoring
     m_c = copy.deepcopy(model)
-    imp = CurvatureImportance(**curvature)
+    imp = CurvatureImportance(config)
     t0 = time.perf_counter()
     imp.calibrate(m_c, x)
     t_cal = time.perf_counter() - t0
@@ -83,21 +99,21 @@ def bench_resnet56(calib: int, curvature: dict, seed: int = 0) -> dict:
     n_conn = int(sum(lc.solved.sum() for lc in imp.curvatures().values()))
     total_c = t_cal + t_curv
     total_t = t_fb + t_taylor_score
-    return dict(model="resnet56", calib=calib, **curvature, groups=n_groups,
+    return dict(model="resnet56", calib=calib, **config_columns(config), groups=n_groups,
                 connections=n_conn, taylor_forward_backward_s=t_fb,
                 taylor_total_s=total_t, curvature_calibrate_s=t_cal,
                 curvature_scoring_s=t_curv, curvature_total_s=total_c,
                 ratio_vs_taylor_fb=total_c / t_fb, ratio_vs_taylor_total=total_c / total_t)
 
 
-def bench_resnet50(calib: int, curvature: dict, seed: int = 0) -> dict:
+def bench_resnet50(calib: int, config: CurvatureConfig, seed: int = 0) -> dict:
     import torchvision
 
     torch.manual_seed(seed)
     model = torchvision.models.resnet50().eval()
     x = torch.randn(calib, 3, 224, 224)
     rss0 = peak_rss_mib()
-    imp = CurvatureImportance(**curvature, progress=True)
+    imp = CurvatureImportance(config, progress=True)
     t0 = time.perf_counter()
     imp.calibrate(model, x)
     t_cal = time.perf_counter() - t0
@@ -105,7 +121,7 @@ def bench_resnet50(calib: int, curvature: dict, seed: int = 0) -> dict:
     curv = imp.curvatures()
     t_curv = time.perf_counter() - t1
     n_conn = int(sum(lc.solved.sum() for lc in curv.values()))
-    return dict(model="resnet50", calib=calib, **curvature,
+    return dict(model="resnet50", calib=calib, **config_columns(config),
                 connections=n_conn, curvature_calibrate_s=t_cal, curvature_kappa_s=t_curv,
                 curvature_total_s=t_cal + t_curv, connections_per_s=n_conn / t_curv,
                 peak_rss_mib=peak_rss_mib(), peak_rss_before_mib=rss0)
@@ -128,7 +144,7 @@ def _timm_efficientnet_b0(size: int, layers: int):
 ZOO = {"vit_b_16": _vit_b_16, "timm_efficientnet_b0": _timm_efficientnet_b0}
 
 
-def bench_zoo(name: str, calib: int, curvature: dict, size: int = 224, vit_layers: int = 12,
+def bench_zoo(name: str, calib: int, config: CurvatureConfig, size: int = 224, vit_layers: int = 12,
               max_groups=None, dry_run: bool = False, seed: int = 0) -> dict:
     """Calibrate, then score every group of one BasePruner step once (see the module
     docstring); Torch-Pruning's dependency graph is built before the clock starts."""
@@ -139,7 +155,7 @@ def bench_zoo(name: str, calib: int, curvature: dict, size: int = 224, vit_layer
     model.eval()
     x = torch.randn(calib, 3, size, size)
     rss0 = peak_rss_mib()
-    imp = CurvatureImportance(**curvature, progress=True)
+    imp = CurvatureImportance(config, progress=True)
     pruner = tp.pruner.BasePruner(model, x[:1], importance=imp, pruning_ratio=0.5, **kw)
     groups = list(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                            root_module_types=pruner.root_module_types))
@@ -151,7 +167,7 @@ def bench_zoo(name: str, calib: int, curvature: dict, size: int = 224, vit_layer
     graph = imp.graph
     scoreable = [l for l in graph.layers if graph.scoreable(l)]
     structural = int(sum(graph.node_weights(l, imp.config.p)[1].sum() for l in scoreable))
-    row = dict(model=name, calib=calib, image_size=size, **curvature,
+    row = dict(model=name, calib=calib, image_size=size, **config_columns(config),
                groups=len(groups), connections=structural,
                graph_fallback=sorted(l.name for l in graph.layers if not graph.scoreable(l)),
                curvature_calibrate_s=t_cal)
@@ -174,53 +190,8 @@ def bench_zoo(name: str, calib: int, curvature: dict, size: int = 224, vit_layer
     return row
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=["resnet56", "resnet50", *ZOO], default=None,
-                    help="one measurement (default: resnet56 and resnet50)")
-    ap.add_argument("--calib", type=int, default=None,
-                    help="calibration images (default 256 for resnet56, 16 for resnet50, 8 for "
-                         "vit_b_16 and timm_efficientnet_b0)")
-    ap.add_argument("--size", type=int, default=224,
-                    help="image size for vit_b_16 / timm_efficientnet_b0 (a multiple of 16)")
-    ap.add_argument("--vit-layers", type=int, default=12,
-                    help="encoder blocks of vit_b_16 (12 = the real model; fewer: quick check)")
-    ap.add_argument("--max-groups", type=int, default=None,
-                    help="score only the first N groups (the whole graph's curvature is still "
-                         "computed at the first one)")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="vit_b_16 / timm_efficientnet_b0: stop after calibration")
-    ap.add_argument("--topk", type=int, default=32)
-    ap.add_argument("--backend", default="sinkhorn")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--variant", default="paper", choices=["paper", "flow"])
-    ap.add_argument("--node-value", default="mean_abs", choices=["mean_abs", "std"])
-    ap.add_argument("--out", default="results/end_to_end.json")
-    args = ap.parse_args(argv)
-    # the CurvatureImportance options timed; the README's timings use the paper's definition
-    # (the default here), the library's default is variant="flow", node_value="std"
-    curvature = dict(topk=args.topk, backend=args.backend, variant=args.variant,
-                     node_value=args.node_value)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = []
-    if args.only in (None, "resnet56"):
-        rows.append(bench_resnet56(args.calib or 256, curvature))
-    if args.only in (None, "resnet50"):
-        rows.append(bench_resnet50(args.calib or 16, curvature))
-    if args.only in ZOO:
-        rows.append(bench_zoo(args.only, args.calib or 8, curvature, args.size,
-                              args.vit_layers, args.max_groups, args.dry_run))
-    import numba
-    for r in rows:          # the thread counts every row was measured with
-        r["torch_threads"] = torch.get_num_threads()
-        r["numba_threads"] = numba.get_num_threads()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(out.read_text()) if out.exists() else {}
-    for r in rows:
-        old[r["model"]] = r
-    out.write_text(json.dumps(old, indent=2))
+def print_table(rows: list) -> None:
+    """The Markdown table of the measured rows."""
     print("| model | calib | topk | connections | curvature total (s) | reference | ratio / peak |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -245,6 +216,52 @@ def main(argv=None):
             print(f"| resnet50 | {r['calib']} | {r['topk']} | {r['connections']} | "
                   f"{r['curvature_total_s']:.1f} | {r['connections_per_s']:.0f} connections/s | "
                   f"peak RSS {r['peak_rss_mib']:.0f} MiB |")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=["resnet56", "resnet50", *ZOO], default=None,
+                    help="one measurement (default: resnet56 and resnet50)")
+    ap.add_argument("--calib", type=int, default=None,
+                    help="calibration images (default 256 for resnet56, 16 for resnet50, 8 for "
+                         "vit_b_16 and timm_efficientnet_b0)")
+    ap.add_argument("--size", type=int, default=224,
+                    help="image size for vit_b_16 / timm_efficientnet_b0 (a multiple of 16)")
+    ap.add_argument("--vit-layers", type=int, default=12,
+                    help="encoder blocks of vit_b_16 (12 = the real model; fewer: quick check)")
+    ap.add_argument("--max-groups", type=int, default=None,
+                    help="score only the first N groups (the whole graph's curvature is still "
+                         "computed at the first one)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="vit_b_16 / timm_efficientnet_b0: stop after calibration")
+    add_curvature_arguments(ap.add_argument_group("curvature (the definition timed)"))
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="results/end_to_end.json")
+    args = ap.parse_args(argv)
+    config, how = config_from_args(args), recipe(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    if args.only in (None, "resnet56"):
+        rows.append(bench_resnet56(args.calib or 256, config))
+    if args.only in (None, "resnet50"):
+        rows.append(bench_resnet50(args.calib or 16, config))
+    if args.only in ZOO:
+        rows.append(bench_zoo(args.only, args.calib or 8, config, args.size,
+                              args.vit_layers, args.max_groups, args.dry_run))
+    import numba
+    for r in rows:          # the definition and the thread counts every row was measured with
+        r["curvature"] = how
+        r["torch_threads"] = torch.get_num_threads()
+        r["numba_threads"] = numba.get_num_threads()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    for r in rows:
+        old[r["model"]] = r
+    out.write_text(json.dumps(old, indent=2))
+    print(f"curvature: {how}\n")
+    print_table(rows)
 
 
 if __name__ == "__main__":

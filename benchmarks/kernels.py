@@ -17,11 +17,18 @@ rank correlation of kappa = (1 - W1/d) / (1 - alpha). With ``--topk K`` the solv
 ``pot-emd2`` get measures truncated to their K heaviest atoms (renormalised) and their accuracy
 is measured against the exact W1 of the untruncated problem.
 
+The measures, ``alpha`` and ``topk`` come from a library preset (``--preset paper``, the default:
+``CurvatureConfig.paper()``, the paper's measures, alpha 0.9, untruncated; ``--preset default``:
+``CurvatureConfig()``, flow measures, alpha 0.5, topk 32) with the overrides ``--alpha`` and
+``--topk``; the trained problems use the preset's node values. The preset call and
+``describe()`` are printed, in the figure's title and in the CSV's ``curvature`` column.
+
 Writes ``results/kernels.csv`` and ``results/kernels.png`` and prints a Markdown table.
 
     python benchmarks/kernels.py                # default run
     python benchmarks/kernels.py --quick        # smoke run (widths <= 64, 1 s POT budget)
     python benchmarks/kernels.py --topk 32 --sizes 64 128 256
+    python benchmarks/kernels.py --alpha 0.5    # the README's run (paper measures, alpha 0.5)
 """
 from __future__ import annotations
 
@@ -38,11 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 from tp_curvature import transport as K  # noqa: E402
 from tp_curvature.transport import connection_problem, pot_sinkhorn_w1, solve_w1  # noqa: E402
 from tp_curvature.testing import random_layer_pair, truncate_topk  # noqa: E402
+from engine.presets import add_curvature_arguments, config_from_args, recipe  # noqa: E402
 
 FIELDS = ["source", "layer", "n", "measure", "alpha", "topk", "backend", "layer_connections", "timed_connections",
           "seconds", "conn_per_s", "speedup_vs_emd2", "acc_connections", "max_abs_dkappa",
           "mean_dkappa", "spearman", "iterations_mean", "eps", "tol", "threads", "density",
-          "kappa_tol", "n_refined", "n_exact_fallback", "kappa_gap_max"]
+          "kappa_tol", "n_refined", "n_exact_fallback", "kappa_gap_max", "curvature"]
 
 
 def with_solve(problem, pairs):
@@ -157,8 +165,8 @@ def trained_layer_problems(spec: str, args) -> dict:
     """The untruncated layer-pair problems of a trained baseline ``dataset:model``.
 
     Trains (or reloads from ``checkpoints/``) with :func:`engine.training.train_or_load`
-    and builds every layer's problem with ``CurvatureImportance(topk=None)`` on 256
-    calibration images, so they are the problems the importance really solves.
+    and builds every layer's problem with the preset's ``CurvatureImportance`` (``topk=None``)
+    on 256 calibration images, so they are the problems the importance really solves.
     """
     from tp_curvature import CurvatureImportance
     from engine.data import calibration_batch, load_dataset
@@ -169,8 +177,7 @@ def trained_layer_problems(spec: str, args) -> dict:
                              verbose=False)
     train, _, _ = load_dataset(dataset)
     x, _ = calibration_batch(train, 256, seed=args.seed)
-    imp = CurvatureImportance(alpha=args.alpha, variant=args.measure, node_value="mean_abs",
-                              topk=None)
+    imp = CurvatureImportance(args.config.replace(topk=None))
     return imp.calibrate(model.eval(), x).layer_problems()
 
 
@@ -184,7 +191,8 @@ def bench_problem(P, where: dict, args, opts, threads) -> list:
     perm = pairs[rng.permutation(len(pairs))]
     n_layer = len(pairs)
     common = dict(where, measure=args.measure, alpha=P.alpha, topk=args.topk or 0,
-                  layer_connections=n_layer, threads=threads, density=args.density)
+                  layer_connections=n_layer, threads=threads, density=args.density,
+                  curvature=args.curvature)
     # ---- exact reference (on a random subset, time budget)
     ref, n_e, t_e = pot_loop(P, perm, args.budget, "emd2", args.eps, args.tol)
     rate_e = n_e / t_e
@@ -274,9 +282,10 @@ def write_outputs(rows, args):
         a.set_xticks(args.sizes, [str(s) for s in args.sizes])
         a.legend(fontsize=8)
         a.grid(alpha=0.3)
-    fig.suptitle(f"measure={args.measure}, alpha={args.alpha}, eps={args.eps}, tol={args.tol}, "
-                 f"{args.precision}, topk={args.topk or 'none'}, "
-                 f"threads={rows[0]['threads'] if rows else '?'}")
+    fig.suptitle(f"{args.curvature.split(' = ')[0]}: measure={args.measure}, alpha={args.alpha}, "
+                 f"eps={args.eps}, tol={args.tol}, {args.precision}, "
+                 f"topk={args.topk or 'none'}, threads={rows[0]['threads'] if rows else '?'}",
+                 fontsize=10)
     fig.tight_layout()
     png_path = out / f"{args.name}.png"
     fig.savefig(png_path, dpi=120)
@@ -305,8 +314,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
-    p.add_argument("--measure", choices=["paper", "flow"], default="paper")
-    p.add_argument("--alpha", type=float, default=0.5)
+    add_curvature_arguments(p, preset="paper", solver=False)
     p.add_argument("--density", type=float, default=1.0,
                    help="keep each random weight with this probability (sparse layers; "
                         "unreachable pairs get capped costs as in the graph code)")
@@ -317,8 +325,6 @@ def parse(argv=None):
     p.add_argument("--max-iter", type=int, default=K.DEFAULTS["max_iter"])
     p.add_argument("--precision", choices=["float32", "float64", "log"], default="float32",
                    help="numba engine precision (float64: for small eps / alpha near 1)")
-    p.add_argument("--topk", type=int, default=None,
-                   help="truncate each measure to its K heaviest atoms (renormalised)")
     p.add_argument("--budget", type=float, default=6.0,
                    help="seconds per POT loop and width (random subset of connections)")
     p.add_argument("--max-numba", type=int, default=70_000,
@@ -337,6 +343,9 @@ def parse(argv=None):
     p.add_argument("--out", default=str(ROOT / "results"))
     p.add_argument("--name", default="kernels", help="output file stem")
     args = p.parse_args(argv)
+    # the preset, resolved: what the rest of the script reads
+    args.config, args.curvature = config_from_args(args), recipe(args)
+    args.measure, args.alpha, args.topk = args.config.variant, args.config.alpha, args.config.topk
     if args.quick:
         args.sizes = [s for s in args.sizes if s <= 64] or [16, 32, 64]
         args.budget = min(args.budget, 1.0)
@@ -348,6 +357,7 @@ def main(argv=None):
     args = parse(argv)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     t0 = time.perf_counter()
+    print(f"curvature: {args.curvature}", flush=True)
     rows = run(args)
     csv_path, png_path = write_outputs(rows, args)
     print()

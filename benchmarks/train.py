@@ -19,14 +19,16 @@ import json
 import sys
 
 from engine.data import DATASETS
-from engine.models import MODEL_NAMES
+from engine.models import MODELS
 from engine.training import TrainConfig, train_or_load
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="models (engine.models.MODELS):\n" + MODELS.help())
     p.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)}")
-    p.add_argument("--model", default="mlp", help=f"one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--model", default="mlp", help="a model listed below (default: mlp)")
     p.add_argument("--epochs", type=int, default=None, help="default: 30 for digits, else 5")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")

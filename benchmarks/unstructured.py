@@ -23,6 +23,13 @@ element graph (:func:`tp_curvature.unstructured.sparse_weight_curvature`, chosen
 by ``--mode auto`` whenever the dense element matrices do not fit or the model pools), with the
 node values of its logits as in the paper's VGG script.
 
+The curvature definition is a library preset: ``--preset element`` (the default,
+``CurvatureConfig.element(sparse=...)``: the paper's definition, alpha 0.9, topk 32 on dense
+element matrices and 8 on sparse element graphs) or ``--preset paper``
+(``CurvatureConfig.paper()``, untruncated), with the overrides ``--alpha``, ``--topk`` (0: all),
+``--backend`` and ``--backend-options``. The preset call and ``describe()`` of what ran are
+recorded with each pair's timing and in the Markdown.
+
 Usage::
 
     python benchmarks/unstructured.py            # LeNet / Fashion-MNIST and MLP / digits
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -50,11 +58,13 @@ import torch
 from scipy.stats import spearmanr
 
 from engine.data import calibration_batch, load_dataset
+from engine.presets import (CurvatureOverrides, add_curvature_arguments, config_from_args,
+                            preset_call, recipe)
 from engine.training import TrainConfig, evaluate, train_or_load
 from engine.utils import write_csv
 from tp_curvature.unstructured import (
-    DEFAULT_TOPK, SPARSE_DEFAULT_TOPK, apply_masks, element_graph, magnitude_scores,
-    masks_from_scores, random_scores, sparse_weight_curvature, weight_curvature,
+    apply_masks, element_graph, magnitude_scores, masks_from_scores, random_scores,
+    sparse_weight_curvature, weight_curvature,
 )
 
 # CPU-friendly baselines (epochs): LeNet 3 epochs of Fashion-MNIST, MLP 30 of digits, the
@@ -77,11 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--per-class", type=int, nargs="+", default=[1],
                    help="correctly classified calibration images per class (paper: 1); several "
                         "values score and sweep each")
-    p.add_argument("--alpha", type=float, default=0.9, help="idleness (paper's scripts: 0.9)")
-    p.add_argument("--variant", default="paper", choices=["paper", "flow"])
-    p.add_argument("--topk", type=int, default=None,
-                   help=f"atoms kept per measure (0: all; default {DEFAULT_TOPK} dense, "
-                        f"{SPARSE_DEFAULT_TOPK} sparse)")
+    add_curvature_arguments(p.add_argument_group("curvature"), preset="element",
+                            presets=("element", "paper"))
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs of the baselines (default: per pair, see PAIRS)")
     p.add_argument("--mode", default="auto", choices=["auto", "dense", "sparse"],
@@ -94,7 +101,6 @@ def parse_args(argv=None):
     p.add_argument("--edge-check", type=int, default=0,
                    help="also compare, on N random edges per layer of one image of the first "
                         "pair, the default topk / backend with topk=all and the exact solver")
-    p.add_argument("--backend", default=None, help="solver backend (default: library default)")
     p.add_argument("--output", default=None, choices=["softmax", "logits"],
                    help="node values of the output (default: logits for paper_vgg9, else "
                         "softmax)")
@@ -122,19 +128,34 @@ def accuracy_with_masks(model, masks, test):
     return evaluate(m, test)
 
 
-def sweep(model, scores, order, sparsities, test, seed=0, scope="global", secondary=None):
-    n_total = sum(s.numel() for s in scores.values())
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """How a criterion removes weights: its per-weight ``scores``, which end goes first
+    (``order``: ``"lowest"`` / ``"highest"``), ``scope`` (``global`` / ``layer``), the seed of
+    its ties and the ``secondary`` scores that break them (see ``masks_from_scores``)."""
+    scores: dict
+    order: str
+    seed: int = 0
+    scope: str = "global"
+    secondary: dict = None
+
+    def masks(self, sparsity: float) -> dict:
+        return masks_from_scores(self.scores, sparsity, order=self.order, scope=self.scope,
+                                 seed=self.seed, secondary=self.secondary)
+
+
+def sweep(model, ranking: Ranking, sparsities, test):
+    """``(sparsity, removed, total, accuracy)`` at every sparsity."""
+    n_total = sum(s.numel() for s in ranking.scores.values())
     out = []
     for sp in sparsities:
-        masks = masks_from_scores(scores, sp, order=order, scope=scope, seed=seed,
-                                  secondary=secondary)
+        masks = ranking.masks(sp)
         n_rm = sum(int((~m).sum()) for m in masks.values())
         out.append((sp, n_rm, n_total, accuracy_with_masks(model, masks, test)))
     return out
 
 
-def removed_before_drop(model, scores, order, curve, base, drop, test, seed=0, scope="global",
-                        secondary=None, steps=12):
+def removed_before_drop(model, ranking: Ranking, curve, base, drop, test, steps=12):
     """Largest number of removed weights with accuracy >= base - drop, refined by bisection
     between the last grid point above the threshold and the first one below."""
     thr = base - drop + 1e-12
@@ -148,9 +169,7 @@ def removed_before_drop(model, scores, order, curve, base, drop, test, seed=0, s
         if hi - lo <= 1:
             break
         mid = (lo + hi) // 2
-        masks = masks_from_scores(scores, mid / n_total, order=order, scope=scope, seed=seed,
-                                  secondary=secondary)
-        if accuracy_with_masks(model, masks, test) >= thr:
+        if accuracy_with_masks(model, ranking.masks(mid / n_total), test) >= thr:
             lo = mid
         else:
             hi = mid
@@ -185,26 +204,61 @@ def use_sparse(model, x, args) -> bool:
     return False
 
 
+def curvature_config(args, sparse: bool):
+    """``(config, recipe)`` of the run's preset (``element``: for the sparse or the dense element
+    graph) with the command line's overrides."""
+    kw = {"sparse": sparse} if args.preset == "element" else {}
+    return config_from_args(args, **kw), recipe(args, **kw)
+
+
+def preset_settings(args) -> str:
+    """The run's preset call (``element``: sparse or dense per model, see the timings)."""
+    kw = {"sparse": "per model"} if args.preset == "element" else {}
+    return preset_call(args.preset, CurvatureOverrides.from_args(args).changes(), **kw)
+
+
+def config_fields(config) -> dict:
+    """A ``CurvatureConfig`` as the keyword options of the per-weight functions."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
 def score_weights(model, x, pair, args, **over):
-    """Per-weight curvature (dense or sparse element graph), with the run's options; returns
-    (scores, info)."""
+    """Per-weight curvature (dense or sparse element graph), with the run's options (``over``:
+    config fields changed, and ``progress``); returns (scores, info)."""
     sparse = use_sparse(model, x, args)
-    topk = args.topk if args.topk is not None else (SPARSE_DEFAULT_TOPK if sparse
-                                                    else DEFAULT_TOPK)
-    ccfg = dict(alpha=args.alpha, variant=args.variant, topk=topk or None)
-    if args.backend:
-        ccfg["backend"] = args.backend
+    config, how = curvature_config(args, sparse)
     progress = over.pop("progress", True)
-    ccfg.update(over)
+    ccfg = {**config_fields(config), **over}
     fn = sparse_weight_curvature if sparse else weight_curvature
     scores, info = fn(model, x, output=output_of(pair, args), reduction=args.reduce,
                       return_info=True, progress=progress, **ccfg)
     info["mode"] = "sparse" if sparse else "dense"
+    info["curvature"] = how
     return scores, info
 
 
-def run_pair(pair, args, sparsities, rows, summary, timing, diag, layer_sp):
-    dataset, model_name = pair.split(":")
+@dataclasses.dataclass
+class Results:
+    """What a run collects over its pairs."""
+    rows: list = dataclasses.field(default_factory=list)      # accuracy per sparsity
+    summary: list = dataclasses.field(default_factory=list)   # per criterion x seed: the curve
+    timing: list = dataclasses.field(default_factory=list)    # per calibration set: scoring time
+    diag: list = dataclasses.field(default_factory=list)      # how much of a score is magnitude
+    layer_sp: list = dataclasses.field(default_factory=list)  # per-layer sparsity at 50%
+
+
+@dataclasses.dataclass
+class PairData:
+    """One ``dataset:model`` pair: its baseline, training set, test tensors and test accuracy."""
+    pair: str
+    model: torch.nn.Module
+    train: object
+    test_xy: tuple
+    base: float
+
+
+def load_test_pair(pair, args) -> PairData:
+    """The baseline of ``pair`` and its accuracy on the (``--test-images``) test set."""
     torch.manual_seed(0)
     model, train, test = load_pair(pair, args)
     test_xy = test.tensors()
@@ -212,71 +266,98 @@ def run_pair(pair, args, sparsities, rows, summary, timing, diag, layer_sp):
     if n_test and len(test_xy[1]) > n_test:
         idx = torch.arange(0, len(test_xy[1]), len(test_xy[1]) // n_test)[:n_test]
         test_xy = (test_xy[0][idx], test_xy[1][idx])
-    base = evaluate(model, test_xy)
-    mag = magnitude_scores(model)
-    criteria = []
+    return PairData(pair, model, train, test_xy, evaluate(model, test_xy))
+
+
+def timing_entry(pair, n_img: int, sinfo: dict) -> dict:
+    cum = np.cumsum(sinfo["per_image_s"])
+    return dict(pair=pair, n_images=n_img, total_s=sinfo["total_s"],
+                per_image_s=[round(t, 2) for t in sinfo["per_image_s"]],
+                cumulative_s=[round(t, 2) for t in cum],
+                layers={k: {kk: (round(vv, 2) if isinstance(vv, float) else vv)
+                            for kk, vv in v.items()}
+                        for k, v in sinfo["layers"].items()},
+                backend=sinfo["config"]["backend"], topk=sinfo["config"]["topk"],
+                mode=sinfo["mode"], curvature=sinfo["curvature"], edges_per_image=sum(
+                    v["n_edges"] for v in sinfo["layers"].values()))
+
+
+def magnitude_diagnostics(tag: str, scores: dict, mag: dict) -> list:
+    """Per layer and over all layers: Spearman(score, |w|) and the score's range."""
+    out = []
+    for k, sc in list(scores.items()) + [("(all)", None)]:
+        if sc is None:
+            sv = torch.cat([v.reshape(-1) for v in scores.values()]).numpy()
+            mv = torch.cat([v.reshape(-1) for v in mag.values()]).numpy()
+        else:
+            sv, mv = sc.reshape(-1).numpy(), mag[k].reshape(-1).numpy()
+        out.append(dict(pair=tag, layer=k, n=sv.size,
+                        spearman_score_absw=float(spearmanr(sv, mv).statistic),
+                        frac_negative=float((sv < 0).mean()),
+                        frac_one=float((sv == 1).mean()), score_min=float(sv.min()),
+                        score_median=float(np.median(sv)), score_max=float(sv.max())))
+    return out
+
+
+def curvature_rankings(pd: PairData, args, mag: dict, res: Results) -> list:
+    """Score the weights with each ``--per-class`` calibration set; ``(name, Ranking)`` of the
+    curvature criteria (timings and diagnostics go to ``res``)."""
+    rankings = []
     for ci, per_class in enumerate(args.per_class):
-        calib_x, _ = calibration_batch(train, per_class, per_class=True, model=model)
+        calib_x, _ = calibration_batch(pd.train, per_class, per_class=True, model=pd.model)
         if args.quick:
             calib_x = calib_x[:2 * per_class]   # classes 0 and 1 only
         if args.images:
             calib_x = calib_x[:args.images]
         n_img = len(calib_x)
-        print(f"[{pair}] base acc {base:.4f} on {len(test_xy[1])} test images; scoring with "
-              f"{n_img} calibration images")
-        scores, sinfo = score_weights(model, calib_x, pair, args)
-        cum = np.cumsum(sinfo["per_image_s"])
-        timing.append(dict(pair=pair, n_images=n_img, total_s=sinfo["total_s"],
-                           per_image_s=[round(t, 2) for t in sinfo["per_image_s"]],
-                           cumulative_s=[round(t, 2) for t in cum],
-                           layers={k: {kk: (round(vv, 2) if isinstance(vv, float) else vv)
-                                       for kk, vv in v.items()}
-                                   for k, v in sinfo["layers"].items()},
-                           backend=sinfo["config"]["backend"], topk=sinfo["config"]["topk"],
-                           mode=sinfo["mode"], edges_per_image=sum(
-                               v["n_edges"] for v in sinfo["layers"].values())))
-        print(f"[{pair}] scoring took {sinfo['total_s']:.1f}s "
+        print(f"[{pd.pair}] base acc {pd.base:.4f} on {len(pd.test_xy[1])} test images; "
+              f"scoring with {n_img} calibration images")
+        scores, sinfo = score_weights(pd.model, calib_x, pd.pair, args)
+        res.timing.append(timing_entry(pd.pair, n_img, sinfo))
+        print(f"[{pd.pair}] scoring took {sinfo['total_s']:.1f}s "
               f"({np.mean(sinfo['per_image_s']):.2f}s per image)")
-        # diagnostics: how much of the score is magnitude
-        tag = f"{pair} ({n_img} img)"
-        for k, sc in list(scores.items()) + [("(all)", None)]:
-            if sc is None:
-                sv = torch.cat([v.reshape(-1) for v in scores.values()]).numpy()
-                mv = torch.cat([v.reshape(-1) for v in mag.values()]).numpy()
-            else:
-                sv, mv = sc.reshape(-1).numpy(), mag[k].reshape(-1).numpy()
-            diag.append(dict(pair=tag, layer=k, n=sv.size,
-                             spearman_score_absw=float(spearmanr(sv, mv).statistic),
-                             frac_negative=float((sv < 0).mean()),
-                             frac_one=float((sv == 1).mean()), score_min=float(sv.min()),
-                             score_median=float(np.median(sv)), score_max=float(sv.max())))
+        res.diag += magnitude_diagnostics(f"{pd.pair} ({n_img} img)", scores, mag)
         sfx = f" ({per_class}/class)" if len(args.per_class) > 1 else ""
-        criteria.append(("curvature" + sfx, scores, "highest", 0, None))
+        rankings.append(("curvature" + sfx, Ranking(scores, "highest", 0, args.scope)))
         if ci == 0:
-            criteria.append(("curvature-ties-by-magnitude" + sfx, scores, "highest", 0, mag))
-        criteria.append(("curvature-neg-first" + sfx, scores, "lowest", 0, None))
-    criteria.append(("magnitude", mag, "lowest", 0, None))
-    criteria += [("random", random_scores(model, s), "lowest", s, None)
-                 for s in range(args.random_seeds)]
-    for name, sc, order, seed, sec in criteria:
-        if seed == 0:   # where does each criterion prune? per-layer sparsity at 50% global
-            masks = masks_from_scores(sc, 0.5, order=order, scope=args.scope, seed=seed,
-                                      secondary=sec)
-            layer_sp.append(dict(pair=pair, criterion=name, **{
-                k: float((~m).float().mean()) for k, m in masks.items()}))
-        t0 = time.perf_counter()
-        curve = sweep(model, sc, order, sparsities, test_xy, seed, args.scope, sec)
-        n_ok, crossed = removed_before_drop(model, sc, order, curve, base, args.drop, test_xy,
-                                            seed, args.scope, sec)
-        for sp, n_rm, n_tot, acc in curve:
-            rows.append(dict(dataset=dataset, model=model_name, criterion=name, seed=seed,
-                             sparsity=sp, n_removed=n_rm, n_total=n_tot, accuracy=acc))
-        summary.append(dict(pair=pair, criterion=name, seed=seed, base=base, n_total=curve[0][2],
-                            removed_before_drop=n_ok, crossed=crossed,
+            rankings.append(("curvature-ties-by-magnitude" + sfx,
+                             Ranking(scores, "highest", 0, args.scope, mag)))
+        rankings.append(("curvature-neg-first" + sfx, Ranking(scores, "lowest", 0, args.scope)))
+    return rankings
+
+
+def record_criterion(pd: PairData, name: str, ranking: Ranking, sparsities, args,
+                     res: Results) -> None:
+    """Sweep one criterion's sparsities and find the weights it removes before the drop."""
+    dataset, model_name = pd.pair.split(":")
+    if ranking.seed == 0:   # where does each criterion prune? per-layer sparsity at 50% global
+        res.layer_sp.append(dict(pair=pd.pair, criterion=name, **{
+            k: float((~m).float().mean()) for k, m in ranking.masks(0.5).items()}))
+    t0 = time.perf_counter()
+    curve = sweep(pd.model, ranking, sparsities, pd.test_xy)
+    n_ok, crossed = removed_before_drop(pd.model, ranking, curve, pd.base, args.drop, pd.test_xy)
+    for sp, n_rm, n_tot, acc in curve:
+        res.rows.append(dict(dataset=dataset, model=model_name, criterion=name,
+                             seed=ranking.seed, sparsity=sp, n_removed=n_rm, n_total=n_tot,
+                             accuracy=acc))
+    res.summary.append(dict(pair=pd.pair, criterion=name, seed=ranking.seed, base=pd.base,
+                            n_total=curve[0][2], removed_before_drop=n_ok, crossed=crossed,
                             acc={sp: acc for sp, _, _, acc in curve}))
-        print(f"[{pair}] {name:20s} seed {seed}: {n_ok} weights before a {args.drop:.0%} drop "
-              f"({time.perf_counter() - t0:.1f}s)")
-    return base
+    print(f"[{pd.pair}] {name:20s} seed {ranking.seed}: {n_ok} weights before a "
+          f"{args.drop:.0%} drop ({time.perf_counter() - t0:.1f}s)")
+
+
+def run_pair(pair, args, sparsities, res: Results) -> float:
+    """Score, sweep and record every criterion on one pair; returns the baseline accuracy."""
+    pd = load_test_pair(pair, args)
+    mag = magnitude_scores(pd.model)
+    rankings = curvature_rankings(pd, args, mag, res)
+    rankings.append(("magnitude", Ranking(mag, "lowest", 0, args.scope)))
+    rankings += [("random", Ranking(random_scores(pd.model, s), "lowest", s, args.scope))
+                 for s in range(args.random_seeds)]
+    for name, ranking in rankings:
+        record_criterion(pd, name, ranking, sparsities, args, res)
+    return pd.base
 
 
 def topk_scan(pair, args, ks):
@@ -308,7 +389,7 @@ def exact_check(pair, args):
     if args.images:
         x = x[:args.images]
     res = {}
-    for be in (args.backend or "sinkhorn", "exact"):
+    for be in (curvature_config(args, True)[0].backend, "exact"):
         t0 = time.perf_counter()
         sc, _ = score_weights(model, x, pair, args, backend=be, progress=False)
         res[be] = (time.perf_counter() - t0, torch.cat([v.reshape(-1) for v in sc.values()]))
@@ -325,7 +406,6 @@ def edge_check(pair, args, n_edges, seed=0):
     """On one calibration image of ``pair`` (sparse element graph), for ``n_edges`` random
     solved edges of one random tile per weight layer: kappa at the run's topk / backend against
     the same topk solved exactly and against topk=all solved exactly (the definition)."""
-    from tp_curvature.unstructured._checks import element_config
     from tp_curvature.unstructured._sparse_scores import (
         set_image_strengths, layer_tiles, sparse_node_values)
     from tp_curvature.unstructured import sparse_element_graph
@@ -333,12 +413,10 @@ def edge_check(pair, args, n_edges, seed=0):
     x, _ = calibration_batch(train, 1, per_class=True, model=model)
     x = x[:1]
     g = sparse_element_graph(model, x)
-    topk = args.topk if args.topk is not None else SPARSE_DEFAULT_TOPK
-    base = dict(alpha=args.alpha, variant=args.variant)
-    runs = {"run": element_config(dict(base, topk=topk or None, **(
-                {"backend": args.backend} if args.backend else {})), sparse=True),
-            "topk exact": element_config(dict(base, topk=topk or None, backend="exact"), True),
-            "all exact": element_config(dict(base, topk=None, backend="exact"), True)}
+    run, _ = curvature_config(args, sparse=True)
+    runs = {"run": run,
+            "topk exact": run.replace(backend="exact", backend_options={}),
+            "all exact": run.replace(topk=None, backend="exact", backend_options={})}
     a, raw = sparse_node_values(g, x, output_of(pair, args), "minmax")[0]
     set_image_strengths(g, raw)
     rows = []
@@ -412,8 +490,7 @@ def cum_txt(cum):
 
 def markdown(summary, timing, diag, args, show_sp, layer_sp=()):
     lines = ["# Unstructured per-weight curvature pruning (the paper's experiment)", "",
-             f"Settings: alpha={args.alpha}, variant={args.variant}, topk="
-             f"{'all' if args.topk == 0 else (args.topk or 'default')}, "
+             f"Settings: curvature {preset_settings(args)}, "
              f"output={args.output or 'per model'}, reduce={args.reduce} over positions and images, "
              f"scope={args.scope}, {'/'.join(map(str, args.per_class))} correctly classified "
              f"calibration image(s) per "
@@ -453,6 +530,9 @@ def markdown(summary, timing, diag, args, show_sp, layer_sp=()):
                      f"| {t['topk']} | {t['n_images']} | {t['total_s']:.1f} | "
                      f"{np.mean(t['per_image_s']):.2f} | "
                      f"{cum_txt(t['cumulative_s'])} | {solved:,.0f} |")
+    lines += ["", "Curvature: " + "; ".join(
+        f"{t['pair']} ({t.get('mode', 'dense')}): {t['curvature']}" for t in timing
+        if "curvature" in t) + "."]
     lines += ["", "Per layer (all images): edges, solved transport problems, problem build and "
               "solve time (s):", ""]
     for t in timing:
@@ -494,17 +574,17 @@ def main(argv=None):
         sparsities = args.sparsities or [round(float(s), 2) for s in np.arange(0, 0.96, 0.05)]
         out = Path(args.out or "results/unstructured")
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows, summary, timing, diag, layer_sp = [], [], [], [], []
+    res = Results()
     t0 = time.perf_counter()
     for pair in args.pairs:
-        run_pair(pair, args, sparsities, rows, summary, timing, diag, layer_sp)
+        run_pair(pair, args, sparsities, res)
     scan = topk_scan(args.pairs[0], args, args.topk_scan) if args.topk_scan else []
     check = exact_check(args.pairs[0], args) if args.exact_check else None
     echeck = edge_check(args.pairs[0], args, args.edge_check) if args.edge_check else []
-    write_csv(out.with_suffix(".csv"), rows)
-    plot(rows, summary, out.with_suffix(".png"), sparsities)
+    write_csv(out.with_suffix(".csv"), res.rows)
+    plot(res.rows, res.summary, out.with_suffix(".png"), sparsities)
     show = [s for s in sparsities if round(s * 100) % 10 == 0 and s > 0] or sparsities
-    md = markdown(summary, timing, diag, args, show, layer_sp)
+    md = markdown(res.summary, res.timing, res.diag, args, show, res.layer_sp)
     if check:
         md += (f"\n## {check['backend']} against exact (POT emd2 loop), same {check['n_images']} "
                f"images, {check['pair']}\n\n"
@@ -532,9 +612,10 @@ def main(argv=None):
            f"{numba.get_num_threads()} thread(s)).\n")
     out.with_suffix(".md").write_text(md)
     with open(out.with_suffix(".json"), "w") as f:
-        json.dump({"summary": summary, "timing": timing, "diagnostics": diag, "topk_scan": scan,
+        json.dump({"summary": res.summary, "timing": res.timing, "diagnostics": res.diag,
+                   "topk_scan": scan,
                    "exact_check": check, "edge_check": echeck,
-                   "layer_sparsity_at_50": layer_sp,
+                   "layer_sparsity_at_50": res.layer_sp,
                    "args": vars(args)}, f, indent=1, default=str)
     print(md)
     print(f"wrote {out}.csv / .png / .md / .json")

@@ -10,9 +10,7 @@
   with ``coverage()["fallback"] == []``.
 """
 import os
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import ot
@@ -467,7 +465,6 @@ def test_chunk_shuffle_convtranspose_interpolate_graph():
 
 
 # ----------------------------------------------------------------------------- models
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs" / "design" / "coverage"))
 
 
 def _timm_attn_forward(self, x, attn_mask=None, is_causal=False):
@@ -516,12 +513,12 @@ def _model(name):
     if name == "timm_convnext_atto":
         return timm.create_model("convnext_atto"), img, {}
     if name == "llama":
-        from llama import TinyLlama
-        m = TinyLlama()
+        from engine.models import llama_decoder     # benchmarks/ is on pytest's pythonpath
+        m = llama_decoder()
         nh = {}
         for l in m.layers:
             a = l.self_attn
-            nh[a.q_proj], nh[a.k_proj], nh[a.v_proj] = a.h, a.kv, a.kv
+            nh[a.q_proj], nh[a.k_proj], nh[a.v_proj] = a.n_heads, a.n_kv_heads, a.n_kv_heads
         # examples/LLMs/prune_llm.py's arguments
         return m, torch.randint(0, 100, (2, 8)), {
             "num_heads": nh, "prune_num_heads": True, "prune_head_dims": False,

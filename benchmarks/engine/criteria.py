@@ -2,8 +2,11 @@
 calibration-data peers of :mod:`engine.peers` (activation, Wanda-sp, FLAP), the curvature
 importance, and the loop that scores every prunable group once.
 
-``make_criterion(name, seed, args)`` builds a :class:`Criterion` (an importance plus what it
-needs before scoring: a backward pass, per-sample squared gradients, a calibration);
+Every criterion is registered in :data:`CRITERIA` (``@register_criterion(name, help=...)`` on
+a factory ``(seed, overrides) -> Criterion``); the curvature criteria are one family whose
+names follow :data:`engine.presets.CURVATURE_GRAMMAR`. To add a criterion, register one more
+factory. ``make_criterion(name, seed, args)`` builds a :class:`Criterion` (an importance plus
+what it needs before scoring: a backward pass, per-sample squared gradients, a calibration);
 :func:`score_all_groups` scores every group one ``tp.pruner.BasePruner`` step would score
 (final classifier ignored, see :func:`final_classifier`) and :class:`CachedImportance` replays
 those scores on deep copies of the same model. Used by ``benchmarks/compare.py`` and
@@ -11,7 +14,7 @@ those scores on deep copies of the same model. Used by ``benchmarks/compare.py``
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,6 +24,9 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .peers import PEERS
+from .presets import (CURVATURE_GRAMMAR, PRESETS, CurvatureOverrides, parse_curvature_name,
+                      preset_call)
+from .registry import Registry
 
 # ============================================================================================
 # Baseline criteria: Torch-Pruning's, with the Hessian accumulation fixed
@@ -75,107 +81,122 @@ def per_sample_squared_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 # ============================================================================================
 @dataclass
 class Criterion:
-    """A named importance plus what it needs before scoring (``prepare(model, x, y)``)."""
+    """A named importance plus what it needs before scoring (``prepare(model, x, y)``) and a
+    note for the results (meta.json, summary.md)."""
     name: str
     importance: object
     prepare: Callable = field(default=lambda model, x, y: None)
     note: str = ""
 
 
-def _curvature_parts(name: str):
-    """``curvature[-flow][-spread][-consumer][-min|-negsum|-mean]`` -> (variant, reduction,
-    node_value, sides) or None (``spread``: node values from the activation's std,
-    ``node_value="std"``; ``consumer``: channels scored by their outgoing connections only,
-    ``sides="consumer"``)."""
-    parts = name.split("-")
-    if parts[0] != "curvature":
-        return None
-    variant, reduction, node_value, sides = "paper", "mean", "mean_abs", "both"
-    for p in parts[1:]:
-        if p in ("flow", "paper"):
-            variant = p
-        elif p == "spread":
-            node_value = "std"
-        elif p == "consumer":
-            sides = "consumer"
-        elif p in ("min", "mean"):
-            reduction = p
-        elif p in ("negsum", "neg_sum"):
-            reduction = "neg_sum"
-        else:
-            raise ValueError(f"unknown curvature option {p!r} in {name!r} "
-                             "(use curvature[-flow][-spread][-consumer][-min|-negsum])")
-    return variant, reduction, node_value, sides
+#: every criterion: ``CRITERIA.get(name)(seed, overrides) -> Criterion`` (a family's factory
+#: gets the full name first); ``make_criterion`` is the way to build one
+CRITERIA = Registry("criterion")
+register_criterion = CRITERIA.register
 
 
-def make_criterion(name: str, seed: int, args) -> Criterion:
-    """Build criterion ``name`` for one seed (fresh importance object: no state is shared)."""
-    name = name.strip().lower()
-    imp_mod = tp.importance
+def make_criterion(name: str, seed: int, args=None) -> Criterion:
+    """Build criterion ``name`` for one seed (a fresh importance object: no state is shared).
+    ``args``: anything with the curvature overrides ``alpha``, ``topk``, ``backend``,
+    ``backend_options`` as attributes (an argparse namespace; missing or None: the preset's)."""
+    return CRITERIA.get(name)(seed, CurvatureOverrides.from_args(args))
 
-    def backward_mean_loss(model, x, y):
-        model.eval()
-        model.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
 
-    if name == "random":
-        def seed_rng(model, x, y):
-            torch.manual_seed(10_000 + seed)
-        return Criterion(name, imp_mod.RandomImportance(), seed_rng)
-    if name == "l1":
-        return Criterion(name, imp_mod.GroupMagnitudeImportance(p=1))
-    if name in ("l2", "magnitude"):
-        return Criterion(name, imp_mod.GroupMagnitudeImportance(p=2))
-    if name == "lamp":
-        return Criterion(name, imp_mod.LAMPImportance(p=2))
-    if name == "fpgm":
-        return Criterion(name, imp_mod.FPGMImportance(p=2))
-    if name == "taylor":
-        return Criterion(name, imp_mod.GroupTaylorImportance(), backward_mean_loss,
-                         note="Torch-Pruning's GroupTaylorImportance does not score BatchNorm "
-                              "layers (its BN branch tests the GroupNorm handler)")
-    if name in ("hessian", "hessian-tp"):
-        imp = FixedHessianImportance() if name == "hessian" else imp_mod.GroupHessianImportance()
+def _backward_mean_loss(model, x, y):
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
 
-        def accumulate(model, x, y):
-            imp.zero_grad()
-            per_sample_squared_grads(model, x, y, imp)
-        note = ("accumulate_grad fixed: per-sample squared gradients averaged over the whole "
-                "calibration batch" if name == "hessian" else
-                "Torch-Pruning 1.6.1 as shipped: only the last sample's squared gradient")
-        return Criterion(name, imp, accumulate, note=note)
-    if name in PEERS:
+
+@register_criterion("random", help="Torch-Pruning's RandomImportance (seeded per seed)")
+def _random(seed, overrides) -> Criterion:
+    def seed_rng(model, x, y):
+        torch.manual_seed(10_000 + seed)
+    return Criterion("random", tp.importance.RandomImportance(), seed_rng)
+
+
+def _register_plain(name: str, help: str, make_importance: Callable) -> None:
+    """A criterion that needs nothing before scoring: ``make_importance()`` is its importance."""
+    def factory(seed, overrides) -> Criterion:
+        return Criterion(name, make_importance())
+    register_criterion(name, help=help)(factory)
+
+
+_register_plain("l1", "GroupMagnitudeImportance(p=1) (group mean, mean-normalised)",
+                lambda: tp.importance.GroupMagnitudeImportance(p=1))
+_register_plain("l2", "GroupMagnitudeImportance(p=2) (group mean, mean-normalised)",
+                lambda: tp.importance.GroupMagnitudeImportance(p=2))
+_register_plain("magnitude", "the same as l2", lambda: tp.importance.GroupMagnitudeImportance(p=2))
+_register_plain("lamp", "LAMPImportance(p=2)", lambda: tp.importance.LAMPImportance(p=2))
+_register_plain("fpgm", "FPGMImportance(p=2)", lambda: tp.importance.FPGMImportance(p=2))
+
+
+@register_criterion("taylor", help="GroupTaylorImportance after loss.backward() on the "
+                                   "calibration batch (eval mode)")
+def _taylor(seed, overrides) -> Criterion:
+    """Torch-Pruning 1.6.1 never scores BatchNorm layers in it (its BN branch tests the
+    GroupNorm handler); kept as is."""
+    return Criterion("taylor", tp.importance.GroupTaylorImportance(), _backward_mean_loss,
+                     note="Torch-Pruning's GroupTaylorImportance does not score BatchNorm "
+                          "layers (its BN branch tests the GroupNorm handler)")
+
+
+def _hessian_criterion(name: str, imp, note: str) -> Criterion:
+    def accumulate(model, x, y):
+        imp.zero_grad()
+        per_sample_squared_grads(model, x, y, imp)
+    return Criterion(name, imp, accumulate, note=note)
+
+
+@register_criterion("hessian", help="GroupHessianImportance (OBD, diagonal empirical Fisher) "
+                                    "with accumulate_grad fixed (FixedHessianImportance)")
+def _hessian(seed, overrides) -> Criterion:
+    return _hessian_criterion("hessian", FixedHessianImportance(),
+                              "accumulate_grad fixed: per-sample squared gradients averaged "
+                              "over the whole calibration batch")
+
+
+@register_criterion("hessian-tp", help="Torch-Pruning's GroupHessianImportance as shipped "
+                                       "(last sample only), for reference")
+def _hessian_tp(seed, overrides) -> Criterion:
+    return _hessian_criterion("hessian-tp", tp.importance.GroupHessianImportance(),
+                              "Torch-Pruning 1.6.1 as shipped: only the last sample's squared "
+                              "gradient")
+
+
+def _register_peer(name: str, help: str, note: str) -> None:
+    """The calibration-data peers of :mod:`engine.peers` (scored at the consumers)."""
+    def factory(seed, overrides) -> Criterion:
         peer = PEERS[name]()
 
         def collect(model, x, y):
             peer.calibrate(model, x)
-        notes = {"activation": "mean |input| of the channel at its consumers (calibration batch)",
-                 "wanda": "Wanda-sp: ||X_c||_2 * sum_i |W[i, c]| at the consumers",
-                 "flap": "FLAP WIFV: Var(X_c) * ||W[:, c]||^2 at the consumers, standardised "
-                         "per layer"}
-        return Criterion(name, peer, collect, note=notes[name])
-    if name == "curvature-element":
-        return _element_criterion(args)
-    parts = _curvature_parts(name)
-    if parts is not None:
-        from tp_curvature import CurvatureImportance
-        variant, reduction, node_value, sides = parts
-        opts = {}
-        if args.backend_options:
-            opts = json.loads(args.backend_options)
-        imp = CurvatureImportance(alpha=args.alpha, variant=variant, reduction=reduction,
-                                  sides=sides, node_value=node_value, topk=args.topk, backend=args.backend,
-                                  backend_options=opts)
+        return Criterion(name, peer, collect, note=note)
+    register_criterion(name, help=help)(factory)
 
-        def calibrate(model, x, y):
-            imp.calibrate(model, x)
-        return Criterion(name, imp, calibrate,
-                         note=f"alpha={args.alpha}, variant={variant}, reduction={reduction}, "
-                              f"node_value={node_value}, sides={sides}, topk={args.topk}, "
-                              f"backend={args.backend}")
-    raise ValueError(f"unknown criterion {name!r}; choose from random, l1, l2, lamp, fpgm, "
-                     "taylor, hessian, hessian-tp, activation, wanda, flap, "
-                     "curvature[-flow][-spread][-consumer][-min|-negsum], curvature-element")
+
+_register_peer("activation", "mean |activation| of the channel where its consumers read it",
+               "mean |input| of the channel at its consumers (calibration batch)")
+_register_peer("wanda", "Wanda-sp: ||X_c||_2 * sum_i |W[i, c]| summed over the consumers",
+               "Wanda-sp: ||X_c||_2 * sum_i |W[i, c]| at the consumers")
+_register_peer("flap", "FLAP: Var(X_c) * ||W[:, c]||_2^2, standardised per consumer layer",
+               "FLAP WIFV: Var(X_c) * ||W[:, c]||^2 at the consumers, standardised per layer")
+
+
+@register_criterion(CURVATURE_GRAMMAR, prefix="curvature",
+                    help="CurvatureImportance: curvature = CurvatureConfig(), -paper = "
+                         "CurvatureConfig.paper(); -flow variant, -spread / -meanabs node "
+                         "values, -consumer sides, -min / -negsum reductions (e.g. "
+                         "curvature-consumer, curvature-meanabs, curvature-paper-spread)")
+def _curvature(name, seed, overrides) -> Criterion:
+    from tp_curvature import CurvatureImportance
+    parsed = parse_curvature_name(name)
+    imp = CurvatureImportance(parsed.config(overrides), reduction=parsed.reduction,
+                              sides=parsed.sides)
+
+    def calibrate(model, x, y):
+        imp.calibrate(model, x)
+    return Criterion(parsed.name, imp, calibrate, note=parsed.note(overrides))
 
 
 ELEMENT_IMAGES = 10
@@ -193,23 +214,30 @@ def one_per_class(x: torch.Tensor, y: torch.Tensor, n: int = ELEMENT_IMAGES) -> 
     return x[(first + rest)[:n]]
 
 
-def _element_criterion(args) -> Criterion:
+@register_criterion("curvature-element",
+                    help=f"channel scores from per-weight curvature "
+                         f"(ElementCurvatureImportance, CurvatureConfig.element(sparse=True)) on "
+                         f"{ELEMENT_IMAGES} calibration images; sequential models only")
+def _element_criterion(seed, overrides) -> Criterion:
     """``curvature-element``: channel scores from element-level (per-weight) curvature, the
     paper's own granularity (:class:`tp_curvature.ElementCurvatureImportance`: per weight the
     min kappa over positions and images, per channel ``kmax - mean``), on
     :data:`ELEMENT_IMAGES` images of the calibration batch (one per class), because its cost
-    grows with every image's element graph. Sequential models only (no residual adds)."""
+    grows with every image's element graph. Its config: ``CurvatureConfig.element(sparse=True)``
+    with the command line's overrides. Sequential models only (no residual adds)."""
     from tp_curvature import ElementCurvatureImportance
-    opts = json.loads(args.backend_options) if args.backend_options else {}
-    imp = ElementCurvatureImportance(alpha=args.alpha, backend=args.backend,
-                                     backend_options=opts)
+    changes = overrides.changes()
+    config = PRESETS["element"](sparse=True, **changes)
+    imp = ElementCurvatureImportance(**{f.name: getattr(config, f.name)
+                                        for f in dataclasses.fields(config)})
 
     def calibrate(model, x, y):
         imp.calibrate(model, one_per_class(x, y))
     return Criterion("curvature-element", imp, calibrate,
                      note=f"element-level curvature on {ELEMENT_IMAGES} calibration images (one "
-                          f"per class), alpha={args.alpha}, topk={imp.config.topk}, weight "
-                          "score min over positions/images, channel kmax - mean")
+                          f"per class), {preset_call('element', changes, sparse=True)} = "
+                          f"{imp.config.describe()}, weight score min over positions/images, "
+                          "channel kmax - mean")
 
 
 # ============================================================================================

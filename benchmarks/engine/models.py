@@ -41,14 +41,30 @@ Sources
   Recognition" (CVPR 2016, section 4.2): 3 stages of 16/32/64 channels, ``n`` basic blocks each
   (depth 6n+2), with projection (option B: 1x1 conv + BN) shortcuts wherever the shape changes, as
   in Torch-Pruning's ``benchmarks`` CIFAR ResNets.
+* ``llama``: a small LLaMA-shaped decoder (Touvron et al., "LLaMA", 2023; the module names of
+  Hugging Face's ``LlamaForCausalLM``): token embedding, blocks of RMSNorm -> grouped-query
+  causal attention -> RMSNorm -> SwiGLU MLP with residual adds, final RMSNorm and LM head. Input:
+  token ids ``(batch, tokens)``; the coverage tests prune its attention heads.
 * ``timm_model``: any `timm <https://github.com/huggingface/pytorch-image-models>`_ model.
+
+Registry
+--------
+Every builder is registered in :data:`MODELS` with ``@register_model(name, help=...)`` (as
+timm's ``register_model``); ``timm:<name>`` is a registered family. :func:`build_model` looks a
+name up and passes the builder the input configuration it asks for by parameter name
+(``num_classes``, ``in_channels``, ``image_size``, or ``in_features`` for the MLP). To add a
+model, decorate its builder.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import inspect
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .registry import Registry
 
 __all__ = [
     "mlp",
@@ -60,11 +76,18 @@ __all__ = [
     "resnet56",
     "CifarResNet",
     "BasicBlock",
+    "llama_decoder",
+    "LlamaDecoder",
     "timm_model",
     "build_model",
-    "MODEL_NAMES",
+    "MODELS",
+    "register_model",
     "count_parameters",
 ]
+
+#: the model zoo: ``MODELS.get(name)`` is a builder; :func:`build_model` is the way to call one
+MODELS = Registry("model", normalize=lambda name: name.strip().lower().replace("-", "_"))
+register_model = MODELS.register
 
 
 def _conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
@@ -95,6 +118,8 @@ def _init_weights(model: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 # MLP
 # --------------------------------------------------------------------------------------------
+@register_model("mlp", help="fully connected ReLU network (784-256-128-10 for 28x28 inputs; "
+                            "kwargs: hidden)")
 def mlp(
     in_features: int = 784,
     hidden: Sequence[int] = (256, 128),
@@ -142,6 +167,7 @@ def _lenet_classifier(in_features: int, num_classes: int) -> nn.Sequential:
     )
 
 
+@register_model("lenet5", help="LeNet-5 in its modern ReLU / max-pool form")
 def lenet5(
     in_channels: int = 1,
     num_classes: int = 10,
@@ -174,6 +200,8 @@ def lenet5(
     return _ConvFC(features, _lenet_classifier(16 * s * s, num_classes))
 
 
+@register_model("paper_lenet", help="the curvature paper's LeNet: two stride-2 6x6 convs, no "
+                                    "pooling, fc 120-84")
 def paper_lenet(
     in_channels: int = 1,
     num_classes: int = 10,
@@ -209,6 +237,8 @@ def paper_lenet(
 VGG9_CFG: tuple = (64, 64, "M", 128, 128, "M", 256, 256, "M")
 
 
+@register_model("vgg9", help="VGG-9: 6 convs (BatchNorm) in three pooled blocks + 3 fc "
+                             "(kwargs: width, batch_norm, fc_hidden)")
 def vgg9(
     in_channels: int = 3,
     num_classes: int = 10,
@@ -261,6 +291,8 @@ PAPER_VGG9_CONVS: tuple = ((64, 2, 2), (128, 3, 1), (128, 3, 1), (128, 3, 2), (2
                            (256, 3, 1))
 
 
+@register_model("paper_vgg9", help="the curvature paper's VGG-9: 6 convs with BatchNorm, no "
+                                   "pooling or padding, fc 512-128")
 def paper_vgg9(
     in_channels: int = 3,
     num_classes: int = 10,
@@ -365,14 +397,121 @@ class CifarResNet(nn.Module):
         return self.fc(x)
 
 
+@register_model("resnet20", help="CIFAR ResNet-20 (3 basic blocks per stage, 0.27M parameters)")
 def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """ResNet-20 (3 blocks per stage, 0.27M parameters)."""
     return CifarResNet([3, 3, 3], num_classes=num_classes, in_channels=in_channels)
 
 
+@register_model("resnet56", help="CIFAR ResNet-56 (9 basic blocks per stage, 0.86M parameters)")
 def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """ResNet-56 (9 blocks per stage, 0.86M parameters)."""
     return CifarResNet([9, 9, 9], num_classes=num_classes, in_channels=in_channels)
+
+
+# --------------------------------------------------------------------------------------------
+# LLaMA-shaped decoder
+# --------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dimension."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped-query keys / values: ``n_kv_heads`` key and
+    value heads, each shared by ``n_heads / n_kv_heads`` query heads (``repeat_interleave``),
+    then ``F.scaled_dot_product_attention(is_causal=True)``. No rotary embedding."""
+
+    def __init__(self, dim: int = 64, n_heads: int = 4, n_kv_heads: int = 2) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def _heads(self, proj: nn.Linear, x: torch.Tensor, n: int) -> torch.Tensor:
+        """``(batch, tokens, n * head_dim)`` -> ``(batch, n, tokens, head_dim)``."""
+        b, t, _ = x.shape
+        return proj(x).view(b, t, n, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self._heads(self.q_proj, x, self.n_heads)
+        k = self._heads(self.k_proj, x, self.n_kv_heads)
+        v = self._heads(self.v_proj, x, self.n_kv_heads)
+        group = self.n_heads // self.n_kv_heads
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, dim: int = 64, hidden: int = 128) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(dim)
+        self.self_attn = Attention(dim, n_heads, n_kv_heads)
+        self.post_attention_layernorm = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaDecoder(nn.Module):
+    """Token ids ``(batch, tokens)`` -> logits ``(batch, tokens, vocab)``: ``embed_tokens``,
+    the ``layers`` (:class:`Block`), ``norm`` and ``lm_head``."""
+
+    def __init__(self, vocab: int, dim: int, n_heads: int, n_kv_heads: int, n_layers: int,
+                 hidden: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList([Block(dim, n_heads, n_kv_heads, hidden)
+                                     for _ in range(n_layers)])
+        self.norm = RMSNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.norm(x))
+
+
+@register_model("llama", help="small LLaMA-shaped decoder on token ids (kwargs: vocab, dim, "
+                              "n_heads, n_kv_heads, n_layers, hidden)")
+def llama_decoder(vocab: int = 100, dim: int = 64, n_heads: int = 4, n_kv_heads: int = 2,
+                  n_layers: int = 2, hidden: int = 128) -> LlamaDecoder:
+    """A LLaMA-shaped decoder; the defaults give a 0.1M-parameter model for the tests (vocab
+    100, width 64, 4 query / 2 key-value heads of 16 dims, 2 blocks, SwiGLU hidden 128)."""
+    if dim % n_heads or n_heads % n_kv_heads:
+        raise ValueError(f"llama: dim ({dim}) must be a multiple of n_heads ({n_heads}) and "
+                         f"n_heads a multiple of n_kv_heads ({n_kv_heads})")
+    return LlamaDecoder(vocab, dim, n_heads, n_kv_heads, n_layers, hidden)
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,12 +533,17 @@ def timm_model(
     )
 
 
+@register_model("timm:<name>", prefix="timm:",
+                help="any timm model (timm.create_model; kwargs e.g. pretrained)")
+def _timm_by_name(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
+    """``timm:<timm model name>`` -> :func:`timm_model`."""
+    return timm_model(name[len("timm:"):], num_classes=num_classes, in_channels=in_channels,
+                      **kwargs)
+
+
 # --------------------------------------------------------------------------------------------
 # dispatch
 # --------------------------------------------------------------------------------------------
-MODEL_NAMES = ("mlp", "lenet5", "paper_lenet", "vgg9", "paper_vgg9", "resnet20", "resnet56", "timm:<name>")
-
-
 def build_model(
     name: str,
     num_classes: int = 10,
@@ -407,29 +551,22 @@ def build_model(
     image_size: int = 28,
     **kwargs,
 ) -> nn.Module:
-    """Build a model by name for inputs of shape ``(in_channels, image_size, image_size)``.
+    """Build a registered model (:data:`MODELS`) for inputs of shape
+    ``(in_channels, image_size, image_size)``.
 
-    ``name`` is one of ``mlp``, ``lenet5``, ``paper_lenet``, ``vgg9``, ``resnet20``,
-    ``resnet56`` or ``timm:<timm model name>``. ``kwargs`` go to the builder (e.g. ``width=0.25``
-    for ``vgg9``, ``hidden=(64,)`` for ``mlp``, ``pretrained=True`` for timm).
+    ``name``: a name of :data:`MODELS` (``mlp``, ``lenet5``, ``resnet20``, ...; case and ``-`` /
+    ``_`` do not matter) or ``timm:<timm model name>``. The builder gets those of
+    ``num_classes``, ``in_channels``, ``image_size`` and ``in_features`` (``in_channels *
+    image_size ** 2``) that it takes as parameters, and ``kwargs`` (e.g. ``width=0.25`` for
+    ``vgg9``, ``hidden=(64,)`` for ``mlp``, ``pretrained=True`` for timm). An unknown name is a
+    ``ValueError`` listing the registered ones.
     """
-    key = name.strip()
-    low = key.lower()
-    if low.startswith("timm:"):
-        return timm_model(key[5:], num_classes=num_classes, in_channels=in_channels, **kwargs)
-    builders: dict[str, Callable[..., nn.Module]] = {
-        "mlp": lambda: mlp(in_channels * image_size * image_size, num_classes=num_classes, **kwargs),
-        "lenet5": lambda: lenet5(in_channels, num_classes, image_size, **kwargs),
-        "paper_lenet": lambda: paper_lenet(in_channels, num_classes, image_size, **kwargs),
-        "vgg9": lambda: vgg9(in_channels, num_classes, image_size, **kwargs),
-        "paper_vgg9": lambda: paper_vgg9(in_channels, num_classes, image_size, **kwargs),
-        "resnet20": lambda: resnet20(num_classes, in_channels, **kwargs),
-        "resnet56": lambda: resnet56(num_classes, in_channels, **kwargs),
-    }
-    low = low.replace("-", "_")
-    if low not in builders:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    return builders[low]()
+    builder = MODELS.get(name)
+    inputs = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size,
+              "in_features": in_channels * image_size * image_size}
+    params = inspect.signature(builder).parameters
+    wanted = {k: v for k, v in inputs.items() if k in params and k not in kwargs}
+    return builder(**wanted, **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:

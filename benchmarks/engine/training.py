@@ -224,6 +224,7 @@ def train_epochs(
     loader,
     epochs: int,
     lr: float,
+    *,
     optimizer: str = "adam",
     weight_decay: float = 0.0,
     momentum: float = 0.9,
@@ -291,6 +292,7 @@ def finetune(
     loader,
     epochs: int = 1,
     lr: float = 1e-3,
+    *,
     optimizer: str = "adam",
     weight_decay: float = 0.0,
     scheduler: str = "cosine",
@@ -375,9 +377,9 @@ def train_or_load(
     model = build_model_for(config, meta).to(config.device)
     t0 = time.perf_counter()
     history = train_epochs(
-        model, train_loader, config.epochs, config.lr, config.optimizer, config.weight_decay,
-        config.momentum, config.scheduler, config.device, progress,
-        desc=f"{config.dataset}/{config.model}",
+        model, train_loader, config.epochs, config.lr, optimizer=config.optimizer,
+        weight_decay=config.weight_decay, momentum=config.momentum, scheduler=config.scheduler,
+        device=config.device, progress=progress, desc=f"{config.dataset}/{config.model}",
     )
     train_time = time.perf_counter() - t0
     test_acc = evaluate(model, test_loader, config.device)

@@ -1,5 +1,6 @@
-"""benchmarks/compare.py (a tiny end-to-end run) and engine.criteria (the fixed Hessian baseline, the
-score cache)."""
+"""benchmarks/compare.py (tiny end-to-end runs, marked slow: they train baselines), engine.runs
+(--add, --report-only), engine.report (the condensed tables of compare_report.py) and
+engine.criteria (the fixed Hessian baseline, the score cache)."""
 import copy
 import csv
 import json
@@ -9,7 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-from engine import criteria
+from engine import criteria, report
+from tp_curvature import CurvatureConfig
 
 
 def _read_csv(path):
@@ -17,6 +19,7 @@ def _read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_end_to_end_digits_mlp(tmp_path):
     out = tmp_path / "out"
     rc = compare.main([
@@ -38,8 +41,19 @@ def test_end_to_end_digits_mlp(tmp_path):
         assert r["acc_bn"] == "" and r["acc_ft"] == ""      # no BatchNorm, no fine-tune
         assert r["acc_bias"] != "" and r["acc_bias_bn"] == ""   # bias compensation: no BN
         assert int(r["params"]) < int(r["base_params"])
-        assert float(r["importance_s"]) >= 0.0
         assert 0.0 < float(r["base_acc"]) <= 1.0
+    # each criterion scored once per seed: one recorded time per criterion, the rows' time
+    meta = json.loads((out / "meta.json").read_text())
+    (seed,) = meta["seeds"]
+    assert set(seed["importance_s"]) == {"l2", "curvature"}
+    for r in rows:
+        assert float(r["importance_s"]) == seed["importance_s"][r["criterion"]]
+    assert seed["importance_s"]["curvature"] > 0.0       # calibration + curvature take time
+    # the curvature note says which preset ran, with the command line's overrides
+    note = seed["notes"]["curvature"]
+    ran = CurvatureConfig(topk=8, backend="exact")
+    assert note == (f"CurvatureConfig(topk=8, backend='exact') = {ran.describe()}; "
+                    "reduction=mean, sides=both")
     # uniform pruning removes the same number of channels whatever the criterion
     assert rows[0]["params"] == rows[1]["params"] and rows[0]["macs"] == rows[1]["macs"]
     js = json.loads((out / "rows.json").read_text())
@@ -48,6 +62,7 @@ def test_end_to_end_digits_mlp(tmp_path):
             "base_acc"} <= set(js[0])
     md = (out / "summary.md").read_text()
     assert "| criterion | 0.5 | mean |" in md and "| curvature |" in md and "| l2 |" in md
+    assert f"- `curvature`: {note}" in md
     assert "**" in md                                       # best per column in bold
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the reports can be rewritten from rows.json / meta.json alone
@@ -56,6 +71,7 @@ def test_end_to_end_digits_mlp(tmp_path):
     assert (out / "summary.md").read_text() == md
 
 
+@pytest.mark.slow
 def test_end_to_end_bn_global(tmp_path):
     """A CNN with BatchNorm: global mode, BN recalibration and fine-tune stages."""
     out = tmp_path / "out"
@@ -79,26 +95,28 @@ def test_end_to_end_bn_global(tmp_path):
     assert "after bias compensation, then BN recalibration" in md
 
 
+@pytest.mark.slow
 def test_peer_criteria_and_paired_table(tmp_path):
     """The calibration-data peers, the bias stage and the curvature-vs-best-other table."""
     out = tmp_path / "out"
     rc = compare.main([
         "--dataset", "digits", "--model", "mlp", "--model-kwargs", '{"hidden": [32, 16]}',
         "--epochs", "3", "--seeds", "0", "1", "--criteria", "l2", "activation", "wanda",
-        "flap", "curvature", "--ratios", "0.3", "0.6", "--modes", "uniform", "global",
+        "flap", "curvature-paper", "--ratios", "0.3", "0.6", "--modes", "uniform", "global",
         "--finetune-epochs", "0", "--calib-size", "32", "--topk", "8", "--backend", "exact",
         "--threads", "1", "--no-plot", "--checkpoint-dir", str(tmp_path / "ckpt"),
         "--out", str(out)])
     assert rc == 0
     rows = _read_csv(out / "rows.csv")
     assert len(rows) == 2 * 5 * 2 * 2
-    assert {r["criterion"] for r in rows} == {"l2", "activation", "wanda", "flap", "curvature"}
+    assert {r["criterion"] for r in rows} == {"l2", "activation", "wanda", "flap",
+                                              "curvature-paper"}
     assert all(r["acc_bias"] != "" for r in rows)
     md = (out / "summary.md").read_text()
     assert "after FLAP's bias compensation" in md
     assert "## Curvature vs the best other criterion" in md and "t-test p" in md
-    table = [ln for ln in md.splitlines() if ln.startswith("| curvature | uniform |")
-             or ln.startswith("| curvature | global |")]
+    table = [ln for ln in md.splitlines() if ln.startswith("| curvature-paper | uniform |")
+             or ln.startswith("| curvature-paper | global |")]
     assert len(table) == 2 * 2 * 2                          # modes x stages x ratios
     # --stages restricts the evaluation
     out2 = tmp_path / "out2"
@@ -204,7 +222,6 @@ def test_cached_scores_replay_the_same_pruning():
 def test_compare_report_tables_from_synthetic_runs(tmp_path):
     """compare_report: per-stage means over ratios, and the best curvature variant against the
     best non-random other criterion of each cell, paired over seeds."""
-    import compare_report
     from scipy.stats import ttest_rel
     acc = {  # criterion -> seed -> ratio -> acc_bias
         "random": {0: {0.3: .99, 0.5: .99}, 1: {0.3: .99, 0.5: .99}, 2: {0.3: .99, 0.5: .99}},
@@ -224,7 +241,7 @@ def test_compare_report_tables_from_synthetic_runs(tmp_path):
     run.mkdir()
     (run / "rows.json").write_text(json.dumps(rows))
     (run / "meta.json").write_text(json.dumps(meta))
-    text = compare_report.report([run])
+    text = report.condensed_report([run])
     assert "| mlp | 3, full training set | 91.0 ± 1.0 | 10 s |" in text
     # l1 over ratios: seeds 70, 72, 69.5 -> 70.5 ± 1.3
     assert "| l1 | **50.0 ± 0.0** | 70.5 ± 1.3 |" in text     # a tie for best is bold
@@ -238,6 +255,7 @@ def test_compare_report_tables_from_synthetic_runs(tmp_path):
     assert "| mlp | bias | 0.5 | curvature-flow 58.7 | l1 60.0 | -1.33 ± 2.08 | 1/0/2 |" in text
 
 
+@pytest.mark.slow
 def test_add_criteria_to_a_saved_run_pairs_them_seed_by_seed(tmp_path):
     """``--add``: a criterion re-run into a saved run reproduces its saved rows exactly (the
     pairing ``--add`` relies on), new criteria join the tables, and a run with different
@@ -250,7 +268,7 @@ def test_add_criteria_to_a_saved_run_pairs_them_seed_by_seed(tmp_path):
     assert compare.main([*base, "--criteria", "l2", "wanda"]) == 0
     before = {(r["criterion"], r["seed"], r["ratio"]): r
               for r in _read_csv(tmp_path / "out" / "rows.csv")}
-    assert compare.main([*base, "--criteria", "wanda", "curvature-flow-consumer", "--add"]) == 0
+    assert compare.main([*base, "--criteria", "wanda", "curvature-meanabs-consumer", "--add"]) == 0
     after = _read_csv(tmp_path / "out" / "rows.csv")
     assert len(after) == 3 * 2 * 2
     for r in after:
@@ -259,9 +277,32 @@ def test_add_criteria_to_a_saved_run_pairs_them_seed_by_seed(tmp_path):
             assert {k: r[k] for k in r if k.startswith("acc_")} == \
                    {k: old[k] for k in old if k.startswith("acc_")}
     md = (tmp_path / "out" / "summary.md").read_text()
-    assert "| curvature-flow-consumer | uniform |" in md
+    assert "| curvature-meanabs-consumer | uniform |" in md
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
-    assert meta["args"]["criteria"] == ["l2", "wanda", "curvature-flow-consumer"]
+    assert meta["args"]["criteria"] == ["l2", "wanda", "curvature-meanabs-consumer"]
+    assert len(meta["added"]) == 1
     with pytest.raises(SystemExit, match="ratios"):
         compare.main([*base[:-2], "--out", str(tmp_path / "out"), "--criteria", "l1",
                        "--add", "--ratios", "0.5"])
+
+
+def test_add_refuses_a_criterion_that_changed_meaning(tmp_path):
+    """A run of the first release named the paper's definition ``curvature``: ``--add`` of
+    today's ``curvature`` (the library default) into it is refused, naming both definitions;
+    a criterion whose note is unchanged (``wanda``) passes the check."""
+    from engine import runs
+    args = compare.parse_args(["--criteria", "curvature", "--seeds", "0", "--out",
+                               str(tmp_path)])
+    saved_args = dict(vars(args), criteria=["wanda", "curvature"])
+    old_note = ("alpha=0.5, variant=paper, reduction=mean, node_value=mean_abs, sides=both, "
+                "topk=32, backend=sinkhorn")
+    wanda_note = criteria.make_criterion("wanda", 0).note
+    meta = {"args": saved_args, "seeds": [{"seed": 0, "notes": {"curvature": old_note,
+                                                                "wanda": wanda_note}}]}
+    (tmp_path / "rows.json").write_text("[]")
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    assert runs.load_for_add(tmp_path, args, {"wanda": wanda_note})[1]["seeds"]
+    new_note = criteria.make_criterion("curvature", 0, args).note
+    with pytest.raises(SystemExit, match="criterion 'curvature' of the saved run .* ran "
+                                         "'alpha=0.5, variant=paper"):
+        runs.load_for_add(tmp_path, args, {"curvature": new_note})

@@ -1,5 +1,6 @@
-"""engine.peers (activation / Wanda-sp / FLAP importances, FLAP bias compensation) and
-engine.stats (paired statistics) against hand computations."""
+"""engine.peers (activation / Wanda-sp / FLAP importances, FLAP bias compensation),
+engine.stats (paired statistics) and engine.report's best-other table against hand
+computations; engine.criteria's curvature-element criterion."""
 import copy
 import math
 
@@ -238,7 +239,7 @@ def test_paired_comparison_against_scipy():
 
 
 def test_best_other_table_picks_best_mean_per_cell():
-    import compare
+    from engine.report import best_other_table
     rows = []
     acc = {"curvature": [0.80, 0.82, 0.81], "l2": [0.70, 0.71, 0.72],
            "wanda": [0.79, 0.80, 0.83]}
@@ -246,8 +247,8 @@ def test_best_other_table_picks_best_mean_per_cell():
         for s, a in enumerate(v):
             rows.append({"criterion": c, "mode": "uniform", "ratio": 0.5, "seed": s,
                          "acc_pruned": a, "acc_bias": float("nan")})
-    lines = compare.best_other_table(rows, ["curvature"], ["l2", "wanda"], ["uniform"],
-                                     ["pruned"], [0.5], [0, 1, 2])
+    lines = best_other_table(rows, ["curvature"], ["l2", "wanda"], ["uniform"],
+                             ["pruned"], [0.5], [0, 1, 2])
     row = [ln for ln in lines if ln.startswith("| curvature | uniform")]
     assert len(row) == 1
     cells = [t.strip() for t in row[0].strip("|").split("|")]
@@ -264,7 +265,7 @@ def test_one_per_class_picks_first_image_of_each_class():
 
 
 def test_curvature_element_criterion_scores_a_small_cnn():
-    """``curvature-element`` (compare.py): calibrated on one image per class, it scores every
+    """``curvature-element`` (engine.criteria): calibrated on one image per class, it scores every
     group of a Conv/BN/pool/Linear net, and the channel scores are ``kmax - mean`` per-weight
     kappa of the channel's weights (checked on the first conv's output channels)."""
     import argparse

@@ -22,6 +22,7 @@ from engine.training import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_train_or_load_caches_and_is_deterministic(tmp_path):
     cfg = TrainConfig(dataset="digits", model="mlp", epochs=3, seed=0, lr=1e-2,
                       model_kwargs={"hidden": [32]}, checkpoint_dir=str(tmp_path))
@@ -54,6 +55,7 @@ def test_config_hash():
     assert "timm-resnet10t" in checkpoint_path(TrainConfig(model="timm:resnet10t")).name
 
 
+@pytest.mark.slow
 def test_finetune_and_recalibrate_bn():
     torch.manual_seed(0)
     train, test, meta = load_dataset("digits", train_subset=300)
