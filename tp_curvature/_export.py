@@ -58,6 +58,19 @@ def op_name(target) -> str:
     return getattr(target, "__name__", str(target))
 
 
+def op_args(node: fx.Node) -> dict:
+    """An ATen op's arguments by name, defaults filled in."""
+    out = {}
+    for i, a in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            out[a.name] = node.args[i]
+        elif a.name in node.kwargs:
+            out[a.name] = node.kwargs[a.name]
+        elif a.has_default_value():
+            out[a.name] = a.default_value
+    return out
+
+
 def batch_size(batch) -> Optional[int]:
     """The size of the first dim of the batch's first tensor (None: no tensor)."""
     for leaf in pytree.tree_leaves(batch):

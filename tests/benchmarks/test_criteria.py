@@ -295,3 +295,26 @@ def test_curvature_element_criterion_scores_a_small_cnn():
     k1 = imp.weight_curvatures()[id(model[4])]
     want = (want + (kmax - k1.transpose(0, 1).flatten(1).mean(1))) / 2
     torch.testing.assert_close(got0, want.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_library_bias_only_repair_equals_the_flap_stage():
+    """``tp_curvature.LeastSquaresRepair(bias_only=True)`` is the benchmarks' FLAP bias
+    compensation (``engine.peers``) on fully connected layers, where both are exact."""
+    from tp_curvature import LeastSquaresRepair
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 10), nn.ReLU(),
+                         nn.Linear(10, 3)).eval()
+    x = torch.randn(128, 12)
+    imp = tp.importance.GroupMagnitudeImportance(p=2)
+    flap = copy.deepcopy(base)
+    pruner = tp.pruner.BasePruner(flap, x[:1], importance=imp, pruning_ratio=0.5,
+                                  ignored_layers=[flap[4]])
+    peers.prune_with_bias_compensation(flap, pruner, peers.input_means(base, x))
+    lib = copy.deepcopy(base)
+    repair = LeastSquaresRepair(bias_only=True).calibrate(lib, x)
+    pruner = tp.pruner.BasePruner(lib, x[:1], importance=imp, pruning_ratio=0.5,
+                                  ignored_layers=[lib[4]])
+    pruner.step()
+    repair.apply(lib, pruner)
+    for a, b in zip(flap.parameters(), lib.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from .._export import Program, UnsupportedModelError, export_program, op_name
+from .._export import Program, UnsupportedModelError, export_program, op_args, op_name
 from .._lineage import IDENTITY, UNARY
 from ..calibration import default_forward
 
@@ -86,19 +86,6 @@ class _Capture:
 
     def observe(self, name: str, value) -> None:
         self.values[name] = value
-
-
-def op_args(node: fx.Node) -> dict:
-    """An ATen op's arguments by name, defaults filled in."""
-    out = {}
-    for i, a in enumerate(node.target._schema.arguments):
-        if i < len(node.args):
-            out[a.name] = node.args[i]
-        elif a.name in node.kwargs:
-            out[a.name] = node.kwargs[a.name]
-        elif a.has_default_value():
-            out[a.name] = a.default_value
-    return out
 
 
 def trace_chain(model: nn.Module, example: torch.Tensor, pooling: bool = False) -> Chain:
