@@ -109,6 +109,12 @@ def _comparison_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-subset", type=int, default=None,
                    help="fine-tune on this many training images (stratified, per seed)")
     g.add_argument("--finetune-lr", type=float, default=1e-3)
+    g.add_argument("--repair-ridge", type=float, default=None,
+                   help="relative ridge of the lsq stages (default: the library's "
+                        "tp_curvature.repair.DEFAULT_RIDGE)")
+    g.add_argument("--repair-sequential", action="store_true",
+                   help="lsq stages refit layer after layer on the repaired pruned model's "
+                        "inputs (default: each layer on the unpruned model's inputs)")
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:

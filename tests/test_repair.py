@@ -317,3 +317,25 @@ def test_batchnorm_recalibration_restores_modes_and_matches_batch_statistics(mix
     with torch.no_grad():
         y = model[0](x)
     torch.testing.assert_close(model[1].running_mean, y.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
+
+
+def test_one_repair_serves_many_pruned_copies():
+    """A calibrated repair is reused for many pruned copies of its model (a new pruner each:
+    a pruner's history is followed per pruner object, never by its id, which Python reuses,
+    and what it keeps for a pruner goes with the pruner)."""
+    import gc
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(),
+                         nn.Linear(8, 3)).eval()
+    x = torch.randn(64, 6)
+    repair = LeastSquaresRepair().calibrate(base, x)
+    for ratio in (0.25, 0.5, 0.25, 0.5, 0.25):
+        model = copy.deepcopy(base)
+        pruner = tp.pruner.BasePruner(model, x[:1], tp.importance.GroupMagnitudeImportance(),
+                                      pruning_ratio=ratio, ignored_layers=[model[4]])
+        pruner.step()
+        repair.apply(model, pruner)
+        assert len(repair._tracks) == 1
+        del pruner
+        gc.collect()
+        assert len(repair._tracks) == 0

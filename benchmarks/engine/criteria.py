@@ -269,10 +269,17 @@ def final_classifier(model: nn.Module) -> nn.Module:
     return convs[-1]
 
 
+#: the largest share of one group's channels global pruning may remove
+GLOBAL_MAX_RATIO = 0.9
+
+
 def make_pruner(model, example_inputs, importance, ratio=0.0, mode="uniform"):
+    """``BasePruner`` of the comparison: final classifier ignored, one step; global mode
+    ranks every group together with ``max_pruning_ratio`` :data:`GLOBAL_MAX_RATIO`."""
     return tp.pruner.BasePruner(
         model, example_inputs, importance=importance, global_pruning=(mode == "global"),
-        pruning_ratio=ratio, ignored_layers=[final_classifier(model)], iterative_steps=1)
+        pruning_ratio=ratio, max_pruning_ratio=GLOBAL_MAX_RATIO if mode == "global" else 1.0,
+        ignored_layers=[final_classifier(model)], iterative_steps=1)
 
 
 def score_all_groups(model: nn.Module, example_inputs, importance, prepare: Callable = None,

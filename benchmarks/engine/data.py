@@ -268,7 +268,7 @@ def _stage_idx_files(raw: Path, search: Sequence[Path]) -> list[str]:
             missing.append(name)
             continue
         raw.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".part")
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.part")   # concurrent runs
         if found.suffix == ".gz":
             with gzip.open(found, "rb") as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)

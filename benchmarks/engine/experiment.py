@@ -62,6 +62,8 @@ from .criteria import CachedImportance, compute_scores, make_criterion, make_pru
 from .data import calibration_batch, load_dataset, stratified_subset
 from .peers import input_means, prune_with_bias_compensation
 from .presets import PRESETS, CurvatureOverrides
+from tp_curvature.repair import DEFAULT_RIDGE
+
 from .training import (TrainConfig, evaluate, finetune, make_loader, recalibrate_bn, set_seed,
                        train_or_load)
 
@@ -137,6 +139,17 @@ register_stage("bias+bn", "after bias compensation, then BN recalibration", pare
                needs_bn=True)(_recalibrated)
 
 
+@register_stage("lsq", "after least-squares repair of every layer reading a pruned channel")
+def _least_squares(run: "PruneRun", model) -> nn.Module:
+    # the same pruning (cached scores) on another copy, then tp_curvature's repair from the
+    # unpruned baseline's second moments on the calibration batch
+    return run.prune(repair=run.seed.repair())
+
+
+register_stage("lsq+bn", "after least-squares repair, then BN recalibration",
+               parents=("lsq",), needs_bn=True)(_recalibrated)
+
+
 @register_stage("ft", "after a short fine-tune", parents=("bn", "pruned"), needs_finetune=True,
                 group="fine-tuned")
 def _finetuned(run: "PruneRun", model: nn.Module) -> nn.Module:
@@ -195,10 +208,23 @@ class SeedData:
     has_bn: bool
     finetune_data: object = None
     _means: Optional[dict] = None
+    _repair: object = None
 
     @property
     def example(self) -> torch.Tensor:
         return self.x[:1]
+
+    def repair(self):
+        """:class:`tp_curvature.LeastSquaresRepair` calibrated on the unpruned baseline with
+        the calibration batch (one pass per seed, on first use; ``--repair-ridge``,
+        ``--repair-sequential``)."""
+        if self._repair is None:
+            from tp_curvature import LeastSquaresRepair
+            self._repair = LeastSquaresRepair(
+                ridge=getattr(self.args, "repair_ridge", None) or DEFAULT_RIDGE,
+                sequential=bool(getattr(self.args, "repair_sequential", False)))
+            self._repair.calibrate(self.base, self.x)
+        return self._repair
 
     def input_means(self) -> dict:
         """The unpruned baseline's mean input of every consumer layer on the calibration batch
@@ -290,7 +316,7 @@ class PruneRun:
     macs: int = 0
     params: int = 0
 
-    def prune(self, compensate_bias: bool = False) -> nn.Module:
+    def prune(self, compensate_bias: bool = False, repair=None) -> nn.Module:
         s = self.seed
         m = copy.deepcopy(s.base).to(s.device)
         t0 = time.perf_counter()
@@ -302,6 +328,8 @@ class PruneRun:
         else:
             pruner.step()
         elapsed = time.perf_counter() - t0
+        if repair is not None:
+            repair.apply(m, pruner)
         shapes = _weight_shapes(m)
         if self.shapes is None:
             self.shapes, self.prune_s = shapes, elapsed

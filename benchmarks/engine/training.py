@@ -314,30 +314,16 @@ def finetune(
 def recalibrate_bn(model: nn.Module, data, device=None, max_batches: int | None = None) -> nn.Module:
     """Re-estimate BatchNorm running statistics on ``data`` (cumulative average), then eval mode.
 
-    ``data`` is a calibration tensor ``x``, an ``(x, y)`` pair, a Dataset or a DataLoader. This is
-    the cheap standard repair after post-training pruning; weights are not changed. A model
-    without BatchNorm is returned unchanged.
+    ``data`` is a calibration tensor ``x``, an ``(x, y)`` pair, a Dataset or a DataLoader
+    (batches of 256). The library's :func:`tp_curvature.recalibrate_batchnorm` (only the
+    BatchNorm layers in train mode); weights are not changed. A model without BatchNorm is
+    returned unchanged (in eval mode).
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return model
+    from tp_curvature import recalibrate_batchnorm
     device = _device_of(model, device)
-    saved = [(m, m.momentum) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average over all batches
-    model.train()
-    try:
-        for i, batch in enumerate(_as_loader(data, 256)):
-            if max_batches is not None and i >= max_batches:
-                break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(device))
-    finally:
-        for m, mom in saved:
-            m.momentum = mom
-        model.eval()
-    return model
+    batches = ([b if not isinstance(b, (tuple, list)) else b[0] for b in _as_loader(data, 256)])
+    recalibrate_batchnorm(model, [b.to(device) for b in batches], max_batches=max_batches)
+    return model.eval()
 
 
 def load_checkpoint(path: str | os.PathLike, device="cpu") -> tuple[nn.Module, dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import numbers
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -128,7 +129,7 @@ class LeastSquaresRepair:
         self._data: Optional[CalibrationData] = None
         self._specs: dict = {}
         self._moments: dict = {}
-        self._tracks: dict = {}
+        self._tracks = weakref.WeakKeyDictionary()      # pruner -> _Track
         self._warned: set = set()
 
     # ------------------------------------------------------------------ calibration
@@ -151,7 +152,7 @@ class LeastSquaresRepair:
         self._data = data
         self._specs = {s.name: s for s in stats[0].specs}
         self._moments = stats[0].moments
-        self._tracks = {}
+        self._tracks = weakref.WeakKeyDictionary()
         return self
 
     # ------------------------------------------------------------------ repair
@@ -190,13 +191,13 @@ class LeastSquaresRepair:
         return (model, {"layers": report}) if log else model
 
     def _track(self, pruner) -> _Track:
-        track = self._tracks.get(id(pruner))
+        track = self._tracks.get(pruner)
         if track is None or track.n_history > len(pruner.pruning_history()):
             clone = copy.deepcopy(self._original)
             with self._data.open() as (first, _):
                 graph = dependency_graph(clone, first, self._data.forward_fn,
                                          getattr(pruner, "DG", None))
-            track = self._tracks[id(pruner)] = _Track(clone, graph)
+            track = self._tracks[pruner] = _Track(clone, graph)
         return track
 
     def _refit(self, name: str, kept: Kept) -> tuple:
