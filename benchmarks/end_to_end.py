@@ -7,6 +7,9 @@ Two measurements, each in one process so the ratios compare like with like:
   same pruner; both times include scoring every group of one ``BasePruner`` step.
 * ``resnet50``: CurvatureImportance of torchvision ResNet-50 (random weights) at 224x224, wall
   time and peak resident memory (``ru_maxrss``) of the process.
+* ``repair_resnet20`` (256 images, 32x32) and ``repair_resnet50`` (16 images, 224x224): the
+  cost of ``tp_curvature.LeastSquaresRepair`` (calibration pass and repair after a one-shot L2
+  pruning at 0.3) against one forward of the calibration batch (:func:`bench_repair`).
 * ``vit_b_16`` (torchvision, random weights, 224x224, ``BasePruner`` with ``num_heads`` of each
   ``nn.MultiheadAttention``, the head ignored) and ``timm_efficientnet_b0`` (timm, random
   weights, 224x224): calibration time, wall time of scoring every group of one pruner step
@@ -26,6 +29,8 @@ Usage::
     python benchmarks/end_to_end.py                 # resnet56 and resnet50, library default
     python benchmarks/end_to_end.py --only resnet56 --calib 256
     python benchmarks/end_to_end.py --only resnet50 --calib 16 --topk 8
+    python benchmarks/end_to_end.py --only repair_resnet20 --threads 2
+    python benchmarks/end_to_end.py --only repair_resnet50 --threads 2
     python benchmarks/end_to_end.py --only vit_b_16              # calib 8, 224x224
     python benchmarks/end_to_end.py --only timm_efficientnet_b0 --calib 8
     python benchmarks/end_to_end.py --only vit_b_16 --vit-layers 1 --size 32 --calib 1 --out /tmp/e.json
@@ -190,11 +195,59 @@ def bench_zoo(name: str, calib: int, config: CurvatureConfig, size: int = 224, v
     return row
 
 
+def bench_repair(name: str, calib: int, ratio: float = 0.3, seed: int = 0) -> dict:
+    """Cost of ``tp_curvature.LeastSquaresRepair`` after a one-shot L2 pruning: the
+    calibration pass (export, one streaming pass, Gram matrices) and the repair (replay of
+    the pruner's history, the solves, the assignment), against one forward of the calibration
+    batch; random weights, ``resnet20`` at 32x32, ``resnet50`` (torchvision) at 224x224."""
+    import torchvision
+    from engine.models import resnet20
+    from tp_curvature import LeastSquaresRepair
+
+    torch.manual_seed(seed)
+    if name == "repair_resnet20":
+        model, size = resnet20(10, 3), 32
+    else:
+        model, size = torchvision.models.resnet50(), 224
+    model.eval()
+    x = torch.randn(calib, 3, size, size)
+    rss0 = peak_rss_mib()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model(x)
+    t_fwd = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    repair = LeastSquaresRepair().calibrate(model, x)
+    t_cal = time.perf_counter() - t0
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    pruner = tp.pruner.BasePruner(model, x[:1], tp.importance.GroupMagnitudeImportance(),
+                                  pruning_ratio=ratio, ignored_layers=[head])
+    pruner.step()
+    t0 = time.perf_counter()
+    _, log = repair.apply(model, pruner, log=True)
+    t_apply = time.perf_counter() - t0
+    gram_mib = sum(8 * m.gram.numel() for m in repair._moments.values()
+                   if m.gram is not None) / 2 ** 20
+    return dict(model=name, calib=calib, image_size=size, ratio=ratio,
+                layers_repaired=len(log["layers"]), forward_s=t_fwd, repair_calibrate_s=t_cal,
+                repair_apply_s=t_apply, repair_total_s=t_cal + t_apply, gram_mib=gram_mib,
+                peak_rss_mib=peak_rss_mib(), peak_rss_before_mib=rss0)
+
+
+REPAIR = ("repair_resnet20", "repair_resnet50")
+
+
 def print_table(rows: list) -> None:
     """The Markdown table of the measured rows."""
     print("| model | calib | topk | connections | curvature total (s) | reference | ratio / peak |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
+        if r["model"] in REPAIR:
+            print(f"| {r['model']} | {r['calib']} | - | {r['layers_repaired']} layers | "
+                  f"{r['repair_total_s']:.1f} (calibrate {r['repair_calibrate_s']:.1f} s, "
+                  f"apply {r['repair_apply_s']:.1f} s) | one forward {r['forward_s']:.2f} s | "
+                  f"Gram {r['gram_mib']:.0f} MiB, peak RSS {r['peak_rss_mib']:.0f} MiB |")
+            continue
         if r["model"] == "resnet56":
             print(f"| resnet56 | {r['calib']} | {r['topk']} | {r['connections']} | "
                   f"{r['curvature_total_s']:.2f} | Taylor fwd+bwd {r['taylor_forward_backward_s']:.2f} s"
@@ -220,7 +273,7 @@ def print_table(rows: list) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=["resnet56", "resnet50", *ZOO], default=None,
+    ap.add_argument("--only", choices=["resnet56", "resnet50", *ZOO, *REPAIR], default=None,
                     help="one measurement (default: resnet56 and resnet50)")
     ap.add_argument("--calib", type=int, default=None,
                     help="calibration images (default 256 for resnet56, 16 for resnet50, 8 for "
@@ -246,6 +299,8 @@ def main(argv=None):
         rows.append(bench_resnet56(args.calib or 256, config))
     if args.only in (None, "resnet50"):
         rows.append(bench_resnet50(args.calib or 16, config))
+    if args.only in REPAIR:
+        rows.append(bench_repair(args.only, args.calib or (256 if "20" in args.only else 16)))
     if args.only in ZOO:
         rows.append(bench_zoo(args.only, args.calib or 8, config, args.size,
                               args.vit_layers, args.max_groups, args.dry_run))

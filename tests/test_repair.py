@@ -96,9 +96,9 @@ def test_unfolded_features_equal_a_direct_computation():
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=False)
     x = torch.randn(3, 4, 7, 7)
     spec = LayerSpec("c", "x", "conv", 2, 6, 2, (3, 3), (2, 2), (2, 2), (2, 2))
-    rows = spec.features(x)                                     # (groups, rows, 2 * 9)
+    cols = spec.features(x).float()                             # (groups, 2 * 9, rows)
     w = conv.weight.view(2, 3, -1)                              # (groups, out per group, F)
-    y = torch.einsum("grf,gof->rgo", rows, w).reshape(3, 4 * 4, 6).transpose(1, 2)
+    y = torch.einsum("gfr,gof->rgo", cols, w).reshape(3, 4 * 4, 6).transpose(1, 2)
     torch.testing.assert_close(y.reshape(3, 6, 4, 4), conv(x), atol=1e-5, rtol=1e-5)
     # a direct loop over output positions and taps for one (image, out, position)
     ref = sum(x[1, c, 2 * 1 - 2 + 2 * i, 2 * 2 - 2 + 2 * j] * conv.weight[0, c, i, j]

@@ -52,22 +52,23 @@ class CrossMoments:
             self.pending[name] = x.detach().clone()
             return
         orig_spec, pruned_spec = self.specs[name]
-        xo = self.pending.pop(name).to(torch.float64)
-        xp = x.detach().to(torch.float64)
-        fo, fp = _with_constant(orig_spec.features(xo)), _with_constant(pruned_spec.features(xp))
+        xo = self.pending.pop(name)
+        xp = x.detach()
+        fo = _with_constant(orig_spec.features(xo))          # (groups, F+1, rows)
+        fp = _with_constant(pruned_spec.features(xp))        # (groups, k+1, rows)
         if name not in self.auto:
-            self.auto[name] = torch.zeros(fp.shape[0], fp.shape[2], fp.shape[2],
+            self.auto[name] = torch.zeros(fp.shape[0], fp.shape[1], fp.shape[1],
                                           dtype=torch.float64, device=fp.device)
-            self.cross[name] = torch.zeros(fo.shape[0], fo.shape[2], fp.shape[2],
+            self.cross[name] = torch.zeros(fo.shape[0], fo.shape[1], fp.shape[1],
                                            dtype=torch.float64, device=fp.device)
             self.rows[name] = 0
-        self.auto[name].baddbmm_(fp.transpose(1, 2), fp)
-        self.cross[name].baddbmm_(fo.transpose(1, 2), fp)
-        self.rows[name] += fp.shape[1]
+        self.auto[name].baddbmm_(fp, fp.transpose(1, 2))
+        self.cross[name].baddbmm_(fo, fp.transpose(1, 2))
+        self.rows[name] += fp.shape[2]
 
 
-def _with_constant(rows: torch.Tensor) -> torch.Tensor:
-    return torch.cat([rows, torch.ones_like(rows[..., :1])], -1)
+def _with_constant(cols: torch.Tensor) -> torch.Tensor:
+    return torch.cat([cols, torch.ones_like(cols[:, :1])], 1)
 
 
 def sequential_refits(repair, model: nn.Module, track, todo: list) -> dict:

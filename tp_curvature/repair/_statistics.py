@@ -19,10 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+from scipy.linalg import blas
 
 from .._export import Program, op_args, op_name
 
@@ -62,15 +65,21 @@ class LayerSpec:
         return 8 * self.groups * self.group_features ** 2
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's input as rows of features, ``(groups, rows, group_features)``."""
+        """The layer's input as feature-major float64 columns, ``(groups, group_features,
+        rows)``: one column per (sample, position) or token."""
         if self.kind == "linear":
-            return x.reshape(1, -1, x.shape[-1])
+            return x.reshape(-1, x.shape[-1]).T.to(torch.float64).unsqueeze(0)
         if x.dim() == 3:                                    # conv1d: (N, C, L) as (N, C, 1, L)
             x = x.unsqueeze(2)
-        cols = F.unfold(x, self.kernel, dilation=self.dilation, padding=self.padding,
-                        stride=self.stride)                 # (N, C * taps, L)
-        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-        return rows.reshape(rows.shape[0], self.groups, -1).transpose(0, 1)
+        if self.taps == 1 and all(s == 1 for s in self.stride) and not any(self.padding):
+            cols = x.flatten(2)                             # 1x1: no unfolding
+        else:
+            cols = F.unfold(x, self.kernel, dilation=self.dilation, padding=self.padding,
+                            stride=self.stride)             # (N, C * taps, L)
+        n, f, length = cols.shape
+        # (N, F, L) -> (F, N L): whole position rows move, then one cast
+        return cols.transpose(0, 1).reshape(self.groups, f // self.groups, n * length) \
+            .to(torch.float64)
 
 
 def layer_specs(program: Program, model: nn.Module) -> list:
@@ -123,11 +132,29 @@ def _tuple(v, n: int) -> tuple:
 
 @dataclass
 class Moments:
-    """Running sums of one layer's input features: ``gram`` ``(groups, F, F)`` (None when it
-    is over the byte budget), ``total`` ``(groups, F)``, ``rows``."""
-    gram: Optional[torch.Tensor]
+    """Running sums of one layer's input features: ``gram`` ``(groups, F, F)`` float64 (its
+    upper triangle while accumulating; None when it is over the byte budget), ``total``
+    ``(groups, F)``, ``rows``."""
+    gram: Optional[np.ndarray]
     total: torch.Tensor
     rows: int = 0
+
+    def add(self, cols: torch.Tensor) -> None:
+        """Accumulate float64 feature columns ``(groups, F, n)``: the Gram matrix by a
+        symmetric rank-k update (BLAS ``dsyrk``: half the work of a product) on CPU."""
+        if self.gram is not None:
+            for g in range(cols.shape[0]):
+                c = cols[g]
+                if c.is_cuda:
+                    self.gram[g] += (c @ c.T).cpu().numpy()
+                    continue
+                a = c.numpy()
+                if not a.flags.c_contiguous:                # a C-order (F, n) array is the
+                    a = np.ascontiguousarray(a)             # Fortran (n, F) of its transpose
+                self.gram[g] = blas.dsyrk(1.0, a.T, beta=1.0, c=self.gram[g], trans=1,
+                                          lower=0, overwrite_c=1)
+        self.total += cols.sum(2)
+        self.rows += cols.shape[2]
 
     def second_moment(self) -> Optional[torch.Tensor]:
         """``E[x~ x~^T]`` of the features with a constant 1 appended: ``(groups, F+1, F+1)``
@@ -135,8 +162,10 @@ class Moments:
         if self.gram is None:
             return None
         g, f = self.total.shape
+        upper = torch.from_numpy(np.triu(self.gram))
+        gram = upper + upper.transpose(1, 2) - torch.diag_embed(upper.diagonal(0, 1, 2))
         out = torch.empty(g, f + 1, f + 1, dtype=torch.float64, device=self.total.device)
-        out[:, :f, :f] = self.gram
+        out[:, :f, :f] = gram.to(out.device)
         out[:, :f, f] = self.total
         out[:, f, :f] = self.total
         out[:, f, f] = self.rows
@@ -166,15 +195,10 @@ class GramStatistics:
         mom = self.moments.get(spec.name)
         if mom is None:
             keep_gram = spec.gram_bytes() <= self.max_bytes
-            zeros = dict(dtype=torch.float64, device=x.device)
             mom = self.moments[spec.name] = Moments(
-                torch.zeros(spec.groups, f, f, **zeros) if keep_gram else None,
-                torch.zeros(spec.groups, f, **zeros))
+                np.zeros((spec.groups, f, f)) if keep_gram else None,
+                torch.zeros(spec.groups, f, dtype=torch.float64, device=x.device))
         step = max(1, CHUNK_BYTES // (8 * max(x[0].numel(), 1) * spec.taps))
         for lo in range(0, x.shape[0], step):
-            rows = spec.features(x[lo:lo + step].detach().to(torch.float64))
-            if mom.gram is not None:
-                mom.gram.baddbmm_(rows.transpose(1, 2), rows)
-            mom.total += rows.sum(1)
-            mom.rows += rows.shape[1]
+            mom.add(spec.features(x[lo:lo + step].detach()))
 
