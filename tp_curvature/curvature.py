@@ -259,8 +259,8 @@ class PairStrengths:
     s_ww: Optional[list] = None
 
 
-def problem_from_strengths(st: PairStrengths, cfg: CurvatureConfig,
-                           name: str = "") -> LayerPairProblem:
+def problem_from_strengths(st: PairStrengths, cfg: CurvatureConfig, name: str = "",
+                           conventions=None) -> LayerPairProblem:
     """Build the transport problems of one layer pair from its :class:`PairStrengths`.
 
     The ground costs are the shortest paths over every edge among Z, X, Y, W: with
@@ -271,16 +271,26 @@ def problem_from_strengths(st: PairStrengths, cfg: CurvatureConfig,
     ``c_zw = min(d_zw*, d_zx* . c_xw, c_zy . d_yw*)``. Paths that leave the neighbourhood
     Z, X, Y, W are not considered.
 
+    ``conventions``: the per-weight mode's
+    :class:`~tp_curvature.unstructured.Conventions` (None: the library's), for the
+    authors' float32 measures and which dead endpoints are solved; X counts as the network's
+    input layer when the pair has no Z nodes, Y as its output when it has no W nodes.
+
     Returns the :class:`LayerPairProblem` with ``exists`` and ``length`` set, so that
     :func:`solve_problem` needs nothing else.
     """
     flow_len = cfg.length == "flow"
     a_y = st.a_yn[st.cols]
     # measures (top-k supports)
-    pred_logw = _neighbour_weights(st.s_zx, st.a_z, cfg.measure, 0).T
-    pred_idx, pred_mass = _support(pred_logw, cfg.topk)
-    succ_logw = _neighbour_weights(st.s_yw, st.a_w, cfg.measure, 1)[st.cols]
-    succ_idx, succ_mass = _support(succ_logw, cfg.topk)
+    if conventions is not None and conventions.float32_measure:
+        pred_idx, pred_mass = conventions.supports(st.s_zx.T, st.a_z, cfg.topk, cfg.alpha)
+        succ_idx, succ_mass = conventions.supports(st.s_yw[st.cols], st.a_w, cfg.topk,
+                                                   cfg.alpha)
+    else:
+        pred_logw = _neighbour_weights(st.s_zx, st.a_z, cfg.measure, 0).T
+        pred_idx, pred_mass = _support(pred_logw, cfg.topk)
+        succ_logw = _neighbour_weights(st.s_yw, st.a_w, cfg.measure, 1)[st.cols]
+        succ_idx, succ_mass = _support(succ_logw, cfg.topk)
     z_used, pred_idx = _restrict(pred_idx)
     w_used, succ_idx = _restrict(succ_idx)
 
@@ -309,7 +319,11 @@ def problem_from_strengths(st: PairStrengths, cfg: CurvatureConfig,
     c_zy = c_zy_all[:, st.cols]
     d_xy = _lengths(st.s_direct, st.a_x, flow_len)
 
-    solve = st.exists & np.isfinite(d_xy) & (st.a_x[:, None] > 0) & (a_y[None, :] > 0)
+    live_x, live_y = st.a_x > 0, a_y > 0
+    if conventions is not None:
+        live_x, live_y = conventions.live_endpoints(st.a_x, a_y, st.s_zx.shape[0] == 0,
+                                                    st.s_yw.shape[1] == 0)
+    solve = st.exists & np.isfinite(d_xy) & live_x[:, None] & live_y[None, :]
     c_zw, c_zy, c_xw = cap_costs((c_zw, c_zy, c_xw), d_xy[solve])
     prob = LayerPairProblem(d_xy=np.where(solve, d_xy, np.inf), c_zw=c_zw, c_zy=c_zy,
                             c_xw=c_xw, pred_idx=pred_idx, pred_mass=pred_mass,

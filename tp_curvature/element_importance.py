@@ -42,16 +42,21 @@ class ElementCurvatureImportance(tp.importance.GroupMagnitudeImportance):
     ``**config``: :class:`~tp_curvature.curvature.CurvatureConfig` fields (``alpha``,
     ``variant``, ``topk`` (default :data:`~tp_curvature.unstructured.SPARSE_DEFAULT_TOPK`),
     ``backend``, ...). ``output``: node values of the output layer (``"logits"`` as in the
-    paper's VGG, or ``"softmax"``).
+    paper's VGG, or ``"softmax"``). ``conventions``: ``"library"`` or ``"authors"`` (the paper
+    authors' code, :mod:`tp_curvature.unstructured._conventions`): the per-weight kappa is
+    computed under them, so under ``"authors"`` an edge of a layer between two hidden layers
+    with ``|kappa - 1| < 1e-6`` counts 2.0 before the weight and channel reductions, as it does
+    in their pruning ranking.
     """
 
     def __init__(self, *, reduction: str = "mean", weight_reduction: str = "min",
                  output: str = "logits", group_reduction: str = "mean",
                  normalizer: Optional[str] = "mean", progress: bool = False,
                  channel_reduction: Optional[str] = None, weight_reduce: Optional[str] = None,
-                 **config):
+                 conventions: str = "library", **config):
         super().__init__(p=1, group_reduction=group_reduction, normalizer=normalizer)
         from .unstructured._checks import element_config
+        from .unstructured._conventions import resolve_conventions
         reduction = renamed_keyword("channel_reduction", channel_reduction, "reduction",
                                     reduction)
         weight_reduction = renamed_keyword("weight_reduce", weight_reduce, "weight_reduction",
@@ -65,6 +70,7 @@ class ElementCurvatureImportance(tp.importance.GroupMagnitudeImportance):
         if output not in ("logits", "softmax"):
             raise ValueError(f"output must be 'logits' or 'softmax', got {output!r}")
         self.config = element_config(config, sparse=True)
+        self.conventions = resolve_conventions(conventions, self.config).name
         self._options = dict(config)
         self.reduction = reduction
         self.weight_reduction = weight_reduction
@@ -94,7 +100,7 @@ class ElementCurvatureImportance(tp.importance.GroupMagnitudeImportance):
         from .unstructured import sparse_weight_curvature
         kappa = sparse_weight_curvature(self.model, self.images, output=self.output,
                                         reduction=self.weight_reduction, progress=self.progress,
-                                        **self._options)
+                                        conventions=self.conventions, **self._options)
         mods = dict(self.model.named_modules())
         self.scores = {id(mods[k[:-len(".weight")] if k != "weight" else ""]): v
                        for k, v in kappa.items()}

@@ -35,7 +35,12 @@ Curvature
     ``Z = N_{l-2}``, ``X = N_{l-1}``, ``Y = N_l``, ``W = N_{l+1}`` and dense strength matrices
     ``s_zx = S_{l-1}``, ``s_xy = S_l``, ``s_yw = S_{l+1}`` (input nodes have no predecessors:
     ``m_x = delta_x``; output nodes no successors: ``m_y = delta_y``). Conventions are the
-    library's: a dead endpoint (``a = 0``) or a zero weight gives ``kappa = 1`` without a solve.
+    library's by default: a dead endpoint (``a = 0``) or a zero weight gives ``kappa = 1``
+    without a solve. ``conventions="authors"`` (every entry point) follows the paper authors'
+    code instead; the six places where the two differ (dead input / output nodes, float32
+    measures with a uniform fallback, zero weights, BatchNorm, a constant layer, the relabel of
+    dead edges in the score) are tabulated with the lines of their repository in
+    :mod:`._conventions`.
     The definition is the preset :meth:`CurvatureConfig.element()
     <tp_curvature.CurvatureConfig.element>` (the paper's: lengths ``1/|w|``, measures
     ``exp(-1/a^2)``, ``alpha = 0.9``; ``topk`` :data:`DEFAULT_TOPK` dense,
@@ -99,6 +104,7 @@ Cost
     exact backend with the default, are in docs/paper.md with the commands that produced them.
 """
 from ..config import ELEMENT_TOPK
+from ._conventions import CONVENTIONS, Conventions
 from ._graph import ElementGraph, ElementLayer, element_graph, node_values
 from ._masks import (UnknownWeightError, apply_masks, magnitude_scores, masks_from_scores,
                      prune_by_curvature, prune_by_magnitude, prune_by_scores, prune_random,
@@ -118,5 +124,5 @@ __all__ = [
     "magnitude_scores", "random_scores", "remove_pruning", "weight_sparsity",
     "UnknownWeightError", "SparseElementGraph", "SparseOp", "sparse_element_graph",
     "sparse_edge_curvature", "sparse_node_values", "sparse_weight_curvature",
-    "SPARSE_DEFAULT_TOPK",
+    "SPARSE_DEFAULT_TOPK", "CONVENTIONS", "Conventions",
 ]

@@ -11,11 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._export import UnsupportedModelError
-from ..calibration import normalise
 from ..config import NORMALIZE_MODES
 from ._chain import Chain, bn_scale, trace_chain
 from ._checks import (OUTPUTS, check_choice, check_layer_values, check_model, check_images,
                       format_indices)
+from ._conventions import LIBRARY, Conventions, resolve_conventions
 
 
 @dataclass
@@ -23,8 +23,9 @@ class ElementLayer:
     """One weight layer of the element graph.
 
     ``strength[i, o]`` is the edge strength from input element ``i`` to output element ``o``
-    (0 where there is no edge or the weight is 0); ``weight_index[i, o]`` the flat index into
-    ``module.weight`` of the weight that generates the edge (-1 = no edge).
+    (0 where there is no edge or, under the library's conventions, the weight is 0);
+    ``weight_index[i, o]`` the flat index into ``module.weight`` of the weight that generates
+    the edge (-1 = no edge).
     """
     name: str                    # module qualified name
     module: nn.Module
@@ -64,6 +65,7 @@ class ElementGraph:
     taps: list                    # fx node names whose values are N_0 .. N_{n-1} (layer inputs)
     output: str                   # fx node name of N_n (before the softmax option)
     input_shape: tuple
+    conventions: Conventions = LIBRARY   # the strengths follow these (zero weights, BatchNorm)
 
     @property
     def layer_sizes(self) -> list:
@@ -98,20 +100,22 @@ def _conv_index(m: nn.Conv2d, in_shape: tuple, out_shape: tuple) -> np.ndarray:
 
 
 def _strength(layer_module: nn.Module, weight_index: np.ndarray, bn: Optional[nn.Module],
-              out_shape: tuple) -> np.ndarray:
+              out_shape: tuple, conventions: Conventions = LIBRARY) -> np.ndarray:
     w = layer_module.weight.detach().double().abs().cpu().reshape(-1).numpy()
+    w = conventions.weight_strengths(w)
     s = np.where(weight_index >= 0, w[np.maximum(weight_index, 0)], 0.0)
-    if bn is not None:
+    if bn is not None and conventions.fold_batchnorm:
         scale = bn_scale(bn)
         per_out = np.repeat(scale, int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 1)
         s = s * per_out[None, :]
     return s
 
 
-def _element_layer(chain: Chain, i: int, weights: list, vals: dict,
-                   max_dense: int) -> ElementLayer:
+def _element_layer(chain: Chain, i: int, weights: list, vals: dict, max_dense: int,
+                   conventions: Conventions = LIBRARY) -> ElementLayer:
     """The :class:`ElementLayer` of weight op ``chain.ops[i]`` (``vals``: one sample's values of
-    every chain node; the BatchNorm right after it is folded in)."""
+    every chain node; the BatchNorm right after it is folded in under the library's
+    conventions)."""
     op = chain.ops[i]
     m = op.module
     nxt = chain.ops[i + 1] if i + 1 < len(chain.ops) else None
@@ -141,21 +145,24 @@ def _element_layer(chain: Chain, i: int, weights: list, vals: dict,
             f"fx node {nxt_in!r} changes the number of elements after {op.name!r} "
             f"({n_out} -> {vals[nxt_in][0].numel()})")
     return ElementLayer(name=op.name, module=m, in_shape=in_shape, out_shape=out_shape,
-                        strength=_strength(m, wi, bn and bn.module, out_shape),
+                        strength=_strength(m, wi, bn and bn.module, out_shape, conventions),
                         weight_index=wi, bn=bn and bn.module, bn_name=bn.name if bn else "")
 
 
-def element_graph(model: nn.Module, example: torch.Tensor,
-                  max_dense: int = 20_000_000) -> ElementGraph:
+def element_graph(model: nn.Module, example: torch.Tensor, max_dense: int = 20_000_000,
+                  conventions: str = "library") -> ElementGraph:
     """Trace ``model`` and build its element graph (strengths from the current weights).
 
-    ``example`` is one input batch (``(N, ...)``; only its shape is used). Raises
+    ``example`` is one input batch (``(N, ...)``; only its shape is used). ``conventions``
+    (``"library"`` or ``"authors"``, see :mod:`._conventions`) decides what a zero weight and a
+    following BatchNorm do to the strengths. Raises
     :class:`~tp_curvature.graph.UnsupportedModelError` for anything but a supported chain, and
     ``ValueError`` when a layer's dense ``(n_in, n_out)`` matrix would exceed ``max_dense``
     entries.
     """
     check_model(model)
     example = check_images(example, "example")
+    conv = resolve_conventions(conventions)
     if not isinstance(max_dense, numbers.Integral) or isinstance(max_dense, bool) or \
             max_dense < 1:
         raise ValueError(f"max_dense must be a positive int, got {max_dense!r}")
@@ -163,10 +170,10 @@ def element_graph(model: nn.Module, example: torch.Tensor,
     weights = [i for i, op in enumerate(chain.ops) if op.kind == "weight"]
     vals = chain.values(example[:1], {op.node for op in chain.ops}
                         | {op.input for op in chain.ops} | {chain.output})
-    layers = [_element_layer(chain, i, weights, vals, max_dense) for i in weights]
+    layers = [_element_layer(chain, i, weights, vals, max_dense, conv) for i in weights]
     graph = ElementGraph(chain=chain, layers=layers,
                          taps=[chain.ops[i].input for i in weights], output=chain.output,
-                         input_shape=tuple(example.shape[1:]))
+                         input_shape=tuple(example.shape[1:]), conventions=conv)
     check_layer_values(graph)
     for lay in layers:
         if not np.isfinite(lay.strength).all():
@@ -175,31 +182,35 @@ def element_graph(model: nn.Module, example: torch.Tensor,
 
 
 def node_values(graph: ElementGraph, images: torch.Tensor, output: str = "softmax",
-                normalize: str = "minmax") -> list:
+                normalize: str = "minmax", conventions: Optional[str] = None) -> list:
     """Per image, the normalised node values of every element layer.
 
     Returns a list (one entry per image) of lists ``[a_0, ..., a_n]`` of float64 arrays.
-    Raises ``ValueError`` naming the layer when the forward pass produces a non-finite value.
+    Raises ``ValueError`` naming the layer when the forward pass produces a non-finite value,
+    and under ``conventions="authors"`` (default: the graph's) naming the layer and the image
+    when a layer is constant on an image.
     """
     if not isinstance(graph, ElementGraph):
         raise TypeError(f"graph must be an ElementGraph (from element_graph()), got "
                         f"{type(graph).__name__}")
     check_choice("output", output, OUTPUTS)
     check_choice("normalize", normalize, NORMALIZE_MODES)
+    conv = graph.conventions if conventions is None else resolve_conventions(conventions)
     images = check_images(images)
     check_layer_values(graph)
     check_image_shape(images, graph.input_shape)
     vals = graph.chain.values(images, set(graph.taps) | {graph.output})
-    per_layer = []
+    per_layer, where = [], []
     for l, t in enumerate(graph.taps):
-        per_layer.append(np.abs(finite_values(vals[t], f"the input of layer "
-                                                        f"{graph.layers[l].name!r}")))
-    out = finite_values(vals[graph.output],
-                         f"the model output (after layer {graph.layers[-1].name!r})")
+        where.append(f"the input of layer {graph.layers[l].name!r}")
+        per_layer.append(np.abs(finite_values(vals[t], where[-1])))
+    where.append(f"the model output (after layer {graph.layers[-1].name!r})")
+    out = finite_values(vals[graph.output], where[-1])
     if output == "softmax":
-        out = np.asarray(torch.softmax(torch.from_numpy(out), dim=1))
+        out = conv.output_softmax(out)
     per_layer.append(np.abs(out))
-    return [[normalise(a[i], normalize) for a in per_layer] for i in range(images.shape[0])]
+    return [[conv.normalise(a[i], normalize, w, i) for a, w in zip(per_layer, where)]
+            for i in range(images.shape[0])]
 
 
 def check_image_shape(images: torch.Tensor, input_shape: tuple) -> None:

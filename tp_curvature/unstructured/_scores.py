@@ -13,6 +13,7 @@ from ..curvature import (CurvatureConfig, PairStrengths, problem_from_strengths,
                          solve_problem)
 from ..config import renamed_keyword
 from ._checks import OUTPUTS, REDUCES, check_choice, check_model, element_config, check_images
+from ._conventions import Conventions, resolve_conventions
 from ._graph import ElementGraph, element_graph, node_values
 
 
@@ -50,7 +51,7 @@ def _image_edges(graph: ElementGraph, a: list, cfg: CurvatureConfig,
         prob = problem_from_strengths(PairStrengths(
             s_zx=s_zx, a_z=a_z, a_x=a[l], s_xy_all=lay.strength, s_direct=lay.strength,
             cols=np.arange(lay.n_out), a_yn=a[l + 1], s_yw=s_yw, a_w=a_w,
-            exists=lay.exists), cfg, lay.name)
+            exists=lay.exists), cfg, lay.name, conventions=graph.conventions)
         t1 = time.perf_counter()
         kappa = solve_problem(prob, cfg)
         t2 = time.perf_counter()
@@ -60,27 +61,40 @@ def _image_edges(graph: ElementGraph, a: list, cfg: CurvatureConfig,
 
 
 def edge_curvature(model: nn.Module, image: torch.Tensor, output: str = "softmax",
-                   graph: Optional[ElementGraph] = None, **config) -> list:
+                   graph: Optional[ElementGraph] = None, conventions: str = "library",
+                   **config) -> list:
     """Per-edge kappa of every weight layer for one image, given as a batch ``(1, ...)``.
 
-    ``**config``: fields of :class:`~tp_curvature.curvature.CurvatureConfig` (``alpha``,
-    ``variant``, ``topk`` (default :data:`DEFAULT_TOPK`), ``backend``, ``normalize``...).
-    Returns a list of :class:`EdgeCurvature`, in layer order.
+    ``conventions``: ``"library"`` or ``"authors"`` (the paper authors' code; see
+    :mod:`tp_curvature.unstructured._conventions`); a given ``graph`` must have been built with
+    the same. ``**config``: fields of :class:`~tp_curvature.curvature.CurvatureConfig`
+    (``alpha``, ``variant``, ``topk`` (default :data:`DEFAULT_TOPK`), ``backend``,
+    ``normalize``...). Returns a list of :class:`EdgeCurvature`, in layer order.
     """
     check_choice("output", output, OUTPUTS)
     cfg = element_config(config)
+    conv = resolve_conventions(conventions, cfg)
     image = check_images(image, "image")
     if graph is None:
-        graph = element_graph(model, image)
+        graph = element_graph(model, image, conventions=conv)
+    check_graph_conventions(graph, conv)
     a = node_values(graph, image[:1], output, cfg.normalize)[0]
     return _image_edges(graph, a, cfg)
 
 
+def check_graph_conventions(graph, conv: Conventions) -> None:
+    """A graph passed in must carry the strengths of the conventions asked for."""
+    if graph.conventions != conv:
+        raise ValueError(f"the graph was built with conventions={graph.conventions.name!r}, "
+                         f"not {conv.name!r} (its strengths differ); build it with "
+                         f"conventions={conv.name!r} or leave graph=None")
+
+
 def _reduce_into(acc: torch.Tensor, cnt: Optional[torch.Tensor], ek: EdgeCurvature,
-                 reduction: str):
+                 reduction: str, conv: Conventions, hidden: bool):
     ex = ek.weight_index >= 0
     wi = torch.from_numpy(ek.weight_index[ex])
-    k = torch.from_numpy(ek.kappa[ex])
+    k = torch.from_numpy(conv.relabel(ek.kappa[ex], hidden))
     if reduction == "min":
         acc.scatter_reduce_(0, wi, k, reduce="amin", include_self=True)
     else:
@@ -90,7 +104,7 @@ def _reduce_into(acc: torch.Tensor, cnt: Optional[torch.Tensor], ek: EdgeCurvatu
 
 def weight_curvature(model: nn.Module, images: torch.Tensor, output: str = "softmax",
                      reduction: str = "min", progress: bool = True, return_info: bool = False,
-                     *, reduce: Optional[str] = None, **config):
+                     *, reduce: Optional[str] = None, conventions: str = "library", **config):
     """Per-weight curvature scores of every Conv2d / Linear weight of ``model``.
 
     Parameters
@@ -105,6 +119,12 @@ def weight_curvature(model: nn.Module, images: torch.Tensor, output: str = "soft
     reduction : ``"min"`` | ``"mean"``
         Over a weight's edges and over images (the paper: min). ``reduce=`` is a deprecated
         alias.
+    conventions : ``"library"`` | ``"authors"``
+        The library's conventions or the paper authors' code's (dead input / output nodes
+        solved, float32 measures with a uniform fallback, zero weights as ``1e30`` edges, BN
+        not folded, a constant layer an error, and in the score an edge of a layer between two
+        hidden layers with ``|kappa - 1| < 1e-6`` counting 2.0); see
+        :mod:`tp_curvature.unstructured._conventions`.
     **config
         Overrides of the preset :meth:`CurvatureConfig.element()
         <tp_curvature.CurvatureConfig.element>` (the paper's definition, ``alpha=0.9``,
@@ -133,9 +153,10 @@ def weight_curvature(model: nn.Module, images: torch.Tensor, output: str = "soft
     reduction = renamed_keyword("reduce", reduce, "reduction", reduction)
     check_choice("reduction", reduction, REDUCES)
     cfg = element_config(config)
+    conv = resolve_conventions(conventions, cfg)
     images = check_images(images)
     t_start = time.perf_counter()
-    graph = element_graph(model, images)
+    graph = element_graph(model, images, conventions=conv)
     t_graph = time.perf_counter() - t_start
     acts = node_values(graph, images, output, cfg.normalize)
     accs, cnts = [], []
@@ -148,7 +169,8 @@ def weight_curvature(model: nn.Module, images: torch.Tensor, output: str = "soft
             "layers": {l.name: {"n_edges": l.n_edges, "n_weights": l.module.weight.numel(),
                                 "solved": 0, "build_s": 0.0, "solve_s": 0.0}
                        for l in graph.layers},
-            "config": {**cfg.__dict__, "output": output, "reduction": reduction}}
+            "config": {**cfg.__dict__, "output": output, "reduction": reduction,
+                       "conventions": conv.name}}
     it = range(len(acts))
     bar = None
     if progress:
@@ -159,7 +181,8 @@ def weight_curvature(model: nn.Module, images: torch.Tensor, output: str = "soft
         t0 = time.perf_counter()
         for li in range(len(graph.layers)):
             ek = _image_edges(graph, acts[i], cfg, layers=[li])[0]
-            _reduce_into(accs[li], cnts[li], ek, reduction)
+            _reduce_into(accs[li], cnts[li], ek, reduction, conv,
+                         hidden=0 < li < len(graph.layers) - 1)
             rec = info["layers"][ek.name]
             rec["solved"] += int(ek.solved.sum())
             rec["build_s"] += ek.build_s

@@ -14,7 +14,8 @@ inverse tables ``inv_ptr / inv_l / inv_t``
     successors of an element are the outputs whose receptive fields contain it.
 strengths ``S``
     ``|w|`` as ``(O, C*K2)`` (times the BatchNorm scale of a BatchNorm right after the layer,
-    as in the dense mode); for a pooling op ``(C, L*K2)``.
+    as in the dense mode; under ``conventions="authors"`` the raw ``|w|`` clamped at ``1e-30``,
+    see :mod:`._conventions`); for a pooling op ``(C, L*K2)``.
 
 Element ``(channel c, position q)`` of a layer has the flat index ``c * P + q`` (the order of
 ``tensor.flatten(1)``). The in-edges of output ``(o, l)`` are ``(c * P + pos_tab[l, t],
@@ -55,6 +56,7 @@ import torch.nn.functional as F
 
 from .._export import UnsupportedModelError
 from ._chain import Chain, ChainOp, bn_scale, trace_chain
+from ._conventions import LIBRARY, Conventions, float32_fill, resolve_conventions
 
 
 class Geometry(NamedTuple):
@@ -101,6 +103,7 @@ class SparseOp:
     pool: Optional["PoolSpec"] = None
     node: str = ""                # fx node name of the op's output
     tap: str = ""                 # fx node name whose value is this op's input
+    conventions: Conventions = LIBRARY   # what a zero weight and a BatchNorm do to ``S``
 
     @property
     def depthwise(self) -> bool:
@@ -174,6 +177,7 @@ class SparseElementGraph:
     output: str
     input_shape: tuple
     weight_ops: list = field(default_factory=list)
+    conventions: Conventions = LIBRARY
 
     @property
     def layer_sizes(self) -> list:
@@ -215,9 +219,10 @@ def _pair(v):
 
 
 def make_op(name: str, m: Optional[nn.Module], in_shape: tuple, out_shape: tuple,
-            bn: Optional[nn.Module] = None, pool: Optional[PoolSpec] = None) -> SparseOp:
+            bn: Optional[nn.Module] = None, pool: Optional[PoolSpec] = None,
+            conventions: Conventions = LIBRARY) -> SparseOp:
     """The :class:`SparseOp` of module ``m`` (a Linear / Conv2d) or of pooling ``pool`` for
-    per-sample shapes ``in_shape -> out_shape``."""
+    per-sample shapes ``in_shape -> out_shape`` (strengths under ``conventions``)."""
     if pool is not None:
         if len(in_shape) != 3:
             raise UnsupportedModelError(f"pooling {name!r}: needs a (N, C, H, W) input")
@@ -244,7 +249,8 @@ def make_op(name: str, m: Optional[nn.Module], in_shape: tuple, out_shape: tuple
     ptr, il, it = _inverse(tab, P)
     op = SparseOp(name=name, kind=kind, module=m, in_shape=tuple(in_shape),
                   out_shape=tuple(out_shape), C=C, P=P, O=O, L=L, K2=K2, pos_tab=tab,
-                  inv_ptr=ptr, inv_l=il, inv_t=it, S=np.zeros((0, 0)), bn=bn, pool=pool)
+                  inv_ptr=ptr, inv_l=il, inv_t=it, S=np.zeros((0, 0)), bn=bn, pool=pool,
+                  conventions=conventions)
     set_strengths(op)
     return op
 
@@ -265,11 +271,13 @@ def _conv_table(m: nn.Conv2d, in_hw: tuple, out_hw: tuple, name: str) -> np.ndar
 
 
 def set_strengths(op: SparseOp, pool_input: Optional[torch.Tensor] = None) -> None:
-    """(Re)compute ``op.S`` from the current weights; a max pool needs ``pool_input`` (the raw
-    values of its input for one image, ``(C, H, W)``) to know each window's winner."""
+    """(Re)compute ``op.S`` from the current weights (under ``op.conventions``); a max pool
+    needs ``pool_input`` (the raw values of its input for one image, ``(C, H, W)``) to know
+    each window's winner."""
     if op.kind in ("conv", "linear"):
         w = op.module.weight.detach().double().abs().cpu().reshape(op.O, -1).numpy()
-        if op.bn is not None:
+        w = op.conventions.weight_strengths(w)
+        if op.bn is not None and op.conventions.fold_batchnorm:
             w = w * bn_scale(op.bn)[:, None]
         op.S = np.ascontiguousarray(w)
     elif op.kind == "avgpool":
@@ -296,13 +304,16 @@ def set_strengths(op: SparseOp, pool_input: Optional[torch.Tensor] = None) -> No
         op.S = np.ascontiguousarray(first.reshape(op.C, op.L * op.K2).astype(np.float64))
 
 
-def sparse_element_graph(model: nn.Module, example: torch.Tensor) -> SparseElementGraph:
+def sparse_element_graph(model: nn.Module, example: torch.Tensor,
+                         conventions: str = "library") -> SparseElementGraph:
     """Trace ``model`` (a chain, see :mod:`tp_curvature.unstructured`; pooling allowed) and
-    describe each element op by its geometry. Nothing of size ``n_in x n_out`` is built."""
+    describe each element op by its geometry, with strengths under ``conventions``
+    (``"library"`` or ``"authors"``). Nothing of size ``n_in x n_out`` is built."""
     from ._checks import check_model, check_images
 
     check_model(model)
     example = check_images(example, "example")
+    conv = resolve_conventions(conventions)
     chain = trace_chain(model, example, pooling=True)
     elem = [i for i, op in enumerate(chain.ops) if op.kind in ("weight", "pool")]
     vals = chain.values(example[:1], {chain.ops[i].node for i in elem}
@@ -315,7 +326,7 @@ def sparse_element_graph(model: nn.Module, example: torch.Tensor) -> SparseEleme
         name = c.name
         op = make_op(name, c.module, tuple(vals[c.input].shape[1:]),
                      tuple(vals[c.node].shape[1:]), bn,
-                     PoolSpec.of(c, name) if c.kind == "pool" else None)
+                     PoolSpec.of(c, name) if c.kind == "pool" else None, conv)
         op.node, op.tap = c.node, c.input
         after = chain.ops[elem[k + 1]].input if k + 1 < len(elem) else chain.output
         if vals[after][0].numel() != op.n_out:
@@ -325,7 +336,8 @@ def sparse_element_graph(model: nn.Module, example: torch.Tensor) -> SparseEleme
         out.append(op)
     return SparseElementGraph(chain=chain, ops=out, output=chain.output,
                               input_shape=tuple(example.shape[1:]),
-                              weight_ops=[i for i, op in enumerate(out) if op.scored])
+                              weight_ops=[i for i, op in enumerate(out) if op.scored],
+                              conventions=conv)
 
 
 # ------------------------------------------------------------------------------ Numba kernels
@@ -448,10 +460,25 @@ def _log_weights(nbr, st, m, a, flow_measure):
 # lowering refuses it), so the parallel kernels unpack their Geometry before the loop and
 # rebuild it in the loop body, where it costs nothing.
 
+@numba.njit(cache=True)
+def _active(nb, m, a, out_nb, out_a):
+    """The neighbours among ``nb[:m]`` with a positive value ``a`` (into ``out_nb`` /
+    ``out_a``); returns their number."""
+    c = 0
+    for i in range(m):
+        v = a[nb[i]]
+        if v > 0:
+            out_nb[c] = nb[i]
+            out_a[c] = v
+            c += 1
+    return c
+
+
 @numba.njit(parallel=True, cache=True)
-def pred_supports(n, k, flow_measure, a_src, g):
+def pred_supports(n, k, flow_measure, a_src, g, float32=False, one_minus_alpha=0.0):
     """For every output element x of the op with geometry ``g``: the top-k of its
-    predecessors z, weights ``exp(-1/a_z^2)`` (``flow_measure``: ``a_z s``) over active ones;
+    predecessors z, weights ``exp(-1/a_z^2)`` (``flow_measure``: ``a_z s``) over active ones
+    (``float32``: the authors' float32 measure, :func:`._conventions.float32_fill`);
     (n, k) idx / mass."""
     dw, O, C, L, P, K2, pos_tab, inv_ptr, inv_l, inv_t, S = g
     fan = _fan_in(g)
@@ -462,15 +489,20 @@ def pred_supports(n, k, flow_measure, a_src, g):
         src = np.empty(fan, np.int64)
         st = np.empty(fan)
         m = _in_edges(x, gx, src, st)
-        lw = _log_weights(src, st, m, a_src, flow_measure)
-        _topk_fill(src, lw, m, k, out_idx, out_mass, x)
+        if float32:
+            act, av = np.empty(fan, np.int64), np.empty(fan)
+            c = _active(src, m, a_src, act, av)
+            float32_fill(act, av, c, k, one_minus_alpha, out_idx, out_mass, x)
+        else:
+            lw = _log_weights(src, st, m, a_src, flow_measure)
+            _topk_fill(src, lw, m, k, out_idx, out_mass, x)
     return out_idx, out_mass
 
 
 @numba.njit(parallel=True, cache=True)
-def succ_supports(n, k, flow_measure, a_dst, g):
+def succ_supports(n, k, flow_measure, a_dst, g, float32=False, one_minus_alpha=0.0):
     """For every input element y of the op with geometry ``g``: the top-k of its successors
-    w; (n, k)."""
+    w (``float32``: as in :func:`pred_supports`); (n, k)."""
     dw, O, C, L, P, K2, pos_tab, inv_ptr, inv_l, inv_t, S = g
     fan = _fan_out(g)
     out_idx = np.full((n, k), -1, np.int64)
@@ -480,8 +512,13 @@ def succ_supports(n, k, flow_measure, a_dst, g):
         dst = np.empty(fan, np.int64)
         st = np.empty(fan)
         m = _out_edges(y, gy, dst, st)
-        lw = _log_weights(dst, st, m, a_dst, flow_measure)
-        _topk_fill(dst, lw, m, k, out_idx, out_mass, y)
+        if float32:
+            act, av = np.empty(fan, np.int64), np.empty(fan)
+            c = _active(dst, m, a_dst, act, av)
+            float32_fill(act, av, c, k, one_minus_alpha, out_idx, out_mass, y)
+        else:
+            lw = _log_weights(dst, st, m, a_dst, flow_measure)
+            _topk_fill(dst, lw, m, k, out_idx, out_mass, y)
     return out_idx, out_mass
 
 

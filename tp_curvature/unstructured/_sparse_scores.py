@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 
 from ..curvature import CurvatureConfig, solve_problem
-from ..calibration import normalise
 from ..problem import LayerPairProblem, cap_costs
 from ..shortest_paths import minplus
 from ..config import renamed_keyword
 from ._checks import OUTPUTS, REDUCES, check_choice, check_model, element_config, check_images
+from ._conventions import resolve_conventions
 from ._graph import finite_values, check_image_shape
 from ._sparse import (NO_GEOMETRY, Neighbourhood, SparseElementGraph, Tile, pred_supports,
                       set_strengths, sparse_element_graph, succ_supports, tile_costs)
@@ -34,26 +34,30 @@ from ._sparse import (NO_GEOMETRY, Neighbourhood, SparseElementGraph, Tile, pred
 
 
 def sparse_node_values(graph: SparseElementGraph, images: torch.Tensor,
-                       output: str = "softmax", normalize: str = "minmax"):
+                       output: str = "softmax", normalize: str = "minmax",
+                       first_image: int = 0):
     """Per image: ``(a, raw)`` with ``a`` the normalised node values of every node layer
-    (inputs of the ops, then the output) and ``raw`` the raw input tensor of every max pool
-    (op index -> (C, H, W)), used to find the winners."""
+    (inputs of the ops, then the output; under the graph's conventions) and ``raw`` the raw
+    input tensor of every max pool (op index -> (C, H, W)), used to find the winners.
+    ``first_image`` numbers the images in error messages."""
     check_choice("output", output, OUTPUTS)
     images = check_images(images)
     check_image_shape(images, graph.input_shape)
+    conv = graph.conventions
     taps = [op.tap for op in graph.ops]
     vals = graph.chain.values(images, set(taps) | {graph.output})
-    per_layer = [np.abs(finite_values(vals[t], f"the input of {op.name!r}"))
-                 for t, op in zip(taps, graph.ops)]
-    out = finite_values(vals[graph.output], "the model output")
+    where = [f"the input of {op.name!r}" for op in graph.ops] + ["the model output"]
+    per_layer = [np.abs(finite_values(vals[t], w)) for t, w in zip(taps, where)]
+    out = finite_values(vals[graph.output], where[-1])
     if output == "softmax":
-        out = np.asarray(torch.softmax(torch.from_numpy(out), dim=1))
+        out = conv.output_softmax(out)
     per_layer.append(np.abs(out))
     res = []
     for i in range(images.shape[0]):
         raw = {j: vals[op.tap][i].detach().cpu()
                for j, op in enumerate(graph.ops) if op.kind == "maxpool"}
-        res.append(([normalise(a[i], normalize) for a in per_layer], raw))
+        res.append(([conv.normalise(a[i], normalize, w, first_image + i)
+                     for a, w in zip(per_layer, where)], raw))
     return res
 
 
@@ -77,6 +81,8 @@ def layer_tiles(graph: SparseElementGraph, bi: int, a: list, cfg: CurvatureConfi
     many (random, ``rng``) of a tile's edges, the others come back unsolved (kappa 1; for
     accuracy checks on a sample of edges)."""
     ops = graph.ops
+    conv = graph.conventions
+    f32 = conv.float32_measure
     B = ops[bi]
     A = ops[bi - 1] if bi > 0 else None
     C = ops[bi + 1] if bi + 1 < len(ops) else None
@@ -88,14 +94,14 @@ def layer_tiles(graph: SparseElementGraph, bi: int, a: list, cfg: CurvatureConfi
     if A is not None:
         fan_a = A.K2 if A.depthwise else A.C * A.K2
         pred_idx, pred_mass = pred_supports(B.n_in, _k(cfg.topk, fan_a), flow_m, a_z,
-                                            A.geometry())
+                                            A.geometry(), f32, 1.0 - cfg.alpha)
         zmap = np.full(A.n_in, -1, np.int64)
     else:
         pred_idx, pred_mass = np.full((B.n_in, 0), -1, np.int64), np.zeros((B.n_in, 0))
         zmap = np.full(0, -1, np.int64)
     if C is not None:
         succ_idx, succ_mass = succ_supports(C.n_in, _k(cfg.topk, _max_fanout(C)), flow_m,
-                                            a_w, C.geometry())
+                                            a_w, C.geometry(), f32, 1.0 - cfg.alpha)
         wmap = np.full(C.n_out, -1, np.int64)
     else:
         succ_idx, succ_mass = np.full((B.n_out, 0), -1, np.int64), np.zeros((B.n_out, 0))
@@ -126,7 +132,8 @@ def layer_tiles(graph: SparseElementGraph, bi: int, a: list, cfg: CurvatureConfi
         wmap[Wu] = np.arange(Wu.size)
         d_zx, c_zw, c_xw = tile_costs(Tile(Xp, Zu, zmap, Wu), nb)
         c_zy = minplus(d_zx, d_xy)
-        solve = np.isfinite(d_xy) & (a_x[Xp][:, None] > 0) & (a_y[Yp][None, :] > 0)
+        live_x, live_y = conv.live_endpoints(a_x[Xp], a_y[Yp], A is None, C is None)
+        solve = np.isfinite(d_xy) & live_x[:, None] & live_y[None, :]
         if max_solved is not None and solve.sum() > max_solved:
             on = np.flatnonzero(solve)
             keep = (rng or np.random.default_rng(0)).choice(on, max_solved, replace=False)
@@ -149,14 +156,20 @@ def layer_tiles(graph: SparseElementGraph, bi: int, a: list, cfg: CurvatureConfi
 
 
 def sparse_edge_curvature(model: nn.Module, image: torch.Tensor, output: str = "softmax",
-                          graph: Optional[SparseElementGraph] = None, **config) -> dict:
+                          graph: Optional[SparseElementGraph] = None,
+                          conventions: str = "library", **config) -> dict:
     """Per-edge kappa of every weight layer for one image ``(1, ...)`` (for checks on small
     models): layer name -> ``(x, y, weight index, kappa)`` flat arrays, one entry per edge
-    (x / y: flat element indices of the layer's input / output)."""
+    (x / y: flat element indices of the layer's input / output). ``conventions`` as in
+    :func:`~tp_curvature.unstructured.edge_curvature`."""
+    from ._scores import check_graph_conventions
+
     cfg = element_config(config, sparse=True)
+    conv = resolve_conventions(conventions, cfg)
     image = check_images(image, "image")
     if graph is None:
-        graph = sparse_element_graph(model, image)
+        graph = sparse_element_graph(model, image, conventions=conv)
+    check_graph_conventions(graph, conv)
     a, raw = sparse_node_values(graph, image[:1], output, cfg.normalize)[0]
     set_image_strengths(graph, raw)
     out = {}
@@ -176,7 +189,7 @@ def set_image_strengths(graph: SparseElementGraph, raw: dict) -> None:
 def sparse_weight_curvature(model: nn.Module, images, output: str = "softmax",
                             reduction: str = "min", progress: bool = True,
                             return_info: bool = False, *, reduce: Optional[str] = None,
-                            **config):
+                            conventions: str = "library", **config):
     """Per-weight curvature of every Conv2d / Linear weight, on the sparse element graph.
 
     Same contract as :func:`~tp_curvature.unstructured.weight_curvature` (same definitions,
@@ -184,16 +197,18 @@ def sparse_weight_curvature(model: nn.Module, images, output: str = "softmax",
     ``MaxPool2d`` / ``AvgPool2d`` and whose element matrices are far too large for the dense
     mode (the paper's VGG-9: 43M edges per image). ``topk`` defaults to
     :data:`SPARSE_DEFAULT_TOPK`. A tqdm bar counts edges. ``return_info`` adds timings, edges
-    and solved edges per layer.
+    and solved edges per layer. ``conventions``: ``"library"`` or ``"authors"``, as in
+    :func:`~tp_curvature.unstructured.weight_curvature`.
     """
     check_model(model)
     check_choice("output", output, OUTPUTS)
     reduction = renamed_keyword("reduce", reduce, "reduction", reduction)
     check_choice("reduction", reduction, REDUCES)
     cfg = element_config(config, sparse=True)
+    conv = resolve_conventions(conventions, cfg)
     images = check_images(images)
     t_start = time.perf_counter()
-    graph = sparse_element_graph(model, images)
+    graph = sparse_element_graph(model, images, conventions=conv)
     for op in graph.ops:
         set_strengths(op)
     t_graph = time.perf_counter() - t_start
@@ -207,7 +222,8 @@ def sparse_weight_curvature(model: nn.Module, images, output: str = "softmax",
             "n_edges_per_image": graph.n_edges,
             "layers": {op.name: {"n_edges": op.n_edges, "n_weights": op.module.weight.numel(),
                                  "tiles": op.L, "solved": 0, "seconds": 0.0} for op in wops},
-            "config": {**cfg.__dict__, "output": output, "reduction": reduction}}
+            "config": {**cfg.__dict__, "output": output, "reduction": reduction,
+                       "conventions": conv.name}}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -216,15 +232,18 @@ def sparse_weight_curvature(model: nn.Module, images, output: str = "softmax",
     try:
         for i in range(images.shape[0]):
             t0 = time.perf_counter()
-            a, raw = sparse_node_values(graph, images[i:i + 1], output, cfg.normalize)[0]
+            a, raw = sparse_node_values(graph, images[i:i + 1], output, cfg.normalize,
+                                        first_image=i)[0]
             set_image_strengths(graph, raw)
             for bi in graph.weight_ops:
                 op = graph.ops[bi]
                 acc, cnt, rec = accs[op.name], cnts[op.name], info["layers"][op.name]
                 if bar is not None:
                     bar.set_postfix(image=i, layer=op.name, refresh=False)
+                hidden = 0 < bi < len(graph.ops) - 1
                 for wi, kappa, solved, _, _, sec in layer_tiles(graph, bi, a, cfg):
                     ok = ~np.isnan(kappa)
+                    kappa = conv.relabel(kappa, hidden)
                     if reduction == "min":
                         np.minimum.at(acc, wi[ok], kappa[ok])
                     else:
