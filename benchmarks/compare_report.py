@@ -10,12 +10,14 @@ Reads ``rows.json`` and ``meta.json`` of each run directory and writes one Markd
 * the mean rank of every criterion over all (model, stage, ratio) cells, per stage group
   (right after pruning; after a repair: ``bias``, ``bn``, ``bias+bn``; after fine-tuning), over
   the criteria present in every run;
-* the goal table of issue 11: for each model, repair stage and ratio, the best curvature
+* the verdict table: for each model, mode, repair stage and ratio, the best curvature
   variant (highest mean in that cell) against the best other criterion (highest mean among the
   non-curvature criteria), paired over seeds: difference, wins / ties / losses and the paired
-  t-test's p-value (:func:`engine.stats.paired_comparison`). Picking the best of several
-  curvature variants per cell favours curvature; the per-variant tables in each run's
-  ``summary.md`` do not.
+  t-test's p-value (:func:`engine.stats.paired_comparison`), whether the cell is *usable*
+  (some criterion within 10 points of the baseline), and the verdict counted over the usable
+  cells only. Picking the best of several curvature variants per cell favours curvature;
+  ``--variant`` gives the table of one fixed criterion;
+* with ``--plot``, accuracy against ratio for every model by stage (one PNG per mode).
 
 The tables are built by :func:`engine.report.condensed_report` (shared with the per-run
 reports); this script is its command line.
@@ -38,9 +40,13 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", help="compare.py output directories")
     p.add_argument("--variant", action="append", default=[],
                    help="also a goal table for this one curvature criterion (repeatable)")
+    p.add_argument("--stages", nargs="+", default=None,
+                   help="the repair stages of the goal tables (default: every repair stage)")
+    p.add_argument("--plot", default=None,
+                   help="also write accuracy-by-stage plots, <stem>-<mode>.png beside this path")
     p.add_argument("--out", default=None, help="write the Markdown here (default: stdout)")
     a = p.parse_args(argv)
-    text = condensed_report(a.runs, a.variant)
+    text = condensed_report(a.runs, a.variant, a.stages, a.plot)
     if a.out:
         Path(a.out).write_text(text)
         print(f"wrote {a.out}")

@@ -455,30 +455,57 @@ def stage_table(rows, meta) -> list:
     return out + [""]
 
 
-def goal_rows(rows, meta, stages, variant=None) -> list:
-    """Markdown lines of one run's goal table (uniform mode)."""
+#: a cell is *usable* when some criterion keeps its mean accuracy within this many points of
+#: the baseline: only such cells enter the verdict
+USABLE_POINTS = 10.0
+
+
+def _cell_means(rows, crits, stage, mode, ratio) -> dict:
+    out = {}
+    for c in crits:
+        v = seed_means(rows, c, stage, mode=mode, ratio=ratio, scale=100.0)
+        if v:
+            out[c] = float(np.mean(list(v.values())))
+    return out
+
+
+def usable(rows, meta, stage, mode, ratio) -> bool:
+    """Whether some criterion of the cell keeps accuracy within :data:`USABLE_POINTS` of the
+    baseline (mean over seeds)."""
+    crits = list(dict.fromkeys(r["criterion"] for r in rows))
+    means = _cell_means(rows, crits, stage, mode, ratio)
+    base = 100 * float(np.mean([s["base_acc"] for s in meta["seeds"]]))
+    return bool(means) and max(means.values()) >= base - USABLE_POINTS
+
+
+def goal_rows(rows, meta, stages, variant=None, mode="uniform") -> list:
+    """One run's goal-table cells (``mode``): dicts with the markdown line, whether the cell is
+    usable (:func:`usable`) and the verdict."""
     crits = list(dict.fromkeys(r["criterion"] for r in rows))
     curv = [c for c in crits if is_curvature(c) and variant in (None, c)]
-    if not curv:
-        return []
     other = [c for c in crits if not is_curvature(c) and c != "random"]
+    if not curv or not other:
+        return []
     out = []
     for st in stages:
-        for ratio in sorted({r["ratio"] for r in rows}):
-            def mean_of(c):
-                v = seed_means(rows, c, st, ratio=ratio, scale=100.0)
-                return np.mean(list(v.values())) if v else -np.inf
-            bc, bo = max(curv, key=mean_of), max(other, key=mean_of)
-            a = seed_means(rows, bc, st, ratio=ratio, scale=100.0)
-            b = seed_means(rows, bo, st, ratio=ratio, scale=100.0)
+        for ratio in sorted({r["ratio"] for r in rows if r["mode"] == mode}):
+            means = _cell_means(rows, curv + other, st, mode, ratio)
+            if not any(c in means for c in curv) or not any(c in means for c in other):
+                continue
+            bc = max((c for c in curv if c in means), key=means.get)
+            bo = max((c for c in other if c in means), key=means.get)
+            a = seed_means(rows, bc, st, mode=mode, ratio=ratio, scale=100.0)
+            b = seed_means(rows, bo, st, mode=mode, ratio=ratio, scale=100.0)
             seeds = sorted(set(a) & set(b))
             pc = paired_comparison([a[s] for s in seeds], [b[s] for s in seeds])
             verdict = ("at or above" if pc["mean"] >= 0 else
                        "below (p<0.05)" if pc["p_t"] < 0.05 else "below, n.s.")
-            out.append(f"| {meta['label']} | {st} | {ratio:g} | {bc} {mean_of(bc):.1f} | "
-                       f"{bo} {mean_of(bo):.1f} | {pc['mean']:+.2f} ± {pc['std']:.2f} | "
-                       f"{pc['wins']}/{pc['ties']}/{pc['losses']} | {format_p(pc['p_t'])} | "
-                       f"{verdict} |")
+            ok = usable(rows, meta, st, mode, ratio)
+            out.append(dict(usable=ok, verdict=verdict, line=(
+                f"| {meta['label']} | {mode} | {st} | {ratio:g} | {'yes' if ok else 'no'} | "
+                f"{bc} {means[bc]:.1f} | {bo} {means[bo]:.1f} | "
+                f"{pc['mean']:+.2f} ± {pc['std']:.2f} | {pc['wins']}/{pc['ties']}/"
+                f"{pc['losses']} | {format_p(pc['p_t'])} | {verdict} |")))
     return out
 
 
@@ -494,14 +521,16 @@ def _ranks(loaded, common, groups) -> dict:
     """group -> criterion -> its rank in every (run, stage, ratio) cell of the group."""
     ranks = {g: {c: [] for c in common} for g in groups}
     for rows, _ in loaded:
-        ratios = sorted({r["ratio"] for r in rows})
-        for g, stages in groups.items():
-            for st in (s for s in stages if s in stages_present(rows)):
-                for ratio in ratios:
-                    m = {c: np.mean(list(seed_means(rows, c, st, ratio=ratio,
-                                                    scale=100.0).values())) for c in common}
-                    for c in common:        # ties share the best rank
-                        ranks[g][c].append(1 + sum(m[o] > m[c] for o in common))
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            ratios = sorted({r["ratio"] for r in rows if r["mode"] == mode})
+            for g, stages in groups.items():
+                for st in (s for s in stages if s in stages_present(rows)):
+                    for ratio in ratios:
+                        m = {c: np.mean(list(seed_means(rows, c, st, mode=mode, ratio=ratio,
+                                                        scale=100.0).values()))
+                             for c in common}
+                        for c in common:        # ties share the best rank
+                            ranks[g][c].append(1 + sum(m[o] > m[c] for o in common))
     return ranks
 
 
@@ -521,26 +550,69 @@ def mean_ranks(loaded) -> list:
     return out
 
 
-def goal_table(loaded, variant=None) -> list:
+def goal_table(loaded, variant=None, stages=None) -> list:
     """Markdown lines: the goal table (``variant``: one fixed curvature criterion instead of
-    the best of each cell)."""
+    the best of each cell; ``stages``: the repair stages to include), every cell listed, then
+    the verdict counted over the usable cells only."""
     who = f"`{variant}`" if variant else "the best curvature variant of each cell"
     lines = [f"## {who} against the best other criterion (paired over seeds)", "",
              "Best other: the non-curvature, non-random criterion with the highest mean in the "
              "cell. Difference = curvature - best other (percentage points, mean ± std over "
-             "seeds); W/T/L over seeds; p: paired t-test." +
+             "seeds); W/T/L over seeds; p: paired t-test; usable: some criterion within "
+             f"{USABLE_POINTS:g} points of the baseline." +
              ("" if variant else " Picking the best of several variants per cell favours "
               "curvature."), "",
-             "| model | stage | ratio | curvature (%) | best other (%) | difference | "
-             "W/T/L | p | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+             "| model | mode | stage | ratio | usable | curvature (%) | best other (%) | "
+             "difference | W/T/L | p | verdict |", "|---|" * 11]
+    cells = []
     for rows, meta in loaded:
-        st = [s for s in stages_present(rows) if s in repair_stages()]
-        lines += goal_rows(rows, meta, st, variant)
-    return lines + [""]
+        st = [s for s in stages_present(rows) if s in (stages or repair_stages())]
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            cells += goal_rows(rows, meta, st, variant, mode)
+    lines += [c["line"] for c in cells]
+    used = [c for c in cells if c["usable"]]
+    counts = {v: sum(c["verdict"] == v for c in used)
+              for v in ("at or above", "below, n.s.", "below (p<0.05)")}
+    lines += ["", f"Verdict over the {len(used)} usable cells (of {len(cells)}): " +
+              ", ".join(f"{v} {n}" for v, n in counts.items()) + ".", ""]
+    return lines
 
 
-def condensed_report(runs, variants=()) -> str:
-    """The Markdown of ``compare_report.py`` over the run folders ``runs``."""
+def condensed_plot(loaded, out_png: Path, stages: tuple, mode: str = "uniform") -> None:
+    """Accuracy against ratio: one row of panels per model, one panel per stage, one line per
+    criterion (mean ± std over seeds), the baseline dotted."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(loaded), len(stages), squeeze=False, sharey="row",
+                             figsize=(3.6 * len(stages), 2.9 * len(loaded)))
+    cmap = plt.get_cmap("tab10")
+    for i, (rows, meta) in enumerate(loaded):
+        crits = list(dict.fromkeys(r["criterion"] for r in rows))
+        ratios = sorted({r["ratio"] for r in rows if r["mode"] == mode})
+        base = 100 * float(np.mean([s["base_acc"] for s in meta["seeds"]]))
+        for j, st in enumerate(stages):
+            ax = axes[i][j]
+            _plot_panel(ax, rows, crits, mode, st, ratios, cmap)
+            ax.axhline(base, color="k", lw=0.8, ls=":", label="baseline")
+            ax.set_title(f"{meta['label']}: {st}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if i == len(loaded) - 1:
+                ax.set_xlabel(f"pruning ratio ({mode})")
+            if j == 0:
+                ax.set_ylabel("test accuracy (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center right", frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def condensed_report(runs, variants=(), stages=None, plot_to=None) -> str:
+    """The Markdown of ``compare_report.py`` over the run folders ``runs`` (``stages``: the
+    repair stages of the goal tables, default all; ``plot_to``: also write the accuracy plot
+    of every model by stage there, one PNG per mode, ``<stem>-<mode>.png``)."""
     loaded = [load_labelled(Path(r)) for r in runs]
     lines = ["## Baselines", "", "| model | epochs | test accuracy (%) | training time per seed |",
              "|---|---|---|---|"]
@@ -549,13 +621,24 @@ def condensed_report(runs, variants=()) -> str:
     for rows, meta in loaded:
         lines += stage_table(rows, meta)
     ranks = mean_ranks(loaded)
-    lines += ["## Mean rank over models, ratios and stages", "",
+    lines += ["## Mean rank over models, modes, ratios and stages", "",
               f"Rank 1 = the best mean accuracy of a cell, among the {len(ranks) - 2} "
               "criteria run on every model.", ""]
     lines += ranks + [""]
-    lines += goal_table(loaded)
+    lines += goal_table(loaded, stages=stages)
     for v in variants:
-        lines += goal_table(loaded, v)
-    lines += ["Generated by `python benchmarks/compare_report.py " + " ".join(map(str, runs))
-              + "".join(f" --variant {v}" for v in variants) + "`."]
+        lines += goal_table(loaded, v, stages=stages)
+    if plot_to is not None:
+        plot_stages = tuple(s for s in ("pruned", "bias+bn", "lsq", "lsq+bn")
+                            if any(s in stages_present(r) for r, _ in loaded))
+        for mode in dict.fromkeys(r["mode"] for rows, _ in loaded for r in rows):
+            png = Path(plot_to).with_name(f"{Path(plot_to).stem}-{mode}.png")
+            condensed_plot(loaded, png, plot_stages, mode)
+            lines += [f"![accuracy by stage, {mode} pruning]({png.name})", ""]
+    cmd = " ".join(map(str, runs)) + "".join(f" --variant {v}" for v in variants)
+    if stages:
+        cmd += " --stages " + " ".join(stages)
+    if plot_to is not None:
+        cmd += f" --plot {plot_to}"
+    lines += [f"Generated by `python benchmarks/compare_report.py {cmd}`."]
     return "\n".join(lines) + "\n"

@@ -224,7 +224,7 @@ def test_compare_report_tables_from_synthetic_runs(tmp_path):
     best non-random other criterion of each cell, paired over seeds."""
     from scipy.stats import ttest_rel
     acc = {  # criterion -> seed -> ratio -> acc_bias
-        "random": {0: {0.3: .99, 0.5: .99}, 1: {0.3: .99, 0.5: .99}, 2: {0.3: .99, 0.5: .99}},
+        "random": {0: {0.3: .99, 0.5: .50}, 1: {0.3: .99, 0.5: .50}, 2: {0.3: .99, 0.5: .50}},
         "l1": {0: {0.3: .80, 0.5: .60}, 1: {0.3: .82, 0.5: .62}, 2: {0.3: .81, 0.5: .58}},
         "wanda": {0: {0.3: .85, 0.5: .50}, 1: {0.3: .86, 0.5: .51}, 2: {0.3: .84, 0.5: .52}},
         "curvature": {0: {0.3: .86, 0.5: .40}, 1: {0.3: .87, 0.5: .40}, 2: {0.3: .83, 0.5: .40}},
@@ -235,8 +235,8 @@ def test_compare_report_tables_from_synthetic_runs(tmp_path):
             for c, by_seed in acc.items() for s, by_r in by_seed.items() for r, a in by_r.items()]
     meta = {"args": {"dataset": "digits", "model": "mlp", "epochs": 3, "width": None,
                      "train_subset": None},
-            "seeds": [{"seed": s, "test_acc_full": 0.9 + 0.01 * s, "train_time_s": 10.0}
-                      for s in range(3)]}
+            "seeds": [{"seed": s, "test_acc_full": 0.9 + 0.01 * s, "train_time_s": 10.0,
+                       "base_acc": 0.9} for s in range(3)]}
     run = tmp_path / "digits-mlp"           # labelled by the folder name: "mlp"
     run.mkdir()
     (run / "rows.json").write_text(json.dumps(rows))
@@ -247,12 +247,17 @@ def test_compare_report_tables_from_synthetic_runs(tmp_path):
     assert "| l1 | **50.0 ± 0.0** | 70.5 ± 1.3 |" in text     # a tie for best is bold
     # ratio 0.3: best curvature = curvature (85.3) vs wanda (85.0), random is not a peer
     p = ttest_rel([86, 87, 83], [85, 86, 84]).pvalue
-    assert (f"| mlp | bias | 0.3 | curvature 85.3 | wanda 85.0 | +0.33 ± 1.15 | 2/0/1 | "
-            f"{p:.3f} | at or above |") in text
-    # mean ranks: all tie right after pruning; after repair (bias) l1 ranks 4 and 2
-    assert "| l1 | 1.0 | 3.0 |" in text and "| curvature-flow | 1.0 | 4.0 |" in text
+    assert (f"| mlp | uniform | bias | 0.3 | yes | curvature 85.3 | wanda 85.0 | +0.33 ± 1.15 | "
+            f"2/0/1 | {p:.3f} | at or above |") in text
+    # mean ranks: all tie right after pruning; after repair (bias) l1 ranks 4 and 1,
+    # curvature-flow 5 and 2
+    assert "| l1 | 1.0 | 2.5 |" in text and "| curvature-flow | 1.0 | 3.5 |" in text
     # ratio 0.5: best curvature = curvature-flow (58.7) vs l1 (60.0): below, not significant
-    assert "| mlp | bias | 0.5 | curvature-flow 58.7 | l1 60.0 | -1.33 ± 2.08 | 1/0/2 |" in text
+    assert ("| mlp | uniform | bias | 0.5 | no | curvature-flow 58.7 | l1 60.0 | -1.33 ± 2.08 | "
+            "1/0/2 |") in text
+    # the verdict counts the usable cells only (some criterion within 10 points of 90%)
+    assert ("Verdict over the 1 usable cells (of 2): at or above 1, below, n.s. 0, "
+            "below (p<0.05) 0.") in text
 
 
 @pytest.mark.slow
