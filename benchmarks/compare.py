@@ -112,9 +112,10 @@ def _comparison_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repair-ridge", type=float, default=None,
                    help="relative ridge of the lsq stages (default: the library's "
                         "tp_curvature.repair.DEFAULT_RIDGE)")
-    g.add_argument("--repair-sequential", action="store_true",
-                   help="lsq stages refit layer after layer on the repaired pruned model's "
-                        "inputs (default: each layer on the unpruned model's inputs)")
+    g.add_argument("--repair-independent", action="store_true",
+                   help="lsq stages refit each layer on the unpruned model's inputs (default: "
+                        "the library's sequential refit, layer after layer on the repaired "
+                        "pruned model's inputs)")
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:

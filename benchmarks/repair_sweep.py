@@ -63,7 +63,7 @@ def run(args) -> list:
     rows = []
     for seed in args.seeds:
         sd = prepare_seed(args, seed, data)
-        stats = LeastSquaresRepair().calibrate(sd.base, sd.x)       # moments shared by ridges
+        stats = LeastSquaresRepair(sequential=False).calibrate(sd.base, sd.x)   # shared moments
         for name in args.criteria:
             scores, _, _ = score_criterion(sd, name)
             cached = CachedImportance(scores, name)

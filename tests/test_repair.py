@@ -32,24 +32,31 @@ def _rel(a, b):
 # unpruned output on fresh data from the same subspace.
 
 def _exact_case(model, make_input, layer, idxs, fn, n_cal=256):
+    """(output error after pruning, worst output error after the repair, sequential and
+    independent) on fresh data."""
     torch.manual_seed(1)
     model.eval()
     x_cal, x_new = make_input(n_cal), make_input(64)
     with torch.no_grad():
         y_new = model(x_new)
-    repair = LeastSquaresRepair(ridge=0.0).calibrate(model, x_cal)
-    dg = _prune(model, x_cal[:1], layer, idxs, fn)
-    with torch.no_grad():
-        pruned_err = _rel(model(x_new), y_new)
-    repair.apply(model, dg)
-    with torch.no_grad():
-        return pruned_err, _rel(model(x_new), y_new)
+    name = next(n for n, m in model.named_modules() if m is layer)
+    errs = []
+    for sequential in (True, False):
+        work = copy.deepcopy(model)
+        repair = LeastSquaresRepair(ridge=0.0, sequential=sequential).calibrate(work, x_cal)
+        dg = _prune(work, x_cal[:1], work.get_submodule(name), idxs, fn)
+        with torch.no_grad():
+            pruned_err = _rel(work(x_new), y_new)
+        repair.apply(work, dg)
+        with torch.no_grad():
+            errs.append(_rel(work(x_new), y_new))
+    return pruned_err, max(errs), work
 
 
 def test_linear_exact():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8, bias=False), nn.Linear(8, 4))
-    before, after = _exact_case(model, lambda n: torch.randn(n, 5), model[0], [1, 5, 6],
+    before, after, model = _exact_case(model, lambda n: torch.randn(n, 5), model[0], [1, 5, 6],
                                 tp.prune_linear_out_channels)
     assert before > 0.05 and after < 1e-6
 
@@ -57,7 +64,7 @@ def test_linear_exact():
 def test_linear_on_tokens_exact():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8, bias=False), nn.Linear(8, 4))
-    before, after = _exact_case(model, lambda n: torch.randn(n, 5, 6), model[0], [0, 7],
+    before, after, model = _exact_case(model, lambda n: torch.randn(n, 5, 6), model[0], [0, 7],
                                 tp.prune_linear_out_channels)
     assert before > 0.05 and after < 1e-6
 
@@ -66,7 +73,7 @@ def test_conv_exact():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(5, 8, 1, bias=False), nn.Conv2d(8, 5, 3, padding=1,
                                                                      stride=2))
-    before, after = _exact_case(model, lambda n: torch.randn(n, 5, 6, 6), model[0],
+    before, after, model = _exact_case(model, lambda n: torch.randn(n, 5, 6, 6), model[0],
                                 [2, 3, 7], tp.prune_conv_out_channels)
     assert before > 0.05 and after < 1e-6
 
@@ -74,7 +81,7 @@ def test_conv_exact():
 def test_grouped_conv_exact():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.Conv2d(8, 6, 3, groups=2))
-    before, after = _exact_case(model, lambda n: torch.randn(n, 3, 5, 5), model[0], [3, 7],
+    before, after, model = _exact_case(model, lambda n: torch.randn(n, 3, 5, 5), model[0], [3, 7],
                                 tp.prune_conv_out_channels)
     assert model[1].weight.shape == (6, 3, 3, 3)
     assert before > 0.05 and after < 1e-6
@@ -83,7 +90,7 @@ def test_grouped_conv_exact():
 def test_linear_after_flatten_exact():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 6, 1, bias=False), nn.Flatten(), nn.Linear(6 * 16, 5))
-    before, after = _exact_case(model, lambda n: torch.randn(n, 4, 4, 4), model[0], [1, 4],
+    before, after, model = _exact_case(model, lambda n: torch.randn(n, 4, 4, 4), model[0], [1, 4],
                                 tp.prune_conv_out_channels, n_cal=512)
     assert model[2].weight.shape == (5, 4 * 16)
     assert before > 0.05 and after < 1e-6
@@ -300,7 +307,7 @@ def test_layer_over_the_gram_budget_gets_the_bias_repair():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
     x = torch.randn(32, 4)
-    repair = LeastSquaresRepair(max_gram_bytes=8).calibrate(model, x)
+    repair = LeastSquaresRepair(max_gram_bytes=8, sequential=False).calibrate(model, x)
     dg = _prune(model, x[:1], model[0], [0])
     with pytest.warns(UserWarning, match="'2'.*max_gram_bytes.*bias-only"):
         _, log = repair.apply(model, dg, log=True)
@@ -339,3 +346,22 @@ def test_one_repair_serves_many_pruned_copies():
         del pruner
         gc.collect()
         assert len(repair._tracks) == 0
+
+
+def test_sequential_one_pass_equals_one_pass_per_depth():
+    """With one calibration batch the sequential refit runs in one pass (each layer refit at
+    its tap); with the same data in two batches, one pass per depth: the same refit."""
+    torch.manual_seed(0)
+    base = _trained_like(_Res())
+    x = torch.randn(96, 3, 8, 8)
+    out = []
+    for data in (x, [x[:48], x[48:]]):
+        model = copy.deepcopy(base)
+        repair = LeastSquaresRepair(sequential=True).calibrate(model, data)
+        pruner = tp.pruner.BasePruner(model, x[:1], tp.importance.GroupMagnitudeImportance(),
+                                      pruning_ratio=0.5, ignored_layers=[model.head[2]])
+        pruner.step()
+        repair.apply(model, pruner)
+        out.append(model)
+    for (n, a), b in zip(out[0].named_parameters(), out[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=n)

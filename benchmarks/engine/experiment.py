@@ -62,8 +62,6 @@ from .criteria import CachedImportance, compute_scores, make_criterion, make_pru
 from .data import calibration_batch, load_dataset, stratified_subset
 from .peers import input_means, prune_with_bias_compensation
 from .presets import PRESETS, CurvatureOverrides
-from tp_curvature.repair import DEFAULT_RIDGE
-
 from .training import (TrainConfig, evaluate, finetune, make_loader, recalibrate_bn, set_seed,
                        train_or_load)
 
@@ -216,13 +214,13 @@ class SeedData:
 
     def repair(self):
         """:class:`tp_curvature.LeastSquaresRepair` calibrated on the unpruned baseline with
-        the calibration batch (one pass per seed, on first use; ``--repair-ridge``,
-        ``--repair-sequential``)."""
+        the calibration batch (once per seed, on first use; ``--repair-ridge``,
+        ``--repair-independent``)."""
         if self._repair is None:
             from tp_curvature import LeastSquaresRepair
             self._repair = LeastSquaresRepair(
-                ridge=getattr(self.args, "repair_ridge", None) or DEFAULT_RIDGE,
-                sequential=bool(getattr(self.args, "repair_sequential", False)))
+                ridge=getattr(self.args, "repair_ridge", None),
+                sequential=not getattr(self.args, "repair_independent", False))
             self._repair.calibrate(self.base, self.x)
         return self._repair
 

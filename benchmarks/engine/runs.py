@@ -28,7 +28,7 @@ EXPERIMENT_OPTIONS = ("dataset", "model", "epochs", "batch_size", "optimizer", "
                       "weight_decay", "train_subset", "augment", "width", "model_kwargs", "seeds",
                       "ratios", "modes", "calib_size", "calib_per_class", "calib_correct",
                       "eval_subset", "stages", "finetune_epochs", "finetune_subset",
-                      "finetune_lr", "repair_ridge", "repair_sequential")
+                      "finetune_lr", "repair_ridge", "repair_independent")
 
 
 def nan_for_none(rows: list) -> list:

@@ -16,9 +16,10 @@ from ._replay import Kept, dependency_graph, replay
 from ._solve import relative_error, ridge_refit
 from ._statistics import GramStatistics, LayerSpec, layer_specs
 
-#: ridge relative to the mean diagonal of the kept features' second moment (measured sweep:
-#: docs/repair.md)
-DEFAULT_RIDGE = 1e-3
+#: ridge relative to the mean diagonal of the kept features' second moment, by refit
+#: (sequential or not): the best of the measured sweep on four Fashion-MNIST models
+#: (docs/repair.md, ``benchmarks/repair_sweep.py``)
+DEFAULT_RIDGE = {True: 1e-1, False: 1e-2}
 #: the largest Gram matrix kept per layer (float64); larger layers get the bias-only repair
 DEFAULT_MAX_GRAM_BYTES = 256 << 20
 
@@ -57,12 +58,14 @@ class LeastSquaresRepair:
                \lambda \|W' - W_S\|^2
 
     over the kept features ``S`` (:mod:`tp_curvature.repair._solve`), with
-    ``lambda = ridge * mean(diag E[x_S x_S^T])``. ``bias_only=True`` refits the bias alone:
-    FLAP's bias compensation :math:`b' = b + W_R \mathbb E[x_R]`. ``sequential=True`` refits
-    the layers in forward order, each on the inputs the already repaired pruned layers before
-    it produce (the error-propagation fix of SparseGPT / SlimGPT; one streaming pass per depth
-    level after pruning); the default refits each layer on the unpruned model's inputs, from
-    the one pass before pruning.
+    ``lambda = ridge * mean(diag E[x_S x_S^T])``. By default the refit is *sequential*: the
+    layers in forward order, each on the inputs the already repaired pruned layers before it
+    produce (the error-propagation fix of SparseGPT / SlimGPT), from one paired pass of the
+    unpruned and the pruned model after pruning (one pass per depth level when the calibration
+    data has several batches). ``sequential=False`` refits each layer on the unpruned model's
+    inputs, from the statistics of the pass before pruning (cheaper with many batches, less
+    accurate: see docs/repair.md). ``bias_only=True`` refits the bias alone: FLAP's bias
+    compensation :math:`b' = b + W_R \mathbb E[x_R]`.
 
     Which channels each layer kept is read from the pruner's pruning history, replayed on a
     copy of the calibrated model: the replayed copy must equal the pruned model parameter by
@@ -75,12 +78,13 @@ class LeastSquaresRepair:
 
     Parameters
     ----------
-    ridge : float >= 0
-        Relative ridge (default :data:`DEFAULT_RIDGE`).
+    ridge : float >= 0, optional
+        Relative ridge (default :data:`DEFAULT_RIDGE`: 0.1 sequential, 0.01 independent).
     bias_only : bool
-        Refit the bias alone (FLAP's bias compensation).
-    sequential : bool
-        Refit layer after layer on the repaired pruned model's inputs.
+        Refit the bias alone (FLAP's bias compensation; implies ``sequential=False``).
+    sequential : bool, optional
+        Refit layer after layer on the repaired pruned model's inputs (default True unless
+        ``bias_only``).
     max_gram_bytes : int
         The largest Gram matrix (float64) kept for one layer.
     max_batches : int, optional
@@ -105,9 +109,14 @@ class LeastSquaresRepair:
     (['2'], torch.Size([4, 8]))
     """
 
-    def __init__(self, *, ridge: float = DEFAULT_RIDGE, bias_only: bool = False,
-                 sequential: bool = False, max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES,
+    def __init__(self, *, ridge: Optional[float] = None, bias_only: bool = False,
+                 sequential: Optional[bool] = None,
+                 max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES,
                  max_batches: Optional[int] = None, progress: bool = False):
+        if sequential is None:
+            sequential = not bias_only
+        if ridge is None and isinstance(sequential, bool):
+            ridge = DEFAULT_RIDGE[sequential]
         if not (isinstance(ridge, numbers.Real) and not isinstance(ridge, bool) and ridge >= 0):
             raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
         for name, v in (("bias_only", bias_only), ("sequential", sequential),
@@ -143,8 +152,9 @@ class LeastSquaresRepair:
         data = CalibrationData(data, cap, forward_fn)
         stats: list = []
 
-        def observers(program):
-            stats.append(GramStatistics(layer_specs(program, model), self.max_gram_bytes))
+        def observers(program):             # (the sequential refit needs the means only here)
+            budget = 0 if self.sequential else self.max_gram_bytes
+            stats.append(GramStatistics(layer_specs(program, model), budget))
             return stats
 
         observe(model, data, observers, self.progress)

@@ -1,8 +1,10 @@
 """The sequential refit: each layer on the inputs the already repaired pruned layers produce.
 
 The unpruned copy and the pruned model run side by side on every calibration batch (one
-exported program of the pair, so one streaming pass gives both inputs of a layer). The layers
-to refit are taken by depth (a layer's depth is one more than the deepest layer to refit
+exported program of the pair, so one streaming pass gives both inputs of a layer). With a
+single calibration batch, one pass refits every layer: the observer refits a layer at its tap,
+before the pruned model runs it, so the layers after it see its repaired output. With several
+batches the layers to refit are taken by depth (a layer's depth is one more than the deepest layer to refit
 upstream of it); each depth is one pass accumulating, per layer, ``A = E[x^_S x^_S^T]`` (the
 pruned model's input, its kept features and a constant) and ``C = E[x~ x^_S^T]`` (against the
 unpruned model's input), then every layer of that depth is refit
@@ -34,6 +36,7 @@ class CrossMoments:
     """Observer: for each layer of one depth, the moments of the pruned input against itself
     and against the unpruned input (``specs``: name -> (unpruned spec, pruned spec))."""
     specs: dict
+    on_seen: object = None          # called (name, self) after each pruned input (one batch)
     pending: dict = field(default_factory=dict)
     auto: dict = field(default_factory=dict)
     cross: dict = field(default_factory=dict)
@@ -65,6 +68,8 @@ class CrossMoments:
         self.auto[name].baddbmm_(fp, fp.transpose(1, 2))
         self.cross[name].baddbmm_(fo, fp.transpose(1, 2))
         self.rows[name] += fp.shape[2]
+        if self.on_seen is not None:    # refit now: the pruned layer runs after its tap
+            self.on_seen(name, self)
 
 
 def _with_constant(cols: torch.Tensor) -> torch.Tensor:
@@ -73,46 +78,62 @@ def _with_constant(cols: torch.Tensor) -> torch.Tensor:
 
 def sequential_refits(repair, model: nn.Module, track, todo: list) -> dict:
     """``{layer: ((weight, bias) or None, info)}``, each refit written into ``model`` as soon
-    as it is computed (restored after an error)."""
-    from ._repair import _assign, _feature_index, _original_rows, _rows_by_group, _unflatten
+    as it is computed (restored after an error). With a single calibration batch one pass does
+    it all: each layer is refit at its tap, before the pruned model runs it; otherwise one pass
+    per depth (:func:`_waves`)."""
     if not todo:
         return {}
     saved = {n: _snapshot(model.get_submodule(n)) for n in todo}
     try:
-        for n in todo:
-            module = model.get_submodule(n)
-            if module.bias is None:
-                _assign(module, module.weight.detach(), torch.zeros(module.weight.shape[0]))
-        pair = _Pair(repair._original, model)
-        data = repair._data
-
-        def pair_forward(p, batch):
-            return data.forward_fn(p.original, batch), data.forward_fn(p.pruned, batch)
-
-        with data.open() as (first, _):
-            program = export_program(pair, first, pair_forward)
-        specs = {s.name: s for s in layer_specs(program, pair)}
-        refits = {}
-        for wave in _waves(program, specs, todo):
-            obs = CrossMoments({n: (specs["original." + n], specs["pruned." + n]) for n in wave})
-            program.run(pair, iter(data), [obs], repair.progress, data.length_hint())
-            for n in wave:
-                spec = repair._specs[n]
-                keep = _feature_index(spec, track.kept.keep_in[n])
-                w0, b0 = _original_rows(repair._original.get_submodule(n),
-                                        track.kept.keep_out.get(n))
-                rows = _rows_by_group(spec, track.kept.keep_out.get(n), w0.shape[0])
-                flat, info = _refit_layer(repair, spec, obs, n, w0, b0, keep, rows)
-                new = None if flat is None else _unflatten(
-                    spec, repair._original.get_submodule(n), flat, keep.numel())
-                if new is not None:
-                    _assign(model.get_submodule(n), *new)
-                refits[n] = (new, info)
-        return refits
+        return _refit_all(repair, model, track, todo)
     except BaseException:
         for n, snap in saved.items():
             _restore(model.get_submodule(n), snap)
         raise
+
+
+def _refit_all(repair, model: nn.Module, track, todo: list) -> dict:
+    from ._repair import _assign, _feature_index, _original_rows, _rows_by_group, _unflatten
+    for n in todo:
+        module = model.get_submodule(n)
+        if module.bias is None:
+            _assign(module, module.weight.detach(), torch.zeros(module.weight.shape[0]))
+    pair = _Pair(repair._original, model)
+    data = repair._data
+
+    def pair_forward(p, batch):
+        return data.forward_fn(p.original, batch), data.forward_fn(p.pruned, batch)
+
+    with data.open() as (first, _):
+        program = export_program(pair, first, pair_forward)
+    specs = {s.name: s for s in layer_specs(program, pair)}
+    refits = {}
+
+    def refit(n: str, obs: CrossMoments) -> None:
+        spec = repair._specs[n]
+        keep = _feature_index(spec, track.kept.keep_in[n])
+        w0, b0 = _original_rows(repair._original.get_submodule(n), track.kept.keep_out.get(n))
+        rows = _rows_by_group(spec, track.kept.keep_out.get(n), w0.shape[0])
+        flat, info = _refit_layer(repair, spec, obs, n, w0, b0, keep, rows)
+        new = None if flat is None else _unflatten(
+            spec, repair._original.get_submodule(n), flat, keep.numel())
+        if new is not None:
+            _assign(model.get_submodule(n), *new)
+        refits[n] = (new, info)
+
+    def pairs(names):
+        return {n: (specs["original." + n], specs["pruned." + n]) for n in names}
+
+    if data.length_hint() == 1:
+        obs = CrossMoments(pairs(todo), on_seen=refit)
+        program.run(pair, iter(data), [obs], repair.progress, 1)
+        return refits
+    for wave in _waves(program, specs, todo):
+        obs = CrossMoments(pairs(wave))
+        program.run(pair, iter(data), [obs], repair.progress, data.length_hint())
+        for n in wave:
+            refit(n, obs)
+    return refits
 
 
 def _refit_layer(repair, spec, obs: CrossMoments, name, w0, b0, keep, rows) -> tuple:
