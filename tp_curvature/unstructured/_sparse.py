@@ -474,6 +474,21 @@ def _active(nb, m, a, out_nb, out_a):
     return c
 
 
+@numba.njit(cache=True)
+def _fill_support(nb, st, m, a, k, flow_measure, float32, one_minus_alpha, out_idx, out_mass,
+                  row):
+    """Row ``row`` of a top-k support from the ``m`` neighbours ``nb`` (edge strengths ``st``,
+    node values ``a``): the library's log-domain weights, or (``float32``) the authors'
+    float32 measure (:func:`._conventions.float32_fill`)."""
+    if float32:
+        act, av = np.empty(m, np.int64), np.empty(m)
+        c = _active(nb, m, a, act, av)
+        float32_fill(act, av, c, k, one_minus_alpha, out_idx, out_mass, row)
+    else:
+        lw = _log_weights(nb, st, m, a, flow_measure)
+        _topk_fill(nb, lw, m, k, out_idx, out_mass, row)
+
+
 @numba.njit(parallel=True, cache=True)
 def pred_supports(n, k, flow_measure, a_src, g, float32=False, one_minus_alpha=0.0):
     """For every output element x of the op with geometry ``g``: the top-k of its
@@ -489,13 +504,8 @@ def pred_supports(n, k, flow_measure, a_src, g, float32=False, one_minus_alpha=0
         src = np.empty(fan, np.int64)
         st = np.empty(fan)
         m = _in_edges(x, gx, src, st)
-        if float32:
-            act, av = np.empty(fan, np.int64), np.empty(fan)
-            c = _active(src, m, a_src, act, av)
-            float32_fill(act, av, c, k, one_minus_alpha, out_idx, out_mass, x)
-        else:
-            lw = _log_weights(src, st, m, a_src, flow_measure)
-            _topk_fill(src, lw, m, k, out_idx, out_mass, x)
+        _fill_support(src, st, m, a_src, k, flow_measure, float32, one_minus_alpha, out_idx,
+                      out_mass, x)
     return out_idx, out_mass
 
 
@@ -512,13 +522,8 @@ def succ_supports(n, k, flow_measure, a_dst, g, float32=False, one_minus_alpha=0
         dst = np.empty(fan, np.int64)
         st = np.empty(fan)
         m = _out_edges(y, gy, dst, st)
-        if float32:
-            act, av = np.empty(fan, np.int64), np.empty(fan)
-            c = _active(dst, m, a_dst, act, av)
-            float32_fill(act, av, c, k, one_minus_alpha, out_idx, out_mass, y)
-        else:
-            lw = _log_weights(dst, st, m, a_dst, flow_measure)
-            _topk_fill(dst, lw, m, k, out_idx, out_mass, y)
+        _fill_support(dst, st, m, a_dst, k, flow_measure, float32, one_minus_alpha, out_idx,
+                      out_mass, y)
     return out_idx, out_mass
 
 
