@@ -69,7 +69,8 @@ Supported models
 Input checks
     Everything is checked before any work (and, for pruning, before any mask is applied, so a
     refused call never leaves a model half-masked): the options (``output``, ``reduce``, every
-    ``CurvatureConfig`` field, ``sparsity``, ``order``, ``scope``, ``tie_break``), the images
+    ``CurvatureConfig`` field, ``conventions`` (``"authors"`` only with the paper's
+    definition), ``sparsity``, ``order``, ``scope``, ``tie_break``), the images
     (a non-empty floating-point tensor ``(N, ...)`` or an ``(images, targets)`` pair, all
     finite), the weights, biases and BatchNorm statistics of every layer of the chain, the node
     values the forward pass produces, and every score / mask tensor (its key must be a Conv2d /
