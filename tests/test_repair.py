@@ -365,3 +365,29 @@ def test_sequential_one_pass_equals_one_pass_per_depth():
         out.append(model)
     for (n, a), b in zip(out[0].named_parameters(), out[1].parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_sampled_positions_keep_exactness_and_determinism():
+    """Beyond ``max_rows`` a convolution's positions are sampled (the same ones for the
+    unpruned and the pruned input): exact linear relations stay exact, and the sample is
+    fixed by the layer and the batch."""
+    from tp_curvature.repair._statistics import row_seed, sampled_positions
+    spec = LayerSpec("c", "x", "conv", 8, 5, 1, (3, 3), (1, 1), (1, 1), (1, 1))
+    x = torch.randn(16, 8, 6, 6)
+    a = sampled_positions(spec, x, 64, row_seed("c", 0))
+    assert a.numel() == 4 and torch.equal(a, sampled_positions(spec, x, 64, row_seed("c", 0)))
+    assert not torch.equal(a, sampled_positions(spec, x, 64, row_seed("c", 1)))
+    assert sampled_positions(spec, x, 16 * 36, 0) is None
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(5, 8, 1, bias=False), nn.Conv2d(8, 5, 3, padding=1))
+    x_cal, x_new = torch.randn(64, 5, 6, 6), torch.randn(32, 5, 6, 6)
+    with torch.no_grad():
+        y = model(x_new)
+    for sequential in (True, False):
+        work = copy.deepcopy(model).eval()
+        repair = LeastSquaresRepair(ridge=0.0, sequential=sequential, max_rows=256)
+        repair.calibrate(work, x_cal)
+        dg = _prune(work, x_cal[:1], work[0], [2, 3, 7], tp.prune_conv_out_channels)
+        repair.apply(work, dg)
+        with torch.no_grad():
+            assert _rel(work(x_new), y) < 1e-6

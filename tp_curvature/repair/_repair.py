@@ -22,6 +22,10 @@ from ._statistics import GramStatistics, LayerSpec, layer_specs
 DEFAULT_RIDGE = {True: 1e-1, False: 1e-2}
 #: the largest Gram matrix kept per layer (float64); larger layers get the bias-only repair
 DEFAULT_MAX_GRAM_BYTES = 256 << 20
+#: rows (sample x position) per layer and calibration batch entering the moments: a
+#: convolution's positions are sampled beyond it (the same positions for the unpruned and
+#: the pruned input), its cost then no longer grows with the feature map
+DEFAULT_MAX_ROWS = 16384
 
 
 class RepairError(RuntimeError):
@@ -87,6 +91,10 @@ class LeastSquaresRepair:
         ``bias_only``).
     max_gram_bytes : int
         The largest Gram matrix (float64) kept for one layer.
+    max_rows : int or None
+        At most this many rows (sample x output position, or tokens) per layer and batch
+        enter the moments; beyond it a fixed random subset of positions is used, the same for
+        every sample of the batch (default :data:`DEFAULT_MAX_ROWS`; None: all).
     max_batches : int, optional
         Use at most this many calibration batches.
     progress : bool
@@ -112,6 +120,7 @@ class LeastSquaresRepair:
     def __init__(self, *, ridge: Optional[float] = None, bias_only: bool = False,
                  sequential: Optional[bool] = None,
                  max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES,
+                 max_rows: Optional[int] = DEFAULT_MAX_ROWS,
                  max_batches: Optional[int] = None, progress: bool = False):
         if sequential is None:
             sequential = not bias_only
@@ -132,6 +141,10 @@ class LeastSquaresRepair:
         self.bias_only = bias_only
         self.sequential = sequential
         self.max_gram_bytes = int(max_gram_bytes)
+        if max_rows is not None and (not isinstance(max_rows, numbers.Integral)
+                                     or isinstance(max_rows, bool) or max_rows < 1):
+            raise ValueError(f"max_rows must be a positive int or None, got {max_rows!r}")
+        self.max_rows = None if max_rows is None else int(max_rows)
         self.max_batches = check_max_batches(max_batches)
         self.progress = progress
         self._original: Optional[nn.Module] = None
@@ -144,24 +157,31 @@ class LeastSquaresRepair:
     # ------------------------------------------------------------------ calibration
     def calibrate(self, model: nn.Module, data, forward_fn: Optional[Callable] = None,
                   max_batches: Optional[int] = None) -> "LeastSquaresRepair":
-        """Record the input statistics of every layer of the unpruned ``model`` (one
-        streaming pass over ``data``, see
-        :class:`~tp_curvature.calibration.CalibrationData`) and keep a copy of it (the
-        targets of the refits)."""
+        """Keep a copy of the unpruned ``model`` (the targets of the refits) and the data (any
+        form of :class:`~tp_curvature.calibration.CalibrationData`). The independent refit
+        records every layer's input statistics now, in one streaming pass; the sequential one
+        only reads the data through once (checking every batch; a one-shot iterator's batches
+        are kept) and makes its pass after pruning, in :meth:`apply`."""
         cap = self.max_batches if max_batches is None else check_max_batches(max_batches)
         data = CalibrationData(data, cap, forward_fn)
-        stats: list = []
+        specs, moments = {}, {}
+        if self.sequential:
+            for _ in data:
+                pass
+        else:
+            stats: list = []
 
-        def observers(program):             # (the sequential refit needs the means only here)
-            budget = 0 if self.sequential else self.max_gram_bytes
-            stats.append(GramStatistics(layer_specs(program, model), budget))
-            return stats
+            def observers(program):
+                stats.append(GramStatistics(layer_specs(program, model), self.max_gram_bytes,
+                                            self.max_rows))
+                return stats
 
-        observe(model, data, observers, self.progress)
+            observe(model, data, observers, self.progress)
+            specs = {s.name: s for s in stats[0].specs}
+            moments = stats[0].moments
         self._original = copy.deepcopy(model)
         self._data = data
-        self._specs = {s.name: s for s in stats[0].specs}
-        self._moments = stats[0].moments
+        self._specs, self._moments = specs, moments
         self._tracks = weakref.WeakKeyDictionary()
         return self
 
@@ -181,7 +201,7 @@ class LeastSquaresRepair:
         replay(track.copy, track.graph, history[track.n_history:], track.kept)
         _check_same(model, track.copy)
         todo = [n for n, k in track.kept.keep_in.items()
-                if n in self._specs and track.done.get(n) != k.numel()]
+                if (self.sequential or n in self._specs) and track.done.get(n) != k.numel()]
         if self.sequential:
             from ._sequential import sequential_refits
             refits = sequential_refits(self, model, track, todo)

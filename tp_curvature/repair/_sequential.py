@@ -15,13 +15,14 @@ the model gets back every value this function changed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from .._export import export_program
 from ._solve import ridge_refit
-from ._statistics import layer_specs
+from ._statistics import layer_specs, row_seed, sampled_positions
 
 
 class _Pair(nn.Module):
@@ -34,13 +35,16 @@ class _Pair(nn.Module):
 @dataclass
 class CrossMoments:
     """Observer: for each layer of one depth, the moments of the pruned input against itself
-    and against the unpruned input (``specs``: name -> (unpruned spec, pruned spec))."""
+    and against the unpruned input (``specs``: name -> (unpruned spec, pruned spec); rows
+    capped by ``max_rows`` with the same sampled positions on both sides)."""
     specs: dict
+    max_rows: Optional[int] = None
     on_seen: object = None          # called (name, self) after each pruned input (one batch)
     pending: dict = field(default_factory=dict)
     auto: dict = field(default_factory=dict)
     cross: dict = field(default_factory=dict)
     rows: dict = field(default_factory=dict)
+    batches: dict = field(default_factory=dict)
 
     def taps(self) -> dict:
         taps: dict = {}
@@ -56,24 +60,30 @@ class CrossMoments:
             return
         orig_spec, pruned_spec = self.specs[name]
         xo = self.pending.pop(name)
-        xp = x.detach()
-        fo = _with_constant(orig_spec.features(xo))          # (groups, F+1, rows)
-        fp = _with_constant(pruned_spec.features(xp))        # (groups, k+1, rows)
+        b = self.batches[name] = self.batches.get(name, -1) + 1
+        keep = sampled_positions(orig_spec, xo, self.max_rows, row_seed(name, b))
+        fo = orig_spec.features(xo, keep)                # (groups, F, rows) float64
+        fp = pruned_spec.features(x.detach(), keep)      # (groups, k, rows)
         if name not in self.auto:
-            self.auto[name] = torch.zeros(fp.shape[0], fp.shape[1], fp.shape[1],
-                                          dtype=torch.float64, device=fp.device)
-            self.cross[name] = torch.zeros(fo.shape[0], fo.shape[1], fp.shape[1],
-                                           dtype=torch.float64, device=fp.device)
+            g, f, k = fo.shape[0], fo.shape[1], fp.shape[1]
+            zeros = dict(dtype=torch.float64, device=fp.device)
+            self.auto[name] = torch.zeros(g, k + 1, k + 1, **zeros)
+            self.cross[name] = torch.zeros(g, f + 1, k + 1, **zeros)
             self.rows[name] = 0
-        self.auto[name].baddbmm_(fp, fp.transpose(1, 2))
-        self.cross[name].baddbmm_(fo, fp.transpose(1, 2))
+        _accumulate(self.auto[name], fp, fp)
+        _accumulate(self.cross[name], fo, fp)
         self.rows[name] += fp.shape[2]
         if self.on_seen is not None:    # refit now: the pruned layer runs after its tap
             self.on_seen(name, self)
 
 
-def _with_constant(cols: torch.Tensor) -> torch.Tensor:
-    return torch.cat([cols, torch.ones_like(cols[:, :1])], 1)
+def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += [a; 1] [b; 1]^T`` per group without building the constant rows."""
+    fa, fb = a.shape[1], b.shape[1]
+    out[:, :fa, :fb].baddbmm_(a, b.transpose(1, 2))
+    out[:, :fa, fb] += a.sum(2)
+    out[:, fa, :fb] += b.sum(2)
+    out[:, fa, fb] += a.shape[2]
 
 
 def sequential_refits(repair, model: nn.Module, track, todo: list) -> dict:
@@ -107,10 +117,11 @@ def _refit_all(repair, model: nn.Module, track, todo: list) -> dict:
     with data.open() as (first, _):
         program = export_program(pair, first, pair_forward)
     specs = {s.name: s for s in layer_specs(program, pair)}
+    todo = [n for n in todo if "original." + n in specs and "pruned." + n in specs]
     refits = {}
 
     def refit(n: str, obs: CrossMoments) -> None:
-        spec = repair._specs[n]
+        spec = specs["original." + n]
         keep = _feature_index(spec, track.kept.keep_in[n])
         w0, b0 = _original_rows(repair._original.get_submodule(n), track.kept.keep_out.get(n))
         rows = _rows_by_group(spec, track.kept.keep_out.get(n), w0.shape[0])
@@ -125,11 +136,11 @@ def _refit_all(repair, model: nn.Module, track, todo: list) -> dict:
         return {n: (specs["original." + n], specs["pruned." + n]) for n in names}
 
     if data.length_hint() == 1:
-        obs = CrossMoments(pairs(todo), on_seen=refit)
+        obs = CrossMoments(pairs(todo), repair.max_rows, on_seen=refit)
         program.run(pair, iter(data), [obs], repair.progress, 1)
         return refits
     for wave in _waves(program, specs, todo):
-        obs = CrossMoments(pairs(wave))
+        obs = CrossMoments(pairs(wave), repair.max_rows)
         program.run(pair, iter(data), [obs], repair.progress, data.length_hint())
         for n in wave:
             refit(n, obs)

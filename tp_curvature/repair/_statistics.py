@@ -64,10 +64,24 @@ class LayerSpec:
     def gram_bytes(self) -> int:
         return 8 * self.groups * self.group_features ** 2
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's input as feature-major float64 columns, ``(groups, group_features,
-        rows)``: one column per (sample, position) or token."""
+    def positions(self, x: torch.Tensor) -> int:
+        """Output positions per sample of the layer on input ``x`` (tokens for a Linear)."""
         if self.kind == "linear":
+            return x[0].numel() // x.shape[-1]
+        size = x.shape[2:] if x.dim() == 4 else (1,) + tuple(x.shape[2:])
+        n = 1
+        for s, k, st, p, d in zip(size, self.kernel, self.stride, self.padding, self.dilation):
+            n *= (s + 2 * p - d * (k - 1) - 1) // st + 1
+        return n
+
+    def features(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The layer's input as feature-major float64 columns, ``(groups, group_features,
+        rows)``: one column per (sample, position) or token; ``keep``: only these positions
+        (tokens) of every sample."""
+        if self.kind == "linear":
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+            if keep is not None:
+                x = x[:, keep]
             return x.reshape(-1, x.shape[-1]).T.to(torch.float64).unsqueeze(0)
         if x.dim() == 3:                                    # conv1d: (N, C, L) as (N, C, 1, L)
             x = x.unsqueeze(2)
@@ -76,10 +90,25 @@ class LayerSpec:
         else:
             cols = F.unfold(x, self.kernel, dilation=self.dilation, padding=self.padding,
                             stride=self.stride)             # (N, C * taps, L)
+        if keep is not None:
+            cols = cols[:, :, keep]
         n, f, length = cols.shape
         # (N, F, L) -> (F, N L): whole position rows move, then one cast
         return cols.transpose(0, 1).reshape(self.groups, f // self.groups, n * length) \
             .to(torch.float64)
+
+
+def sampled_positions(spec: LayerSpec, x: torch.Tensor, max_rows: Optional[int],
+                      seed: int) -> Optional[torch.Tensor]:
+    """The positions of each sample to keep so that a batch gives at most ``max_rows`` rows
+    (None: all), drawn without replacement from a generator seeded by ``seed``: the same
+    positions for the unpruned and the pruned input of a layer."""
+    length = spec.positions(x)
+    if max_rows is None or x.shape[0] * length <= max_rows:
+        return None
+    k = max(1, max_rows // x.shape[0])
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(length, generator=g)[:k].sort().values.to(x.device)
 
 
 def layer_specs(program: Program, model: nn.Module) -> list:
@@ -178,10 +207,13 @@ class Moments:
 @dataclass
 class GramStatistics:
     """An observer of the calibration pass accumulating :class:`Moments` per layer of
-    ``specs`` (``max_bytes``: the largest Gram matrix kept; larger layers keep means only)."""
+    ``specs`` (``max_bytes``: the largest Gram matrix kept, larger layers keep means only;
+    ``max_rows``: at most this many rows per layer and batch, sampled positions)."""
     specs: list
     max_bytes: int
+    max_rows: Optional[int] = None
     moments: dict = field(default_factory=dict)
+    batches: dict = field(default_factory=dict)
 
     def taps(self) -> dict:
         taps: dict = {}
@@ -198,7 +230,16 @@ class GramStatistics:
             mom = self.moments[spec.name] = Moments(
                 np.zeros((spec.groups, f, f)) if keep_gram else None,
                 torch.zeros(spec.groups, f, dtype=torch.float64, device=x.device))
+        b = self.batches[spec.name] = self.batches.get(spec.name, -1) + 1
+        keep = sampled_positions(spec, x, self.max_rows, row_seed(spec.name, b))
         step = max(1, CHUNK_BYTES // (8 * max(x[0].numel(), 1) * spec.taps))
         for lo in range(0, x.shape[0], step):
-            mom.add(spec.features(x[lo:lo + step].detach()))
+            mom.add(spec.features(x[lo:lo + step].detach(), keep))
 
+
+def row_seed(name: str, batch: int) -> int:
+    """A deterministic seed per (layer, batch) for the sampled positions."""
+    h = 0
+    for ch in name:
+        h = (h * 131 + ord(ch)) % 2_147_483_647
+    return (h + 1_000_003 * batch) % 2_147_483_647
