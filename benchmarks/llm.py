@@ -12,9 +12,10 @@ residual width, every SwiGLU hidden layer and whole attention heads at the same 
 ``round_to=4``, LM head ignored), its attribute fix-ups applied and the widths checked, and the
 held-out perplexity measured after pruning (stage ``pruned``) and after
 ``tp_curvature.LeastSquaresRepair`` (stage ``lsq``: calibrated once per seed on the unpruned
-model, applied with the pruner; it refits every Linear whose inputs lost features: attention
-output and MLP down projections, and, since the residual width is pruned too, the q/k/v,
-gate/up projections and the LM head).
+model, applied with the pruner, the library's defaults unless ``--repair-ridge`` /
+``--repair-independent``; it refits every Linear whose inputs lost features: attention output
+and MLP down projections, and, since the residual width is pruned too, the q/k/v, gate/up
+projections and the LM head).
 
 Grouped-query attention: the decoder takes ``--n-kv-heads`` below ``--n-heads``, but the
 default has as many key-value heads as heads (``prune_llm.py``'s non-GQA path), because
@@ -120,7 +121,12 @@ def _experiment_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-windows", type=int, default=None,
                    help=f"calibration windows (default {FULL['calib_windows']})")
     g.add_argument("--repair-ridge", type=float, default=None,
-                   help="relative ridge of LeastSquaresRepair (default: the library's)")
+                   help="relative ridge of LeastSquaresRepair (default: the library's for the "
+                        "refit used)")
+    g.add_argument("--repair-independent", action="store_true",
+                   help="refit every layer on the unpruned model's inputs (default: the "
+                        "library's sequential refit, layer after layer on the repaired pruned "
+                        "model's inputs)")
     g.add_argument("--keep-residual", action="store_true",
                    help="do not prune the residual width (prune_llm.py does)")
 
@@ -241,11 +247,12 @@ def score_criterion(model, name: str, seed: int, calib: torch.Tensor,
 
 
 def calibrate_repair(model, calib: torch.Tensor, a: argparse.Namespace) -> tuple:
-    """``(LeastSquaresRepair calibrated on the unpruned model, seconds)``."""
+    """``(LeastSquaresRepair calibrated on the unpruned model, seconds)``: ``--repair-ridge``
+    (default: the library's) and ``--repair-independent`` (default: sequential)."""
     from tp_curvature import LeastSquaresRepair
-    kw = {} if a.repair_ridge is None else {"ridge": a.repair_ridge}
     t0 = time.perf_counter()
-    repair = LeastSquaresRepair(**kw).calibrate(model, calib)
+    repair = LeastSquaresRepair(ridge=a.repair_ridge, sequential=not a.repair_independent)
+    repair.calibrate(model, calib)
     return repair, time.perf_counter() - t0
 
 
@@ -296,7 +303,8 @@ def evaluate_ratio(base, scored: Scored, ratio: float, repair, eval_w, example,
             "repair_s": repair_s, "repair_error": error}
 
 
-def _seed_meta(seed: int, info: dict, scored: dict, repair_s: float, errors: set) -> dict:
+def _seed_meta(seed: int, info: dict, scored: dict, repair, repair_s: float,
+               errors: set) -> dict:
     """What meta.json keeps of one seed: the baseline, its training cost, the timings."""
     return {"seed": seed, "hash": info["hash"], "checkpoint": info["checkpoint"],
             "cached": info["cached"], "num_params": info["num_params"],
@@ -306,6 +314,7 @@ def _seed_meta(seed: int, info: dict, scored: dict, repair_s: float, errors: set
             "base_ppl": info["base"]["ppl"], "base_bpb": info["base"]["bpb"],
             "importance_s": {c: s.seconds for c, s in scored.items()},
             "notes": {c: s.note for c, s in scored.items()},
+            "repair": {"ridge": repair.ridge, "sequential": repair.sequential},
             "repair_calibrate_s": repair_s, "repair_errors": sorted(errors)}
 
 
@@ -334,7 +343,7 @@ def run_seed(a: argparse.Namespace, corpus, eval_w: torch.Tensor, seed: int) -> 
         row.update(params_kept=row["params"] / base_params, importance_s=scored[c].seconds,
                    base_ppl=info["base"]["ppl"], base_bpb=info["base"]["bpb"])
         rows.append(row)
-    return rows, _seed_meta(seed, info, scored, repair_cal_s, errors)
+    return rows, _seed_meta(seed, info, scored, repair, repair_cal_s, errors)
 
 
 def run_experiment(a: argparse.Namespace, argv=None) -> tuple:
@@ -378,6 +387,17 @@ def _axes(rows) -> tuple:
     return crits, sorted({x["ratio"] for x in rows}), sorted({x["seed"] for x in rows})
 
 
+def _repair_text(seeds: list) -> str:
+    """The repair's settings as run (``ridge``, sequential or independent refit)."""
+    runs = {json.dumps(s.get("repair"), sort_keys=True) for s in seeds}
+    texts = []
+    for r in map(json.loads, sorted(runs)):
+        texts.append("settings not recorded" if r is None else
+                     f"{'sequential' if r['sequential'] else 'independent'} refit, "
+                     f"ridge {r['ridge']:g}")
+    return "; ".join(texts)
+
+
 def _header(meta) -> list:
     c, lm, st = meta["corpus"], meta["lm_config"], meta["seeds"]
     a = meta["args"]
@@ -416,7 +436,8 @@ def _header(meta) -> list:
            "; as in prune_llm.py the residual width is pruned too") +
         f". Calibration: {a['calib_windows']} windows of {lm['context']} bytes of the "
         "training split per seed, the same for every criterion and for the repair "
-        "(`LeastSquaresRepair`, calibrated once per seed on the unpruned model).", "",
+        f"(`LeastSquaresRepair`, {_repair_text(st)}, calibrated once per seed on the "
+        "unpruned model).", "",
     ]
 
 
