@@ -39,11 +39,20 @@ stage; the goal check at 20%; every curvature criterion against the best other c
 each cell, paired over seeds; the training cost) and ``perplexity.png``. ``--report-only``
 rewrites the last two from the saved rows and meta.
 
+Cost, measured on this project's 2-core machine with one torch / Numba thread while two other
+one-thread jobs ran: training 1,200 steps of 16 x 128 bytes (2.46M bytes, 0.24 epochs of the
+10.3 MB training split) took 15.5 min at 2,640 tokens/s (3,400 tokens/s over a few steps
+without contention, about 12 min); scoring per seed: l2 0.1 s, wanda and flap 10 s each,
+curvature-paper (``topk=None``, 3.2M connections) 96-132 s, curvature 84-87 s; the repair
+(sequential) about 11 s per pruned model; one held-out evaluation 6 s. One seed: about 26 min
+from scratch, 10.5 min with its baseline cached; the three seeds about 80 min.
+
 Examples::
 
     python benchmarks/llm.py --quick --threads 1          # smoke run: tiny decoder, 1 seed
     python benchmarks/llm.py --seeds 0 --threads 1        # one seed of the full experiment
     python benchmarks/llm.py --threads 1                  # the full experiment (3 seeds)
+    python benchmarks/llm.py --threads 1 --keep-residual --out results/llm-keep-residual
 """
 from __future__ import annotations
 

@@ -92,7 +92,7 @@ def test_uniform_model_has_perplexity_256():
     assert out["ce"] == pytest.approx(math.log(256))
 
 
-def test_lm_config_hash_and_training_step(tmp_path):
+def test_lm_config_hash_and_training_step(tmp_path, one_thread):
     cfg = text.LMConfig(corpus="t", corpus_digest="d", dim=16, n_heads=2, n_kv_heads=2,
                         n_layers=1, hidden=32, context=8, batch_size=4, steps=6, warmup=2,
                         checkpoint_dir=str(tmp_path))
@@ -183,7 +183,10 @@ def test_recorded_scores_replay_to_the_same_pruning(one_thread):
 
 
 # ----------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_quick_end_to_end_on_a_synthetic_corpus(tmp_path, one_thread):
+    """--quick with 20 training steps on 24 generated modules (about 15 s in a fresh process,
+    mostly the first torch.export of the repair and imports: marked slow)."""
     root = text.write_synthetic_corpus(tmp_path / "lib", n_files=24, n_funcs=12)
     out = tmp_path / "out"
     rc = llm.main(["--quick", "--corpus-dir", str(root), "--steps", "20", "--criteria", "l2",
