@@ -17,14 +17,12 @@ model, applied with the pruner, the library's defaults unless ``--repair-ridge``
 and MLP down projections, and, since the residual width is pruned too, the q/k/v, gate/up
 projections and the LM head).
 
-Grouped-query attention: the decoder takes ``--n-kv-heads`` below ``--n-heads``, but the
-default has as many key-value heads as heads (``prune_llm.py``'s non-GQA path), because
-Torch-Pruning 1.6.1 prunes GQA heads in a way ``LeastSquaresRepair`` cannot follow: it empties
-the key / value projections' part of the attention group after building it, while the pruning
-history keeps only the group's root and indices, so the repair's replay of that history also
-prunes the key / value projections and the repair refuses the model (``RepairError``; the
-``lsq`` cells stay empty and summary.md says why). With ``n_heads = 2 n_kv_heads`` it does not
-prune heads at all (``engine.text.check_head_config`` refuses that configuration).
+Grouped-query attention: 8 query heads share 2 key-value heads by default. Torch-Pruning
+1.6.1 edits such a head group after building it (the key / value heads are kept), which its
+pruning history does not record, so the copies are pruned through
+``LeastSquaresRepair.record`` (every group recorded just before it is pruned) and the repair
+follows exactly what was pruned. With ``n_heads = 2 n_kv_heads`` Torch-Pruning prunes no head
+at all (``engine.text.check_head_config`` refuses that configuration).
 
 Criteria (``engine.criteria.make_criterion``): ``l2`` (``GroupMagnitudeImportance(p=2)``,
 ``prune_llm.py``'s), ``wanda`` (Wanda-sp) and ``flap`` (``engine.peers``), ``curvature-paper``
@@ -87,10 +85,10 @@ GOAL_RATIO, GOAL_TOLERANCE, GOAL_CRITERIA = 0.2, 0.10, ("l2", "curvature")
 #: the full configuration (measured: about 3,400 tokens/s for training on one thread of this
 #: machine, so 1,200 steps of 16 x 128 bytes = 2.46M bytes take about 12 minutes). As many
 #: key-value heads as heads: see the module docstring on grouped-query attention
-FULL = dict(dim=256, n_heads=8, n_kv_heads=8, n_layers=4, hidden=688, context=128,
+FULL = dict(dim=256, n_heads=8, n_kv_heads=2, n_layers=4, hidden=688, context=128,
             batch_size=16, steps=1200, warmup=60, eval_windows=256, calib_windows=128)
 #: --quick: a tiny decoder for smoke tests
-QUICK = dict(dim=64, n_heads=4, n_kv_heads=4, n_layers=2, hidden=172, context=64,
+QUICK = dict(dim=64, n_heads=4, n_kv_heads=1, n_layers=2, hidden=172, context=64,
              batch_size=16, steps=300, warmup=20, eval_windows=64, calib_windows=32)
 ROW_FIELDS = ("seed", "criterion", "ratio", "ppl_pruned", "ppl_lsq", "bpb_pruned", "bpb_lsq",
               "params_kept", "params", "dim", "hidden", "n_heads", "n_kv_heads",
@@ -266,14 +264,16 @@ def calibrate_repair(model, calib: torch.Tensor, a: argparse.Namespace) -> tuple
 
 
 def prune_copy(base, scored: Scored, ratio: float, example: torch.Tensor,
-               a: argparse.Namespace) -> tuple:
+               a: argparse.Namespace, repair=None) -> tuple:
     """A pruned copy of ``base`` at ``ratio`` with ``scored``'s scores -> ``(model, pruner)``:
-    ``prune_llm.py``'s pruner, its fix-ups, and the widths checked against
-    :func:`engine.text.expected_widths`."""
+    ``prune_llm.py``'s pruner (each group recorded by ``repair`` just before it is pruned), its
+    fix-ups, and the widths checked against :func:`engine.text.expected_widths`."""
     m = copy.deepcopy(base)
     imp = CachedImportance(scored.scores, scored.name).bind(m)
     pruner = llm_pruner(m, example, imp, ratio, prune_residual=not a.keep_residual)
     for g in pruner.step(interactive=True):
+        if repair is not None:
+            repair.record(pruner, g)
         g.prune()
     fix_attention(m, pruner)
     want = expected_widths(a.dim, a.hidden, a.n_heads, a.n_kv_heads, ratio,
@@ -302,7 +302,7 @@ def evaluate_ratio(base, scored: Scored, ratio: float, repair, eval_w, example,
                    a: argparse.Namespace) -> dict:
     """One row's measurements: perplexity after pruning and after the repair, the widths
     (``repair_error``: the repair's refusal, if any)."""
-    m, pruner = prune_copy(base, scored, ratio, example, a)
+    m, pruner = prune_copy(base, scored, ratio, example, a, repair)
     pruned = perplexity(m, eval_w)
     w = widths(m)
     lsq, repair_s, error = repair_and_evaluate(m, pruner, repair, eval_w)

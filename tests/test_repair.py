@@ -391,3 +391,35 @@ def test_sampled_positions_keep_exactness_and_determinism():
         repair.apply(work, dg)
         with torch.no_grad():
             assert _rel(work(x_new), y) < 1e-6
+
+
+def test_grouped_query_attention_through_repair_step():
+    """Torch-Pruning edits a grouped-query attention head group after building it (the key /
+    value heads are kept), which its pruning history does not say: pruned through
+    ``repair.step(pruner)`` the groups are recorded as pruned and the repair is exact about
+    them; a replay of the history is refused with a message saying so."""
+    from engine.models import llama_decoder
+    from engine.text import fix_attention, llm_pruner
+    torch.manual_seed(0)
+    base = llama_decoder(vocab=50, dim=64, n_heads=8, n_kv_heads=2, n_layers=2,
+                         hidden=96).eval()
+    ids = torch.randint(0, 50, (16, 12))
+    with torch.no_grad():
+        logits = base(ids)
+    model = copy.deepcopy(base)
+    repair = LeastSquaresRepair().calibrate(model, ids)
+    pruner = llm_pruner(model, ids[:2], tp.importance.GroupMagnitudeImportance(p=2), 0.25)
+    repair.step(pruner)
+    fix_attention(model, pruner)
+    assert model.layers[0].self_attn.k_proj.out_features == 16      # kv heads kept
+    with torch.no_grad():
+        pruned = _rel(model(ids), logits)
+    repair.apply(model, pruner)
+    with torch.no_grad():
+        assert _rel(model(ids), logits) < 0.7 * pruned
+    other = copy.deepcopy(base)
+    repair = LeastSquaresRepair().calibrate(other, ids)
+    pruner = llm_pruner(other, ids[:2], tp.importance.GroupMagnitudeImportance(p=2), 0.25)
+    pruner.step()
+    with pytest.raises(RepairError, match="repair.step"):
+        repair.apply(other, pruner)

@@ -165,7 +165,8 @@ def test_recorded_scores_replay_to_the_same_pruning(one_thread):
     base = llama_decoder(vocab=256, dim=32, n_heads=4, n_kv_heads=4, n_layers=1,
                          hidden=48).eval()
     x = torch.randint(0, 256, (2, 8))
-    a = llm.parse_args(["--quick", "--dim", "32", "--hidden", "48", "--ratios", "0.5"])
+    a = llm.parse_args(["--quick", "--dim", "32", "--hidden", "48", "--n-heads", "4",
+                        "--n-kv-heads", "4", "--ratios", "0.5"])
     imp = tp.importance.GroupMagnitudeImportance(p=2)
     rec = llm.RecordingImportance(imp, base)
     pruner = text.llm_pruner(base, x, rec, 0.5)

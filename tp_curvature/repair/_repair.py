@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..calibration import CalibrationData, check_max_batches, observe
-from ._replay import Kept, dependency_graph, replay
+from ._replay import Kept, dependency_graph, record_group, replay
 from ._solve import relative_error, ridge_refit
 from ._statistics import GramStatistics, LayerSpec, layer_specs
 
@@ -35,10 +35,13 @@ class RepairError(RuntimeError):
 
 @dataclass
 class _Track:
-    """What one pruner has done to the model, as far as this repair has followed it."""
-    copy: nn.Module                 # the calibrated model pruned by the history replayed so far
-    graph: object                   # Torch-Pruning's dependency graph of ``copy``
-    n_history: int = 0
+    """What one pruner has done to the model, as far as this repair has followed it: either
+    recorded group by group (:meth:`LeastSquaresRepair.step`) or replayed from its history on
+    a copy of the calibrated model (``copy``, ``graph``)."""
+    copy: Optional[nn.Module] = None  # the calibrated model pruned by the replayed history
+    graph: object = None              # Torch-Pruning's dependency graph of ``copy``
+    n_history: int = 0                # history entries followed
+    recorded: bool = False            # followed by recording the groups as they were pruned
     kept: Kept = field(default_factory=Kept)
     done: dict = field(default_factory=dict)     # layer -> kept-feature count at its last refit
 
@@ -186,6 +189,30 @@ class LeastSquaresRepair:
         return self
 
     # ------------------------------------------------------------------ repair
+    def step(self, pruner) -> None:
+        """``pruner.step()``, each group recorded just before it is pruned: exact for any
+        pruner, also one that edits its groups after building them (Torch-Pruning's
+        grouped-query attention heads), which a replay of the pruning history cannot follow.
+        Then :meth:`apply`."""
+        for group in pruner.step(interactive=True):
+            self.record(pruner, group)
+            group.prune()
+
+    def record(self, pruner, group) -> None:
+        """Record what ``group`` (of ``pruner``, about to be pruned: ``group.prune()``
+        next) removes from every layer; for interactive pruning."""
+        if self._original is None:
+            raise RepairError("LeastSquaresRepair needs calibration data: call "
+                              "repair.calibrate(model, data) before pruning")
+        track = self._tracks.get(pruner)
+        if track is None:
+            track = self._tracks[pruner] = _Track(recorded=True)
+        elif not track.recorded:
+            raise RepairError("LeastSquaresRepair: this pruner's earlier groups were not "
+                              "recorded; record every group of a pruner, or none")
+        record_group(group, track.kept)
+        track.n_history = len(pruner.pruning_history()) + 1
+
     def apply(self, model: nn.Module, pruner, log: bool = False):
         """Refit, in ``model``, every layer whose input features ``pruner`` removed since the
         last :meth:`apply` with that pruner (see the class docstring). Returns ``model``, or
@@ -196,10 +223,8 @@ class LeastSquaresRepair:
         if self._original is None:
             raise RepairError("LeastSquaresRepair needs calibration data: call "
                               "repair.calibrate(model, data) before pruning")
-        track = self._track(pruner)
-        history = list(pruner.pruning_history())
-        replay(track.copy, track.graph, history[track.n_history:], track.kept)
-        _check_same(model, track.copy)
+        track = self._follow(pruner)
+        _check_weights(model, self._original, track)
         todo = [n for n, k in track.kept.keep_in.items()
                 if (self.sequential or n in self._specs) and track.done.get(n) != k.numel()]
         if self.sequential:
@@ -215,19 +240,31 @@ class LeastSquaresRepair:
         for name, (new, _) in refits.items():       # every refit computed: now assign
             if new is not None:
                 _assign(model.get_submodule(name), *new)
-                _assign(track.copy.get_submodule(name), *new)
+                if track.copy is not None:
+                    _assign(track.copy.get_submodule(name), *new)
             track.done[name] = track.kept.keep_in[name].numel()
-        track.n_history = len(history)
         return (model, {"layers": report}) if log else model
 
-    def _track(self, pruner) -> _Track:
+    def _follow(self, pruner) -> _Track:
+        """The pruner's track, brought up to date: recorded groups as they are, or the new
+        entries of its pruning history replayed on a copy of the calibrated model."""
+        history = list(pruner.pruning_history())
         track = self._tracks.get(pruner)
-        if track is None or track.n_history > len(pruner.pruning_history()):
+        if track is not None and track.recorded:
+            if track.n_history != len(history):
+                raise RepairError(
+                    f"LeastSquaresRepair: the pruner pruned {len(history) - track.n_history} "
+                    "group(s) this repair did not record: prune through repair.step(pruner) "
+                    "(or record every group) each time")
+            return track
+        if track is None or track.n_history > len(history):
             clone = copy.deepcopy(self._original)
             with self._data.open() as (first, _):
                 graph = dependency_graph(clone, first, self._data.forward_fn,
                                          getattr(pruner, "DG", None))
             track = self._tracks[pruner] = _Track(clone, graph)
+        replay(track.copy, track.graph, history[track.n_history:], track.kept)
+        track.n_history = len(history)
         return track
 
     def _refit(self, name: str, kept: Kept) -> tuple:
@@ -284,24 +321,48 @@ class LeastSquaresRepair:
 
 
 # ------------------------------------------------------------------------------ helpers
-def _check_same(model: nn.Module, replayed: nn.Module) -> None:
-    """The pruned ``model`` must equal the calibrated model pruned by the history."""
-    mine = dict(replayed.named_parameters())
-    for name, p in model.named_parameters():
-        q = mine.get(name)
-        why = None
-        if q is None:
-            why = "is not in the calibrated model"
-        elif q.shape != p.shape:
-            why = f"has shape {tuple(p.shape)}, the calibrated model pruned by the pruner's " \
-                  f"history {tuple(q.shape)}"
-        elif not torch.equal(q.detach().to(p.device), p.detach()):
-            why = "has other values than the calibrated model pruned by the pruner's history"
-        if why:
-            raise RepairError(
-                f"LeastSquaresRepair: parameter {name!r} {why}: the model was changed other "
-                "than by this pruner since calibrate() (or another pruner pruned it); call "
-                "repair.calibrate(model, data) again before pruning")
+def _check_weights(model: nn.Module, original: nn.Module, track: _Track) -> None:
+    """Every Linear / Conv weight (and bias) of the pruned ``model`` must be the calibrated
+    model's, sliced as the pruner removed channels (values checked for the layers this repair
+    has not refit yet)."""
+    hint = (" (a pruner that edits its groups after building them, e.g. Torch-Pruning's "
+            "grouped-query attention heads, must prune through repair.step(pruner))"
+            if not track.recorded else "")
+    for name, m0 in original.named_modules():
+        if not isinstance(m0, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            continue
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise RepairError(f"LeastSquaresRepair: layer {name!r} of the calibrated model is "
+                              "not in the model") from None
+        for attr in ("weight", "bias"):
+            t0, t = getattr(m0, attr), getattr(m, attr, None)
+            if t0 is None:
+                continue
+            want = _sliced(t0.detach(), track.kept, name, attr)
+            why = None
+            if t is None or tuple(t.shape) != tuple(want.shape):
+                why = (f"has shape {None if t is None else tuple(t.shape)}, the calibrated "
+                       f"one pruned as the pruner did {tuple(want.shape)}")
+            elif name not in track.done and not torch.equal(t.detach().to(want.device), want):
+                why = "has other values than the calibrated one pruned as the pruner did"
+            if why:
+                raise RepairError(
+                    f"LeastSquaresRepair: parameter '{name}.{attr}' {why}: the model was "
+                    "changed other than by this pruner since calibrate() (or another pruner "
+                    f"pruned it){hint}; call repair.calibrate(model, data) again before "
+                    "pruning")
+
+
+def _sliced(t: torch.Tensor, kept: Kept, name: str, attr: str) -> torch.Tensor:
+    out = kept.keep_out.get(name)
+    if out is not None:
+        t = t[out.to(t.device)]
+    inp = kept.keep_in.get(name)
+    if attr == "weight" and inp is not None:
+        t = t[:, inp.to(t.device)]
+    return t
 
 
 def _original_rows(module: nn.Module, keep_out) -> tuple:

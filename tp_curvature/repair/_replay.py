@@ -1,14 +1,17 @@
 """Which input features and output channels of each layer a Torch-Pruning run kept.
 
-A pruner records every group it prunes in its dependency graph's *pruning history* (the root
-layer's name, in or out channels, the root indices at that moment; ``pruner.pruning_history()``),
-whether the groups were pruned by ``pruner.step()``, interactively or over several iterative
-steps. :func:`replay` prunes a copy of the model as it was before those groups, group by group
+Either every group is recorded just before it is pruned (:func:`record_group`: exact for any
+pruner), or the pruner's history is replayed. A pruner records every group it prunes in its
+dependency graph's *pruning history* (the root layer's name, in or out channels, the root
+indices at that moment; ``pruner.pruning_history()``), whether the groups were pruned by
+``pruner.step()``, interactively or over several iterative steps. :func:`replay` prunes a copy of the model as it was before those groups, group by group
 with the same indices, and records what every dependency of every group removed from its
 layer. The kept indices compose into indices of the original weight: ``keep_in[name]`` (dim 1
 of the weight, the per-group index for a grouped convolution, as Torch-Pruning slices it) and
-``keep_out[name]`` (dim 0). The copy ends identical to the pruned model, which the caller
-checks parameter by parameter.
+``keep_out[name]`` (dim 0). A pruner that edits a group after building it (Torch-Pruning's
+grouped-query attention heads) prunes otherwise than its history says: the caller checks every
+weight against the calibrated one sliced by ``kept``, so such a replay is refused, not
+silently wrong.
 """
 from __future__ import annotations
 
@@ -61,17 +64,24 @@ def dependency_graph(model: nn.Module, example, forward_fn: Callable,
 def replay(copy: nn.Module, graph: "tp.DependencyGraph", history: list, kept: Kept) -> None:
     """Prune ``copy`` (whose dependency graph is ``graph``) by the entries of ``history``, in
     order, composing what each layer loses into ``kept`` (updated in place)."""
-    names = {m: n for n, m in copy.named_modules()}
     for module_name, is_out, idxs in history:
         module = copy.get_submodule(module_name)
         pruner = graph.get_pruner_of_module(module)
         fn = pruner.prune_out_channels if is_out else pruner.prune_in_channels
         group = graph.get_pruning_group(module, fn, list(idxs))
-        for dep, dep_idxs in group:
-            layer = dep.target.module
-            if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)) and layer in names:
-                _record(kept, names[layer], layer, graph, dep.handler, list(dep_idxs))
+        record_group(group, kept)
         group.prune(record_history=False)
+
+
+def record_group(group, kept: Kept) -> None:
+    """Compose into ``kept`` what each Linear / Conv dependency of ``group`` is about to
+    remove (call it before ``group.prune()``)."""
+    graph = group._DG
+    names = graph._module2name
+    for dep, dep_idxs in group:
+        layer = dep.target.module
+        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)) and layer in names:
+            _record(kept, names[layer], layer, graph, dep.handler, list(dep_idxs))
 
 
 def _record(kept: Kept, name: str, layer: nn.Module, graph, handler, idxs: list) -> None:
