@@ -323,6 +323,8 @@ class PruneRun:
                              self.ratio, self.mode)
         if compensate_bias:
             prune_with_bias_compensation(m, pruner, s.input_means())
+        elif repair is not None:
+            repair.step(pruner)                  # the groups recorded as they are pruned
         else:
             pruner.step()
         elapsed = time.perf_counter() - t0
