@@ -10,14 +10,24 @@ parameters and buffers stay the model's own tensors (``get_attr`` targets ``mode
 of an observer inserted after the fx nodes it asks for, which receive those nodes' values. It
 runs as compiled Python code, at the cost of the model's own forward plus the taps' work.
 
-Every pass (export or run) happens in :func:`eval_mode` under ``torch.no_grad()``.
+Every pass (export or run) happens in :func:`eval_mode` under ``torch.no_grad()``. During the
+export the user's forward / backward hooks (the model's modules' and the global module hooks)
+are detached and then put back exactly (:func:`hooks_detached`): a hook would otherwise run on
+the tracer's fake tensors. Hooks that compute a weight (``torch.nn.utils.prune``,
+``weight_norm``, ``spectral_norm``) are part of the model and stay. Nothing of the process's
+global state is left changed: the tracer's log lines and partial-graph dumps of a failed
+attempt are silenced for the attempt only.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
+import io
+import logging
+import pickle
 import warnings
-from dataclasses import dataclass
+from collections import OrderedDict
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -47,6 +57,91 @@ def eval_mode(model: nn.Module):
     finally:
         for m, was in modes:
             m.training = was
+
+
+def _weight_hook_types() -> tuple:
+    """Hook classes that compute a module's weight (part of the model, kept during export)."""
+    out = []
+    for mod, name in (("torch.nn.utils.prune", "BasePruningMethod"),
+                      ("torch.nn.utils.weight_norm", "WeightNorm"),
+                      ("torch.nn.utils.spectral_norm", "SpectralNorm")):
+        try:
+            out.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(out)
+
+
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                 "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
+                 "_global_backward_hooks", "_global_backward_pre_hooks")
+
+
+@contextlib.contextmanager
+def global_hooks_detached():
+    """Run the block with the global module hooks (``register_module_forward_hook`` and
+    kin) detached: the library's own modules (the exported program) run in it, and a user's
+    global hook is no business of theirs. The hook dicts are restored in place afterwards,
+    also when the block raises."""
+    glob = importlib.import_module("torch.nn.modules.module")
+    saved = []
+    try:
+        for attr in _GLOBAL_HOOKS:
+            d = getattr(glob, attr, None)
+            if d:
+                saved.append((d, OrderedDict(d)))
+                d.clear()
+        yield
+    finally:
+        for d, items in saved:
+            d.clear()
+            d.update(items)
+
+
+@contextlib.contextmanager
+def hooks_detached(model: nn.Module):
+    """Run the block with the user's forward / backward hooks of ``model``'s modules and the
+    global module hooks detached; every hook dict is put back afterwards (the same objects,
+    so handles keep working), also when the block raises. Hooks that compute a weight
+    (``torch.nn.utils.prune``, ``weight_norm``, ``spectral_norm``) stay."""
+    keep = _weight_hook_types()
+    saved = []
+    try:
+        for m in model.modules():
+            for attr in _MODULE_HOOKS:
+                d = m.__dict__.get(attr)
+                if not d:
+                    continue
+                kept = OrderedDict((k, h) for k, h in d.items() if isinstance(h, keep))
+                if len(kept) != len(d):
+                    saved.append((m, attr, d))
+                    m.__dict__[attr] = kept
+        with global_hooks_detached():
+            yield model
+    finally:
+        for m, attr, d in saved:
+            m.__dict__[attr] = d
+
+
+#: loggers whose messages on a failed export attempt are noise (the errors are reported)
+_TRACER_LOGGERS = ("torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes",
+                   "torch._dynamo", "torch._functorch", "torch._subclasses.fake_tensor")
+
+
+@contextlib.contextmanager
+def _quiet_tracer():
+    """Silence the tracer's warnings and its partial-graph dumps (printed to stderr by a
+    failed export) for the block; the loggers' levels and ``sys.stderr`` are restored."""
+    levels = [(lg, lg.level) for lg in map(logging.getLogger, _TRACER_LOGGERS)]
+    for lg, _ in levels:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in levels:
+            lg.setLevel(level)
 
 
 def op_name(target) -> str:
@@ -110,7 +205,6 @@ class _Forward(nn.Module):
         return self.fn(self.model, batch)
 
 
-@dataclass
 class Program:
     """An exported ``forward_fn(model, batch)``.
 
@@ -118,10 +212,37 @@ class Program:
     buffers as ``get_attr`` nodes (the model's own tensors), the batch as pytree-flat
     placeholders. ``static_batch`` is None when any batch size runs, else the exported batch
     size (batches are then fed in chunks of it).
+
+    A program pickles without its ``gm`` (a ``GraphModule`` of an export does not pickle):
+    ``gm`` is exported again from ``model``, ``example`` and ``forward_fn`` when it is next
+    needed.
     """
-    gm: fx.GraphModule
-    example: object
-    static_batch: Optional[int]
+
+    def __init__(self, gm: Optional[fx.GraphModule], example, static_batch: Optional[int],
+                 model: Optional[nn.Module] = None, forward_fn: Optional[Callable] = None):
+        self._gm = gm
+        self.example = example
+        self.static_batch = static_batch
+        self.model = model
+        self.forward_fn = forward_fn
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        if self._gm is None:
+            if self.model is None or self.forward_fn is None:
+                raise RuntimeError("this program was unpickled without the model or the "
+                                   "forward_fn it was exported from: export it again")
+            self._gm = export_program(self.model, self.example, self.forward_fn)._gm
+        return self._gm
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_gm"] = None
+        try:
+            pickle.dumps(self.forward_fn)
+        except Exception:  # noqa: BLE001 - a lambda: the program cannot be exported again
+            state["forward_fn"] = None
+        return state
 
     def owner(self, target: str) -> tuple:
         """``(module name, attribute)`` of a ``get_attr`` target (``model.0.weight`` ->
@@ -165,7 +286,7 @@ class Program:
             batches = bar = tqdm(batches, desc="calibration", leave=False, total=total)
         n = 0
         try:
-            with eval_mode(model), torch.no_grad():
+            with eval_mode(model), torch.no_grad(), global_hooks_detached():
                 for batch in batches:
                     for chunk in self.chunks(batch):
                         gm(chunk)
@@ -185,28 +306,41 @@ class Program:
 
 
 def export_program(model: nn.Module, batch, forward_fn: Callable) -> Program:
-    """Export ``forward_fn(model, batch)`` (in eval mode, without gradients).
+    """Export ``forward_fn(model, batch)`` (in eval mode, without gradients, the user's hooks
+    detached: :func:`hooks_detached`).
 
     Tries a dynamic batch dim (traced with a 2-sample example of ``batch``), then a static
     1-sample export, then :func:`torch.export.draft_export`. When every attempt fails, the call
-    is run once as plain PyTorch: an error there is the model's (or ``forward_fn``'s, or the
-    data's) own and reaches the caller unchanged; otherwise :class:`UnsupportedModelError`
-    names every attempt's error.
+    is run once as plain PyTorch (hooks attached, on real tensors): an error there is the
+    model's (or ``forward_fn``'s, or the data's) own and reaches the caller unchanged;
+    otherwise :class:`UnsupportedModelError` names every attempt's error.
     """
     wrapper = _Forward(model, forward_fn)
     sized = batch_size(batch) is not None
     errors = []
     with eval_mode(model), torch.no_grad():
-        for kind in (("dynamic", "static", "draft") if sized else ("static", "draft")):
-            try:
-                return _attempt(wrapper, batch, kind, sized)
-            except Exception as exc:  # noqa: BLE001 - try the next form, report all
-                errors.append((kind, exc))
+        with hooks_detached(model), _quiet_tracer():
+            for kind in (("dynamic", "static", "draft") if sized else ("static", "draft")):
+                try:
+                    program = _attempt(wrapper, batch, kind, sized)
+                except Exception as exc:  # noqa: BLE001 - try the next form, report all
+                    errors.append((kind, exc))
+                    continue
+                program.model, program.forward_fn = model, forward_fn
+                return program
         wrapper(batch)                  # the user's own error, if any, is raised here as is
     raise UnsupportedModelError(
         f"tp_curvature builds its graphs with torch.export, and exporting "
         f"{type(model).__name__} failed: " +
         " | ".join(f"{k}: {type(e).__name__}: {str(e)[:300]}" for k, e in errors))
+
+
+def run_eagerly(model: nn.Module, batch, forward_fn: Callable) -> None:
+    """``forward_fn(model, batch)`` as plain PyTorch, in eval mode without gradients: raises
+    the model's (or ``forward_fn``'s) own error, if it has one (used to tell such an error
+    from a failure of the library's machinery)."""
+    with eval_mode(model), torch.no_grad():
+        forward_fn(model, batch)
 
 
 def _attempt(wrapper: nn.Module, batch, kind: str, sized: bool) -> Program:

@@ -18,6 +18,7 @@ and get the documented fallback of :class:`~tp_curvature.importance.CurvatureImp
 """
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from ._export import op_name
+from ._export import PREFIX, op_name
 
 class _Marker:
     def __init__(self, name):
@@ -80,8 +81,14 @@ PAD = {"constant_pad_nd", "pad", "reflection_pad2d", "replication_pad2d", "refle
        "replication_pad1d", "zero_pad2d"}
 REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean",
           "logsumexp", "norm", "linalg_vector_norm"}
+#: reductions that merge the channel maps of the slices along a reduced dim (radix split-and-sum)
+MERGE_REDUCE = {"sum", "mean", "amax", "amin", "max", "min"}
+#: at most this many slices are merged by one reduction (more: a statistic)
+MAX_MERGE = 64
 ADD = {"add", "add_", "sub", "sub_", "rsub"}
 MUL = {"mul", "mul_", "div", "div_"}
+#: ``input + value * t1 * t2`` (``addcdiv``: ``t1 / t2``), e.g. timm's Affine in ResMLP
+AFFINE = {"addcmul", "addcmul_", "addcdiv", "addcdiv_"}
 CAT = {"cat", "concat", "concatenate", "stack", "hstack", "vstack"}
 SDPA = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
@@ -108,6 +115,22 @@ def channel_ids(shape, dim: int) -> torch.Tensor:
     v = [1] * len(shape)
     v[dim] = shape[dim]
     return torch.arange(shape[dim]).view(v).expand(tuple(shape))
+
+
+def _constant_along(ids: torch.Tensor, d: int) -> bool:
+    """Whether ``ids`` is the same along dim ``d``."""
+    return bool((ids.amax(d, keepdim=True) == ids.amin(d, keepdim=True)).all())
+
+
+def _broadcast_scale(scale: torch.Tensor, shape) -> torch.Tensor:
+    """A term's scale as a view of the ids' shape (a scale is broadcastable to its ids)."""
+    return scale.expand(tuple(shape))
+
+
+def _squeeze(t: torch.Tensor, dims: list) -> torch.Tensor:
+    for d in sorted(dims, reverse=True):
+        t = t.squeeze(d)
+    return t
 
 
 def _is_tensor(v) -> bool:
@@ -138,9 +161,17 @@ class LineagePass(fx.Interpreter):
         self.attr_names = {}
 
     def run_node(self, n):
-        out = super().run_node(n)
-        lin = self._lineage(n, out)
-        rep = self.hooks.junction(n, lin, out)
+        try:
+            out = super().run_node(n)
+            lin = self._lineage(n, out)
+            rep = self.hooks.junction(n, lin, out)
+        except Exception as exc:
+            if getattr(exc, "tp_curvature_node", None) is None:
+                try:
+                    exc.tp_curvature_node = n          # where the graph building failed
+                except AttributeError:
+                    pass
+            raise
         self.lin[n] = rep if rep is not None else lin
         return out
 
@@ -335,9 +366,11 @@ class LineagePass(fx.Interpreter):
         args = n.args
         if name == "embedding":
             w, x = args[0], args[1]
-            return self.hooks.weight(n, "embedding", self.attr_names.get(w), None, None, out)
+            wname, value = self._weight_name(n, w)
+            if wname is None:
+                return self._opaque(n)
+            return self.hooks.weight(n, "embedding", wname, None, None, out, value=value)
         x, w = args[0], args[1]
-        wname = self.attr_names.get(w) if isinstance(w, fx.Node) else None
         kind = "linear" if name == "linear" else "conv"
         if "transpose" in name:
             kind = "conv_transpose"
@@ -351,9 +384,38 @@ class LineagePass(fx.Interpreter):
                 gi = 6 if kind == "conv" else 7
                 groups = int(self.val(args[gi])) if len(args) > gi else \
                     int(n.kwargs.get("groups", 1))
-        if wname is None:                     # a weight computed at run time
+        wname, value = self._weight_name(n, w)
+        if wname is None:                     # a weight computed from the input
             return self._opaque(n)
-        return self.hooks.weight(n, kind, wname, self.L(x), self.val(x), out, groups=groups)
+        return self.hooks.weight(n, kind, wname, self.L(x), self.val(x), out, groups=groups,
+                                 value=value)
+
+    def _weight_name(self, n, w) -> tuple:
+        """``(get_attr target, None)`` of a weight op's parameter, or, for a weight computed
+        from parameters and buffers only (a ``torch.nn.utils.prune`` mask, a
+        ``torch.nn.utils.parametrize`` parametrization, ``weight_norm``),
+        ``("model.<module>.weight", value)``: the module the op runs in owns it and
+        ``value`` is the weight the program computed; ``(None, None)`` otherwise."""
+        if not isinstance(w, fx.Node):
+            return None, None
+        if w in self.attr_names:
+            return self.attr_names[w], None
+        value = self.val(w)
+        if self.L(w) is not None or not _is_tensor(value):
+            return None, None
+        model = getattr(self.hooks, "model", None)
+        stack = n.meta.get("nn_module_stack") or {}
+        for path, _ in reversed(list(stack.values())):
+            if model is None or not path.startswith(PREFIX):
+                continue
+            try:
+                module = model.get_submodule(path[len(PREFIX):])
+            except AttributeError:
+                continue
+            own = getattr(module, "weight", None)
+            if _is_tensor(own) and tuple(own.shape) == tuple(value.shape):
+                return f"{path}.weight", value.detach()
+        return None, None
 
     def _norm(self, n, name, out):
         a = n.args
@@ -386,6 +448,13 @@ class LineagePass(fx.Interpreter):
         return res
 
     def _reduce(self, n, name, out):
+        """A reduction over ``dims``. Per term: a reduced dim along which the ids are constant
+        (spatial positions, tokens) keeps the channel (one index kept). A reduced dim along
+        which they vary is either the channel dim itself (``x.pow(2).mean(-1)`` of an RMSNorm:
+        a :data:`STAT`), or, when each slice along it still carries channels on another dim,
+        a *merge of channel maps* (ResNeSt's radix split-and-sum ``x.view(B, r, C, H,
+        W).sum(1)``): each slice becomes a term, with factor 1 (``sum``, ``amax``, ...) or
+        ``1/r`` (``mean``), as ``x_1 + ... + x_r`` (or ``/ r``) would give."""
         x = self.L(n.args[0])
         if not _terms(x):
             return x
@@ -403,34 +472,64 @@ class LineagePass(fx.Interpreter):
             keep = o.dim() == src.dim()
             res = []
             for t in x:
-                ids, sc = t.ids, t.scale
-                ok = True
-                for d in dims:
-                    if ids.shape[d] > 1 and not bool((ids.amax(d, keepdim=True) ==
-                                                      ids.amin(d, keepdim=True)).all()):
-                        ok = False
-                        break
-                    ids = ids.narrow(d, 0, 1)
-                    if sc is not None and sc.dim() == t.ids.dim():
-                        sc = sc.expand(t.ids.shape).narrow(d, 0, 1) if sc.shape[d] > 1 \
-                            else sc
-                if not ok:
+                terms = self._reduce_term(t, dims, name)
+                if terms is None:
                     res = STAT
                     break
                 if not keep:
-                    for d in reversed(dims):
-                        ids = ids.squeeze(d)
-                        if sc is not None and sc.dim() > ids.dim():
-                            sc = sc.squeeze(d)
-                res.append(Term(t.kind, t.src, ids, sc))
+                    terms = [Term(u.kind, u.src, _squeeze(u.ids, dims),
+                                  None if u.scale is None else _squeeze(u.scale, dims))
+                             for u in terms]
+                res.extend(terms)
         if isinstance(out, tuple):
             return (res,) + (None,) * (len(out) - 1)
         return res
 
+    @staticmethod
+    def _reduce_term(t: Term, dims: list, name: str) -> Optional[list]:
+        """The terms ``t`` becomes when ``dims`` are reduced (kept as size-1 dims), or None
+        when the result has no channel identity (a statistic)."""
+        ids = t.ids
+        sc = None if t.scale is None else _broadcast_scale(t.scale, ids.shape)
+        merge = []
+        for d in dims:
+            if ids.shape[d] > 1 and not _constant_along(ids, d):
+                merge.append(d)
+                continue
+            ids = ids.narrow(d, 0, 1)
+            if sc is not None:
+                sc = sc.narrow(d, 0, 1)
+        if not merge:
+            return [Term(t.kind, t.src, ids, sc)]
+        rest = [d for d in range(ids.dim()) if d not in dims]
+        slices = int(math.prod(ids.shape[d] for d in merge))
+        if name not in MERGE_REDUCE or slices > MAX_MERGE or not rest:
+            return None
+        # every slice along the merged dims must still carry channels on another dim
+        flat = ids.movedim(merge, list(range(len(merge)))).reshape(slices, *[ids.shape[d]
+                                                                               for d in rest])
+        if not all(any(flat.shape[1 + i] > 1 and not _constant_along(flat[k], i)
+                       for i in range(len(rest))) for k in range(slices)):
+            return None
+        factor = 1.0 / slices if name == "mean" else 1.0
+        out = []
+        for pos in itertools.product(*[range(ids.shape[d]) for d in merge]):
+            i_k, s_k = ids, sc
+            for d, k in zip(merge, pos):
+                i_k = i_k.narrow(d, k, 1)
+                s_k = None if s_k is None else s_k.narrow(d, k, 1)
+            if factor != 1.0:
+                s_k = torch.full(i_k.shape, factor, dtype=torch.float64) if s_k is None \
+                    else s_k * factor
+            out.append(Term(t.kind, t.src, i_k, s_k))
+        return out
+
     def _mul(self, n, name, out):
-        a, b = n.args[0], n.args[1]
+        return self._product(n.args[0], n.args[1], name.startswith("div"), tuple(out.shape))
+
+    def _product(self, a, b, div: bool, shape: tuple):
+        """The lineage of ``a * b`` (``a / b`` with ``div``) of shape ``shape``."""
         la, lb = self.L(a), self.L(b)
-        shape = tuple(out.shape)
         if _terms(la) and _terms(lb):
             # a multiplicative gate (SE x*gate, SwiGLU silu(g)*u): both operands' channels
             # reach the product, each with factor 1 (structure only)
@@ -445,10 +544,26 @@ class LineagePass(fx.Interpreter):
         v = self.val(other)
         if isinstance(v, (int, float)) or _is_tensor(v):
             f = torch.as_tensor(v).detach().double().cpu().abs()
-            if name.startswith("div") and traced is a:
+            if div and traced is a:
                 f = torch.where(f > 0, 1.0 / f, torch.full_like(f, math.inf))
             res = self._scaled(res, f)
         return res
+
+    def _affine(self, n, name, out):
+        """``addcmul(input, t1, t2, value=v) = input + v * t1 * t2`` (``addcdiv``: ``t1 /
+        t2``): the sum of ``input``'s lineage and the product's, scaled by ``|v|``."""
+        shape = tuple(out.shape)
+        inp, t1, t2 = n.args[:3]
+        value = n.kwargs.get("value", n.args[3] if len(n.args) > 3 else 1)
+        prod = self._product(t1, t2, name.startswith("addcdiv"), shape)
+        if _terms(prod) and self.val(value) != 1:
+            prod = self._scaled(prod, self.val(value))
+        li = self.L(inp)
+        terms = (self._expand(li, shape) if _terms(li) else []) + \
+            (prod if _terms(prod) else [])
+        if terms:
+            return terms
+        return STAT if STAT in (li, prod) else None
 
     def _cat(self, n, name, out):
         parts = list(n.args[0])
@@ -537,5 +652,5 @@ class LineagePass(fx.Interpreter):
     _RULES = (
         (SHAPE_ONLY, _shape_only), (MOVE, _moved), (IDENTITY, _identity), (UNARY, _unary),
         (NORMS, _norm), (SPATIAL, _spatial), (PAD, _pad), (REDUCE, _reduce), (ADD, _add),
-        (MUL, _mul), (CAT, _cat), (SDPA, _sdpa), (MATMUL, _matmul),
+        (MUL, _mul), (AFFINE, _affine), (CAT, _cat), (SDPA, _sdpa), (MATMUL, _matmul),
     )

@@ -35,8 +35,13 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import importlib
+import inspect
 import itertools
 import numbers
+import pickle
+import random
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -44,8 +49,9 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
-from ._export import Program, export_program
+from ._export import Program, UnsupportedModelError, export_program, run_eagerly
 from .config import NODE_VALUES, NORMALIZE_MODES, CurvatureConfig
 from .graph import ChannelGraph, Junction
 
@@ -101,9 +107,13 @@ class CalibrationData:
 
     ``forward_fn(model, batch)`` says how the model takes a batch (default
     :func:`default_forward`: ``model(batch)``, or ``model(batch[0])`` for ``(inputs,
-    targets)``). It is *traced once*, at export, on the first batch: Python control flow and
-    Python values it reads from a batch are fixed by that batch; the tensors of every batch
-    then flow through the traced program.
+    targets)``; a torchvision detection model through its backbone and detection head,
+    :func:`detection_forward`). It is *traced once*, at export, on the first batch; it does
+    not run per batch. Python control flow and Python values it reads from a batch are fixed
+    by that batch; the tensors of every batch then flow through the traced program. A later
+    batch that needs another trace (a different Python value the trace depends on, a
+    different shape beyond the batch dim) raises :class:`CalibrationError` naming the
+    mismatch.
     """
 
     def __init__(self, data, max_batches: Optional[int] = None,
@@ -201,17 +211,45 @@ class CalibrationData:
                 "with max_batches")
 
 
+    def __getstate__(self):
+        """Pickling keeps the source (by value: a re-iterable source is pickled with it) and
+        ``forward_fn``; a ``forward_fn`` that does not pickle (a lambda, a local function)
+        is left out with a warning, and a later pass then asks for a new calibration."""
+        state = dict(self.__dict__)
+        if self.custom_forward and not _picklable(self.forward_fn):
+            warnings.warn(
+                f"tp_curvature: forward_fn {getattr(self.forward_fn, '__qualname__', '?')!r} "
+                "cannot be pickled and is left out: the unpickled CurvatureImportance keeps "
+                "its scores, but once the model changes it must be calibrated again "
+                "(imp.calibrate(model, data, forward_fn=...)); define forward_fn at module "
+                "level to keep it", UserWarning, stacklevel=2)
+            state["forward_fn"] = None
+            state["_lost"] = "forward_fn"
+        return state
+
     @contextlib.contextmanager
     def open(self):
         """``(first, batches)``: the first batch (the export's example) and an iterator over
         every batch from the first, read in one pass; the source's iterator is closed when the
         block ends, also after an error."""
+        if getattr(self, "_lost", None):
+            raise CalibrationError(
+                f"this calibration data was unpickled without its {self._lost}, which cannot "
+                "be pickled: call imp.calibrate(model, data, forward_fn=...) again")
         it = iter(self)
         try:
             first = next(it)
             yield first, itertools.chain((first,), it)
         finally:
             it.close()
+
+
+def _picklable(obj) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:  # noqa: BLE001 - any pickling error means no
+        return False
+    return True
 
 
 def check_batch(batch, i: int = 0, custom_forward: bool = False) -> None:
@@ -239,12 +277,76 @@ def batch_inputs(batch):
 
 
 def default_forward(model: nn.Module, batch):
-    """``model(batch)`` for a tensor, ``model(batch[0])`` for an (inputs, targets) batch."""
+    """``model(batch)`` for a tensor, ``model(batch[0])`` for an (inputs, targets) batch; a
+    torchvision detection model goes through :func:`detection_forward`."""
+    if is_detection_model(model):
+        return detection_forward(model, batch)
     x = batch_inputs(batch)
     if not isinstance(x, torch.Tensor):
         check_batch(batch)
+    check_default_call(model, batch)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return model(x.to(device))
+
+
+def check_default_call(model: nn.Module, batch) -> None:
+    """Refuse, with the cause, a model whose ``forward`` cannot take the default call's one
+    input (a model of several inputs given a tuple: the tuple reads as ``(inputs,
+    targets)``)."""
+    if is_detection_model(model):
+        return
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(batch_inputs(batch))
+    except TypeError as exc:
+        what = (f"a {type(batch).__name__} of {len(batch)}, read as (inputs, targets)"
+                if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}")
+        raise CalibrationError(
+            f"the default forward calls model(inputs) with one input (the batch is {what}), "
+            f"but {type(model).__name__}.forward{sig} cannot take it ({exc}): pass "
+            "forward_fn=lambda model, batch: model(*batch) (or whatever call the model "
+            "needs)") from None
+
+
+def is_detection_model(model: nn.Module) -> bool:
+    """A torchvision detection model (Faster / Mask / Keypoint R-CNN, RetinaNet, FCOS, SSD):
+    its eval output is post-processed detections, with no float tensor traced to the input."""
+    return (type(model).__module__.startswith("torchvision.models.detection")
+            and hasattr(model, "backbone") and hasattr(model, "transform")
+            and (hasattr(model, "rpn") or hasattr(model, "head")))
+
+
+def detection_forward(model: nn.Module, batch):
+    """The default forward of a torchvision detection model (:func:`is_detection_model`):
+    its eval output (boxes after non-maximum suppression) carries no float tensor back to
+    the input, so calibration runs the image batch ``(N, 3, H, W)`` (or ``(images,
+    targets)``) through the model's normalisation, its backbone (with the FPN) and its
+    detection head (the RPN head of an R-CNN, the head of RetinaNet / FCOS / SSD), and
+    returns the head's outputs flattened and concatenated. The resizing of the model's
+    transform is left out (images are taken at their size); the ROI heads, which read
+    ``roi_align`` boxes, are not traced (Torch-Pruning's examples ignore them)."""
+    x = batch_inputs(batch)
+    if not (isinstance(x, torch.Tensor) and x.dim() == 4):
+        raise CalibrationError(
+            f"calibration batches of the detection model {type(model).__name__} must be "
+            "image tensors (N, 3, H, W) or (images, targets) with such a tensor, got "
+            f"{_describe(x)}: stack same-sized images into one tensor (or pass forward_fn)")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    feats = model.backbone(model.transform.normalize(x.to(device)))
+    feats = [feats] if isinstance(feats, torch.Tensor) else list(feats.values())
+    head = model.rpn.head if hasattr(model, "rpn") else model.head
+    outs = [t for t in pytree.tree_leaves(head(feats))
+            if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return torch.cat([t.flatten(1) for t in outs], 1)
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
 
 
 # ------------------------------------------------------------------------------ the pass
@@ -256,14 +358,91 @@ def observe(model: nn.Module, data: "CalibrationData", make_observers: Callable,
     the observers (objects with ``taps() -> {fx node name: [key, ...]}`` and
     ``observe(key, value)``); then every batch, the first included, streams once through the
     program with their taps. Returns ``(program, observers)``.
+
+    Errors: the user's own (the model's or ``forward_fn``'s, raised when the call runs as
+    plain PyTorch) reach the caller unchanged; a batch the traced program does not fit (a
+    Python value or a shape the trace depends on) raises :class:`CalibrationError` naming
+    it; any other failure of the library's machinery (building the graph, the observers)
+    becomes :class:`~tp_curvature._export.UnsupportedModelError` naming where it happened,
+    which :class:`~tp_curvature.importance.CurvatureImportance` turns into its documented
+    fallback.
     """
     if not isinstance(data, CalibrationData):
         raise TypeError(f"data must be a CalibrationData, got {type(data).__name__}")
     with data.open() as (first, batches):
+        if not data.custom_forward:
+            check_default_call(model, first)
         program = export_program(model, first, data.forward_fn)
-        observers = make_observers(program)
-        program.run(model, batches, observers, progress, data.length_hint())
+        try:
+            observers = make_observers(program)
+        except (CalibrationError, UnsupportedModelError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's error, or the library's
+            run_eagerly(model, first, data.forward_fn)        # raises the user's own error
+            raise UnsupportedModelError(
+                f"building the channel graph of {type(model).__name__} failed"
+                f"{_where_failed(program, exc)}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from exc
+        current: dict = {}
+
+        def tracked():
+            for i, batch in enumerate(batches):
+                current["i"], current["batch"] = i, batch
+                yield batch
+            current.clear()
+        try:
+            program.run(model, tracked(), observers, progress, data.length_hint())
+        except (CalibrationError, UnsupportedModelError):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _run_failure(model, data, program, current, exc) from exc
     return program, observers
+
+
+def _where_failed(program: Program, exc: Exception) -> str:
+    """`` at <op> (fx node ..., module ...)`` for an error raised while the lineage pass ran
+    a node (:attr:`~tp_curvature._lineage.LineagePass.failed_node`)."""
+    node = getattr(exc, "tp_curvature_node", None)
+    if node is None:
+        return ""
+    from ._export import op_name
+    mods = program.modules_of(node)
+    where = f" in module {mods[-1]!r}" if mods and mods[-1] else ""
+    return f" at {op_name(node.target)} (fx node {node.name!r}{where})"
+
+
+def _run_failure(model, data, program: Program, current: dict, exc: Exception) -> Exception:
+    """The error to raise for an exception of the streaming pass: the user's own (the batch
+    run as plain PyTorch), a batch that does not fit the traced program, or the library's."""
+    if "batch" not in current:
+        return UnsupportedModelError(f"the calibration pass failed: {type(exc).__name__}: "
+                                     f"{str(exc)[:300]}")
+    i, batch = current["i"], current["batch"]
+    current.clear()
+    try:
+        run_eagerly(model, batch, data.forward_fn)
+    except Exception as user:  # noqa: BLE001 - the user's own error reaches the user
+        return user
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "Guard failed" in msg or isinstance(exc, AssertionError) or _shape_differs(
+            program.example, batch):
+        return CalibrationError(
+            f"calibration batch {i} does not fit the program traced on batch 0 ({msg}): "
+            "forward_fn is traced once, on the first batch, so the Python values it reads "
+            "from a batch (not tensors) and the shapes beyond the batch dimension must be "
+            "the same in every batch; pass per-batch values as tensors, or calibrate on "
+            "batches that agree")
+    return UnsupportedModelError(f"the calibration pass failed on batch {i}: "
+                                 f"{type(exc).__name__}: {msg[:300]}")
+
+
+def _shape_differs(example, batch) -> bool:
+    a, spec_a = pytree.tree_flatten(example)
+    b, spec_b = pytree.tree_flatten(batch)
+    if spec_a != spec_b:
+        return True
+    return any(isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor)
+               and tuple(u.shape[1:]) != tuple(v.shape[1:]) for u, v in zip(a, b))
 
 
 @dataclass
@@ -277,6 +456,28 @@ class Calibration:
     layer_inputs: dict
 
 
+#: third-party modules the solvers import lazily whose import changes global state (POT
+#: draws from Python's ``random`` and adds warning filters when first imported)
+_SIDE_EFFECT_IMPORTS = ("ot",)
+
+
+def _import_without_side_effects() -> None:
+    """Import :data:`_SIDE_EFFECT_IMPORTS` once, restoring Python's ``random`` state and the
+    warning filters afterwards, so a calibration leaves the process's global state alone."""
+    for name in _SIDE_EFFECT_IMPORTS:
+        if name in sys.modules:
+            continue
+        state, filters = random.getstate(), list(warnings.filters)
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+        finally:
+            random.setstate(state)
+            warnings.filters[:] = filters
+            getattr(warnings, "_filters_mutated", lambda: None)()
+
+
 def calibrate(model: nn.Module, data: "CalibrationData", config: CurvatureConfig,
               progress: bool = False) -> Calibration:
     """The curvature's calibration: :func:`observe` with :class:`NodeStatistics` (statistic
@@ -286,6 +487,7 @@ def calibrate(model: nn.Module, data: "CalibrationData", config: CurvatureConfig
         graph = ChannelGraph.from_program(model, program)
         return [NodeStatistics(graph, config.node_value), FallbackInputs(graph)]
 
+    _import_without_side_effects()
     _, (nodes, inputs) = observe(model, data, observers, progress)
     _warn_unvalidated(nodes.graph)
     acts = [normalise(a, config.normalize) for a in nodes.values()]

@@ -86,6 +86,33 @@ Semantics of the constructs (documented; checked in ``tests/test_coverage.py``)
         :func:`tp_curvature.curvature.problem_from_strengths`);
     * pooling / interpolate / Upsample / padding keep channels; ConvTranspose2d connects
       ``W[u, v]`` (input channel first) within its groups;
+    * reductions (``mean`` / ``sum`` / ``amax`` ... over some dims, also after a channel
+      slice as in GhostNet): a reduced dim along which the channel ids are constant (spatial
+      positions, tokens) keeps the channel (factor 1); reducing the channel dim itself is a
+      statistic (an RMSNorm's ``x.pow(2).mean(-1)``); reducing a dim whose slices each still
+      carry channels is a *merge* of those channel maps (ResNeSt's radix split-and-sum
+      ``x.view(B, r, C, H, W).sum(1)``: channel ``i C + c`` reaches node ``c``, factor 1 for
+      ``sum`` / ``amax``, ``1/r`` for ``mean``; parallel edges count with the strongest);
+      checked in ``test_radix_split_and_sum_against_reference`` and
+      ``test_reduction_over_several_dims_after_a_slice_against_reference``;
+    * ``addcmul(input, t1, t2, value=v)`` (timm's ``Affine`` in ResMLP) is ``input + v t1
+      t2``: a parameter times the traced tensor scales it by ``|v t1|`` like a norm's weight
+      (the pre-norm rule walks through it); ``test_addcmul_affine_against_reference``;
+    * token mixing: a Linear whose contracted (last) dim carries no channel identity while
+      another dim does (MLP-Mixer's ``mlp_tokens`` on ``x.transpose(1, 2)``) mixes
+      positions, not channels: its input's channels flow through it (factor 1, as through
+      attention weights) and it is not a channel layer of the graph (Torch-Pruning cannot
+      prune it either); ``test_token_mixing_against_reference``;
+    * summed embeddings (BERT's word + position + token-type embeddings): each embedding is an
+      input junction with identity edges into the sum the layers read; an embedding's
+      channels are scored through the layers reading the junctions it reaches by identity
+      edges, node for node; ``test_summed_embeddings_against_reference``;
+    * every floating-point output traced to the input is an output junction (a BERT
+      pooler's output beside the last hidden state), so the layers writing only into a
+      second output are scored;
+    * a weight computed from parameters and buffers only (``torch.nn.utils.prune``'s
+      ``weight_orig * weight_mask``, ``torch.nn.utils.parametrize``, ``weight_norm``) is the
+      weight of the module the op runs in: its strengths are read from the computed value;
     * an op the lineage does not know makes its output *opaque*: layers reading it, or writing
       only into it, are not scored (:meth:`ChannelGraph.scoreable`) and get the documented
       fallback of :class:`~tp_curvature.importance.CurvatureImportance` with one warning.
@@ -103,9 +130,9 @@ import torch.nn as nn
 
 import torch.utils._pytree as pytree
 
-from ._export import PREFIX, Program, UnsupportedModelError, op_name
-from ._lineage import (ADD, CAT, IDENTITY, MOVE, MUL, NORMS, OPAQUE, LineagePass, Term,
-                       channel_ids)
+from ._export import PREFIX, Program, UnsupportedModelError, global_hooks_detached, op_name
+from ._lineage import (ADD, AFFINE, CAT, IDENTITY, MOVE, MUL, NORMS, OPAQUE, LineagePass,
+                       Term, channel_ids)
 
 WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 
@@ -171,9 +198,15 @@ class WeightLayer:
     in_scale: Optional[np.ndarray] = None
     shared: bool = False          # the weight is used by several ops: not scored
     nodes: list = field(default_factory=list)   # fx node names of its weight op(s)
+    token_mixing: bool = False    # a Linear over positions (tokens), not channels: not scored
+    #: the weight the program computed from parameters (a pruning mask, a parametrization),
+    #: None for a plain parameter (read live from the module)
+    weight_value: Optional[torch.Tensor] = None
 
     @property
     def weight(self) -> torch.Tensor:
+        if self.weight_value is not None:
+            return self.weight_value
         return _get_param(self.module, self.weight_name)
 
     @property
@@ -194,7 +227,8 @@ def _transparent(n: fx.Node) -> bool:
     if n.op != "call_function":
         return False
     name = op_name(n.target)
-    return (name in MOVE or name in IDENTITY or name in NORMS or name in MUL) \
+    return (name in MOVE or name in IDENTITY or name in NORMS or name in MUL
+            or name in AFFINE) \
         and name not in ("split", "split_with_sizes", "chunk", "unbind", "tensor_split")
 
 
@@ -221,7 +255,7 @@ class _Builder:
         self.at_node[n.name] = j.index
         return [Term("junction", j.index, self._full_ids(j, value), None)]
 
-    def weight(self, n, kind, wname, x_lin, x_val, out, groups=1):
+    def weight(self, n, kind, wname, x_lin, x_val, out, groups=1, value=None):
         T = Term
         qual = wname[len(PREFIX):] if wname.startswith(PREFIX) else wname
         mod_name, _, pname = qual.rpartition(".")
@@ -233,6 +267,7 @@ class _Builder:
             self.at_node[n.name] = j.index
             return [T("junction", j.index, self._full_ids(j, out), None)]
         key = qual
+        mixing = kind == "linear" and self._mixes_positions(x_lin)
         if key in self.by_weight:
             l = self.layers[self.by_weight[key]]
             l.shared = True
@@ -241,14 +276,46 @@ class _Builder:
         else:
             k = len(self.layers)
             l = WeightLayer(k, mod_name, module, None, weight_name=pname, kind=kind,
-                            groups=groups)
+                            groups=groups, token_mixing=mixing,
+                            weight_value=None if value is None else value.clone())
             l.nodes.append(n.name)
             self.layers.append(l)
             self.by_weight[key] = k
-            if x_lin is not OPAQUE and isinstance(x_lin, list) and x_lin:
+            if not mixing and x_lin is not OPAQUE and isinstance(x_lin, list) and x_lin:
                 self._attach_input(l, n.args[0], x_lin, x_val)
+        if mixing:
+            # a Linear over tokens (MLP-Mixer's token mixing on x.transpose(1, 2)) mixes
+            # positions, not channels: the channels of its input flow through it, as
+            # through the attention weights of ``attn @ v`` (factor 1)
+            shape = tuple(out.shape)
+            return [T(t.kind, t.src, t.ids.narrow(-1, 0, 1).expand(shape),
+                      None if t.scale is None else
+                      t.scale.expand(t.ids.shape).narrow(-1, 0, 1).expand(shape))
+                    for t in x_lin]
         cdim = -1 if kind == "linear" else 1
         return [T("layer", l.index, channel_ids(tuple(out.shape), cdim), None)]
+
+    def _mixes_positions(self, x_lin) -> bool:
+        """Whether a Linear reading ``x_lin`` contracts a dim without channel identity (the
+        ids are constant along its last dim and vary along another): a token-mixing layer.
+        An input placeholder's ids are not judged (its channel dim is chosen by its
+        consumers, :data:`INPUT_MODES`)."""
+        if not isinstance(x_lin, list) or not x_lin:
+            return False
+        varies = False
+        for t in x_lin:
+            if t.kind == "junction" and t.src >= 0:
+                j = self.junctions[t.src]
+                if j.is_input and j.source_module is None:
+                    return False
+            ids = t.ids
+            if ids.dim() < 2:
+                return False
+            if not bool((ids.amax(-1) == ids.amin(-1)).all()):
+                return False
+            varies = varies or any(ids.shape[d] > 1 and not bool(
+                (ids.amax(d) == ids.amin(d)).all()) for d in range(ids.dim() - 1))
+        return varies
 
     def junction(self, n, lin, value):
         if n.name in self.junction_at and n.name not in self.at_node and isinstance(lin, list) \
@@ -413,7 +480,7 @@ INPUT_MODES = {"dim1": "last", "last": "element"}
 
 def _lineage_pass(program: Program, builder: "_Builder", modes: dict) -> LineagePass:
     p = LineagePass(program.gm, builder, modes)
-    with torch.no_grad():
+    with torch.no_grad(), global_hooks_detached():
         p.run(*pytree.tree_leaves(((program.example,), {})))
     return p
 
@@ -439,16 +506,19 @@ def _build_with_input_modes(model, program: Program, junction_at: set):
     return builder, lineage
 
 
-def _output_leaf(gm: fx.GraphModule, lineage: LineagePass) -> Optional[fx.Node]:
-    """The first floating-point output tensor traced back to the input (the graph's output
-    junction)."""
+def _output_leaves(gm: fx.GraphModule, lineage: LineagePass) -> list:
+    """The floating-point output tensors traced back to the input, in output order (the
+    graph's output junctions: the first is the model output proper; the others, e.g. a
+    BERT pooler's output beside the last hidden state, are outputs too, so the layers that
+    write only into them are scored)."""
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves = []
     for a in pytree.tree_leaves(out_node.args[0]):
-        if isinstance(a, fx.Node) and isinstance(lineage.lin.get(a), list):
+        if isinstance(a, fx.Node) and isinstance(lineage.lin.get(a), list) and a not in leaves:
             v = lineage.env.get(a)
             if isinstance(v, torch.Tensor) and v.is_floating_point():
-                return a
-    return None
+                leaves.append(a)
+    return leaves
 
 
 class ChannelGraph:
@@ -470,16 +540,20 @@ class ChannelGraph:
         self.program = program
         self.unknown_ops = dict(unknown_ops or {})
         self.unvalidated = tuple(unvalidated)
-        self.layer_of_module = {}
-        for l in layers:
-            self.layer_of_module.setdefault(id(l.module), l)
-        self.embedding_junctions = {id(j.source_module): j for j in junctions
-                                    if j.source_module is not None}
+        self.rebind()
         self._node_weight_cache: dict = {}
         self._successors = {i: [] for i in range(len(junctions))}
         for d in range(len(junctions)):
             for src in self.predecessors(d):
                 self._successors[src].append(d)
+
+    def rebind(self) -> None:
+        """(Re)build the tables keyed by module ids (after unpickling or a deep copy)."""
+        self.layer_of_module = {}
+        for l in self.layers:
+            self.layer_of_module.setdefault(id(l.module), l)
+        self.embedding_junctions = {id(j.source_module): j for j in self.junctions
+                                    if j.source_module is not None}
 
     def scoreable(self, layer: WeightLayer) -> bool:
         """Whether ``layer``'s connections get a curvature (else: the importance fallback)."""
@@ -495,29 +569,36 @@ class ChannelGraph:
         built, re-reading an input placeholder's channels along another dim when its consumers
         cannot use dim 1 (the last dim of tokens, or one node per element)."""
         first = _lineage_pass(program, _Builder(model, set()), {})
-        out_node = _output_leaf(program.gm, first)
-        if out_node is None:
+        out_nodes = _output_leaves(program.gm, first)
+        if not out_nodes:
             raise UnsupportedModelError(
                 "the model output has no floating-point tensor derived from the input")
         kinds = {n.name: ("T" if isinstance(v, list) else None) for n, v in first.lin.items()}
         cands = [n.args[0] for n in program.gm.graph.nodes if n.op == "call_function" and n.args
                  and isinstance(n.args[0], fx.Node) and op_name(n.target) in WEIGHT_OPS]
-        junction_at = _walk_prenorm(program.gm, kinds, cands) | {out_node.name}
+        junction_at = _walk_prenorm(program.gm, kinds, cands) | {o.name for o in out_nodes}
         builder, lineage = _build_with_input_modes(model, program, junction_at)
-        return cls._assemble(model, program, builder, lineage, out_node)
+        return cls._assemble(model, program, builder, lineage, out_nodes)
 
     @classmethod
-    def _assemble(cls, model, program, b: "_Builder", lineage, out_node) -> "ChannelGraph":
+    def _assemble(cls, model, program, b: "_Builder", lineage, out_nodes) -> "ChannelGraph":
         """Link the layers and junctions the builder found into a graph."""
         junctions, layers = b.junctions, b.layers
-        if out_node.name in b.at_node:
-            out_j = b.at_node[out_node.name]
-        else:
-            lin = lineage.lin.get(out_node)
-            if not isinstance(lin, list) or not lin:
-                raise UnsupportedModelError("the model output is not traced to its layers")
-            out_j = b._new_junction(out_node.name, lin, lineage.env[out_node]).index
-        junctions[out_j].is_output = True
+        outs = []
+        for k, out_node in enumerate(out_nodes):
+            if out_node.name in b.at_node:
+                out_j = b.at_node[out_node.name]
+            else:
+                lin = lineage.lin.get(out_node)
+                if not isinstance(lin, list) or not lin:
+                    if k:
+                        continue
+                    raise UnsupportedModelError("the model output is not traced to its layers")
+                out_j = b._new_junction(out_node.name, lin, lineage.env[out_node]).index
+                b.at_node[out_node.name] = out_j
+            junctions[out_j].is_output = True
+            outs.append(out_j)
+        out_j = outs[0]
         if not layers:
             raise UnsupportedModelError("the model has no Linear or Conv layer to score")
         for j in junctions:

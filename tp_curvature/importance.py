@@ -50,6 +50,9 @@ IN_FNS = (function.prune_conv_in_channels, function.prune_linear_in_channels,
 MHA_FNS = (function.prune_multihead_attention_out_channels,
            function.prune_multihead_attention_in_channels)
 EMBED_FNS = (function.prune_embedding_out_channels,)
+#: the layer items Torch-Pruning's GroupMagnitudeImportance scores
+BUILTIN_LAYER_FNS = (function.prune_conv_out_channels, function.prune_linear_out_channels,
+                     function.prune_conv_in_channels, function.prune_linear_in_channels)
 REDUCTIONS = ("mean", "min", "neg_sum")
 SIDES = ("both", "consumer")
 
@@ -129,8 +132,66 @@ def _checksum(t: torch.Tensor) -> np.ndarray:
     return np.array([np.add.reduce(a, dtype=np.float64), float(np.vdot(a, a))])
 
 
+def _describe_change(old, model: nn.Module, own: bool = True) -> str:
+    """What differs between the fingerprint ``old`` and ``model`` now, in words (the
+    parameters / buffers whose shape changed, the submodules added, removed or swapped)."""
+    if old is None:
+        return ("a model other than the calibrated one" if not own else "fingerprint unknown")
+    tree0, meta0, _ = old
+    before = {n: (shape, dtype) for n, _, _, shape, dtype, _, _ in meta0}
+    now = {n: (tuple(t.shape), t.dtype) for n, t in
+           list(model.named_parameters()) + list(model.named_buffers())}
+    out = []
+    for n in before:
+        if n in now and now[n][0] != before[n][0]:
+            out.append(f"{n!r} has shape {now[n][0]}, was {before[n][0]}")
+        elif n in now and now[n][1] != before[n][1]:
+            out.append(f"{n!r} is {now[n][1]}, was {before[n][1]}")
+    types0 = {n: t for n, _, t in tree0}
+    types1 = {n: type(m) for n, m in model.named_modules()}
+    out += [f"submodule {n!r} is a {types1[n].__name__}, was a {types0[n].__name__}"
+            for n in types0 if n in types1 and types1[n] is not types0[n]]
+    out += [f"submodule {n!r} was removed" for n in types0 if n not in types1]
+    out += [f"submodule {n!r} was added" for n in types1 if n not in types0]
+    if not out:
+        return "its parameters changed"
+    return "; ".join(out[:4]) + (f"; and {len(out) - 4} more" if len(out) > 4 else "")
+
+
+class UninformativeCalibrationWarning(UserWarning):
+    """The calibration data does not tell the channels of some layers apart: their scores are
+    ties, not a ranking."""
+
+
+def _warn_ties(curv: dict, model_name: str) -> None:
+    """One warning naming the layers whose connections all have the same curvature (every
+    channel silent or alike on the calibration data, e.g. one image with constant channels):
+    their channel scores are ties that only look like scores."""
+    tied = []
+    for name, lc in curv.items():
+        k = lc.kappa[np.isfinite(lc.kappa)]
+        if k.size > 1 and min(lc.kappa.shape) > 1 and float(np.ptp(k)) == 0.0:
+            tied.append((name, float(k[0])))
+    if not tied:
+        return
+    names = ", ".join(repr(n) for n, _ in tied[:8]) + (f" and {len(tied) - 8} more"
+                                                       if len(tied) > 8 else "")
+    warnings.warn(
+        f"CurvatureImportance: the calibration data does not tell the channels of "
+        f"{len(tied)} layer(s) of {model_name} apart ({names}): every connection of such a "
+        f"layer has the same curvature (kappa = {tied[0][1]:g}: its channels are silent or "
+        "alike on the data, or its weights are all zero), so their scores are ties, not a "
+        "ranking. Calibrate on more, and more varied, data", UninformativeCalibrationWarning,
+        stacklevel=4)
+
+
 class _ModelScores:
-    """Calibration and curvature of one model, recomputed when its fingerprint changes."""
+    """Calibration and curvature of one model, recomputed when its fingerprint changes.
+
+    It pickles (and deep-copies) without what is keyed by object ids (module names, the
+    layer curvatures by module, the fingerprint) or held by the exported program; those are
+    rebuilt for the unpickled model on first use (:meth:`rebind`), so the scores are kept,
+    not recomputed, when the model is the one they were computed for."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -143,6 +204,28 @@ class _ModelScores:
         self.by_module: dict = {}
         self.failure: Optional[str] = None          # why no graph could be built (fallback)
         self.coverage = {"curvature": set(), "fallback": set()}
+        self.tie_warned = False
+        self._rebind: Optional[bool] = None         # after unpickling: were the scores fresh
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_rebind"] = (self.fingerprint is not None
+                            and _fingerprint(self.model) == self.fingerprint)
+        state["names"], state["by_module"], state["fingerprint"] = {}, {}, None
+        return state
+
+    def rebind(self) -> None:
+        """After unpickling: the id-keyed tables of the (new) model objects, and its
+        fingerprint when the pickled scores were up to date."""
+        if self._rebind is None:
+            return
+        fresh, self._rebind = self._rebind, None
+        self.names = {id(m): n for n, m in self.model.named_modules()}
+        if self.graph is not None:
+            self.graph.rebind()
+        if self.curv is not None:
+            self.by_module = {id(lc.module): lc for lc in self.curv.values()}
+        self.fingerprint = _fingerprint(self.model) if fresh else None
 
 
 class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
@@ -201,8 +284,12 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         channel of its consumers); ``"consumer"`` only the outgoing ones, where the channel is
         read, as Wanda and FLAP score (the incoming ones are used only for a group without a
         scored consumer).
-    group_reduction : {"mean", "sum", "max", "prod", "first", "gate"}
-        As in Torch-Pruning's ``GroupMagnitudeImportance``.
+    group_reduction : {"mean", "sum", "max", "prod", "first", "gate"} or None
+        As in Torch-Pruning's ``GroupMagnitudeImportance``. ``None``: no reduction, the
+        per-item scores stacked in group order, one row per item the built-in scores
+        (Conv / Linear input or output channels, affine BatchNorm / LayerNorm; a norm's row
+        is the mean of the layer rows at its channels, its scale being folded into the
+        connections), so the output has the built-in's shape.
     normalizer : None, callable or {"mean", "sum", "max", "gaussian", "standarization", "lamp", "sentinel_<q>"}
         As in Torch-Pruning's ``GroupMagnitudeImportance``.
     max_batches : int, optional
@@ -231,7 +318,8 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
     """
 
     def __init__(self, config: Optional[CurvatureConfig] = None, *, reduction: str = "mean",
-                 sides: str = "both", group_reduction: str = "mean", normalizer: Optional[str] = "mean",
+                 sides: str = "both", group_reduction: Optional[str] = "mean",
+                 normalizer: Optional[str] = "mean",
                  max_batches: Optional[int] = None, progress: Optional[bool] = None,
                  **config_fields):
         config = resolve_config(config, config_fields)
@@ -240,8 +328,8 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if sides not in SIDES:
             raise ValueError(f"sides must be one of {SIDES}, got {sides!r}")
-        if group_reduction not in GROUP_REDUCTIONS:
-            raise ValueError(f"group_reduction must be one of {GROUP_REDUCTIONS}, got "
+        if group_reduction is not None and group_reduction not in GROUP_REDUCTIONS:
+            raise ValueError(f"group_reduction must be None or one of {GROUP_REDUCTIONS}, got "
                              f"{group_reduction!r}")
         check_normalizer(normalizer)
         if progress not in (None, True, False):
@@ -285,21 +373,36 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         return self
 
     def _recalibrate(self, state: _ModelScores, data: Optional[CalibrationData] = None):
+        recompute = data is None
         try:
             data = self._data if data is None else data
             cal = calibrate(state.model, data, self.config, bool(self.progress))
         except UnsupportedModelError as exc:
             if "no Linear or Conv" in str(exc):
                 raise
-            # the whole model falls back (one warning per layer when it is scored)
+            # the whole model falls back (one warning when it is scored)
             state.graph, state.acts, state.curv, state.by_module = None, None, {}, {}
             state.layer_inputs = {}
             state.failure = str(exc)
+        except CalibrationError:
+            raise
+        except Exception as exc:
+            if not recompute:
+                raise                     # the user's own error (model, forward_fn, data)
+            # the retained data no longer runs through the model that changed
+            raise CalibrationError(
+                f"the model changed since it was calibrated ("
+                f"{_describe_change(state.fingerprint, state.model, state is self._own)}) "
+                f"and the retained calibration data no longer runs through it: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                ". Call imp.calibrate(model, data) with data that fits the changed model"
+            ) from exc
         else:
             state.graph, state.acts, state.curv, state.by_module = cal.graph, cal.acts, None, {}
             state.layer_inputs = cal.layer_inputs
             state.failure = None
         state.coverage = {"curvature": set(), "fallback": set()}
+        state.tie_warned = False
         state.fingerprint = _fingerprint(state.model)
 
     def _refresh(self, compute_curvature: bool = True, model: Optional[nn.Module] = None
@@ -314,12 +417,22 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             if self._other is None or self._other.model is not model:
                 self._other = _ModelScores(model)
             state = self._other
+        state.rebind()
         if state.fingerprint is None or _fingerprint(state.model) != state.fingerprint:
             self._recalibrate(state)
         if compute_curvature and state.curv is None:
             state.curv = graph_curvature(state.graph, state.acts, self.config, self.progress)
             state.by_module = {id(lc.module): lc for lc in state.curv.values()}
             state.coverage = {"curvature": set(), "fallback": set()}
+        if state.curv is not None and not state.tie_warned:
+            state.tie_warned = True
+            _warn_ties(state.curv, type(state.model).__name__)
+        return state
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_last"] = None
         return state
 
     def _group_model(self, group) -> Optional[nn.Module]:
@@ -439,15 +552,24 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         return None if x is None else torch.as_tensor(x, dtype=torch.float64)
 
     def _warn_fallback(self, state, name, layer):
+        if state.failure is not None:
+            # no channel graph at all: one warning for the model, naming the construct
+            key = ("model", id(state.model), state.failure)
+            if key in self._warned:
+                return
+            self._warned.add(key)
+            warnings.warn(f"CurvatureImportance: no channel graph could be built for "
+                          f"{type(state.model).__name__} ({state.failure[:500]}); every layer "
+                          "(imp.coverage()['fallback'] lists them) is scored by the documented "
+                          "fallback (normalised activation-weighted magnitude of its input "
+                          "channels, weight magnitude otherwise)", stacklevel=3)
+            return
         if name in self._warned:
             return
         self._warned.add(name)
-        if state.failure is not None:
-            why = f"no channel graph could be built ({state.failure[:300]})"
-        else:
-            ops = state.graph.unknown_ops if state.graph is not None else {}
-            why = ("its input or output passes through an op the channel graph does not "
-                   f"represent ({', '.join(sorted(ops)) or 'shared weights or no consumer'})")
+        ops = state.graph.unknown_ops if state.graph is not None else {}
+        why = ("its input or output passes through an op the channel graph does not "
+               f"represent ({', '.join(sorted(ops)) or 'shared weights or no consumer'})")
         warnings.warn(f"CurvatureImportance: layer {name!r} ({type(layer).__name__}) is not "
                       f"part of the channel graph: {why}; it is scored by the documented "
                       "fallback (normalised activation-weighted magnitude of its input "
@@ -470,10 +592,9 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             self._refresh()                      # raises: not calibrated
         state = self._refresh(model=self._group_model(group))
         self._last = state
+        if self.group_reduction is None:
+            return self._stacked(state, group)
         by_module = state.by_module
-        graph = state.graph
-        alpha = self.config.alpha
-        names = state.names
         group_imp, group_idxs = [], []
         skip_out = self.sides == "consumer" and any(
             dep.pruning_fn in IN_FNS and id(dep.layer) in by_module for dep, _ in group)
@@ -488,55 +609,131 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
                 continue
             if skip_out and fn in OUT_FNS and id(layer) in by_module:
                 continue
-            idxs = np.asarray(idxs, dtype=np.int64)
-            name = names.get(id(layer), type(layer).__name__)
-            local = None
-            if fn in MHA_FNS:
-                parts = []
-                lin = by_module.get(id(layer))
-                if lin is not None:
-                    parts.append(reduce_kappa(lin.kappa[lin.in_group[idxs], :], 1,
-                                              self.reduction, alpha))
-                lout = by_module.get(id(getattr(layer, "out_proj", None)))
-                if lout is not None:
-                    parts.append(reduce_kappa(lout.kappa[:, idxs], 0, self.reduction, alpha))
-                if parts:
-                    local = np.mean(parts, axis=0)
-            elif fn in EMBED_FNS:
-                j = graph.embedding_junctions.get(id(layer)) if graph is not None else None
-                if j is not None:
-                    nodes = j.node_ids.reshape(-1)[idxs].numpy()
-                    parts = []
-                    for li in j.consumers:
-                        lc = state.curv.get(graph.layers[li].name) if state.curv else None
-                        if lc is not None and lc.kappa.shape[0] == j.n_nodes:
-                            parts.append(reduce_kappa(lc.kappa[nodes, :], 1, self.reduction,
-                                                      alpha))
-                    if parts:
-                        local = np.mean(parts, axis=0)
-            else:
-                lc: Optional[LayerCurvature] = by_module.get(id(layer))
-                if lc is not None:
-                    if fn in OUT_FNS:
-                        local = reduce_kappa(lc.kappa[:, idxs], 0, self.reduction, alpha)
-                    else:
-                        nodes = lc.in_group[idxs]
-                        local = reduce_kappa(lc.kappa[np.maximum(nodes, 0), :], 1,
-                                             self.reduction, alpha)
-                        local = np.where(nodes >= 0, local, 0.0)
-            if local is None:
-                local = self._fallback(state, layer, fn, idxs, name)
-                state.coverage["fallback"].add(name)
-                self._warn_fallback(state, name, layer)
-            else:
-                local = torch.as_tensor(local, dtype=torch.float32)
-                state.coverage["curvature"].add(name)
+            local = self._item_score(state, layer, fn, idxs)
             group_imp.append(feature_share(local, root_idxs, self.group_reduction))
             group_idxs.append(root_idxs)
         if not group_imp:
             return None
         imp = self._reduce_to_root(group_imp, group_idxs, len(group[0].idxs))
         return self._normalize(imp, self.normalizer)
+
+    def _item_score(self, state, layer, fn, idxs) -> torch.Tensor:
+        """One group item's per-index scores (float32): its curvature scores, or the
+        fallback (with its warning); recorded in :meth:`coverage`."""
+        by_module, graph, alpha = state.by_module, state.graph, self.config.alpha
+        idxs = np.asarray(idxs, dtype=np.int64)
+        name = state.names.get(id(layer), type(layer).__name__)
+        local = None
+        if fn in MHA_FNS:
+            parts = []
+            lin = by_module.get(id(layer))
+            if lin is not None:
+                parts.append(reduce_kappa(lin.kappa[lin.in_group[idxs], :], 1,
+                                          self.reduction, alpha))
+            lout = by_module.get(id(getattr(layer, "out_proj", None)))
+            if lout is not None:
+                parts.append(reduce_kappa(lout.kappa[:, idxs], 0, self.reduction, alpha))
+            if parts:
+                local = np.mean(parts, axis=0)
+        elif fn in EMBED_FNS:
+            j = graph.embedding_junctions.get(id(layer)) if graph is not None else None
+            if j is not None:
+                local = self._embedding_scores(state, j, idxs)
+        else:
+            lc: Optional[LayerCurvature] = by_module.get(id(layer))
+            if lc is not None:
+                if fn in OUT_FNS:
+                    local = reduce_kappa(lc.kappa[:, idxs], 0, self.reduction, alpha)
+                else:
+                    nodes = lc.in_group[idxs]
+                    local = reduce_kappa(lc.kappa[np.maximum(nodes, 0), :], 1,
+                                         self.reduction, alpha)
+                    local = np.where(nodes >= 0, local, 0.0)
+        if local is None:
+            local = self._fallback(state, layer, fn, idxs, name)
+            state.coverage["fallback"].add(name)
+            self._warn_fallback(state, name, layer)
+            return local
+        state.coverage["curvature"].add(name)
+        return torch.as_tensor(local, dtype=torch.float32)
+
+    def _stacked(self, state, group) -> Optional[torch.Tensor]:
+        """``group_reduction=None``: one row per item Torch-Pruning's
+        ``GroupMagnitudeImportance`` scores (Conv / Linear input or output channels, affine
+        BatchNorm / LayerNorm), in group order, each indexed by the item's ``idxs``
+        (unreduced, unscattered), stacked and normalised as the built-in does. A norm item's
+        row is the mean of the layer rows at its root channels (its scale is folded into
+        the connections: it has no curvature of its own)."""
+        rows, roots = [], []
+        for i, (dep, idxs) in enumerate(group):
+            layer, fn = dep.layer, dep.pruning_fn
+            if fn in BUILTIN_LAYER_FNS and isinstance(layer, (nn.modules.conv._ConvNd,
+                                                              nn.Linear)):
+                rows.append(self._item_score(state, layer, fn, idxs))
+            elif (fn == function.prune_batchnorm_out_channels and isinstance(
+                    layer, nn.modules.batchnorm._BatchNorm) and layer.affine) or (
+                    fn == function.prune_layernorm_out_channels and isinstance(
+                        layer, nn.LayerNorm) and layer.elementwise_affine):
+                rows.append(None)
+            else:
+                continue
+            roots.append(group[i].root_idxs)
+        if not rows:
+            return None
+        if any(r is None for r in rows):
+            n_root = len(group[0].idxs)
+            acc = torch.zeros(n_root, dtype=torch.float64)
+            cnt = torch.zeros(n_root, dtype=torch.float64)
+            for r, ridx in zip(rows, roots):
+                if r is not None and len(r) == len(ridx) and all(x is not None for x in ridx):
+                    ridx = torch.as_tensor(ridx, dtype=torch.long)
+                    acc.index_add_(0, ridx, r.double())
+                    cnt.index_add_(0, ridx, torch.ones(len(ridx), dtype=torch.float64))
+            mean = (acc / cnt.clamp(min=1)).float()
+            rows = [mean[torch.as_tensor([x if x is not None else 0 for x in ridx],
+                                         dtype=torch.long)] if r is None else r
+                    for r, ridx in zip(rows, roots)]
+        return self._normalize(torch.stack(rows, dim=0), self.normalizer)
+
+    #: how many identity edges an embedding's channels are followed through to a reader
+    _EMBEDDING_DEPTH = 4
+
+    def _embedding_scores(self, state, j, idxs) -> Optional[np.ndarray]:
+        """An ``nn.Embedding``'s channel scores: the outgoing connections of the layers that
+        read its junction, or, when none reads it directly (BERT's word, position and
+        token-type embeddings are summed first), of the layers reading the junction its
+        channels reach through identity edges (the sum), node for node; None when no
+        layer is reached."""
+        graph, alpha = state.graph, self.config.alpha
+        nodes = j.node_ids.reshape(-1)[idxs].numpy()
+        level = [(j.index, np.arange(j.n_nodes))]       # junction, j's node -> its node
+        seen = set()
+        for _ in range(self._EMBEDDING_DEPTH + 1):
+            parts, nxt = [], []
+            for ji, m in level:
+                if ji in seen:
+                    continue
+                seen.add(ji)
+                J = graph.junctions[ji]
+                rows = m[nodes]
+                for li in J.consumers:
+                    lc = state.curv.get(graph.layers[li].name) if state.curv else None
+                    if lc is not None and lc.kappa.shape[0] == J.n_nodes and (rows >= 0).all():
+                        parts.append(reduce_kappa(lc.kappa[rows, :], 1, self.reduction, alpha))
+                for s_ in graph.successors(ji):
+                    for t in graph.junctions[s_].inflows:
+                        if t.kind != "junction" or t.src != ji:
+                            continue
+                        inv = np.full(J.n_nodes, -1, dtype=np.int64)
+                        c = np.nonzero(t.idx >= 0)[0]
+                        inv[t.idx[c]] = c
+                        nxt.append((s_, np.where(m >= 0, inv[np.maximum(m, 0)], -1)))
+            if parts:
+                return np.mean(parts, axis=0)
+            if not nxt:
+                return None
+            level = nxt
+        return None
 
     #: an item that leaves ``group_reduction`` unchanged (Torch-Pruning's ``_reduce`` buffer)
     _NEUTRAL = {"sum": 0.0, "mean": 0.0, "max": -99999.0, "prod": 1.0, "gate": 0.0}
