@@ -464,6 +464,262 @@ def test_chunk_shuffle_convtranspose_interpolate_graph():
     assert curv["up"].kappa.shape == (4, 6)
 
 
+# ----------------------------------------------------------------------------- issue 19 rules
+class PoolHead(nn.Module):
+    """GhostNet's construct: a channel slice of a BN'd map, then a reduction over several
+    dims (H and W), then a Linear."""
+
+    def __init__(self, red="mean"):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(6, 4)
+        self.red = red
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.c1(x)))[:, :6]
+        if self.red == "mean":
+            h = h.mean([2, 3])
+        elif self.red == "sum":
+            h = h.sum([2, 3])
+        else:
+            h = h.amax([2, 3])
+        return self.fc(h)
+
+
+def _bn_scale(bn):
+    return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double().abs().numpy()
+
+
+def _conv_norms(conv):
+    return conv.weight.detach().double().flatten(2).pow(2).sum(2).sqrt().numpy()   # (out, in)
+
+
+@pytest.mark.parametrize("red", ["mean", "sum", "amax"])
+def test_reduction_over_several_dims_after_a_slice_against_reference(red):
+    """``x[:, :6].mean([2, 3])`` after Conv -> BN -> ReLU (GhostNet's channel slice and
+    squeeze; also ``sum`` / ``amax``): the BN scale folds into the conv's connections to the
+    pooled junction; the sliced-away channels reach nothing."""
+    torch.manual_seed(11)
+    m = PoolHead(red).eval()
+    with torch.no_grad():
+        m.bn.running_var.uniform_(0.5, 2.0)
+        m.bn.weight.uniform_(0.5, 1.5)
+        m.bn.bias.fill_(0.2)
+    x = torch.randn(6, 3, 7, 7)
+    got = connection_curvature(m, x, topk=None, backend="exact", **PAPER)
+    with torch.no_grad():
+        h = torch.relu(m.bn(m.c1(x)))[:, :6]
+        p = {"mean": h.mean([2, 3]), "sum": h.sum([2, 3]), "amax": h.amax([2, 3])}[red]
+        out = m.fc(p)
+    acts = {**nodes("x", chan_mean(x, 1)), **nodes("p", chan_mean(p, 1)),
+            **nodes("o", chan_mean(out, 1))}
+    E = {}
+    add_layer(E, "x", "p", (_conv_norms(m.c1) * _bn_scale(m.bn)[:, None])[:6].T)
+    add_layer(E, "p", "o", _w(m.fc).T)
+    check(got, acts, E, "c1", "x", "p", 3, list(range(6)))
+    check(got, acts, E, "fc", "p", "o", 6, list(range(4)))
+    assert np.isnan(got["c1"].kappa[:, 6:]).all() or (got["c1"].kappa[:, 6:] == 1).all()
+
+
+class Radix(nn.Module):
+    """ResNeSt's split attention without the attention: a conv writes ``radix`` groups of
+    channels, ``view(B, r, C, H, W).sum(1)`` merges them channel by channel."""
+
+    def __init__(self, radix=2, c=4, red="sum"):
+        super().__init__()
+        self.r, self.c, self.red = radix, c, red
+        self.c1 = nn.Conv2d(3, radix * c, 3, padding=1)
+        self.c2 = nn.Conv2d(c, 3, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        B, _, H, W = h.shape
+        h = h.view(B, self.r, self.c, H, W)
+        return self.c2(h.sum(1) if self.red == "sum" else h.mean(1))
+
+
+@pytest.mark.parametrize("red", ["sum", "mean"])
+def test_radix_split_and_sum_against_reference(red):
+    """``view(B, r, C, H, W).sum(1)`` is a merge of r channel maps (channel r*C + c reaches
+    node c of the sum, factor 1; ``mean``: 1/r), not a statistic: parallel edges into a node
+    count with the strongest (as for any merge)."""
+    torch.manual_seed(12)
+    m = Radix(red=red).eval()
+    x = torch.randn(5, 3, 6, 6)
+    got = connection_curvature(m, x, topk=None, backend="exact", **PAPER)
+    with torch.no_grad():
+        h = torch.relu(m.c1(x)).view(5, 2, 4, 6, 6)
+        s = h.sum(1) if red == "sum" else h.mean(1)
+        out = m.c2(s)
+    acts = {**nodes("x", chan_mean(x, 1)), **nodes("s", chan_mean(s, 1)),
+            **nodes("o", chan_mean(out, 1))}
+    f = 1.0 if red == "sum" else 0.5
+    E = {}
+    W1 = _conv_norms(m.c1) * f
+    add_layer(E, "x", "s", W1[:4].T)            # radix 0: channel c -> node c
+    add_layer(E, "x", "s", W1[4:].T)            # radix 1: channel 4 + c -> node c
+    add_layer(E, "s", "o", _w(m.c2).T)
+    check(got, acts, E, "c1", "x", "s", 3, [0, 1, 2, 3])
+    check(got, acts, E, "c1", "x", "s", 3, [4, 5, 6, 7])
+    check(got, acts, E, "c2", "s", "o", 4, list(range(3)))
+
+
+class MixerBlock(nn.Module):
+    """MLP-Mixer's block: a token-mixing Linear on ``x.transpose(1, 2)`` (over tokens), a
+    residual add, a channel MLP."""
+
+    def __init__(self, c=4, d=6, t=5, h=8):
+        super().__init__()
+        self.fc0 = nn.Linear(c, d)
+        self.ln = nn.LayerNorm(d)
+        self.tok = nn.Linear(t, t)
+        self.fc1 = nn.Linear(d, h)
+        self.fc2 = nn.Linear(h, 3)
+
+    def forward(self, x):
+        r = self.fc0(x)
+        y = r + self.tok(self.ln(r).transpose(1, 2)).transpose(1, 2)
+        return self.fc2(F.gelu(self.fc1(y)))
+
+
+def test_token_mixing_against_reference():
+    """A Linear over tokens mixes positions, not channels: the channels of its input flow
+    through it (factor 1), so the residual merge has the channel nodes of the stream, the
+    channel MLP is scored and the token-mixing layer itself is not a channel layer."""
+    torch.manual_seed(13)
+    m = MixerBlock().eval()
+    with torch.no_grad():
+        m.ln.weight.uniform_(0.3, 1.5)
+    x = torch.randn(4, 5, 4)
+    got = connection_curvature(m, x, topk=None, backend="exact", **PAPER)
+    assert "tok" not in got
+    with torch.no_grad():
+        r = m.fc0(x)
+        t = m.ln(r)                                       # the token layer's input (channels)
+        y = r + m.tok(t.transpose(1, 2)).transpose(1, 2)
+        a = F.gelu(m.fc1(y))
+        out = m.fc2(a)
+    acts = {**nodes("x", chan_mean(x, -1)), **nodes("t", chan_mean(t, -1)),
+            **nodes("y", chan_mean(y, -1)), **nodes("a", chan_mean(a, -1)),
+            **nodes("o", chan_mean(out, -1))}
+    g = m.ln.weight.detach().double().abs().numpy()
+    E = {}
+    add_layer(E, "x", "t", _w(m.fc0).T * g[None, :])
+    add_layer(E, "x", "y", _w(m.fc0).T)                  # the residual
+    add_layer(E, "t", "y", np.eye(6))                    # through the token mixing
+    add_layer(E, "y", "a", _w(m.fc1).T)
+    add_layer(E, "a", "o", _w(m.fc2).T)
+    check(got, acts, E, "fc0", "x", "t", 4, list(range(6)))
+    check(got, acts, E, "fc1", "y", "a", 6, list(range(8)))
+    check(got, acts, E, "fc2", "a", "o", 8, list(range(3)))
+
+
+class AffineBlock(nn.Module):
+    """ResMLP's pre-norm: timm's Affine, ``torch.addcmul(beta, alpha, x)``."""
+
+    def __init__(self, c=4, d=6, h=8):
+        super().__init__()
+        self.fc0 = nn.Linear(c, d)
+        self.alpha1, self.beta1 = nn.Parameter(torch.rand(d) + 0.3), nn.Parameter(torch.rand(d))
+        self.fc1 = nn.Linear(d, h)
+        self.fc2 = nn.Linear(h, d)
+        self.alpha2, self.beta2 = nn.Parameter(torch.rand(d) + 0.3), nn.Parameter(torch.rand(d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        r = self.fc0(x)
+        y = r + self.fc2(F.gelu(self.fc1(torch.addcmul(self.beta1, self.alpha1, r))))
+        return self.head(torch.addcmul(self.beta2, self.alpha2, y, value=0.5))
+
+
+def test_addcmul_affine_against_reference():
+    """``addcmul(beta, alpha, x, value=v)`` scales x's channels by ``|v alpha|`` (the pre-norm
+    rule folds it into the consumer, like a LayerNorm's weight)."""
+    torch.manual_seed(14)
+    m = AffineBlock().eval()
+    x = torch.randn(4, 5, 4)
+    got = connection_curvature(m, x, topk=None, backend="exact", **PAPER)
+    with torch.no_grad():
+        r = m.fc0(x)
+        h = torch.addcmul(m.beta1, m.alpha1, r)
+        a = F.gelu(m.fc1(h))
+        y = r + m.fc2(a)
+        out = m.head(torch.addcmul(m.beta2, m.alpha2, y, value=0.5))
+    acts = {**nodes("x", chan_mean(x, -1)), **nodes("h", chan_mean(h, -1)),
+            **nodes("a", chan_mean(a, -1)), **nodes("y", chan_mean(y, -1)),
+            **nodes("o", chan_mean(out, -1))}
+    g1 = m.alpha1.detach().double().abs().numpy()
+    g2 = 0.5 * m.alpha2.detach().double().abs().numpy()
+    E = {}
+    add_layer(E, "x", "h", _w(m.fc0).T * g1[None, :])
+    add_layer(E, "x", "y", _w(m.fc0).T)
+    add_layer(E, "h", "a", _w(m.fc1).T)
+    add_layer(E, "a", "y", _w(m.fc2).T)
+    add_layer(E, "y", "o", _w(m.head).T * g2[:, None])
+    check(got, acts, E, "fc0", "x", "h", 4, list(range(6)))
+    check(got, acts, E, "fc1", "h", "a", 6, list(range(8)))
+    check(got, acts, E, "fc2", "a", "y", 8, list(range(6)))
+    check(got, acts, E, "head", "y", "o", 6, list(range(3)))
+
+
+class SummedEmbeddings(nn.Module):
+    """BERT's embeddings: word + position embeddings summed, LayerNorm, then the layers."""
+
+    def __init__(self, vocab=12, t=5, c=6, h=8):
+        super().__init__()
+        self.word = nn.Embedding(vocab, c)
+        self.pos = nn.Embedding(t, c)
+        self.register_buffer("ids", torch.arange(t))
+        self.ln = nn.LayerNorm(c)
+        self.fc1 = nn.Linear(c, h)
+        self.fc2 = nn.Linear(h, 3)
+
+    def forward(self, tokens):
+        s = self.word(tokens) + self.pos(self.ids)
+        return self.fc2(F.gelu(self.fc1(self.ln(s))))
+
+
+def test_summed_embeddings_against_reference():
+    """Embeddings summed before a LayerNorm: each embedding is an input junction with
+    identity edges into the sum, which the layers read; an embedding's channels are scored
+    through the layers reading the sum (node for node), not by the fallback."""
+    torch.manual_seed(15)
+    m = SummedEmbeddings().eval()
+    with torch.no_grad():
+        m.ln.weight.uniform_(0.3, 1.5)
+    tokens = torch.randint(0, 12, (6, 5))
+    got = connection_curvature(m, tokens, topk=None, backend="exact", **PAPER)
+    with torch.no_grad():
+        ew, ep = m.word(tokens), m.pos(m.ids)
+        s = ew + ep
+        a = F.gelu(m.fc1(m.ln(s)))
+        out = m.fc2(a)
+    acts = {**nodes("ew", chan_mean(ew, -1)), **nodes("ep", chan_mean(ep, -1)),
+            **nodes("s", chan_mean(s, -1)), **nodes("a", chan_mean(a, -1)),
+            **nodes("o", chan_mean(out, -1))}
+    g = m.ln.weight.detach().double().abs().numpy()
+    E = {}
+    add_layer(E, "ew", "s", np.eye(6))
+    add_layer(E, "ep", "s", np.eye(6))
+    add_layer(E, "s", "a", _w(m.fc1).T * g[:, None])
+    add_layer(E, "a", "o", _w(m.fc2).T)
+    check(got, acts, E, "fc1", "s", "a", 6, list(range(8)))
+    check(got, acts, E, "fc2", "a", "o", 8, list(range(3)))
+    # the embeddings' channels: the consumer scores of the sum's nodes, no fallback
+    imp = CurvatureImportance(topk=None, backend="exact", normalizer=None, **PAPER)
+    imp.calibrate(m, tokens)
+    DG = tp.DependencyGraph().build_dependency(m, example_inputs=tokens[:1])
+    for emb in (m.word, m.pos):
+        group = DG.get_pruning_group(emb, tp.prune_embedding_out_channels, idxs=list(range(6)))
+        s_emb = imp(group)
+        assert s_emb.shape == (6,) and torch.isfinite(s_emb).all()
+    assert imp.coverage()["fallback"] == []
+    ref_in, _ = imp.channel_scores()["fc1"]
+    np.testing.assert_allclose(imp._embedding_scores(imp._refresh(), imp.graph.embedding_junctions[
+        id(m.word)], np.arange(6)), ref_in, rtol=1e-12)
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -571,6 +827,149 @@ def test_models_prune_with_full_coverage(name, one_thread):
     cov = imp.coverage()
     assert cov["fallback"] == [], cov["fallback"]
     assert cov["curvature"]
+
+
+# ----------------------------------------------------------------------------- issue 19 models
+def _import_transformers():
+    """Import transformers (skip when it is not installed). It imports the ``kernels``
+    package, which benchmarks/kernels.py (on pytest's pythonpath) shadows: the package is
+    imported with benchmarks/ off the path, and ``sys.modules`` gets back its entry."""
+    import importlib
+    import sys
+    pytest.importorskip("transformers")
+    prev = sys.modules.pop("kernels", None)
+    path = list(sys.path)
+    sys.path[:] = [p for p in path if os.path.basename(os.path.normpath(p)) != "benchmarks"]
+    try:
+        importlib.import_module("transformers.models.bert.modeling_bert")
+    finally:
+        sys.path[:] = path
+        sys.modules.pop("kernels", None)
+        if prev is not None:
+            sys.modules["kernels"] = prev
+
+
+def _model19(name):
+    """Small configurations of the architectures of issue 19, with Torch-Pruning's example
+    arguments (``None``: Torch-Pruning 1.6.1 cannot build the model's dependency graph)."""
+    import torchvision
+    img = torch.randn(4, 3, 32, 32)
+    if name == "timm_ghostnet":
+        from timm.models.ghostnet import GhostNet
+        cfgs = [[[3, 16, 16, 0, 1]], [[3, 48, 24, 0, 2]], [[3, 72, 24, 0, 1]],
+                [[5, 72, 40, 0.25, 2]], [[5, 120, 40, 0.25, 1]]]     # ghostnet's first stages
+        return GhostNet(cfgs, num_classes=10, width=0.5), img, {}
+    if name == "timm_resnest":
+        from timm.models.resnest import ResNestBottleneck
+        from timm.models.resnet import ResNet
+        m = ResNet(ResNestBottleneck, [1, 1, 1, 1], channels=(8, 16, 16, 32), stem_width=8,
+                   stem_type="deep", avg_down=True, num_classes=10,
+                   block_args=dict(radix=2, avd=True, avd_first=False))   # resnest14d's blocks
+        return m, img, {}
+    if name == "timm_mixer":
+        from timm.models.mlp_mixer import MlpMixer
+        m = MlpMixer(img_size=32, patch_size=8, num_blocks=2, embed_dim=32, num_classes=10)
+        # Torch-Pruning cannot prune the token-mixing MLPs: they are ignored
+        return m, img, {"ignored_layers": [m.head] + [b.mlp_tokens for b in m.blocks]}
+    if name == "timm_resmlp":
+        from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
+        m = MlpMixer(img_size=32, patch_size=8, num_blocks=2, embed_dim=32, mlp_ratio=4,
+                     block_layer=ResBlock, norm_layer=Affine, num_classes=10)
+        return m, img, {"ignored_layers": [m.head] + [b.linear_tokens for b in m.blocks]}
+    if name == "hf_bert":
+        _import_transformers()
+        from transformers import BertConfig, BertModel
+        from transformers.models.bert.modeling_bert import BertSelfAttention
+        m = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=64,
+                                 max_position_embeddings=32))
+        nh = {}
+        for mm in m.modules():
+            if isinstance(mm, BertSelfAttention):
+                nh[mm.query] = nh[mm.key] = nh[mm.value] = mm.num_attention_heads
+        g = torch.Generator().manual_seed(0)
+        x = {"input_ids": torch.randint(0, 100, (4, 8), generator=g),
+             "token_type_ids": torch.randint(0, 2, (4, 8), generator=g),
+             "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+        # examples/transformers/prune_hf_bert.py's arguments
+        return m, x, dict(global_pruning=True, num_heads=nh, prune_head_dims=False,
+                          prune_num_heads=True, head_pruning_ratio=0.5,
+                          output_transform=lambda out: out.pooler_output.sum(),
+                          ignored_layers=[m.pooler])
+    if name == "tv_fasterrcnn_mobilenet_v3_fpn":
+        from torchvision.models import mobilenet_v3_large
+        from torchvision.models.detection import FasterRCNN
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+        from torchvision.models.detection.backbone_utils import _mobilenet_extractor
+        # fasterrcnn_mobilenet_v3_large_fpn's construction at a quarter of the width
+        backbone = _mobilenet_extractor(
+            mobilenet_v3_large(width_mult=0.25, norm_layer=nn.BatchNorm2d), True, 6)
+        anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
+        m = FasterRCNN(backbone, num_classes=5, min_size=64, max_size=96,
+                       rpn_anchor_generator=anchors)
+        # examples/torchvision_models/torchvision_pruning.py's ignored layers
+        return m, torch.rand(2, 3, 64, 64), {"ignored_layers": [
+            m.rpn.head.cls_logits, m.rpn.head.bbox_pred, m.backbone.fpn, m.roi_heads]}
+    if name == "tv_shufflenet_v2":
+        m = torchvision.models.ShuffleNetV2([1, 1, 1], [8, 16, 32, 64, 128], num_classes=10)
+        return m, img, None
+    raise KeyError(name)
+
+
+MODELS19 = ["timm_ghostnet", "timm_resnest", "timm_mixer", "timm_resmlp", "hf_bert",
+            "tv_fasterrcnn_mobilenet_v3_fpn", "tv_shufflenet_v2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS19)
+def test_issue19_models_prune_with_full_coverage(name, one_thread):
+    """GhostNet (a channel slice, then the squeeze's mean over H and W), ResNeSt (radix
+    split-and-sum), MLP-Mixer (token mixing: its channel MLPs are scored), ResMLP
+    (``addcmul``), BERT (summed embeddings; the pooler writes a second output), Faster R-CNN
+    (calibrated through backbone, FPN and RPN head by default): pruned at 0.5 with
+    Torch-Pruning's example arguments, every layer scored by curvature. ShuffleNetV2:
+    Torch-Pruning 1.6.1 cannot build its dependency graph (its known failure), so only the
+    channel graph is checked (every layer scored)."""
+    torch.manual_seed(0)
+    m, x, kw = _model19(name)
+    m.eval()
+    with torch.no_grad():
+        for pn, prm in m.named_parameters():          # trained-like layer scales (see above)
+            if prm.dim() == 1 and pn.rsplit(".", 1)[-1] in ("ls1", "ls2"):
+                prm.uniform_(0.5, 1.5)
+    forward_fn = (lambda mod, b: mod(**b)) if isinstance(x, dict) else None
+    imp = CurvatureImportance(topk=8).calibrate(m, x, forward_fn=forward_fn)
+    if kw is None:
+        g = imp.graph
+        assert all(g.scoreable(l) for l in g.layers)
+        assert all(np.isfinite(s).all() for pair in imp.channel_scores().values()
+                   for s in pair)
+        return
+    kw.setdefault("ignored_layers", [[mm for mm in m.modules() if isinstance(mm, nn.Linear)][-1]])
+    example = list(x) if name.startswith("tv_fasterrcnn") else x
+    n0 = sum(p.numel() for p in m.parameters())
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        tp.pruner.BasePruner(m, example, importance=imp, pruning_ratio=0.5, **kw).step()
+    assert not [i for i in w if "not part of the channel graph" in str(i.message)
+                or "no channel graph" in str(i.message)]
+    assert sum(p.numel() for p in m.parameters()) < n0
+    cov = imp.coverage()
+    assert cov["fallback"] == [], cov["fallback"]
+    assert cov["curvature"]
+    if name == "hf_bert":
+        assert {"embeddings.word_embeddings", "embeddings.position_embeddings",
+                "embeddings.token_type_embeddings", "pooler.dense"} <= set(cov["curvature"])
+    with torch.no_grad():
+        if isinstance(x, dict):
+            from transformers.models.bert.modeling_bert import BertSelfAttention
+            for mm in m.modules():
+                if isinstance(mm, BertSelfAttention):
+                    mm.num_attention_heads = mm.query.out_features // mm.attention_head_size
+                    mm.all_head_size = mm.query.out_features
+            assert m(**x).last_hidden_state.shape[:2] == (4, 8)
+        else:
+            m(example)
 
 
 def test_validated_constructs_are_not_announced():

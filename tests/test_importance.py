@@ -303,7 +303,7 @@ def test_submodule_modes_restored(mixed_modes):
     check()
 
 
-@pytest.mark.parametrize("kw", [dict(group_reduction=None), dict(normalizer="sentinel_1"),
+@pytest.mark.parametrize("kw", [dict(group_reduction="median"), dict(normalizer="sentinel_1"),
                                 dict(normalizer="sentinel_x"), dict(progress="yes"),
                                 dict(max_batches=True)])
 def test_importance_options_refused_by_name(kw):

@@ -3,6 +3,7 @@ user's back, bounded memory, a solver that keeps its stated accuracy."""
 import copy
 import gc
 import itertools
+import warnings
 import weakref
 
 import numpy as np
@@ -251,8 +252,16 @@ def _state(model):
 @given(seed=st.integers(0, 2**16), width=st.integers(2, 12), conv=st.booleans(),
        train=st.booleans(), alpha=st.sampled_from([0.0, 0.5, 0.9]),
        variant=st.sampled_from(["paper", "flow"]), topk=st.sampled_from([None, 1, 4]),
-       n=st.integers(1, 6))
-def test_property_finite_scores_state_untouched(seed, width, conv, train, alpha, variant, topk, n):
+       n=st.integers(1, 6), dtype=st.sampled_from([torch.float32, torch.float64]),
+       grad=st.booleans())
+def test_property_finite_scores_state_untouched(seed, width, conv, train, alpha, variant, topk, n,
+                                                dtype, grad):
+    """Random small models in either mode and dtype, under grad mode or not, with user hooks
+    (a forward hook that reads values, a pre-hook, a global module hook): finite scores, the
+    model (weights, dtypes, modes, hooks) and the process's global torch state unchanged, and
+    no hook ever handed a tracer's fake tensor (issue 19)."""
+    from test_robustness import _assert_same_state, _global_state
+
     torch.manual_seed(seed)
     if conv:
         m = nn.Sequential(nn.Conv2d(2, width, 3), nn.BatchNorm2d(width), nn.ReLU(),
@@ -263,15 +272,31 @@ def test_property_finite_scores_state_untouched(seed, width, conv, train, alpha,
         m = nn.Sequential(nn.Linear(5, width), nn.ReLU(), nn.Linear(width, width), nn.Tanh(),
                           nn.Linear(width, 3))
         x = torch.randn(n, 5)
+    m, x = m.to(dtype), x.to(dtype)
     m.train(train)
     if train and conv:
         m[1].eval()                                      # a frozen BN inside a training model
-    m[0].register_forward_hook(lambda *a: None)          # a user hook must survive
-    before = _state(m)
-    imp = CurvatureImportance(alpha=alpha, variant=variant, topk=topk).calibrate(m, x)
-    for name, (s_in, s_out) in imp.channel_scores().items():
+    seen = []
+    m[0].register_forward_hook(lambda mod, i, o: seen.append(float(o.abs().mean())))
+    m[2].register_forward_pre_hook(lambda mod, i: seen.append(i[0]))
+    glob = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, i, o: seen.append(o))
+    try:
+        before, state = _state(m), _global_state()
+        x_before = x.clone()
+        with torch.set_grad_enabled(grad), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            imp = CurvatureImportance(alpha=alpha, variant=variant, topk=topk).calibrate(m, x)
+            scores = imp.channel_scores()
+        _assert_same_state(state, _global_state())
+    finally:
+        glob.remove()
+    for name, (s_in, s_out) in scores.items():
         assert np.isfinite(s_in).all() and np.isfinite(s_out).all(), name
+    assert all(type(t) in (float, torch.Tensor) for t in seen), {type(t) for t in seen}
     after = _state(m)
     assert before[1] == after[1] and before[2] == after[2]
     for k in before[0]:
         torch.testing.assert_close(before[0][k], after[0][k], rtol=0, atol=0)
+        assert after[0][k].dtype == before[0][k].dtype
+    assert torch.equal(x, x_before)
