@@ -29,18 +29,23 @@ t-test), ``accuracy.png`` and ``meta.json`` (arguments, baselines, timings, note
 ``--add`` runs only ``--criteria`` and adds them to the saved run (same experiment options and
 baselines, checked).
 
-Examples (the CPU-sized Fashion-MNIST runs behind ``results/compare/``; Fashion-MNIST uses 5
-seeds, the ``--seeds`` default stays 0 1 2 for digits)::
+Examples (``results/compare/`` comes from the Fashion-MNIST commands; ``--seeds`` defaults to
+0 1 2)::
 
     python benchmarks/compare.py                       # digits + MLP, 3 seeds
     python benchmarks/compare.py --quick               # smoke run (1 seed, 2 ratios, uniform)
-    FM="--dataset fashion-mnist --seeds 0 1 2 3 4 --ratios 0.3 0.5 0.7 --finetune-epochs 1"
-    python benchmarks/compare.py $FM --model lenet5 --epochs 3 --modes uniform global \\
-        --finetune-subset 5000 --eval-subset 5000 --backend exact --threads 2
-    python benchmarks/compare.py $FM --model vgg9 --width 0.25 --epochs 3 --train-subset 20000 \\
-        --modes uniform --finetune-subset 5000 --eval-subset 5000 --backend exact --threads 2
-    python benchmarks/compare.py $FM --model resnet20 --epochs 2 --train-subset 20000 \\
-        --modes uniform --finetune-subset 1000 --eval-subset 2000 --backend exact --threads 2
+    C="random l1 l2 taylor hessian activation wanda flap curvature-paper curvature \\
+       curvature-consumer"
+    FM="--dataset fashion-mnist --modes uniform global --finetune-epochs 0 --threads 1"
+    python benchmarks/compare.py $FM --seeds 0 1 2 3 4 --criteria $C --model mlp --epochs 30 \\
+        --eval-subset 5000 --stages pruned bias bias+bn lsq lsq+bn
+    python benchmarks/compare.py $FM --seeds 0 1 2 3 4 --criteria $C --model lenet5 --epochs 15 \\
+        --eval-subset 5000 --stages pruned bias bias+bn lsq lsq+bn
+    C8="random l2 taylor activation wanda flap curvature-paper curvature"
+    python benchmarks/compare.py $FM --seeds 0 1 2 --criteria $C8 --model vgg9 --width 0.25 \\
+        --epochs 5 --eval-subset 2000 --stages pruned bias+bn lsq lsq+bn
+    python benchmarks/compare.py $FM --seeds 0 1 2 --criteria $C8 --model resnet20 --epochs 3 \\
+        --eval-subset 2000 --stages pruned bias+bn lsq lsq+bn
     # the paper's definition as the first release ran it (then named "curvature")
     python benchmarks/compare.py --criteria l2 curvature-paper --alpha 0.5 --topk 32
 """
@@ -55,7 +60,7 @@ import torch
 from engine.criteria import CRITERIA, make_criterion
 from engine.experiment import DEFAULT_CRITERIA, MODES, STAGES, load_data, run_comparison
 from engine.models import MODELS
-from engine.presets import add_curvature_arguments
+from engine.presets import parse_comparison_args
 from engine.report import write_reports
 from engine.runs import load_for_add, merge_added, report_only, save_run
 
@@ -92,7 +97,8 @@ def _comparison_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2")
     g.add_argument("--criteria", nargs="+", default=list(DEFAULT_CRITERIA),
                    help=f"criteria listed below (default: {' '.join(DEFAULT_CRITERIA)})")
-    g.add_argument("--ratios", type=float, nargs="+", default=None, help="default: 0.3 0.5 0.7")
+    g.add_argument("--ratios", type=float, nargs="+", default=None,
+                   help="default: 0.1 0.2 0.3 0.4 0.5 (where repaired models stay usable)")
     g.add_argument("--modes", nargs="+", choices=MODES, default=None,
                    help="default: uniform global")
     g.add_argument("--calib-size", type=int, default=256,
@@ -148,7 +154,7 @@ def _apply_defaults(a: argparse.Namespace) -> None:
         if a.train_subset is None and a.dataset != "digits":
             a.train_subset = 10000
     a.seeds = a.seeds if a.seeds is not None else [0, 1, 2]
-    a.ratios = a.ratios if a.ratios is not None else [0.3, 0.5, 0.7]
+    a.ratios = a.ratios if a.ratios is not None else [0.1, 0.2, 0.3, 0.4, 0.5]
     a.modes = a.modes if a.modes is not None else list(MODES)
 
 
@@ -156,17 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=epilog())
-    _baseline_arguments(p)
-    _comparison_arguments(p)
-    add_curvature_arguments(p.add_argument_group(
-        "curvature (overrides every curvature criterion; default: each criterion's preset)"),
-        preset=None)
-    _run_arguments(p)
-    a = p.parse_args(argv)
-    _apply_defaults(a)
-    if any(not 0.0 < r < 1.0 for r in a.ratios):
-        p.error("--ratios must lie in (0, 1)")
-    return a
+    sections = (_baseline_arguments, _comparison_arguments, _run_arguments)
+    return parse_comparison_args(p, sections, _apply_defaults, argv)
 
 
 def main(argv=None) -> int:

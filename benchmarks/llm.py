@@ -69,7 +69,7 @@ import torch
 import torch_pruning as tp
 
 from engine.criteria import CRITERIA, CachedImportance, group_key, make_criterion
-from engine.presets import add_curvature_arguments
+from engine.presets import parse_comparison_args
 from engine.report import mean_std
 from engine.stats import format_p, paired_comparison
 from engine.text import (LMConfig, calibration_windows, check_head_config, expected_widths,
@@ -167,17 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 2)[2]
                                 + "\ncriteria (engine.criteria.CRITERIA):\n" + CRITERIA.help())
-    _model_arguments(p)
-    _experiment_arguments(p)
-    add_curvature_arguments(p.add_argument_group(
-        "curvature (overrides every curvature criterion; default: each criterion's preset)"),
-        preset=None)
-    _run_arguments(p)
-    a = p.parse_args(argv)
-    _apply_defaults(a)
-    if any(not 0.0 < r < 1.0 for r in a.ratios):
-        p.error("--ratios must lie in (0, 1)")
-    return a
+    return parse_comparison_args(p, (_model_arguments, _experiment_arguments, _run_arguments),
+                                 _apply_defaults, argv)
 
 
 def set_threads(n) -> None:

@@ -99,6 +99,24 @@ def add_curvature_arguments(parser, preset: Optional[str] = "default",
                             help='JSON, e.g. \'{"eps": 0.02}\'; default: the preset\'s')
 
 
+OVERRIDES_TITLE = ("curvature (overrides every curvature criterion; default: each criterion's "
+                   "preset)")
+
+
+def parse_comparison_args(parser, sections, apply_defaults, argv=None):
+    """A comparison's command line: the ``sections`` (each adds its arguments to ``parser``),
+    the curvature overrides of every curvature criterion, then ``apply_defaults(args)``;
+    ``--ratios`` must lie in (0, 1)."""
+    for add in sections:
+        add(parser)
+    add_curvature_arguments(parser.add_argument_group(OVERRIDES_TITLE), preset=None)
+    args = parser.parse_args(argv)
+    apply_defaults(args)
+    if any(not 0.0 < r < 1.0 for r in args.ratios):
+        parser.error("--ratios must lie in (0, 1)")
+    return args
+
+
 def config_from_args(args, preset: Optional[str] = None, **preset_kwargs) -> CurvatureConfig:
     """``PRESETS[preset or args.preset](**preset_kwargs)`` with the command line's overrides."""
     changes = CurvatureOverrides.from_args(args).changes()

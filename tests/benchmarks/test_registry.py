@@ -177,13 +177,17 @@ def _plan(wanted, has_bn, can_finetune):
 
 def test_stage_plan_follows_todays_semantics():
     every = list(experiment.STAGES)
-    assert every == ["pruned", "bias", "bn", "bias+bn", "ft"]
+    assert every == ["pruned", "bias", "bn", "bias+bn", "lsq", "lsq+bn", "ft"]
     assert _plan(every, True, True) == [
         ("pruned", True, None), ("bias", True, None), ("bn", True, "pruned"),
-        ("bias+bn", True, "bias"), ("ft", True, "bn")]
+        ("bias+bn", True, "bias"), ("lsq", True, None), ("lsq+bn", True, "lsq"),
+        ("ft", True, "bn")]
     # no BatchNorm: no bn stages, the fine-tune starts from the pruned copy
     assert _plan(every, False, True) == [("pruned", True, None), ("bias", True, None),
-                                         ("ft", True, "pruned")]
+                                         ("lsq", True, None), ("ft", True, "pruned")]
+    # lsq+bn without lsq: the repaired copy is made, not evaluated
+    assert _plan(["lsq+bn"], True, False) == [("pruned", True, None), ("lsq", False, None),
+                                              ("lsq+bn", True, "lsq")]
     # bn not asked for: the fine-tune starts from the pruned copy, BN untouched
     assert _plan(["ft"], True, True) == [("pruned", True, None), ("ft", True, "pruned")]
     # bias+bn without bias: the bias-compensated copy is made, not evaluated
@@ -192,23 +196,23 @@ def test_stage_plan_follows_todays_semantics():
 
 
 def test_a_registered_stage_gets_a_column_a_plan_entry_and_a_table(monkeypatch):
-    """What adding a stage (e.g. ``lsq``) takes: one function, one registration."""
+    """What adding a stage (as ``lsq`` was) takes: one function, one registration."""
     monkeypatch.setattr(experiment, "STAGES", dict(experiment.STAGES))
     monkeypatch.setattr(report, "STAGES", experiment.STAGES)
 
-    @experiment.register_stage("lsq+bn", "after a test repair", parents=("pruned",))
+    @experiment.register_stage("demo+bn", "after a test repair", parents=("pruned",))
     def repaired(run, model):
         return model
 
-    assert experiment.stage_col("lsq+bn") == "acc_lsq_bn"
-    assert "acc_lsq_bn" in experiment.row_fields()
-    assert ("lsq+bn", True, "pruned") in _plan(["lsq+bn"], False, False)
-    assert "repaired (bias, bn, bias+bn, lsq+bn)" in report.stage_groups()
+    assert experiment.stage_col("demo+bn") == "acc_demo_bn"
+    assert "acc_demo_bn" in experiment.row_fields()
+    assert ("demo+bn", True, "pruned") in _plan(["demo+bn"], False, False)
+    assert "repaired (bias, bn, bias+bn, lsq, lsq+bn, demo+bn)" in report.stage_groups()
     rows = [{"criterion": c, "mode": "uniform", "ratio": 0.5, "seed": 0, "acc_pruned": 0.5,
-             "acc_lsq_bn": 0.7, "macs_kept": 0.5, "params_kept": 0.5} for c in ("l2", "wanda")]
+             "acc_demo_bn": 0.7, "macs_kept": 0.5, "params_kept": 0.5} for c in ("l2", "wanda")]
     ax = report.Axes.of(rows)
-    assert ax.stages == ["pruned", "lsq+bn"]
+    assert ax.stages == ["pruned", "demo+bn"]
     assert "## uniform pruning, accuracy after a test repair" in \
-        "\n".join(report._accuracy_table(rows, ax, "uniform", "lsq+bn"))
+        "\n".join(report._accuracy_table(rows, ax, "uniform", "demo+bn"))
     with pytest.raises(ValueError, match="register its parents"):
         experiment.register_stage("orphan", "x", parents=("nowhere",))(repaired)
