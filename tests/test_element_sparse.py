@@ -296,3 +296,145 @@ def test_element_importance_flattened_channel_counts_once():
     feat = 2.0 - k3.transpose(0, 1).mean(1)              # per input feature of the Linear
     want = (out + feat.view(4, 36).mean(1)) / 2
     torch.testing.assert_close(imp(g), want.float(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ speed: cached paths etc.
+def narrow_vgg9(seed=0):
+    """The paper's VGG-9 layout (kernels 2, 3, 3, 3 s2, 3, 3, no padding, BN + ReLU, three fc
+    layers) with 4-8 channels, random BatchNorm statistics; 1x32x32 input."""
+    torch.manual_seed(seed)
+    layers, c = [], 1
+    for co, k, s in ((4, 2, 2), (6, 3, 1), (6, 3, 1), (6, 3, 2), (8, 3, 1), (8, 3, 1)):
+        layers += [nn.Conv2d(c, co, k, stride=s, bias=False), nn.BatchNorm2d(co), nn.ReLU()]
+        c = co
+    layers += [nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(),
+               nn.Linear(8, 10)]
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(0.0, 0.3)
+    return model.eval()
+
+
+def _assert_identical(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), (k, float((a[k] - b[k]).abs().max()))
+
+
+@pytest.mark.parametrize("net,conventions,topk", [("vgg", "library", 8), ("lenet", "authors", 8),
+                                                  ("lenet", "library", None)])
+def test_cached_paths_give_the_kappa_of_recomputing_them_per_image(net, conventions, topk,
+                                                                  one_thread):
+    """Shortest paths computed once per layer and reused for every tile and image give, bit
+    for bit, the per-weight scores of recomputing them per tile (two images; the cache is
+    actually reused: fewer rows computed than tiles asked for). One torch thread: with two,
+    the first forward pass of a process may round node values differently."""
+    gen = torch.Generator().manual_seed(4)
+    model, imgs = ((narrow_vgg9(0), torch.randn(2, 1, 32, 32, generator=gen)) if net == "vgg"
+                   else (small_lenet(1), torch.randn(2, 1, 12, 12, generator=gen)))
+    kw = dict(output="logits", progress=False, conventions=conventions, topk=topk)
+    cached, info = sparse_weight_curvature(model, imgs, return_info=True, **kw)
+    fresh, info0 = sparse_weight_curvature(model, imgs, return_info=True, cache_paths=False,
+                                           **kw)
+    _assert_identical(cached, fresh)
+    stats = [v["path_cache"] for v in info["layers"].values() if "path_cache" in v]
+    assert len(stats) == len(info["layers"]) - 1           # every layer but the last
+    assert sum(s["hits"] for s in stats) > sum(s["misses"] for s in stats) > 0
+    assert all(s["rows"] == s["computed"] == s["misses"] for s in stats)
+    assert not any("path_cache" in v for v in info0["layers"].values())
+    # per edge too, one image
+    a = sparse_edge_curvature(model, imgs[:1], output="logits", conventions=conventions,
+                              topk=topk)
+    b = sparse_edge_curvature(model, imgs[:1], output="logits", conventions=conventions,
+                              topk=topk, cache_paths=False)
+    for name in a:
+        for u, v in zip(a[name], b[name]):
+            assert np.array_equal(u, v)
+
+
+def test_path_cache_rows_equal_two_hops_on_another_image(one_thread):
+    """A row cached on one image's tiles is what _two_hops computes on another image's node
+    values (the paper's lengths ignore them), whatever set of rows a tile asks for; flow
+    lengths and a max pool after the layer get no cache."""
+    from tp_curvature import CurvatureConfig
+    from tp_curvature.unstructured._sparse import _two_hops, path_cache, PathBudget
+    from tp_curvature.unstructured._sparse_scores import layer_context
+    from tp_curvature.unstructured import sparse_node_values
+    model = narrow_vgg9(1)
+    imgs = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    g = sparse_element_graph(model, imgs[:1])
+    cfg = CurvatureConfig.element(sparse=True)
+    vals = [v[0] for v in sparse_node_values(g, imgs, output="logits")]
+    rng = np.random.default_rng(0)
+    for bi in g.weight_ops[:-1]:
+        cache = path_cache(g.ops, bi, cfg)
+        n_w = g.ops[bi + 1].n_out
+        sets = [np.unique(rng.integers(0, n_w, size=min(n_w, 7))) for _ in range(3)]
+        for a in vals:
+            nb = layer_context(g, bi, a, cfg).nb
+            for Wu in sets:
+                want = _two_hops(Wu, nb.B, nb.C, nb.a_x, nb.a_y, nb.flow)
+                assert np.array_equal(cache.two_hops(Wu, nb), want)
+        assert cache.hits >= sum(w.size for w in sets) and cache.nbytes > 0
+    # a spent budget: rows are computed per call and not kept, the values unchanged
+    bi = g.weight_ops[1]
+    nb = layer_context(g, bi, vals[0], cfg).nb
+    tight = path_cache(g.ops, bi, cfg, PathBudget(0))
+    Wu = np.arange(5)
+    assert np.array_equal(tight.two_hops(Wu, nb), _two_hops(Wu, nb.B, nb.C, nb.a_x, nb.a_y,
+                                                          nb.flow))
+    assert tight.rows == {} and tight.computed == 5
+    assert path_cache(g.ops, bi, CurvatureConfig.element(sparse=True, variant="flow")) is None
+    pooled = sparse_element_graph(pool_model("max"), torch.randn(1, 1, 4, 4))
+    assert path_cache(pooled.ops, 0, cfg) is None
+
+
+def test_topk_by_selection_is_the_stable_sort_order():
+    from tp_curvature.unstructured._sparse import _top_order
+    rng = np.random.default_rng(1)
+    for trial in range(500):
+        n = int(rng.integers(0, 50))
+        kk = int(rng.integers(0, n + 1))
+        v = (rng.choice([-np.inf, -1.0, -2.0, 0.0, -0.0, -3.5], size=n) if trial % 2
+             else -1.0 / rng.random(n) ** 2)
+        v = np.where(rng.random(n) < 0.2, -np.inf, v)
+        assert np.array_equal(_top_order(v, n, kk), np.argsort(-v, kind="mergesort")[:kk])
+
+
+def test_tiles_per_call_same_costs_and_layers_option(one_thread):
+    """Several output positions per solver call: the exact solver gives the kappa of one
+    tile per call (same ground costs), edge for edge; Sinkhorn within its certified
+    tolerance. ``layers`` scores a subset exactly as a full run; bad options are refused."""
+    model = small_lenet(3)
+    imgs = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(6))
+    kw = dict(output="logits", alpha=0.9, topk=4)
+    ex1 = sparse_edge_curvature(model, imgs[:1], backend="exact", **kw)
+    ex4 = sparse_edge_curvature(model, imgs[:1], backend="exact", tiles_per_call=6, **kw)
+    for name in ex1:
+        x1, y1, w1, k1 = ex1[name]
+        x4, y4, w4, k4 = ex4[name]
+        o1, o4 = np.lexsort((y1, x1)), np.lexsort((y4, x4))
+        assert np.array_equal(x1[o1], x4[o4]) and np.array_equal(y1[o1], y4[o4])
+        assert np.array_equal(w1[o1], w4[o4])
+        np.testing.assert_allclose(k4[o4], k1[o1], atol=1e-9)
+    model, imgs = narrow_vgg9(2), torch.randn(1, 1, 32, 32,
+                                              generator=torch.Generator().manual_seed(6))
+    full = sparse_weight_curvature(model, imgs, progress=False, **kw)
+    batched = sparse_weight_curvature(model, imgs, progress=False, tiles_per_call=5, **kw)
+    for k in full:
+        assert float((full[k] - batched[k]).abs().max()) <= 2 * 0.02 + 1e-9
+    part = sparse_weight_curvature(model, imgs, progress=False, layers=["3", "19"], **kw)
+    assert list(part) == ["3.weight", "19.weight"]
+    for k in part:
+        assert torch.equal(part[k], full[k])
+    with pytest.raises(ValueError, match="layers"):
+        sparse_weight_curvature(model, imgs, progress=False, layers=["4"], **kw)
+    with pytest.raises(ValueError, match="tiles_per_call"):
+        sparse_weight_curvature(model, imgs, progress=False, tiles_per_call=0, **kw)
+    with pytest.raises(TypeError, match="cache_paths"):
+        sparse_weight_curvature(model, imgs, progress=False, cache_paths="yes", **kw)

@@ -45,6 +45,7 @@ and the dense mode give the same kappa (tested).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
@@ -417,11 +418,48 @@ def _length(s, a, flow):
     return 1.0 / v if v > 0 else np.inf
 
 
+#: ``_topk_fill`` selects the ``k`` heaviest atoms by insertion (O(n k)) up to this ``k`` and
+#: sorts all ``n`` (O(n log n)) above it; both give the stable order of ``argsort``
+SELECT_TOPK = 32
+
+
 @numba.njit(cache=True)
-def _topk_fill(nb, lw, n, k, out_idx, out_mass, row):
-    """Top-k of log-weights ``lw[:n]`` (neighbours ``nb``), normalised; -1 / 0 padding."""
-    order = np.argsort(-lw[:n], kind="mergesort")
+def _top_order(v, n, kk):
+    """The first ``kk`` entries of ``np.argsort(-v[:n], kind="mergesort")`` (largest first,
+    ties by index) by insertion into a sorted buffer: O(n kk) instead of O(n log n)."""
+    order = np.empty(kk, np.int64)
+    if kk == 0:
+        return order
+    top = np.empty(kk)
+    cnt = 0
+    for i in range(n):
+        x = v[i]
+        if cnt == kk:
+            if not x > top[kk - 1]:
+                continue
+            pos = kk - 1
+        else:
+            pos = cnt
+            cnt += 1
+        while pos > 0 and top[pos - 1] < x:     # equal values keep their index order
+            top[pos] = top[pos - 1]
+            order[pos] = order[pos - 1]
+            pos -= 1
+        top[pos] = x
+        order[pos] = i
+    return order
+
+
+@numba.njit(cache=True)
+def _topk_fill(nb, lw, n, k, out_idx, out_mass, row, select=SELECT_TOPK):
+    """Top-k of log-weights ``lw[:n]`` (neighbours ``nb``), normalised; -1 / 0 padding.
+    ``k <= select``: by insertion (:func:`_top_order`), else by a full stable sort (the same
+    order)."""
     kk = min(k, n)
+    if kk <= select:
+        order = _top_order(lw, n, kk)
+    else:
+        order = np.argsort(-lw[:n], kind="mergesort")
     for i in range(out_idx.shape[1]):
         out_idx[row, i] = -1
         out_mass[row, i] = 0.0
@@ -476,7 +514,7 @@ def _active(nb, m, a, out_nb, out_a):
 
 @numba.njit(cache=True)
 def _fill_support(nb, st, m, a, k, flow_measure, float32, one_minus_alpha, out_idx, out_mass,
-                  row):
+                  row, select=SELECT_TOPK):
     """Row ``row`` of a top-k support from the ``m`` neighbours ``nb`` (edge strengths ``st``,
     node values ``a``): the library's log-domain weights, or (``float32``) the authors'
     float32 measure (:func:`._conventions.float32_fill`)."""
@@ -486,15 +524,16 @@ def _fill_support(nb, st, m, a, k, flow_measure, float32, one_minus_alpha, out_i
         float32_fill(act, av, c, k, one_minus_alpha, out_idx, out_mass, row)
     else:
         lw = _log_weights(nb, st, m, a, flow_measure)
-        _topk_fill(nb, lw, m, k, out_idx, out_mass, row)
+        _topk_fill(nb, lw, m, k, out_idx, out_mass, row, select)
 
 
 @numba.njit(parallel=True, cache=True)
-def pred_supports(n, k, flow_measure, a_src, g, float32=False, one_minus_alpha=0.0):
+def pred_supports(n, k, flow_measure, a_src, g, float32=False, one_minus_alpha=0.0,
+                  select=SELECT_TOPK):
     """For every output element x of the op with geometry ``g``: the top-k of its
     predecessors z, weights ``exp(-1/a_z^2)`` (``flow_measure``: ``a_z s``) over active ones
     (``float32``: the authors' float32 measure, :func:`._conventions.float32_fill`);
-    (n, k) idx / mass."""
+    (n, k) idx / mass. ``select``: see :func:`_topk_fill` (0: always the full sort)."""
     dw, O, C, L, P, K2, pos_tab, inv_ptr, inv_l, inv_t, S = g
     fan = _fan_in(g)
     out_idx = np.full((n, k), -1, np.int64)
@@ -505,14 +544,15 @@ def pred_supports(n, k, flow_measure, a_src, g, float32=False, one_minus_alpha=0
         st = np.empty(fan)
         m = _in_edges(x, gx, src, st)
         _fill_support(src, st, m, a_src, k, flow_measure, float32, one_minus_alpha, out_idx,
-                      out_mass, x)
+                      out_mass, x, select)
     return out_idx, out_mass
 
 
 @numba.njit(parallel=True, cache=True)
-def succ_supports(n, k, flow_measure, a_dst, g, float32=False, one_minus_alpha=0.0):
+def succ_supports(n, k, flow_measure, a_dst, g, float32=False, one_minus_alpha=0.0,
+                  select=SELECT_TOPK):
     """For every input element y of the op with geometry ``g``: the top-k of its successors
-    w (``float32``: as in :func:`pred_supports`); (n, k)."""
+    w (``float32``: as in :func:`pred_supports`); (n, k). ``select``: as there."""
     dw, O, C, L, P, K2, pos_tab, inv_ptr, inv_l, inv_t, S = g
     fan = _fan_out(g)
     out_idx = np.full((n, k), -1, np.int64)
@@ -523,7 +563,7 @@ def succ_supports(n, k, flow_measure, a_dst, g, float32=False, one_minus_alpha=0
         st = np.empty(fan)
         m = _out_edges(y, gy, dst, st)
         _fill_support(dst, st, m, a_dst, k, flow_measure, float32, one_minus_alpha, out_idx,
-                      out_mass, y)
+                      out_mass, y, select)
     return out_idx, out_mass
 
 
@@ -552,7 +592,93 @@ class Neighbourhood(NamedTuple):
     flow: bool
 
 
-def tile_costs(t: Tile, nb: Neighbourhood) -> tuple:
+class PathBudget:
+    """Bytes the :class:`PathCache` objects of one call may still keep (shared by its
+    layers)."""
+
+    def __init__(self, max_bytes: int):
+        self.left = int(max_bytes)
+
+
+#: default memory of the shortest-path caches of one ``sparse_weight_curvature`` call (bytes)
+PATH_CACHE_BYTES = 1 << 30
+
+
+class PathCache:
+    """The image-independent shortest paths of one weight op ``B`` (X -> Y, followed by ``C``:
+    Y -> W), computed on first use and reused by every tile and every image.
+
+    Under the paper's lengths (``length="weight"``: ``d = 1/s``, no node value enters) the
+    two-hop row ``b2[w, :]`` (the shortest ``x -> y' -> w`` over every ``y'``, for every
+    element x of X; :func:`_two_hops`) of a successor element w depends on the weights only.
+    Tiles ask for the rows of the successors their measures use (``Wu``: the top-k supports,
+    which change with the image); a row is computed once, the first time any tile of any
+    image asks for it, then kept sparse (its finite entries: int32 columns, float64 lengths;
+    12 bytes an entry) while ``budget`` allows (later rows are computed per tile and dropped).
+    Every value is the one :func:`_two_hops` computes for that tile (the same min over the
+    same sums), so the kappa are bit for bit those of recomputing the paths per tile.
+
+    Not valid with flow lengths (``1/(a s)``) or when ``C`` is a max pool (its edges follow
+    each image's winners): :func:`path_cache` returns None there. The weights must not
+    change while the cache is used (one cache per call).
+
+    Counters: ``hits`` / ``misses`` (rows served from / added to the cache, per tile),
+    ``computed`` (rows computed, kept or not), ``nbytes``, ``seconds`` (computing rows).
+    """
+
+    def __init__(self, n_x: int, budget: Optional[PathBudget] = None):
+        self.n_x = int(n_x)
+        self.rows = {}
+        self.budget = budget if budget is not None else PathBudget(PATH_CACHE_BYTES)
+        self.hits = self.misses = self.computed = self.nbytes = 0
+        self.seconds = 0.0
+
+    def stats(self) -> dict:
+        return dict(rows=len(self.rows), bytes=self.nbytes, hits=self.hits,
+                    misses=self.misses, computed=self.computed,
+                    seconds=round(self.seconds, 3))
+
+    def two_hops(self, Wu: np.ndarray, nb: "Neighbourhood") -> np.ndarray:
+        """``b2`` (``Wu.size``, n_X) of :func:`_two_hops`, from the cache (missing rows
+        computed and kept)."""
+        keys = Wu.tolist()
+        missing = [w for w in dict.fromkeys(keys) if w not in self.rows]
+        fresh = {}
+        if missing:
+            t0 = time.perf_counter()
+            dense = _two_hops(np.asarray(missing, np.int64), nb.B, nb.C, nb.a_x, nb.a_y,
+                              nb.flow)
+            self.computed += len(missing)
+            for w, row in zip(missing, dense):
+                cols = np.flatnonzero(np.isfinite(row)).astype(np.int32)
+                entry = (cols, row[cols])
+                size = 12 * cols.size + 64
+                if size <= self.budget.left:
+                    self.rows[w] = entry
+                    self.budget.left -= size
+                    self.nbytes += size
+                else:
+                    fresh[w] = entry
+            self.seconds += time.perf_counter() - t0
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        b2 = np.full((len(keys), self.n_x), np.inf)
+        for j, w in enumerate(keys):
+            cols, vals = self.rows[w] if w in self.rows else fresh[w]
+            b2[j, cols] = vals
+        return b2
+
+
+def path_cache(ops: list, bi: int, cfg, budget: Optional[PathBudget] = None):
+    """A :class:`PathCache` for weight op ``bi`` of ``ops`` under ``cfg``, or None where the
+    paths depend on the image (flow lengths; a max pool after the op) or there is no next
+    op."""
+    if cfg.length == "flow" or bi + 1 >= len(ops) or ops[bi + 1].kind == "maxpool":
+        return None
+    return PathCache(ops[bi].n_in, budget)
+
+
+def tile_costs(t: Tile, nb: Neighbourhood, cache: Optional[PathCache] = None) -> tuple:
     """Ground costs of tile ``t`` in the neighbourhood ``nb``: ``d_zx`` (nz, nx) among the
     tile's sources, and the 3-hop / 2-hop costs ``c_zw`` (nz, nw), ``c_xw`` (nx, nw) over every
     intermediate node.
@@ -560,7 +686,8 @@ def tile_costs(t: Tile, nb: Neighbourhood) -> tuple:
     ``b2[j, x]`` = shortest x -> y' -> W[j] over all y' (2 hops); then
     ``c_xw[i, j] = b2[j, Xp[i]]`` and ``c_zw[a, j] = min_x d(Z[a], x) + b2[j, x]`` over the
     successors x of Z[a]: exactly the dense mode's min-plus products, restricted to the
-    nodes that can lie on such a path.
+    nodes that can lie on such a path. ``cache`` (:class:`PathCache`): the rows of ``b2``
+    come from it (computed once per call, the same values) instead of per tile.
     """
     nx, nz, nw = t.Xp.size, t.Zu.size, t.Wu.size
     if nb.has_a and nz > 0:
@@ -569,7 +696,10 @@ def tile_costs(t: Tile, nb: Neighbourhood) -> tuple:
         d_zx = np.full((nz, nx), np.inf)
     if not nb.has_c or nw == 0:
         return d_zx, np.full((nz, nw), np.inf), np.full((nx, nw), np.inf)
-    b2 = _two_hops(t.Wu, nb.B, nb.C, nb.a_x, nb.a_y, nb.flow)
+    if cache is not None:
+        b2 = cache.two_hops(t.Wu, nb)
+    else:
+        b2 = _two_hops(t.Wu, nb.B, nb.C, nb.a_x, nb.a_y, nb.flow)
     c_xw = np.ascontiguousarray(b2[:, t.Xp].T)
     if nb.has_a and nz > 0:
         c_zw = _zw_costs(t.Zu, nb.A, nb.a_z, b2, nb.flow)
