@@ -38,6 +38,8 @@ Usage::
     python benchmarks/unstructured.py --pairs fashion-mnist:paper_vgg9 --test-images 2000
     python benchmarks/unstructured.py --pairs fashion-mnist:paper_vgg9 --quick --images 2
     python benchmarks/unstructured.py --pairs fashion-mnist:paper_vgg9 --edge-check 20
+    python benchmarks/unstructured.py --pairs fashion-mnist:paper_vgg9 --speed-check \
+        --random-weights --images 2 --speed-fraction 0.25      # the element mode's speed steps
 
 Writes ``results/unstructured.csv``, ``results/unstructured.png`` (one panel per dataset) and
 ``results/unstructured.md`` (``results/_scratch/unstructured_quick.*`` with ``--quick``).
@@ -67,10 +69,11 @@ from tp_curvature.unstructured import (
     sparse_weight_curvature, weight_curvature,
 )
 
-# CPU-friendly baselines (epochs): LeNet 3 epochs of Fashion-MNIST, MLP 30 of digits, the
-# paper's VGG-9 3 epochs of Fashion-MNIST padded to 32x32 (and CIFAR-10 when present)
+# CPU-friendly baselines (epochs): LeNet 3 epochs of Fashion-MNIST, MLP 30 of digits (and 30
+# of Fashion-MNIST, as benchmarks/compare.py), the paper's VGG-9 3 epochs of Fashion-MNIST
+# padded to 32x32 (and CIFAR-10 when present)
 PAIRS = {"fashion-mnist:paper_lenet": 3, "digits:mlp": 30, "fashion-mnist:paper_vgg9": 3,
-         "cifar10:paper_vgg9": 10}
+         "cifar10:paper_vgg9": 10, "fashion-mnist:mlp": 30}
 DEFAULT_PAIRS = ["fashion-mnist:paper_lenet", "digits:mlp"]
 #: images padded to this size for a model (the paper's VGG-9 reads 32x32)
 PAD_TO = {"paper_vgg9": 32}
@@ -78,12 +81,34 @@ PAD_TO = {"paper_vgg9": 32}
 OUTPUT = {"paper_vgg9": "logits"}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+def pairs_parser(doc: str, default_pairs) -> argparse.ArgumentParser:
+    """A parser described by the script's docstring ``doc``, with ``--pairs``."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__)
-    p.add_argument("--pairs", nargs="+", default=list(DEFAULT_PAIRS),
+                                epilog=doc)
+    p.add_argument("--pairs", nargs="+", default=list(default_pairs),
                    help="dataset:model pairs (default: %(default)s)")
+    return p
+
+
+def add_sweep_arguments(p) -> None:
+    """The element graph (``--mode``), the scores (``--output``, ``--reduce``) and the sweep
+    (``--scope``, ``--sparsities``, ``--drop``)."""
+    p.add_argument("--mode", default="auto", choices=["auto", "dense", "sparse"],
+                   help="element graph: dense matrices (small models), sparse (VGG-9, pooling) "
+                        "or auto (dense when it fits)")
+    p.add_argument("--output", default=None, choices=["softmax", "logits"],
+                   help="node values of the output (default: logits for paper_vgg9, else "
+                        "softmax)")
+    p.add_argument("--reduce", default="min", choices=["min", "mean"])
+    p.add_argument("--scope", default="global", choices=["global", "layer"])
+    p.add_argument("--sparsities", type=float, nargs="+", default=None,
+                   help="default: 0, 0.05, ..., 0.95")
+    p.add_argument("--drop", type=float, default=0.01, help="accuracy drop threshold (0.01)")
+
+
+def parse_args(argv=None):
+    p = pairs_parser(__doc__, DEFAULT_PAIRS)
     p.add_argument("--per-class", type=int, nargs="+", default=[1],
                    help="correctly classified calibration images per class (paper: 1); several "
                         "values score and sweep each")
@@ -91,9 +116,6 @@ def parse_args(argv=None):
                             presets=("element", "paper"))
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs of the baselines (default: per pair, see PAIRS)")
-    p.add_argument("--mode", default="auto", choices=["auto", "dense", "sparse"],
-                   help="element graph: dense matrices (small models), sparse (VGG-9, pooling) "
-                        "or auto (dense when it fits)")
     p.add_argument("--images", type=int, default=None,
                    help="use only the first N calibration images (after --quick's selection)")
     p.add_argument("--test-images", type=int, default=None,
@@ -101,15 +123,8 @@ def parse_args(argv=None):
     p.add_argument("--edge-check", type=int, default=0,
                    help="also compare, on N random edges per layer of one image of the first "
                         "pair, the default topk / backend with topk=all and the exact solver")
-    p.add_argument("--output", default=None, choices=["softmax", "logits"],
-                   help="node values of the output (default: logits for paper_vgg9, else "
-                        "softmax)")
-    p.add_argument("--reduce", default="min", choices=["min", "mean"])
-    p.add_argument("--scope", default="global", choices=["global", "layer"])
+    add_sweep_arguments(p)
     p.add_argument("--random-seeds", type=int, default=3)
-    p.add_argument("--sparsities", type=float, nargs="+", default=None,
-                   help="default: 0, 0.05, ..., 0.95")
-    p.add_argument("--drop", type=float, default=0.01, help="accuracy drop threshold (0.01)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None, help="output prefix (default results/unstructured)")
@@ -119,6 +134,22 @@ def parse_args(argv=None):
     p.add_argument("--topk-scan", type=int, nargs="*", default=None,
                    help="also time one image of the first pair at these topk values and compare "
                         "the scores with the largest (e.g. 4 8 16 32)")
+    sp = p.add_argument_group("speed check (sparse element graph; replaces the experiment)")
+    sp.add_argument("--speed-check", action="store_true",
+                    help="time the element mode's speed steps on the first pair (one after the "
+                         "other: top-k by selection, shortest paths cached per layer, several "
+                         "tiles per solver call) on --images images (default 2) and write "
+                         "<out>.md / .json (default out: results/_scratch/element_speed)")
+    sp.add_argument("--speed-fraction", type=float, default=0.25,
+                    help="time this fraction of each layer's output positions (a contiguous "
+                         "block in the middle) and extrapolate the tiles' time to the layer "
+                         "(1: every position)")
+    sp.add_argument("--speed-batch", type=int, nargs="*", default=[4, 16],
+                    help="tiles per solver call of the batching steps (default 4 16)")
+    sp.add_argument("--random-weights", action="store_true",
+                    help="speed check on the untrained model (no training; real images)")
+    sp.add_argument("--speed-conventions", default="library", choices=["library", "authors"],
+                    help="conventions of the speed check (default library)")
     return p.parse_args(argv)
 
 
@@ -144,14 +175,17 @@ class Ranking:
                                  seed=self.seed, secondary=self.secondary)
 
 
-def sweep(model, ranking: Ranking, sparsities, test):
-    """``(sparsity, removed, total, accuracy)`` at every sparsity."""
+def sweep(model, ranking: Ranking, sparsities, test, stop_below=None):
+    """``(sparsity, removed, total, accuracy)`` at every sparsity; with ``stop_below``, the
+    sweep ends at the first accuracy below it (all :func:`removed_before_drop` reads)."""
     n_total = sum(s.numel() for s in ranking.scores.values())
     out = []
     for sp in sparsities:
         masks = ranking.masks(sp)
         n_rm = sum(int((~m).sum()) for m in masks.values())
         out.append((sp, n_rm, n_total, accuracy_with_masks(model, masks, test)))
+        if stop_below is not None and out[-1][3] < stop_below:
+            break
     return out
 
 
@@ -176,13 +210,16 @@ def removed_before_drop(model, ranking: Ranking, curve, base, drop, test, steps=
     return lo, True
 
 
-def load_pair(pair, args, verbose=True):
-    """``(model, train, test)``: the baseline of ``dataset:model`` (trained, or reloaded by
-    ``train_or_load``), in eval mode, and its dataset."""
+def load_pair(pair, args, verbose=True, seed: int = 0):
+    """``(model, train, test)``: the baseline of ``dataset:model`` with training seed ``seed``
+    (trained, or reloaded by ``train_or_load``), in eval mode, and its dataset. ``args``:
+    ``epochs`` (default per pair, :data:`PAIRS`), ``threads`` and, if it has one,
+    ``train_subset``."""
     dataset, model_name = pair.split(":")
     pad = PAD_TO.get(model_name)
     cfg = TrainConfig(dataset=dataset, model=model_name, epochs=args.epochs or PAIRS.get(pair),
-                      num_threads=args.threads, pad_to=pad)
+                      num_threads=args.threads, pad_to=pad, seed=seed,
+                      train_subset=getattr(args, "train_subset", None))
     model, _ = train_or_load(cfg, progress=False, verbose=verbose)
     train, test, _ = load_dataset(dataset, pad_to=pad)
     return model.eval(), train, test
@@ -257,12 +294,14 @@ class PairData:
     base: float
 
 
-def load_test_pair(pair, args) -> PairData:
-    """The baseline of ``pair`` and its accuracy on the (``--test-images``) test set."""
+def load_test_pair(pair, args, seed: int = 0, n_test=None) -> PairData:
+    """The baseline of ``pair`` (training seed ``seed``) and its accuracy on the test set, or
+    on an evenly spaced subset of ``n_test`` (default ``--test-images``; 2,000 with
+    ``--quick``) test images."""
     torch.manual_seed(0)
-    model, train, test = load_pair(pair, args)
+    model, train, test = load_pair(pair, args, seed=seed)
     test_xy = test.tensors()
-    n_test = args.test_images or (2000 if args.quick else None)
+    n_test = n_test or args.test_images or (2000 if args.quick else None)
     if n_test and len(test_xy[1]) > n_test:
         idx = torch.arange(0, len(test_xy[1]), len(test_xy[1]) // n_test)[:n_test]
         test_xy = (test_xy[0][idx], test_xy[1][idx])
@@ -443,6 +482,180 @@ def edge_check(pair, args, n_edges, seed=0):
     return rows
 
 
+def speed_model(pair, args):
+    """``(model, calibration images)`` of the speed check: the trained baseline and one
+    correctly classified image per class, or with ``--random-weights`` the untrained model
+    (seed 0) and one image per class (the same seeded draw, correct or not)."""
+    if not args.random_weights:
+        model, train, _ = load_pair(pair, args, verbose=False)
+        x, _ = calibration_batch(train, 1, per_class=True, model=model)
+        return model, x
+    from engine.training import build_model_for, set_seed
+    dataset, model_name = pair.split(":")
+    train, _, meta = load_dataset(dataset, pad_to=PAD_TO.get(model_name))
+    set_seed(0)
+    model = build_model_for(TrainConfig(dataset=dataset, model=model_name,
+                                        pad_to=PAD_TO.get(model_name)), meta).eval()
+    x, _ = calibration_batch(train, 1, per_class=True)
+    return model, x
+
+
+#: the speed check's steps, cumulative: (name, top-k selection limit (0: full sort), paths
+#: cached, tiles per solver call)
+SPEED_STEPS = [("before: full sort for top-k, paths per tile, one tile per call", 0, False, 1),
+               ("+ top-k by selection", None, False, 1),
+               ("+ shortest paths cached per layer", None, True, 1)]
+
+
+def speed_check(pair, args) -> dict:
+    """Time the element mode on ``pair`` (sparse element graph) step by step (see
+    :data:`SPEED_STEPS`, then ``--speed-batch`` tiles per call): per image and layer, the
+    measures' supports and the tiles (``--speed-fraction`` of each layer's positions, a
+    contiguous block in the middle, extrapolated to the layer), the path caches' size, and the
+    per-weight min kappa over the timed tiles compared with the first step (the first three
+    steps must agree bit for bit)."""
+    import functools
+    import tp_curvature.unstructured._sparse as sparse_mod
+    import tp_curvature.unstructured._sparse_scores as scores_mod
+    from tp_curvature.unstructured import sparse_element_graph
+    model, x = speed_model(pair, args)
+    x = x[:args.images or 2]
+    graph = sparse_element_graph(model, x[:1], conventions=args.speed_conventions)
+    cfg, how = curvature_config(args, sparse=True)
+    out_mode = output_of(pair, args)
+    steps = SPEED_STEPS + [(f"+ {b} tiles per solver call", None, True, b)
+                           for b in args.speed_batch]
+    blocks = {}
+    for bi in graph.weight_ops:
+        L = graph.ops[bi].L
+        n = max(1, int(np.ceil(L * args.speed_fraction)))
+        blocks[bi] = list(range((L - n) // 2, (L - n) // 2 + n))
+    vals = [scores_mod.sparse_node_values(graph, x[i:i + 1], out_mode, cfg.normalize)[0]
+            for i in range(len(x))]
+    orig = scores_mod.pred_supports, scores_mod.succ_supports
+
+    def use(select):
+        sel = sparse_mod.SELECT_TOPK if select is None else select
+        scores_mod.pred_supports = functools.partial(orig[0], select=sel)
+        scores_mod.succ_supports = functools.partial(orig[1], select=sel)
+        return sel
+
+    rows, first = [], None
+    try:
+        # warm-up (untimed): every kernel of every step compiled or loaded from Numba's cache
+        for _, select, cache_on, per_call in steps:
+            use(select)
+            caches = scores_mod.path_caches(graph, graph.weight_ops, cfg, cache_on)
+            scores_mod.set_image_strengths(graph, vals[0][1])
+            for bi in graph.weight_ops:
+                for _ in scores_mod.layer_tiles(graph, bi, vals[0][0], cfg,
+                                                tiles=blocks[bi][:per_call], cache=caches[bi],
+                                                tiles_per_call=per_call):
+                    pass
+        for name, select, cache_on, per_call in steps:
+            sel = use(select)
+            caches = scores_mod.path_caches(graph, graph.weight_ops, cfg, cache_on)
+            accs = {bi: np.full(graph.ops[bi].module.weight.numel(), np.inf)
+                    for bi in graph.weight_ops}
+            per_image = []
+            for a, raw in vals:
+                scores_mod.set_image_strengths(graph, raw)
+                layers = {}
+                for bi in graph.weight_ops:
+                    op = graph.ops[bi]
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    ctx = scores_mod.layer_context(graph, bi, a, cfg)
+                    w1, c1 = time.perf_counter(), time.process_time()
+                    solved = 0
+                    for wi, k, sv, _, _, _ in scores_mod.layer_tiles(
+                            graph, bi, a, cfg, tiles=blocks[bi], cache=caches[bi],
+                            tiles_per_call=per_call, context=ctx):
+                        ok = ~np.isnan(k)
+                        np.minimum.at(accs[bi], wi[ok], k[ok])
+                        solved += int(sv.sum())
+                    w2, c2 = time.perf_counter(), time.process_time()
+                    frac = len(blocks[bi]) / op.L
+                    layers[op.name] = dict(
+                        supports_s=w1 - w0, tiles_s=w2 - w1,
+                        estimate_s=w1 - w0 + (w2 - w1) / frac,
+                        estimate_cpu_s=c1 - c0 + (c2 - c1) / frac,
+                        tiles=len(blocks[bi]), of=op.L, solved=solved)
+                per_image.append(dict(
+                    estimate_s=sum(v["estimate_s"] for v in layers.values()),
+                    estimate_cpu_s=sum(v["estimate_cpu_s"] for v in layers.values()),
+                    layers=layers))
+            kap = np.concatenate([np.where(np.isinf(v), 1.0, v) for v in accs.values()])
+            if first is None:
+                first = kap
+            row = dict(step=name, select=sel, cache_paths=cache_on, tiles_per_call=per_call,
+                       per_image=per_image,
+                       estimate_s=[round(p["estimate_s"], 1) for p in per_image],
+                       estimate_cpu_s=[round(p["estimate_cpu_s"], 1) for p in per_image],
+                       max_abs_diff_vs_first=float(np.abs(kap - first).max()),
+                       bit_identical_to_first=bool(np.array_equal(kap, first)),
+                       path_cache={graph.ops[bi].name: c.stats()
+                                   for bi, c in caches.items() if c is not None})
+            rows.append(row)
+            print(f"[speed check] {name}: per image (estimated) "
+                  f"{', '.join(f'{e:.1f}' for e in row['estimate_s'])} s wall, "
+                  f"{', '.join(f'{e:.1f}' for e in row['estimate_cpu_s'])} s CPU; "
+                  f"max |dk| vs first "
+                  f"{row['max_abs_diff_vs_first']:.2g}", flush=True)
+    finally:
+        scores_mod.pred_supports, scores_mod.succ_supports = orig
+    return dict(pair=pair, images=len(x), fraction=args.speed_fraction,
+                random_weights=args.random_weights, curvature=how, output=out_mode,
+                conventions=args.speed_conventions,
+                numba_threads=numba.get_num_threads(), steps=rows)
+
+
+def speed_markdown(res: dict, argv) -> str:
+    steps = res["steps"]
+    names = list(steps[0]["per_image"][0]["layers"])
+    lines = [f"# Element-mode speed steps: {res['pair']}", "",
+             f"{'Untrained' if res['random_weights'] else 'Trained'} model, {res['images']} "
+             f"calibration image(s), curvature {res['curvature']}, conventions "
+             f"{res['conventions']!r}, output {res['output']}; "
+             f"{res['fraction']:g} of each layer's output positions timed (a contiguous block) "
+             f"and the tiles' time extrapolated to the layer; Numba {res['numba_threads']} "
+             "thread(s). Seconds per image (estimated for the whole image): wall time, and "
+             "the process's CPU time (all threads; what an otherwise idle machine would take "
+             "on one thread, since other jobs only stretch the wall time).", "",
+             "| step | " + " | ".join(f"image {i + 1} wall / CPU" for i in range(res["images"]))
+             + " | speed-up in CPU time (all images) vs previous / vs first | max abs diff of "
+               "the scores vs first |", "|---|" + "---|" * (res["images"] + 2)]
+    prev = None
+    for r in steps:
+        tot = sum(r["estimate_cpu_s"])
+        gain = (f"{prev / tot:.2f}x / {sum(steps[0]['estimate_cpu_s']) / tot:.2f}x"
+                if prev else "-")
+        diff = ("0 (bit for bit)" if r["bit_identical_to_first"]
+                else f"{r['max_abs_diff_vs_first']:.3g}")
+        lines.append(f"| {r['step']} | " + " | ".join(
+            f"{e:.1f} / {c:.1f}" for e, c in zip(r["estimate_s"], r["estimate_cpu_s"]))
+                     + f" | {gain} | {diff} |")
+        prev = tot
+    lines += ["", "Per layer, last image: measures' supports s + timed tiles s -> estimate for "
+              "the layer, wall s (CPU s):", "",
+              "| step | " + " | ".join(f"`{n}`" for n in names) + " |",
+              "|---|" + "---|" * len(names)]
+    for r in steps:
+        lay = r["per_image"][-1]["layers"]
+        lines.append(f"| {r['step']} | " + " | ".join(
+            f"{lay[n]['supports_s']:.2f} + {lay[n]['tiles_s']:.2f} -> "
+            f"{lay[n]['estimate_s']:.1f} ({lay[n]['estimate_cpu_s']:.1f})" for n in names)
+                     + " |")
+    cached = next((r for r in steps if r["path_cache"]), None)
+    if cached:
+        mb = sum(v["bytes"] for v in cached["path_cache"].values()) / 2 ** 20
+        lines += ["", f"Path caches after {res['images']} image(s) ({cached['step']}): "
+                  f"{mb:.1f} MB in all; per layer rows kept / rows asked for by tiles: "
+                  + ", ".join(f"`{k}` {v['rows']:,} / {v['hits'] + v['misses']:,}"
+                              for k, v in cached["path_cache"].items()) + "."]
+    lines += ["", f"Command: `python benchmarks/unstructured.py {' '.join(argv)}`"]
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows, summary, path, sparsities):
     import matplotlib
     matplotlib.use("Agg")
@@ -566,6 +779,17 @@ def markdown(summary, timing, diag, args, show_sp, layer_sp=()):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.speed_check:
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+        out = Path(args.out or "results/_scratch/element_speed")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        res = speed_check(args.pairs[0], args)
+        md = speed_markdown(res, argv if argv is not None else sys.argv[1:])
+        out.with_suffix(".md").write_text(md)
+        with open(out.with_suffix(".json"), "w") as f:
+            json.dump({**res, "args": vars(args)}, f, indent=1, default=str)
+        print(md)
+        return
     if args.quick:
         sparsities = args.sparsities or [0.0, 0.2, 0.4, 0.6, 0.8, 0.9]
         args.random_seeds = min(args.random_seeds, 1)
