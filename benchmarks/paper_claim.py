@@ -41,10 +41,12 @@ weights, base accuracy, scoring time; the comparisons; the settings), ``summary.
 Usage::
 
     python benchmarks/paper_claim.py --quick          # 1 seed, LeNet only, 2,000 test images
+    # the full experiment: two processes (one per core) into results/paper_claim, then the
+    # report over both (cost: docs/paper.md, "The claim over baselines")
     python benchmarks/paper_claim.py --pairs fashion-mnist:paper_lenet digits:mlp \\
-        fashion-mnist:mlp --seeds 0 1 2 3 4 --per-class 1 10
-    python benchmarks/paper_claim.py --pairs fashion-mnist:paper_vgg9 --vgg-seeds 0 1 2 \\
-        --per-class 1 --out results/paper_claim_vgg9
+        fashion-mnist:mlp --seeds 0 1 2 3 4 --per-class 1 10 --resume
+    python benchmarks/paper_claim.py --pairs fashion-mnist:paper_vgg9 --vgg-seeds 0 1 2 --resume
+    python benchmarks/paper_claim.py --report-only
 """
 from __future__ import annotations
 
