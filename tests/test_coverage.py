@@ -171,6 +171,19 @@ class LNBlock(nn.Module):
         return self.head(self.ln2(y))
 
 
+def residual_block_edges(m, mid, g1, g2):
+    """The reference graph of ``y = r + fc2(act(fc1(norm1(r))))``, ``r = fc0(x)``, ``out =
+    head(norm2(y))``: norm1 (scale ``g1``) right after fc0 folds on fc0's side into the
+    junction ``mid``; norm2 (``g2``) is a pre-norm folded into head's inputs."""
+    E = {}
+    add_layer(E, "x", mid, _w(m.fc0).T * g1[None, :])
+    add_layer(E, "x", "y", _w(m.fc0).T)
+    add_layer(E, mid, "a", _w(m.fc1).T)
+    add_layer(E, "a", "y", _w(m.fc2).T)
+    add_layer(E, "y", "o", _w(m.head).T * g2[:, None])
+    return E
+
+
 @pytest.mark.parametrize("backend", ["exact", "sinkhorn"])
 def test_layernorm_residual_block_against_reference(backend):
     torch.manual_seed(1)
@@ -192,14 +205,8 @@ def test_layernorm_residual_block_against_reference(backend):
     acts = {**nodes("x", chan_mean(x, -1)), **nodes("l1", chan_mean(l1, -1)),
             **nodes("a", chan_mean(a, -1)), **nodes("y", chan_mean(y, -1)),
             **nodes("o", chan_mean(out, -1))}
-    g1 = m.ln1.weight.detach().double().abs().numpy()
-    g2 = m.ln2.weight.detach().double().abs().numpy()
-    E = {}
-    add_layer(E, "x", "l1", _w(m.fc0).T * g1[None, :])
-    add_layer(E, "x", "y", _w(m.fc0).T)
-    add_layer(E, "l1", "a", _w(m.fc1).T)
-    add_layer(E, "a", "y", _w(m.fc2).T)
-    add_layer(E, "y", "o", _w(m.head).T * g2[:, None])
+    E = residual_block_edges(m, "l1", m.ln1.weight.detach().double().abs().numpy(),
+                             m.ln2.weight.detach().double().abs().numpy())
     tol = 1e-6 if backend == "exact" else 0.03
     check(got, acts, E, "fc0", "x", "l1", 4, list(range(6)), atol=tol)
     check(got, acts, E, "fc1", "l1", "a", 6, list(range(8)), atol=tol)
@@ -649,14 +656,8 @@ def test_addcmul_affine_against_reference():
     acts = {**nodes("x", chan_mean(x, -1)), **nodes("h", chan_mean(h, -1)),
             **nodes("a", chan_mean(a, -1)), **nodes("y", chan_mean(y, -1)),
             **nodes("o", chan_mean(out, -1))}
-    g1 = m.alpha1.detach().double().abs().numpy()
-    g2 = 0.5 * m.alpha2.detach().double().abs().numpy()
-    E = {}
-    add_layer(E, "x", "h", _w(m.fc0).T * g1[None, :])
-    add_layer(E, "x", "y", _w(m.fc0).T)
-    add_layer(E, "h", "a", _w(m.fc1).T)
-    add_layer(E, "a", "y", _w(m.fc2).T)
-    add_layer(E, "y", "o", _w(m.head).T * g2[:, None])
+    E = residual_block_edges(m, "h", m.alpha1.detach().double().abs().numpy(),
+                             0.5 * m.alpha2.detach().double().abs().numpy())
     check(got, acts, E, "fc0", "x", "h", 4, list(range(6)))
     check(got, acts, E, "fc1", "h", "a", 6, list(range(8)))
     check(got, acts, E, "fc2", "a", "y", 8, list(range(6)))

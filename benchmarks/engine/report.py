@@ -554,7 +554,7 @@ def goal_table(loaded, variant=None, stages=None) -> list:
     """Markdown lines: the goal table (``variant``: one fixed curvature criterion instead of
     the best of each cell; ``stages``: the repair stages to include), every cell listed, then
     the verdict counted over the usable cells only."""
-    who = f"`{variant}`" if variant else "the best curvature variant of each cell"
+    who = f"`{variant}`" if variant else "The best curvature variant of each cell"
     lines = [f"## {who} against the best other criterion (paired over seeds)", "",
              "Best other: the non-curvature, non-random criterion with the highest mean in the "
              "cell. Difference = curvature - best other (percentage points, mean ± std over "
@@ -563,7 +563,7 @@ def goal_table(loaded, variant=None, stages=None) -> list:
              ("" if variant else " Picking the best of several variants per cell favours "
               "curvature."), "",
              "| model | mode | stage | ratio | usable | curvature (%) | best other (%) | "
-             "difference | W/T/L | p | verdict |", "|---|" * 11]
+             "difference | W/T/L | p | verdict |", "|" + "---|" * 11]
     cells = []
     for rows, meta in loaded:
         st = [s for s in stages_present(rows) if s in (stages or repair_stages())]

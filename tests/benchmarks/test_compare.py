@@ -117,7 +117,8 @@ def test_peer_criteria_and_paired_table(tmp_path):
     assert "## Curvature vs the best other criterion" in md and "t-test p" in md
     table = [ln for ln in md.splitlines() if ln.startswith("| curvature-paper | uniform |")
              or ln.startswith("| curvature-paper | global |")]
-    assert len(table) == 2 * 2 * 2                          # modes x stages x ratios
+    assert len(table) == 2 * 3 * 2              # modes x stages (pruned, bias, lsq) x ratios
+    assert any("| lsq | 0.6 |" in ln for ln in table)
     # --stages restricts the evaluation
     out2 = tmp_path / "out2"
     assert compare.main([
