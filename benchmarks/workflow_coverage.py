@@ -205,7 +205,8 @@ def timm_workflow(name: str) -> Workflow:
             leaf = pn.rsplit(".", 1)[-1]
             if prm.dim() == 1 and (leaf in ("gamma", "layer_scale", "ls1", "ls2", "gamma1",
                                             "gamma2", "layer_scale_1", "layer_scale_2")
-                                   or leaf.startswith("layer_scale")):
+                                   or leaf.startswith("layer_scale")
+                                   or (leaf == "scale" and "layer_scale" in pn)):   # MetaFormer
                 prm.uniform_(0.5, 1.5)
     num_heads, ignored = {}, []
     for m in model.modules():
@@ -389,8 +390,10 @@ def run_one(name: str, importance: str) -> dict:
 def worker(name: str, out: str, threads: int) -> None:
     import torch
     torch.set_num_threads(threads)
-    rows = [run_one(name, imp) for imp in ("magnitude", "curvature")]
-    Path(out).write_text(json.dumps(rows))
+    rows = []
+    for imp in ("magnitude", "curvature"):      # written after each: a timeout keeps the first
+        rows.append(run_one(name, imp))
+        Path(out).write_text(json.dumps(rows))
 
 
 def run_in_process(name: str, timeout: float, threads: int) -> list:
@@ -407,11 +410,11 @@ def run_in_process(name: str, timeout: float, threads: int) -> list:
                 if proc.returncode else ""
         except subprocess.TimeoutExpired:
             err = f"timeout after {timeout:.0f} s"
-        if out.exists():
-            return json.loads(out.read_text())
-        return [dict(workflow=name, group=group_of(name), importance=imp, pruned=False,
-                     error=err or "no result", seconds=round(time.perf_counter() - t0, 1))
-                for imp in ("magnitude", "curvature")]
+        done = json.loads(out.read_text()) if out.exists() else []
+        seconds = round(time.perf_counter() - t0 - sum(r.get("seconds") or 0 for r in done), 1)
+        return done + [dict(workflow=name, group=group_of(name), importance=imp, pruned=False,
+                            error=err or "no result", seconds=seconds)
+                       for imp in ("magnitude", "curvature")[len(done):]]
 
 
 # ------------------------------------------------------------------------------ report
