@@ -425,7 +425,9 @@ def baseline_line(meta) -> str:
     width = f", width {a['width']}" if a.get("width") else ""
     sub = f", {a['train_subset']} training images" if a.get("train_subset") else \
         ", full training set"
-    return (f"| {meta['label']}{width} | {a['epochs']}{sub} | "
+    from .training import default_epochs
+    epochs = a["epochs"] if a.get("epochs") is not None else default_epochs(a["dataset"])
+    return (f"| {meta['label']}{width} | {epochs}{sub} | "
             f"{fmt(np.mean(acc_), np.std(acc_, ddof=1))} | {np.mean(t):.0f} s |")
 
 

@@ -56,6 +56,11 @@ _DEFAULT_WD = {"adam": 0.0, "sgd": 5e-4}
 _DEFAULT_EPOCHS = {"digits": 30}  # 1,437 images = 12 steps per epoch; 5 for the others
 
 
+def default_epochs(dataset: str) -> int:
+    """The training epochs of a dataset when none are given (30 for digits, else 5)."""
+    return _DEFAULT_EPOCHS.get(dataset.lower(), 5)
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a baseline run.
@@ -96,7 +101,7 @@ class TrainConfig:
         if self.scheduler not in ("cosine", "none"):
             raise ValueError("scheduler must be 'cosine' or 'none'")
         if self.epochs is None:
-            self.epochs = _DEFAULT_EPOCHS.get(self.dataset.lower(), 5)
+            self.epochs = default_epochs(self.dataset)
         if self.lr is None:
             self.lr = _DEFAULT_LR[self.optimizer]
         if self.weight_decay is None:
