@@ -457,6 +457,32 @@ def stage_table(rows, meta) -> list:
     return out + [""]
 
 
+def repair_ratio_table(rows, meta, ratios=(0.1, 0.3, 0.5)) -> list:
+    """Markdown lines: every criterion's accuracy (%) at a few ratios (uniform mode, mean over
+    seeds) right after pruning, after the earlier repair (``bias``, or ``bias+bn`` on models
+    with BatchNorm) and after the least-squares repair (``lsq``, or ``lsq+bn``); best in bold."""
+    present = stages_present(rows)
+    early = "bias+bn" if "bias+bn" in present else "bias"
+    late = "lsq+bn" if "lsq+bn" in present else "lsq"
+    stages = [st for st in ("pruned", early, late) if st in present]
+    have = {r["ratio"] for r in rows if r["mode"] == "uniform"}
+    ratios = [x for x in ratios if any(abs(x - h) < 1e-9 for h in have)]
+    if not ratios or late not in present:
+        return []
+    crits = list(dict.fromkeys(r["criterion"] for r in rows))
+    mean = {(c, st, x): np.mean(list(seed_means(rows, c, st, ratio=x, scale=100.0).values()))
+            for c in crits for st in stages for x in ratios}
+    best = {(st, x): max(mean[c, st, x] for c in crits) for st in stages for x in ratios}
+    out = [f"**{meta['label']}**: accuracy (%) at ratio {' / '.join(f'{x:g}' for x in ratios)}, "
+           f"uniform pruning, mean over {len(meta['seeds'])} seeds", "",
+           "| criterion | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
+    for c in crits:
+        cells = [" / ".join(f"**{mean[c, st, x]:.1f}**" if mean[c, st, x] == best[st, x]
+                            else f"{mean[c, st, x]:.1f}" for x in ratios) for st in stages]
+        out.append(f"| {c} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 #: a cell is *usable* when some criterion keeps its mean accuracy within this many points of
 #: the baseline: only such cells enter the verdict
 USABLE_POINTS = 10.0
@@ -622,6 +648,10 @@ def condensed_report(runs, variants=(), stages=None, plot_to=None) -> str:
     lines += ["", "## Accuracy by stage", ""]
     for rows, meta in loaded:
         lines += stage_table(rows, meta)
+    lines += ["## Right after pruning, after the earlier repair, after the least-squares repair",
+              ""]
+    for rows, meta in loaded:
+        lines += repair_ratio_table(rows, meta)
     ranks = mean_ranks(loaded)
     lines += ["## Mean rank over models, modes, ratios and stages", "",
               f"Rank 1 = the best mean accuracy of a cell, among the {len(ranks) - 2} "

@@ -312,3 +312,21 @@ def test_add_refuses_a_criterion_that_changed_meaning(tmp_path):
     with pytest.raises(SystemExit, match="criterion 'curvature' of the saved run .* ran "
                                          "'alpha=0.5, variant=paper"):
         runs.load_for_add(tmp_path, args, {"curvature": new_note})
+
+
+def test_repair_ratio_table_shows_pruned_earlier_and_least_squares_repairs():
+    """Per ratio: the mean over seeds right after pruning, after bias+bn (BN model) and after
+    lsq+bn, best of each ratio and stage in bold; ratios not run are left out."""
+    def row(c, s, r, p, lsq):
+        return {"criterion": c, "seed": s, "mode": "uniform", "ratio": r, "acc_pruned": p,
+                "acc_bias": None, "acc_bn": None, "acc_bias_bn": p + 0.1, "acc_lsq": lsq,
+                "acc_lsq_bn": lsq + 0.01, "acc_ft": None}
+    rows = [row("l2", 0, 0.1, .50, .80), row("l2", 1, 0.1, .60, .82),
+            row("l2", 0, 0.3, .30, .70), row("l2", 1, 0.3, .20, .72),
+            row("wanda", 0, 0.1, .40, .90), row("wanda", 1, 0.1, .40, .90),
+            row("wanda", 0, 0.3, .40, .60), row("wanda", 1, 0.3, .40, .60)]
+    lines = report.repair_ratio_table(rows, {"label": "vgg9", "seeds": [0, 1]})
+    assert lines[0] == "**vgg9**: accuracy (%) at ratio 0.1 / 0.3, uniform pruning, mean over 2 seeds"
+    assert "| criterion | pruned | bias+bn | lsq+bn |" in lines
+    assert "| l2 | **55.0** / 25.0 | **65.0** / 35.0 | 82.0 / **72.0** |" in lines
+    assert "| wanda | 40.0 / **40.0** | 50.0 / **50.0** | **91.0** / 61.0 |" in lines
