@@ -562,17 +562,23 @@ def _ranks(loaded, common, groups) -> dict:
     return ranks
 
 
+#: the mean-rank column of the least-squares repair stages (the table is sorted by it)
+LSQ_GROUP = "least-squares repair (lsq, lsq+bn)"
+
+
 def mean_ranks(loaded) -> list:
     """Markdown lines: each criterion's mean rank (1 = best mean accuracy of its cell) over
     every (model, stage, ratio) cell of a stage group, criteria common to every run."""
     common = _common_criteria(loaded)
     groups = stage_groups()
+    groups[LSQ_GROUP] = ("lsq", "lsq+bn")         # a subgroup of the repaired stages
     ranks = _ranks(loaded, common, groups)
     used = [g for g in groups if any(ranks[g][c] for c in common)]
     out = ["| criterion | " + " | ".join(f"{g} ({len(ranks[g][common[0]])} cells)"
                                          for g in used) + " |",
            "|---|" + "---|" * len(used)]
-    key = next((g for g in used if g.startswith("repaired")), used[-1] if used else None)
+    key = LSQ_GROUP if LSQ_GROUP in used else \
+        next((g for g in used if g.startswith("repaired")), used[-1] if used else None)
     for c in sorted(common, key=lambda c: np.mean(ranks[key][c]) if key else 0):
         out.append(f"| {c} | " + " | ".join(f"{np.mean(ranks[g][c]):.1f}" for g in used) + " |")
     return out
