@@ -753,8 +753,13 @@ def _model(name):
         from torchvision.models.convnext import CNBlockConfig, ConvNeXt
         cfg = [CNBlockConfig(24, 48, 2), CNBlockConfig(48, None, 2)]
         return ConvNeXt(cfg, stochastic_depth_prob=0.1, num_classes=10), img, {}
-    if name == "tv_vit_b_16":
-        m = torchvision.models.vit_b_16(image_size=32)
+    if name in ("tv_vit_b_16", "tv_vit_b_16_arch"):
+        if name == "tv_vit_b_16":            # 85.7M connections: minutes on one thread
+            m = torchvision.models.vit_b_16(image_size=32)
+        else:                                # vit_b_16's class and blocks at a small width
+            from torchvision.models.vision_transformer import VisionTransformer
+            m = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=4,
+                                  hidden_dim=64, mlp_dim=256, num_classes=10)
         nh = {mm: mm.num_heads for mm in m.modules() if isinstance(mm, nn.MultiheadAttention)}
         return m, torch.randn(2, 3, 32, 32), {"num_heads": nh}
     if name == "timm_vit_tiny_patch16_224":
@@ -783,15 +788,15 @@ def _model(name):
     raise KeyError(name)
 
 
-MODELS = ["tv_mobilenet_v3_small", "tv_efficientnet_b0", "tv_convnext_tiny_arch", "tv_vit_b_16",
+MODELS = ["tv_mobilenet_v3_small", "tv_efficientnet_b0", "tv_convnext_tiny_arch", "tv_vit_b_16_arch",
           "timm_vit_tiny_patch16_224", "timm_efficientnet_b0", "timm_convnext_atto", "llama"]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("TP_CURVATURE_FULL_SIZE"),
-                    reason="opt-in (TP_CURVATURE_FULL_SIZE=1): the full convnext_tiny takes over "
-                           "10 min; CI prunes its reduced-width copy (tv_convnext_tiny_arch)")
-@pytest.mark.parametrize("name", ["tv_convnext_tiny"])
+                    reason="opt-in (TP_CURVATURE_FULL_SIZE=1): the full convnext_tiny and vit_b_16 "
+                           "take minutes; CI prunes reduced-width copies (tv_*_arch)")
+@pytest.mark.parametrize("name", ["tv_convnext_tiny", "tv_vit_b_16"])
 def test_full_size_models_prune_with_full_coverage(name, one_thread):
     test_models_prune_with_full_coverage(name, one_thread)
 
