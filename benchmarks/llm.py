@@ -35,7 +35,8 @@ criterion x ratio), ``meta.json`` (configuration, corpus statistics, training co
 timings, notes, the command), ``summary.md`` (mean +- std over seeds per criterion x ratio x
 stage; the goal check at 20%; every curvature criterion against the best other criterion of
 each cell, paired over seeds; the training cost) and ``perplexity.png``. ``--report-only``
-rewrites the last two from the saved rows and meta.
+rewrites the last two from the saved rows and meta; ``--merge DIR ...`` first adds the seeds
+of other runs of the same experiment (for example run in parallel, one seed each).
 
 Cost, measured on this project's 2-core machine with one torch / Numba thread while two other
 one-thread jobs ran: training 1,200 steps of 16 x 128 bytes (2.46M bytes, 0.24 epochs of the
@@ -149,6 +150,9 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     g.add_argument("--report-only", action="store_true",
                    help="rewrite summary.md / perplexity.png from the saved rows and meta")
+    g.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="add the seeds of these saved runs (same experiment, other seeds) to "
+                        "the run in --out, then rewrite its reports")
 
 
 def _apply_defaults(a: argparse.Namespace) -> None:
@@ -629,9 +633,42 @@ def write_reports(rows: list, meta: dict, out: Path, no_plot: bool = False) -> s
     return md
 
 
+#: options that may differ between runs merged by --merge (they do not change a seed's rows)
+MERGE_FREE = ("seeds", "out", "threads", "no_plot", "no_progress", "report_only", "merge",
+              "retrain", "checkpoint_dir", "data_dir")
+
+
+def merge_runs(out: Path, others: list) -> tuple:
+    """The run in ``out`` with the seeds of the runs in ``others`` added: the experiment
+    options must be equal (those of :data:`MERGE_FREE` aside) and no seed may repeat."""
+    rows, meta = read_run(out)
+    for other in map(Path, others):
+        rows2, meta2 = read_run(other)
+        diff = [k for k in meta["args"] if k not in MERGE_FREE
+                and meta["args"][k] != meta2["args"].get(k)]
+        if diff or meta["corpus"] != meta2["corpus"]:
+            raise SystemExit(f"--merge: {other} is another experiment (differs in "
+                             f"{', '.join(diff) or 'the corpus'})")
+        seeds = {s["seed"] for s in meta["seeds"]}
+        repeated = sorted(seeds & {s["seed"] for s in meta2["seeds"]})
+        if repeated:
+            raise SystemExit(f"--merge: seed(s) {repeated} of {other} are already in {out}")
+        rows = rows + rows2
+        meta = {**meta, "seeds": meta["seeds"] + meta2["seeds"],
+                "command": f"{meta['command']}; {meta2['command']}",
+                "wall_s": meta["wall_s"] + meta2["wall_s"]}
+        meta["args"] = {**meta["args"], "seeds": [s["seed"] for s in meta["seeds"]]}
+    return rows, meta
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     out = Path(a.out)
+    if a.merge:
+        rows, meta = merge_runs(out, a.merge)
+        save_run(rows, meta, out)
+        print(write_reports(rows, meta, out, a.no_plot))
+        return 0
     if a.report_only:
         rows, meta = read_run(out)
         print(write_reports(rows, meta, out, a.no_plot))

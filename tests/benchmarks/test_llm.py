@@ -214,3 +214,24 @@ def test_quick_end_to_end_on_a_synthetic_corpus(tmp_path, one_thread):
     (out / "summary.md").unlink()
     assert llm.main(["--report-only", "--out", str(out), "--no-plot"]) == 0
     assert (out / "summary.md").read_text() == md
+    # --merge adds the seeds of another run of the same experiment, and refuses a repeated
+    # seed or another experiment
+    other = tmp_path / "other"
+    other.mkdir()
+    rows2 = [{**r, "seed": 1} for r in json.loads((out / "rows.json").read_text())]
+    (other / "rows.json").write_text(json.dumps(rows2))
+    meta2 = {**meta, "seeds": [{**meta["seeds"][0], "seed": 1}], "command": "second"}
+    (other / "meta.json").write_text(json.dumps(meta2))
+    assert llm.main(["--merge", str(other), "--out", str(out), "--no-plot"]) == 0
+    merged = json.loads((out / "meta.json").read_text())
+    assert [s["seed"] for s in merged["seeds"]] == [0, 1] and merged["args"]["seeds"] == [0, 1]
+    assert merged["command"].endswith("; second")
+    assert len(json.loads((out / "rows.json").read_text())) == 4
+    assert "over 2 seed(s)" in (out / "summary.md").read_text()
+    with pytest.raises(SystemExit, match="already in"):
+        llm.main(["--merge", str(other), "--out", str(out), "--no-plot"])
+    meta2["args"] = {**meta2["args"], "dim": 999}
+    meta2["seeds"] = [{**meta["seeds"][0], "seed": 2}]
+    (other / "meta.json").write_text(json.dumps(meta2))
+    with pytest.raises(SystemExit, match="differs in dim"):
+        llm.main(["--merge", str(other), "--out", str(out), "--no-plot"])
