@@ -340,8 +340,10 @@ def summary_markdown(rows: list, meta: dict) -> str:
 # ============================================================================================
 # one run: accuracy.png
 # ============================================================================================
-def _plot_panel(ax, rows, criteria, mode, stage, ratios, cmap) -> None:
+def _plot_panel(ax, rows, criteria, mode, stage, ratios, cmap, colour=None) -> None:
+    """One line per criterion; ``colour``: criterion -> colour index (default: its position)."""
     for k, c in enumerate(criteria):
+        k = colour[c] if colour else k
         ms = [mean_std([acc(x, stage) for x in rows if x["criterion"] == c
                         and x["mode"] == mode and x["ratio"] == r]) for r in ratios]
         m = np.array([t[0] for t in ms]) * 100
@@ -349,7 +351,7 @@ def _plot_panel(ax, rows, criteria, mode, stage, ratios, cmap) -> None:
         curv = is_curvature(c)
         ax.errorbar(ratios, m, yerr=s, label=c, marker="o", ms=3.5, capsize=3,
                     linestyle="-" if curv else "--", lw=2.2 if curv else 1.3,
-                    color=cmap(k % 10))
+                    color=cmap(k % cmap.N))
 
 
 def plot(rows: list, out_png: Path, title: str) -> None:
@@ -613,31 +615,48 @@ def goal_table(loaded, variant=None, stages=None) -> list:
 
 
 def condensed_plot(loaded, out_png: Path, stages: tuple, mode: str = "uniform") -> None:
-    """Accuracy against ratio: one row of panels per model, one panel per stage, one line per
-    criterion (mean ± std over seeds), the baseline dotted."""
+    """Accuracy against ratio: one row of panels per model, one panel per stage group (right
+    after pruning, the earlier repair ``bias`` / ``bias+bn``, the least-squares repair ``lsq``
+    / ``lsq+bn``: the BN variant where the model has BatchNorm), one line per criterion in
+    the same colour on every model (mean ± std over seeds), the baseline dotted."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(loaded), len(stages), squeeze=False, sharey="row",
-                             figsize=(3.6 * len(stages), 2.9 * len(loaded)))
-    cmap = plt.get_cmap("tab10")
+    columns = [("pruned", ("pruned",)), ("earlier repair", ("bias+bn", "bias")),
+               ("least-squares repair", ("lsq+bn", "lsq"))]
+    columns = [(t, c) for t, c in columns if any(s in stages for s in c)]
+    every = list(dict.fromkeys(r["criterion"] for rows, _ in loaded for r in rows))
+    # tab20's dark shades first (one per criterion up to ten), then the light ones
+    colour = {c: 2 * k if k < 10 else 2 * (k - 10) + 1 for k, c in enumerate(every)}
+    fig, axes = plt.subplots(len(loaded), len(columns), squeeze=False, sharey="row",
+                             figsize=(3.8 * len(columns), 2.9 * len(loaded)))
+    cmap = plt.get_cmap("tab20")
     for i, (rows, meta) in enumerate(loaded):
         crits = list(dict.fromkeys(r["criterion"] for r in rows))
         ratios = sorted({r["ratio"] for r in rows if r["mode"] == mode})
         base = 100 * float(np.mean([s["base_acc"] for s in meta["seeds"]]))
-        for j, st in enumerate(stages):
+        present = stages_present(rows)
+        for j, (title, options) in enumerate(columns):
             ax = axes[i][j]
-            _plot_panel(ax, rows, crits, mode, st, ratios, cmap)
+            st = next((s for s in options if s in present and s in stages), None)
+            if st is not None:
+                _plot_panel(ax, rows, crits, mode, st, ratios, cmap, colour)
             ax.axhline(base, color="k", lw=0.8, ls=":", label="baseline")
-            ax.set_title(f"{meta['label']}: {st}", fontsize=9)
+            ax.set_title(f"{meta['label']}: {st or title + ' (not run)'}", fontsize=9)
             ax.grid(alpha=0.3)
             if i == len(loaded) - 1:
                 ax.set_xlabel(f"pruning ratio ({mode})")
             if j == 0:
                 ax.set_ylabel("test accuracy (%)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="center right", frameon=False)
+    by_label = {}
+    for row in axes:
+        for ax in row:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                by_label.setdefault(lab, h)
+    order = [c for c in every if c in by_label] + ["baseline"]
+    fig.legend([by_label[k] for k in order], order, fontsize=8, loc="center right",
+               frameon=False)
     fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
@@ -667,7 +686,7 @@ def condensed_report(runs, variants=(), stages=None, plot_to=None) -> str:
     for v in variants:
         lines += goal_table(loaded, v, stages=stages)
     if plot_to is not None:
-        plot_stages = tuple(s for s in ("pruned", "bias+bn", "lsq", "lsq+bn")
+        plot_stages = tuple(s for s in ("pruned", "bias", "bias+bn", "lsq", "lsq+bn")
                             if any(s in stages_present(r) for r, _ in loaded))
         for mode in dict.fromkeys(r["mode"] for rows, _ in loaded for r in rows):
             png = Path(plot_to).with_name(f"{Path(plot_to).stem}-{mode}.png")
