@@ -60,7 +60,7 @@ import torch
 from engine.criteria import CRITERIA, make_criterion
 from engine.experiment import DEFAULT_CRITERIA, MODES, STAGES, load_data, run_comparison
 from engine.models import MODELS
-from engine.presets import parse_comparison_args
+from engine.presets import add_repair_arguments, parse_comparison_args
 from engine.report import write_reports
 from engine.runs import load_for_add, merge_added, report_only, save_run
 
@@ -115,13 +115,7 @@ def _comparison_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-subset", type=int, default=None,
                    help="fine-tune on this many training images (stratified, per seed)")
     g.add_argument("--finetune-lr", type=float, default=1e-3)
-    g.add_argument("--repair-ridge", type=float, default=None,
-                   help="relative ridge of the lsq stages (default: the library's "
-                        "tp_curvature.repair.DEFAULT_RIDGE)")
-    g.add_argument("--repair-independent", action="store_true",
-                   help="lsq stages refit each layer on the unpruned model's inputs (default: "
-                        "the library's sequential refit, layer after layer on the repaired "
-                        "pruned model's inputs)")
+    add_repair_arguments(g, "the lsq stages")
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:

@@ -70,7 +70,7 @@ import torch
 import torch_pruning as tp
 
 from engine.criteria import CRITERIA, CachedImportance, group_key, make_criterion
-from engine.presets import parse_comparison_args
+from engine.presets import add_repair_arguments, parse_comparison_args
 from engine.report import mean_std
 from engine.stats import format_p, paired_comparison
 from engine.text import (LMConfig, calibration_windows, check_head_config, expected_widths,
@@ -128,13 +128,7 @@ def _experiment_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"held-out windows for perplexity (default {FULL['eval_windows']})")
     g.add_argument("--calib-windows", type=int, default=None,
                    help=f"calibration windows (default {FULL['calib_windows']})")
-    g.add_argument("--repair-ridge", type=float, default=None,
-                   help="relative ridge of LeastSquaresRepair (default: the library's for the "
-                        "refit used)")
-    g.add_argument("--repair-independent", action="store_true",
-                   help="refit every layer on the unpruned model's inputs (default: the "
-                        "library's sequential refit, layer after layer on the repaired pruned "
-                        "model's inputs)")
+    add_repair_arguments(g, "LeastSquaresRepair")
     g.add_argument("--keep-residual", action="store_true",
                    help="do not prune the residual width (prune_llm.py does)")
 

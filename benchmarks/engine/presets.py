@@ -103,6 +103,18 @@ OVERRIDES_TITLE = ("curvature (overrides every curvature criterion; default: eac
                    "preset)")
 
 
+def add_repair_arguments(group, refit: str = "the lsq stages") -> None:
+    """``--repair-ridge`` and ``--repair-independent`` of a comparison whose ``refit`` (its
+    words for what uses ``LeastSquaresRepair``) takes the library's defaults otherwise."""
+    group.add_argument("--repair-ridge", type=float, default=None,
+                       help=f"relative ridge of {refit} (default: the library's for the "
+                            "refit used, tp_curvature.repair.DEFAULT_RIDGE)")
+    group.add_argument("--repair-independent", action="store_true",
+                       help=f"{refit}: refit each layer on the unpruned model's inputs "
+                            "(default: the library's sequential refit, layer after layer on "
+                            "the repaired pruned model's inputs)")
+
+
 def parse_comparison_args(parser, sections, apply_defaults, argv=None):
     """A comparison's command line: the ``sections`` (each adds its arguments to ``parser``),
     the curvature overrides of every curvature criterion, then ``apply_defaults(args)``;
