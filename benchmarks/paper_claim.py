@@ -66,7 +66,7 @@ import unstructured as U
 from engine.data import calibration_batch
 from engine.presets import add_curvature_arguments
 from engine.stats import format_p, paired_comparison
-from engine.utils import write_csv
+from engine.utils import forward_with_hooks, write_csv
 from tp_curvature.unstructured import magnitude_scores, random_scores
 
 DEFAULT_PAIRS = ["fashion-mnist:paper_lenet", "digits:mlp", "fashion-mnist:mlp",
@@ -185,17 +185,7 @@ def input_feature_norms(model: nn.Module, images: torch.Tensor, batch: int = 64)
             sq[key] = s if sq[key] is None else sq[key] + s
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(k)) for k, m in layers.items()]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for i in range(0, len(images), batch):
-                model(images[i:i + batch])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+    forward_with_hooks(model, images, batch, {m: hook(k) for k, m in layers.items()})
     return {k: sq[k].sqrt().reshape(layers[k].weight.shape[1:]) for k in layers}
 
 

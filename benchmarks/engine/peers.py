@@ -60,6 +60,8 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning.pruner import function
 
+from .utils import forward_with_hooks
+
 IN_FNS = (function.prune_linear_in_channels, function.prune_conv_in_channels,
           function.prune_depthwise_conv_in_channels)
 OUT_FNS = (function.prune_linear_out_channels, function.prune_conv_out_channels,
@@ -100,13 +102,11 @@ def _is_conv(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.conv._ConvNd)
 
 
-@torch.no_grad()
 def collect_stats(model: nn.Module, x, batch_size: int = 256, outputs: bool = True):
     """One pass of ``x`` (a tensor) through ``model`` in eval mode: ``(inputs, outputs)``, each
     ``{module: ChannelStats}`` for every Linear / conv (input channels / output channels).
-    Hooks are removed and the training mode restored even if the forward raises."""
-    ins, outs, handles = {}, {}, []
-    was_training = model.training
+    Hooks are removed and the training modes restored even if the forward raises."""
+    ins, outs = {}, {}
 
     def pre(mod, args):
         ins.setdefault(mod, ChannelStats()).add(args[0], _is_conv(mod))
@@ -114,19 +114,9 @@ def collect_stats(model: nn.Module, x, batch_size: int = 256, outputs: bool = Tr
     def post(mod, args, out):
         outs.setdefault(mod, ChannelStats()).add(out, _is_conv(mod))
 
-    try:
-        for m in model.modules():
-            if isinstance(m, LAYER_TYPES):
-                handles.append(m.register_forward_pre_hook(pre))
-                if outputs:
-                    handles.append(m.register_forward_hook(post))
-        model.eval()
-        for s in range(0, len(x), batch_size):
-            model(x[s:s + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    layers = [m for m in model.modules() if isinstance(m, LAYER_TYPES)]
+    forward_with_hooks(model, x, batch_size, {m: pre for m in layers},
+                       {m: post for m in layers} if outputs else None)
     return ins, outs
 
 

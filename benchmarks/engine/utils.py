@@ -5,6 +5,8 @@ import csv
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 
 def write_csv(path, rows: list, fields: Sequence[str] | None = None) -> Path:
     """Write ``rows`` (dicts) to ``path``; columns ``fields`` (default: the first row's keys),
@@ -17,3 +19,23 @@ def write_csv(path, rows: list, fields: Sequence[str] | None = None) -> Path:
         for r in rows:
             w.writerow({k: r.get(k, "") for k in fields})
     return path
+
+
+@torch.no_grad()
+def forward_with_hooks(model, x, batch_size: int, pre_hooks: dict, post_hooks: dict = None):
+    """Run ``x`` (a tensor) through ``model`` in eval mode, ``batch_size`` samples at a time,
+    with ``pre_hooks`` / ``post_hooks`` (``{module: hook}``, forward pre- / forward hooks)
+    registered for the pass. Afterwards the hooks are removed and every submodule gets back
+    its own ``training`` flag, also when the forward raises."""
+    modes = [(m, m.training) for m in model.modules()]
+    handles = [m.register_forward_pre_hook(h) for m, h in pre_hooks.items()]
+    handles += [m.register_forward_hook(h) for m, h in (post_hooks or {}).items()]
+    try:
+        model.eval()
+        for s in range(0, len(x), batch_size):
+            model(x[s:s + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+        for m, was in modes:
+            m.training = was
