@@ -473,25 +473,21 @@ def test_chunk_shuffle_convtranspose_interpolate_graph():
 
 # ----------------------------------------------------------------------------- issue 19 rules
 class PoolHead(nn.Module):
-    """GhostNet's construct: a channel slice of a BN'd map, then a reduction over several
-    dims (H and W), then a Linear."""
+    """GhostNet's construct: a channel slice of a BN'd map (the first ``keep`` of 8 channels;
+    ``None``: no slice), then a reduction ``red`` over several dims (H and W), then a Linear."""
 
-    def __init__(self, red="mean"):
+    def __init__(self, red="mean", keep=6):
         super().__init__()
         self.c1 = nn.Conv2d(3, 8, 3)
         self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(6, 4)
-        self.red = red
+        self.fc = nn.Linear(8 if keep is None else keep, 4)
+        self.red, self.keep = red, keep
 
     def forward(self, x):
-        h = torch.relu(self.bn(self.c1(x)))[:, :6]
-        if self.red == "mean":
-            h = h.mean([2, 3])
-        elif self.red == "sum":
-            h = h.sum([2, 3])
-        else:
-            h = h.amax([2, 3])
-        return self.fc(h)
+        h = torch.relu(self.bn(self.c1(x)))
+        if self.keep is not None:
+            h = h[:, :self.keep]
+        return self.fc(getattr(h, self.red)([2, 3]))
 
 
 def _bn_scale(bn):

@@ -17,6 +17,7 @@ import torch_pruning as tp
 
 import tp_curvature.graph as graph_module
 from tp_curvature import CalibrationError, CurvatureImportance, UnsupportedModelError
+from test_coverage import PoolHead
 from tp_curvature.importance import UninformativeCalibrationWarning
 
 FAST = dict(topk=8)
@@ -58,28 +59,15 @@ def _prune(model, x, imp, ignored):
 
 
 # ---------------------------------------------------------------- 1. x.mean([2, 3]) after BN
-class _PoolHead(nn.Module):
-    def __init__(self, red):
-        super().__init__()
-        self.c = nn.Conv2d(3, 8, 3)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 4)
-        self.red = red
-
-    def forward(self, x):
-        h = torch.relu(self.bn(self.c(x)))
-        return self.fc(getattr(h, self.red)([2, 3]))
-
-
 @pytest.mark.parametrize("red", ["mean", "sum", "amax"])
 def test_1_reduction_over_spatial_dims_after_bn_prunes_with_curvature(red):
     torch.manual_seed(0)
-    m = _PoolHead(red).eval()
+    m = PoolHead(red, keep=None).eval()
     x = _x(8, (3, 8, 8))
     imp = CurvatureImportance(**FAST).calibrate(m, x)
     assert _prune(m, x, imp, [m.fc]) == []
-    assert m.c.out_channels == 4 and m(x).shape == (8, 4)
-    assert imp.coverage() == {"curvature": ["c", "fc"], "fallback": []}
+    assert m.c1.out_channels == 4 and m(x).shape == (8, 4)
+    assert imp.coverage() == {"curvature": ["c1", "fc"], "fallback": []}
 
 
 # ---------------------------------------------------------------- 2. torch.nn.utils.prune masks
