@@ -293,8 +293,6 @@ def check_default_call(model: nn.Module, batch) -> None:
     """Refuse, with the cause, a model whose ``forward`` cannot take the default call's one
     input (a model of several inputs given a tuple: the tuple reads as ``(inputs,
     targets)``)."""
-    if is_detection_model(model):
-        return
     try:
         sig = inspect.signature(model.forward)
     except (TypeError, ValueError):
@@ -370,8 +368,6 @@ def observe(model: nn.Module, data: "CalibrationData", make_observers: Callable,
     if not isinstance(data, CalibrationData):
         raise TypeError(f"data must be a CalibrationData, got {type(data).__name__}")
     with data.open() as (first, batches):
-        if not data.custom_forward:
-            check_default_call(model, first)
         program = export_program(model, first, data.forward_fn)
         try:
             observers = make_observers(program)
