@@ -332,6 +332,23 @@ def test_8_global_torch_state_is_left_alone(grad, default64):
         torch.set_default_dtype(old_dtype)
 
 
+def test_8_first_import_of_pot_leaves_random_state_and_warning_filters():
+    """POT draws from Python's ``random`` and adds warning filters when first imported; the
+    solvers import it through ``pot()``, which restores both (a fresh process: POT is
+    imported already in this one)."""
+    import subprocess
+    code = ("import random, sys, warnings\n"
+            "from tp_curvature.transport._exact import pot\n"
+            "assert 'ot' not in sys.modules\n"
+            "random.seed(3); s, f = random.getstate(), list(warnings.filters)\n"
+            "pot()\n"
+            "assert 'ot' in sys.modules\n"
+            "assert random.getstate() == s, 'random state changed'\n"
+            "assert warnings.filters == f, 'warning filters changed'\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 # ---------------------------------------------------------------- 9. parametrized modules
 class _Orthogonal(nn.Module):
     def forward(self, w):

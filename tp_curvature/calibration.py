@@ -35,13 +35,10 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
-import importlib
 import inspect
 import itertools
 import numbers
 import pickle
-import random
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -452,28 +449,6 @@ class Calibration:
     layer_inputs: dict
 
 
-#: third-party modules the solvers import lazily whose import changes global state (POT
-#: draws from Python's ``random`` and adds warning filters when first imported)
-_SIDE_EFFECT_IMPORTS = ("ot",)
-
-
-def _import_without_side_effects() -> None:
-    """Import :data:`_SIDE_EFFECT_IMPORTS` once, restoring Python's ``random`` state and the
-    warning filters afterwards, so a calibration leaves the process's global state alone."""
-    for name in _SIDE_EFFECT_IMPORTS:
-        if name in sys.modules:
-            continue
-        state, filters = random.getstate(), list(warnings.filters)
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
-        finally:
-            random.setstate(state)
-            warnings.filters[:] = filters
-            getattr(warnings, "_filters_mutated", lambda: None)()
-
-
 def calibrate(model: nn.Module, data: "CalibrationData", config: CurvatureConfig,
               progress: bool = False) -> Calibration:
     """The curvature's calibration: :func:`observe` with :class:`NodeStatistics` (statistic
@@ -483,7 +458,6 @@ def calibrate(model: nn.Module, data: "CalibrationData", config: CurvatureConfig
         graph = ChannelGraph.from_program(model, program)
         return [NodeStatistics(graph, config.node_value), FallbackInputs(graph)]
 
-    _import_without_side_effects()
     _, (nodes, inputs) = observe(model, data, observers, progress)
     _warn_unvalidated(nodes.graph)
     acts = [normalise(a, config.normalize) for a in nodes.values()]

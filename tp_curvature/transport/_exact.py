@@ -7,9 +7,27 @@ cost of the unrounded entropic plan, so it is not one-sided like the Numba engin
 """
 from __future__ import annotations
 
+import importlib
+import random
+import sys
 import warnings
 
 import numpy as np
+
+
+def pot():
+    """The ``ot`` module (POT), imported on first use so that the process's global state is
+    left as it was: POT draws from Python's ``random`` and adds warning filters when it is
+    first imported; both are restored."""
+    if "ot" not in sys.modules:
+        state, filters = random.getstate(), list(warnings.filters)
+        try:
+            importlib.import_module("ot")
+        finally:
+            random.setstate(state)
+            warnings.filters[:] = filters
+            getattr(warnings, "_filters_mutated", lambda: None)()
+    return sys.modules["ot"]
 
 
 def connection_problem(problem, i: int, j: int):
@@ -59,7 +77,7 @@ def pot_sinkhorn_w1(a, b, M, d, eps, tol, max_iter):
     Uses the log-domain ``sinkhorn_log`` when :math:`\max(M/d)/\varepsilon \ge 600`, where the
     plain kernel would underflow.
     """
-    import ot
+    ot = pot()
 
     Ms = M / d
     method = "sinkhorn" if Ms.max() / eps < 600 else "sinkhorn_log"
@@ -69,7 +87,7 @@ def pot_sinkhorn_w1(a, b, M, d, eps, tol, max_iter):
 
 def exact_w1(problem, i: int, j: int) -> float:
     """Exact :math:`W_1` of connection ``i -> j`` (``ot.emd2``; forced plans in closed form)."""
-    import ot
+    ot = pot()
 
     a, b, M = connection_problem(problem, i, j)
     if a.size == 1 or b.size == 1:  # the plan is forced
@@ -81,7 +99,7 @@ def loop_backend(problem, backend, eps, tol, max_iter, progress):
     """W1 of every connection with ``ot.emd2`` (``"exact"``) or :func:`pot_sinkhorn_w1`
     (``"pot-sinkhorn"``); forced plans (a delta side) in closed form. Returns (W, number of
     POT warnings)."""
-    import ot
+    ot = pot()
 
     out = np.full(problem.d_xy.shape, np.nan)
     pairs = np.argwhere(problem.solve)

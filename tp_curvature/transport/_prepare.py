@@ -23,6 +23,7 @@ from collections import namedtuple
 import numpy as np
 
 from ._bundles import Costs, Kernels, Measures
+from ._exact import pot
 from ._primitives import F32_FLOOR
 
 PAD, PAD_COST = 16, 1e30  # uniform blocks padded to multiples of PAD with cost PAD_COST
@@ -100,7 +101,7 @@ def pad2(a, n, m, value):
 def shared_potentials(C, pbar, rbar):
     """Exact dual potentials of the shared problem W(pbar, rbar; C) (network simplex), made
     exactly dual feasible (:math:`f_z + g_w \\le C_{zw}`)."""
-    import ot
+    ot = pot()
 
     nz, nw = C.shape
     if nz == 0 or nw == 0:
