@@ -148,6 +148,8 @@ def parse_args(argv=None):
                     help="tiles per solver call of the batching steps (default 4 16)")
     sp.add_argument("--random-weights", action="store_true",
                     help="speed check on the untrained model (no training; real images)")
+    sp.add_argument("--speed-from", type=int, default=0,
+                    help="skip the first N steps (e.g. 2: from the cached paths on)")
     sp.add_argument("--speed-conventions", default="library", choices=["library", "authors"],
                     help="conventions of the speed check (default library)")
     return p.parse_args(argv)
@@ -501,10 +503,13 @@ def speed_model(pair, args):
 
 
 #: the speed check's steps, cumulative: (name, top-k selection limit (0: full sort), paths
-#: cached, tiles per solver call)
-SPEED_STEPS = [("before: full sort for top-k, paths per tile, one tile per call", 0, False, 1),
-               ("+ top-k by selection", None, False, 1),
-               ("+ shortest paths cached per layer", None, True, 1)]
+#: cached, tiles per solver call, solved at idleness 1/2)
+SPEED_STEPS = [("before: full sort for top-k, paths per tile, one tile per call", 0, False, 1,
+                False),
+               ("+ top-k by selection", None, False, 1, False),
+               ("+ shortest paths cached per layer", None, True, 1, False),
+               ("+ solved at idleness 1/2 (the same kappa for alpha >= 1/2)", None, True, 1,
+                True)]
 
 
 def speed_check(pair, args) -> dict:
@@ -523,8 +528,14 @@ def speed_check(pair, args) -> dict:
     graph = sparse_element_graph(model, x[:1], conventions=args.speed_conventions)
     cfg, how = curvature_config(args, sparse=True)
     out_mode = output_of(pair, args)
-    steps = SPEED_STEPS + [(f"+ {b} tiles per solver call", None, True, b)
+    steps = SPEED_STEPS + [(f"+ {b} tiles per solver call", None, True, b, True)
                            for b in args.speed_batch]
+    if args.speed_from:
+        steps = steps[args.speed_from:]
+
+    def with_half(half):
+        opts = dict(cfg.backend_options, half_idleness=half)
+        return dataclasses.replace(cfg, backend_options=opts)
     blocks = {}
     for bi in graph.weight_ops:
         L = graph.ops[bi].L
@@ -543,17 +554,18 @@ def speed_check(pair, args) -> dict:
     rows, first = [], None
     try:
         # warm-up (untimed): every kernel of every step compiled or loaded from Numba's cache
-        for _, select, cache_on, per_call in steps:
+        for _, select, cache_on, per_call, half in steps:
             use(select)
             caches = scores_mod.path_caches(graph, graph.weight_ops, cfg, cache_on)
             scores_mod.set_image_strengths(graph, vals[0][1])
             for bi in graph.weight_ops:
-                for _ in scores_mod.layer_tiles(graph, bi, vals[0][0], cfg,
+                for _ in scores_mod.layer_tiles(graph, bi, vals[0][0], with_half(half),
                                                 tiles=blocks[bi][:per_call], cache=caches[bi],
                                                 tiles_per_call=per_call):
                     pass
-        for name, select, cache_on, per_call in steps:
+        for name, select, cache_on, per_call, half in steps:
             sel = use(select)
+            step_cfg = with_half(half)
             caches = scores_mod.path_caches(graph, graph.weight_ops, cfg, cache_on)
             accs = {bi: np.full(graph.ops[bi].module.weight.numel(), np.inf)
                     for bi in graph.weight_ops}
@@ -564,11 +576,11 @@ def speed_check(pair, args) -> dict:
                 for bi in graph.weight_ops:
                     op = graph.ops[bi]
                     w0, c0 = time.perf_counter(), time.process_time()
-                    ctx = scores_mod.layer_context(graph, bi, a, cfg)
+                    ctx = scores_mod.layer_context(graph, bi, a, step_cfg)
                     w1, c1 = time.perf_counter(), time.process_time()
                     solved = 0
                     for wi, k, sv, _, _, _ in scores_mod.layer_tiles(
-                            graph, bi, a, cfg, tiles=blocks[bi], cache=caches[bi],
+                            graph, bi, a, step_cfg, tiles=blocks[bi], cache=caches[bi],
                             tiles_per_call=per_call, context=ctx):
                         ok = ~np.isnan(k)
                         np.minimum.at(accs[bi], wi[ok], k[ok])
@@ -588,6 +600,7 @@ def speed_check(pair, args) -> dict:
             if first is None:
                 first = kap
             row = dict(step=name, select=sel, cache_paths=cache_on, tiles_per_call=per_call,
+                       half_idleness=half,
                        per_image=per_image,
                        estimate_s=[round(p["estimate_s"], 1) for p in per_image],
                        estimate_cpu_s=[round(p["estimate_cpu_s"], 1) for p in per_image],

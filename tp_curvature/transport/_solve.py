@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -34,6 +35,7 @@ def solve_w1(
     batch: int = DEFAULTS["batch"],
     precision: str = "float32",
     kappa_tol: float | None = DEFAULTS["kappa_tol"],
+    half_idleness: bool = True,
     validate: bool = True,
     log: bool = False,
 ):
@@ -110,6 +112,11 @@ def solve_w1(
         float64, and, if its bound still exceeds ``kappa_tol``, exactly (``ot.emd2``).
         ``None``: return the first-pass Sinkhorn values as they are (the bound is still
         reported).
+    half_idleness : bool
+        ``"sinkhorn"`` with ``alpha > 0.5``: solve the equivalent problem at ``alpha = 0.5``
+        and map its W1 back exactly (:func:`at_half_idleness`; kappa does not depend on alpha
+        in [1/2, 1)), which divides the kappa error of the solution by ``2 (1 - alpha)``
+        relative to solving at alpha (default True; False solves at alpha, for comparison).
     validate : bool
         Call ``problem.validate()`` first.
     log : bool
@@ -129,7 +136,8 @@ def solve_w1(
         ``n_exact_fallback`` (connections re-solved exactly), ``kappa_gap`` ((n_x, n_y)
         certified bound of |kappa error| of the returned values, 0 where exact, NaN off
         ``solve``), ``kappa_gap_max`` (its max), ``seconds_certificate`` (bound, refinement
-        and exact re-solves).
+        and exact re-solves), ``alpha_solved`` (the idleness the engine solved at: 0.5 when
+        ``half_idleness`` and ``alpha > 0.5``, else ``alpha``).
         Loop backends: ``n_warnings`` (POT warnings).
     """
     if validate:
@@ -146,7 +154,12 @@ def solve_w1(
             raise ValueError(f"precision must be float32, float64 or log, got {precision!r}")
         opts = EngineOptions(eps, tol, max_iter, omega, eps_scaling, levels, mass_tol,
                              int(batch), chunk_rows, precision)
-        W, info = sinkhorn_backend(problem, opts, progress, kappa_tol)
+        half = half_idleness and problem.alpha > HALF
+        W, info = sinkhorn_backend(at_half_idleness(problem) if half else problem, opts,
+                                   progress, kappa_tol)
+        if half:
+            W = from_half_idleness(problem, W)
+        info["alpha_solved"] = HALF if half else problem.alpha
     elif backend in ("exact", "pot-sinkhorn"):
         W, n_warn = loop_backend(problem, backend, eps, tol, max_iter, progress)
         info = dict(backend=backend, name=problem.name, n_solved=int(np.sum(problem.solve)),
@@ -154,3 +167,52 @@ def solve_w1(
     else:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     return (W, info) if log else W
+
+
+#: Above this idleness the ``"sinkhorn"`` backend solves at it instead (exactly equivalent).
+HALF = 0.5
+
+
+def at_half_idleness(problem: LayerPairProblem) -> LayerPairProblem:
+    r"""The same layer pair at idleness 1/2, whose W1 gives W1 at any ``alpha >= 1/2`` exactly.
+
+    The measures of a connection keep mass :math:`\alpha` on x and on y and spread
+    :math:`1-\alpha` over x's predecessors and y's successors, which are never y and x. Any
+    plan :math:`T` sends at most :math:`1-\alpha` from x to the successors, so
+    :math:`T_{xy} \ge 2\alpha - 1`; removing that common mass from x and y leaves a plan of the
+    problem with :math:`1-\alpha` on x and y, i.e. :math:`2(1-\alpha)` times the problem at
+    :math:`\alpha = 1/2`, and conversely. So for :math:`\alpha \ge 1/2`
+
+    .. math::
+
+        W_1^{\alpha} = (2\alpha - 1)\, d(x, y) + 2 (1 - \alpha)\, W_1^{1/2},
+        \qquad \kappa_\alpha = \kappa_{1/2}
+
+    (with a delta measure on one side the closed forms agree as well). Solving at 1/2 divides
+    the solver's W1 error by :math:`2(1-\alpha)` before it reaches kappa: at the paper's
+    ``alpha = 0.9`` the kappa error is twice the relative W1 error instead of ten times.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tp_curvature.testing import random_layer_pair
+    >>> from tp_curvature.transport import solve_w1
+    >>> from tp_curvature.transport._solve import at_half_idleness, from_half_idleness
+    >>> P = random_layer_pair(6, seed=0, alpha=0.9)
+    >>> w_direct = solve_w1(P, backend="exact")
+    >>> w_half = solve_w1(at_half_idleness(P), backend="exact")
+    >>> bool(np.allclose(from_half_idleness(P, w_half), w_direct, equal_nan=True))
+    True
+    """
+    if problem.alpha < HALF:
+        raise ValueError(f"layer pair {problem.name!r}: alpha {problem.alpha} < 1/2 has no "
+                         "equivalent problem at 1/2")
+    return replace(problem, alpha=HALF)
+
+
+def from_half_idleness(problem: LayerPairProblem, w_half: np.ndarray) -> np.ndarray:
+    """W1 at ``problem.alpha`` from W1 of :func:`at_half_idleness` (NaN stays NaN)."""
+    al = float(problem.alpha)
+    with np.errstate(invalid="ignore"):
+        return np.where(problem.solve, (2.0 * al - 1.0) * problem.d_xy
+                        + 2.0 * (1.0 - al) * w_half, w_half)
