@@ -106,7 +106,10 @@ def test_conv_graph_groups_and_bn_fold():
     x = torch.randn(8, 3, 8, 8)
     res = connection_curvature(model, x, **PAPER, topk=None, backend="exact")
     dw = res["3"]
+    # what a scored model holds per connection: float32 kappa and length, a bool solved
+    assert dw.kappa.dtype == dw.length.dtype == np.float32 and dw.solved.dtype == bool
     assert np.array_equal(dw.exists, np.eye(4, dtype=bool))
+    assert np.isinf(dw.length[~dw.exists]).all() and not dw.solved[~dw.exists].any()
     assert np.all(np.isnan(dw.kappa[~np.eye(4, dtype=bool)]))
     first = res["0"]
     bn = model[1]
