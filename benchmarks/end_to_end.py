@@ -107,7 +107,7 @@ def bench_resnet56(calib: int, config: CurvatureConfig, seed: int = 0) -> dict:
     t1 = time.perf_counter()
     score_all_groups(m_c, example, imp)
     t_curv = time.perf_counter() - t1
-    n_conn = int(sum(lc.solved.sum() for lc in imp.curvatures().values()))
+    n_conn = sum(cc.n_solved for cc in imp.channel_curvatures().values())
     total_c = t_cal + t_curv
     total_t = t_fb + t_taylor_score
     return dict(model="resnet56", calib=calib, **config_columns(config), groups=n_groups,
@@ -129,9 +129,9 @@ def bench_resnet50(calib: int, config: CurvatureConfig, seed: int = 0) -> dict:
     imp.calibrate(model, x)
     t_cal = time.perf_counter() - t0
     t1 = time.perf_counter()
-    curv = imp.curvatures()
+    curv = imp.channel_curvatures()                # what scoring computes and keeps
     t_curv = time.perf_counter() - t1
-    n_conn = int(sum(lc.solved.sum() for lc in curv.values()))
+    n_conn = sum(cc.n_solved for cc in curv.values())
     return dict(model="resnet50", calib=calib, **config_columns(config),
                 connections=n_conn, curvature_calibrate_s=t_cal, curvature_kappa_s=t_curv,
                 curvature_total_s=t_cal + t_curv, connections_per_s=n_conn / t_curv,
@@ -191,8 +191,7 @@ def bench_zoo(name: str, calib: int, config: CurvatureConfig, size: int = 224, v
             warnings.simplefilter("ignore")
             scored = sum(imp(g) is not None for g in todo)
         t_score = time.perf_counter() - t1
-        curv = imp.curvatures()
-        solved = int(sum(lc.solved.sum() for lc in curv.values()))
+        solved = sum(cc.n_solved for cc in imp.channel_curvatures().values())
         row.update(scored_groups=scored, groups_timed=len(todo), solved_connections=solved,
                    curvature_scoring_s=t_score, curvature_total_s=t_cal + t_score,
                    connections_per_s=solved / max(t_score, 1e-9),

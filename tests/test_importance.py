@@ -92,13 +92,18 @@ def test_prune_half_lowest_scored_removed(name):
     assert tp.utils.count_ops_and_params(model, x[:1])[1] < n_before
 
 
-def test_scores_shape_and_root_scatter():
+def _lenet_conv2():
+    """A calibrated LeNet-5, its calibration images, dependency graph and second conv."""
     torch.manual_seed(0)
     model = zoo.lenet5(1, 10, 28).eval()
     x = _calib((1, 28, 28))
     imp = CurvatureImportance(**FAST).calibrate(model, x)
     DG = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
-    conv2 = [m for m in model.modules() if isinstance(m, nn.Conv2d)][1]
+    return model, x, imp, DG, [m for m in model.modules() if isinstance(m, nn.Conv2d)][1]
+
+
+def test_scores_shape_and_root_scatter():
+    model, x, imp, DG, conv2 = _lenet_conv2()
     # Torch-Pruning scores full groups (root_idxs are channel indices of the root layer)
     group = DG.get_pruning_group(conv2, tp.prune_conv_out_channels, idxs=list(range(16)))
     s = imp(group)
@@ -113,6 +118,31 @@ def test_scores_shape_and_root_scatter():
     _, out_scores = imp_first.channel_scores()[
         [n for n, m in model.named_modules() if m is conv2][0]]
     torch.testing.assert_close(imp_first(full), torch.as_tensor(out_scores, dtype=torch.float32))
+
+
+def test_scoring_keeps_channel_reductions_not_the_connections():
+    """Scoring streams each layer's kappa into per-channel reductions (ChannelCurvature) and
+    holds no connection matrix; curvatures() computes them on request, and their reductions
+    are what scoring used; changing imp.reduction recomputes."""
+    from tp_curvature.importance import ChannelCurvature, reduce_kappa
+
+    model, x, imp, DG, conv2 = _lenet_conv2()
+    s = imp(DG.get_pruning_group(conv2, tp.prune_conv_out_channels, idxs=list(range(16))))
+    held = imp.channel_curvatures()
+    assert held and all(isinstance(cc, ChannelCurvature) for cc in held.values())
+    assert imp._own.full is None                      # no kappa matrix held
+    full = imp.curvatures()
+    for name, lc in full.items():
+        cc = held[name]
+        np.testing.assert_array_equal(cc.rows, reduce_kappa(lc.kappa, 1, "mean", 0.5))
+        np.testing.assert_array_equal(cc.cols, reduce_kappa(lc.kappa, 0, "mean", 0.5))
+        assert cc.n_solved == lc.solved.sum() and cc.n_connections == lc.exists.sum()
+    group = DG.get_pruning_group(conv2, tp.prune_conv_out_channels, idxs=list(range(16)))
+    torch.testing.assert_close(imp(group), s)
+    imp.reduction = "min"
+    name = [n for n, m in model.named_modules() if m is conv2][0]
+    np.testing.assert_array_equal(imp.channel_scores()[name][1],
+                                  reduce_kappa(full[name].kappa, 0, "min", 0.5))
 
 
 @pytest.mark.parametrize("mode", ["global", "iterative", "isomorphic", "round_to"])

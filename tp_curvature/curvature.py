@@ -390,11 +390,14 @@ AUTO_PROGRESS_CONNECTIONS = 1_000_000   # progress=None shows a bar above this m
 
 
 def graph_curvature(graph: ChannelGraph, acts: list, cfg: CurvatureConfig,
-                    progress: Optional[bool] = None) -> dict:
+                    progress: Optional[bool] = None,
+                    reduce: Optional[Callable[[LayerCurvature], object]] = None) -> dict:
     """:class:`LayerCurvature` of every scoreable weight layer of ``graph``, by layer name.
 
-    ``progress=None`` shows a tqdm bar (one step per layer, weighted by its connections) when
-    the graph has more than ``AUTO_PROGRESS_CONNECTIONS`` connections.
+    ``reduce``: applied to each layer's result as soon as it is computed, and kept instead of
+    it (the importance keeps per-channel reductions only, so the connections' kappa are never
+    all held at once). ``progress=None`` shows a tqdm bar (one step per layer, weighted by its
+    connections) when the graph has more than ``AUTO_PROGRESS_CONNECTIONS`` connections.
     """
     layers = [l for l in graph.layers if graph.scoreable(l)]
     sizes = [graph.junctions[l.in_junction].n_nodes * l.out_channels for l in layers]
@@ -409,7 +412,8 @@ def graph_curvature(graph: ChannelGraph, acts: list, cfg: CurvatureConfig,
         for layer, n in zip(layers, sizes):
             if bar is not None:
                 bar.set_postfix_str(layer.name, refresh=False)
-            out[layer.name] = layer_curvature(graph, layer, acts, cfg)
+            lc = layer_curvature(graph, layer, acts, cfg)
+            out[layer.name] = lc if reduce is None else reduce(lc)
             if bar is not None:
                 bar.update(n)
     finally:

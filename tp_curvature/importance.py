@@ -29,6 +29,8 @@ sees the pruned network.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
 
 import numpy as np
@@ -83,6 +85,39 @@ def reduce_kappa(kappa: np.ndarray, axis: int, reduction: str, alpha: float) -> 
     if reduction == "neg_sum":
         return np.maximum(-np.where(absent, 1.0, kappa), 0.0).sum(axis=axis)
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+@dataclass
+class ChannelCurvature:
+    """One layer's curvature reduced to its channels: all that scoring reads, kept instead of
+    the connections' kappa (a ViT-B/16 has 85.7M connections; these are per channel).
+
+    ``rows[u]``: input node u's score from its outgoing connections ``kappa[u, :]``;
+    ``cols[v]``: output channel v's from its incoming ``kappa[:, v]`` (:func:`reduce_kappa`
+    with ``reduction``); ``in_group`` maps the module's input features to nodes (as in
+    :class:`~tp_curvature.curvature.LayerCurvature`); ``n_connections`` / ``n_solved``
+    count the structural and the solved connections; ``constant`` is the kappa of every
+    connection when they are all equal (scores that are ties), else None.
+    """
+    name: str
+    module: nn.Module
+    in_group: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    reduction: str
+    n_connections: int
+    n_solved: int
+    constant: Optional[float] = None
+
+    @classmethod
+    def of(cls, lc: LayerCurvature, reduction: str, alpha: float) -> "ChannelCurvature":
+        k = lc.kappa
+        finite = k[np.isfinite(k)]
+        constant = (float(finite[0]) if finite.size > 1 and min(k.shape) > 1
+                    and float(np.ptp(finite)) == 0.0 else None)
+        return cls(lc.name, lc.module, lc.in_group, reduce_kappa(k, 1, reduction, alpha),
+                   reduce_kappa(k, 0, reduction, alpha), reduction,
+                   int((~np.isnan(k)).sum()), int(lc.solved.sum()), constant)
 
 
 GROUP_REDUCTIONS = ("mean", "sum", "max", "prod", "first", "gate")
@@ -167,11 +202,7 @@ def _warn_ties(curv: dict, model_name: str) -> None:
     """One warning naming the layers whose connections all have the same curvature (every
     channel silent or alike on the calibration data, e.g. one image with constant channels):
     their channel scores are ties that only look like scores."""
-    tied = []
-    for name, lc in curv.items():
-        k = lc.kappa[np.isfinite(lc.kappa)]
-        if k.size > 1 and min(lc.kappa.shape) > 1 and float(np.ptp(k)) == 0.0:
-            tied.append((name, float(k[0])))
+    tied = [(name, cc.constant) for name, cc in curv.items() if cc.constant is not None]
     if not tied:
         return
     names = ", ".join(repr(n) for n, _ in tied[:8]) + (f" and {len(tied) - 8} more"
@@ -200,7 +231,8 @@ class _ModelScores:
         self.graph: Optional[ChannelGraph] = None
         self.acts = None
         self.layer_inputs: dict = {}                # unscoreable layer index -> mean |input|
-        self.curv: Optional[dict] = None
+        self.curv: Optional[dict] = None            # layer name -> ChannelCurvature
+        self.full: Optional[dict] = None            # layer name -> LayerCurvature, on request
         self.by_module: dict = {}
         self.failure: Optional[str] = None          # why no graph could be built (fallback)
         self.coverage = {"curvature": set(), "fallback": set()}
@@ -212,6 +244,7 @@ class _ModelScores:
         state["_rebind"] = (self.fingerprint is not None
                             and _fingerprint(self.model) == self.fingerprint)
         state["names"], state["by_module"], state["fingerprint"] = {}, {}, None
+        state["full"] = None
         return state
 
     def rebind(self) -> None:
@@ -382,6 +415,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
                 raise
             # the whole model falls back (one warning when it is scored)
             state.graph, state.acts, state.curv, state.by_module = None, None, {}, {}
+            state.full = None
             state.layer_inputs = {}
             state.failure = str(exc)
         except CalibrationError:
@@ -399,6 +433,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             ) from exc
         else:
             state.graph, state.acts, state.curv, state.by_module = cal.graph, cal.acts, None, {}
+            state.full = None
             state.layer_inputs = cal.layer_inputs
             state.failure = None
         state.coverage = {"curvature": set(), "fallback": set()}
@@ -420,9 +455,17 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         state.rebind()
         if state.fingerprint is None or _fingerprint(state.model) != state.fingerprint:
             self._recalibrate(state)
+        if state.curv and next(iter(state.curv.values())).reduction != self.reduction:
+            state.curv = None                     # imp.reduction changed since
         if compute_curvature and state.curv is None:
-            state.curv = graph_curvature(state.graph, state.acts, self.config, self.progress)
-            state.by_module = {id(lc.module): lc for lc in state.curv.values()}
+            reduce = partial(ChannelCurvature.of, reduction=self.reduction,
+                             alpha=self.config.alpha)
+            if state.full is not None:
+                state.curv = {n: reduce(lc) for n, lc in state.full.items()}
+            else:
+                state.curv = graph_curvature(state.graph, state.acts, self.config,
+                                             self.progress, reduce=reduce)
+            state.by_module = {id(cc.module): cc for cc in state.curv.values()}
             state.coverage = {"curvature": set(), "fallback": set()}
         if state.curv is not None and not state.tie_warned:
             state.tie_warned = True
@@ -459,7 +502,20 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
     # ------------------------------------------------------------------ inspection
     def curvatures(self) -> dict:
         """Layer name -> :class:`~tp_curvature.curvature.LayerCurvature` of the current model
-        (``kappa[u, v]``: input channel u -> output channel v)."""
+        (``kappa[u, v]``: input channel u -> output channel v).
+
+        Scoring keeps only per-channel reductions (:meth:`channel_curvatures`); the first call
+        computes the connections' kappa (the solver runs again if the model was scored
+        already) and keeps them until the model changes."""
+        st = self._refresh(compute_curvature=False)
+        if st.full is None and st.graph is not None:
+            st.full = graph_curvature(st.graph, st.acts, self.config, self.progress)
+        self._refresh()                           # the channel reductions (from st.full)
+        return dict(st.full or {})
+
+    def channel_curvatures(self) -> dict:
+        """Layer name -> :class:`ChannelCurvature` (what scoring reads: per-channel reductions
+        of kappa and the connection counts) of the current model."""
         return dict(self._refresh().curv)
 
     def layer_problems(self) -> dict:
@@ -481,10 +537,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
     def channel_scores(self) -> dict:
         """Layer name -> ``(in_scores, out_scores)``: per input node and per output channel
         scores of that layer alone (before group reduction / normalisation)."""
-        curv = self._refresh().curv
-        a = self.config.alpha
-        return {n: (reduce_kappa(lc.kappa, 1, self.reduction, a),
-                    reduce_kappa(lc.kappa, 0, self.reduction, a)) for n, lc in curv.items()}
+        return {n: (cc.rows, cc.cols) for n, cc in self._refresh().curv.items()}
 
     # ------------------------------------------------------------------ Torch-Pruning API
     def coverage(self) -> dict:
@@ -620,7 +673,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
     def _item_score(self, state, layer, fn, idxs) -> torch.Tensor:
         """One group item's per-index scores (float32): its curvature scores, or the
         fallback (with its warning); recorded in :meth:`coverage`."""
-        by_module, graph, alpha = state.by_module, state.graph, self.config.alpha
+        by_module, graph = state.by_module, state.graph
         idxs = np.asarray(idxs, dtype=np.int64)
         name = state.names.get(id(layer), type(layer).__name__)
         local = None
@@ -628,11 +681,10 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             parts = []
             lin = by_module.get(id(layer))
             if lin is not None:
-                parts.append(reduce_kappa(lin.kappa[lin.in_group[idxs], :], 1,
-                                          self.reduction, alpha))
+                parts.append(lin.rows[lin.in_group[idxs]])
             lout = by_module.get(id(getattr(layer, "out_proj", None)))
             if lout is not None:
-                parts.append(reduce_kappa(lout.kappa[:, idxs], 0, self.reduction, alpha))
+                parts.append(lout.cols[idxs])
             if parts:
                 local = np.mean(parts, axis=0)
         elif fn in EMBED_FNS:
@@ -640,15 +692,13 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             if j is not None:
                 local = self._embedding_scores(state, j, idxs)
         else:
-            lc: Optional[LayerCurvature] = by_module.get(id(layer))
-            if lc is not None:
+            cc: Optional[ChannelCurvature] = by_module.get(id(layer))
+            if cc is not None:
                 if fn in OUT_FNS:
-                    local = reduce_kappa(lc.kappa[:, idxs], 0, self.reduction, alpha)
+                    local = cc.cols[idxs]
                 else:
-                    nodes = lc.in_group[idxs]
-                    local = reduce_kappa(lc.kappa[np.maximum(nodes, 0), :], 1,
-                                         self.reduction, alpha)
-                    local = np.where(nodes >= 0, local, 0.0)
+                    nodes = cc.in_group[idxs]
+                    local = np.where(nodes >= 0, cc.rows[np.maximum(nodes, 0)], 0.0)
         if local is None:
             local = self._fallback(state, layer, fn, idxs, name)
             state.coverage["fallback"].add(name)
@@ -704,7 +754,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         token-type embeddings are summed first), of the layers reading the junction its
         channels reach through identity edges (the sum), node for node; None when no
         layer is reached."""
-        graph, alpha = state.graph, self.config.alpha
+        graph = state.graph
         nodes = j.node_ids.reshape(-1)[idxs].numpy()
         level = [(j.index, np.arange(j.n_nodes))]       # junction, j's node -> its node
         seen = set()
@@ -717,9 +767,9 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
                 J = graph.junctions[ji]
                 rows = m[nodes]
                 for li in J.consumers:
-                    lc = state.curv.get(graph.layers[li].name) if state.curv else None
-                    if lc is not None and lc.kappa.shape[0] == J.n_nodes and (rows >= 0).all():
-                        parts.append(reduce_kappa(lc.kappa[rows, :], 1, self.reduction, alpha))
+                    cc = state.curv.get(graph.layers[li].name) if state.curv else None
+                    if cc is not None and cc.rows.shape[0] == J.n_nodes and (rows >= 0).all():
+                        parts.append(cc.rows[rows])
                 for s_ in graph.successors(ji):
                     for t in graph.junctions[s_].inflows:
                         if t.kind != "junction" or t.src != ji:
