@@ -556,10 +556,11 @@ def speed_check(pair, args) -> dict:
         # warm-up (untimed): every kernel of every step compiled or loaded from Numba's cache
         for _, select, cache_on, per_call, half in steps:
             use(select)
+            step_cfg = with_half(half)
             caches = scores_mod.path_caches(graph, graph.weight_ops, cfg, cache_on)
             scores_mod.set_image_strengths(graph, vals[0][1])
             for bi in graph.weight_ops:
-                for _ in scores_mod.layer_tiles(graph, bi, vals[0][0], with_half(half),
+                for _ in scores_mod.layer_tiles(graph, bi, vals[0][0], step_cfg,
                                                 tiles=blocks[bi][:per_call], cache=caches[bi],
                                                 tiles_per_call=per_call):
                     pass

@@ -117,7 +117,7 @@ class ChannelCurvature:
                     and float(np.ptp(finite)) == 0.0 else None)
         return cls(lc.name, lc.module, lc.in_group, reduce_kappa(k, 1, reduction, alpha),
                    reduce_kappa(k, 0, reduction, alpha), reduction,
-                   int((~np.isnan(k)).sum()), int(lc.solved.sum()), constant)
+                   int(lc.exists.sum()), int(lc.solved.sum()), constant)
 
 
 GROUP_REDUCTIONS = ("mean", "sum", "max", "prod", "first", "gate")
@@ -440,9 +440,10 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         state.tie_warned = False
         state.fingerprint = _fingerprint(state.model)
 
-    def _refresh(self, compute_curvature: bool = True, model: Optional[nn.Module] = None
-                 ) -> _ModelScores:
-        """The up-to-date scores of ``model`` (default: the calibrated model)."""
+    def _refresh(self, compute_curvature: bool = True, model: Optional[nn.Module] = None,
+                 full: bool = False) -> _ModelScores:
+        """The up-to-date scores of ``model`` (default: the calibrated model); ``full``: also
+        the connections' kappa (``state.full``), from which the channel reductions follow."""
         if self.model is None:
             raise RuntimeError("CurvatureImportance needs calibration data: call "
                                "imp.calibrate(model, data) before pruning")
@@ -457,6 +458,8 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
             self._recalibrate(state)
         if state.curv and next(iter(state.curv.values())).reduction != self.reduction:
             state.curv = None                     # imp.reduction changed since
+        if full and state.full is None and state.graph is not None:
+            state.full = graph_curvature(state.graph, state.acts, self.config, self.progress)
         if compute_curvature and state.curv is None:
             reduce = partial(ChannelCurvature.of, reduction=self.reduction,
                              alpha=self.config.alpha)
@@ -507,11 +510,7 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         Scoring keeps only per-channel reductions (:meth:`channel_curvatures`); the first call
         computes the connections' kappa (the solver runs again if the model was scored
         already) and keeps them until the model changes."""
-        st = self._refresh(compute_curvature=False)
-        if st.full is None and st.graph is not None:
-            st.full = graph_curvature(st.graph, st.acts, self.config, self.progress)
-        self._refresh()                           # the channel reductions (from st.full)
-        return dict(st.full or {})
+        return dict(self._refresh(full=True).full or {})
 
     def channel_curvatures(self) -> dict:
         """Layer name -> :class:`ChannelCurvature` (what scoring reads: per-channel reductions
