@@ -207,7 +207,7 @@ def test_layernorm_residual_block_against_reference(backend):
             **nodes("o", chan_mean(out, -1))}
     E = residual_block_edges(m, "l1", m.ln1.weight.detach().double().abs().numpy(),
                              m.ln2.weight.detach().double().abs().numpy())
-    tol = 1e-6 if backend == "exact" else 0.03
+    tol = 1e-5 if backend == "exact" else 0.03     # node values: float32 batch reductions
     check(got, acts, E, "fc0", "x", "l1", 4, list(range(6)), atol=tol)
     check(got, acts, E, "fc1", "l1", "a", 6, list(range(8)), atol=tol)
     check(got, acts, E, "fc2", "a", "y", 8, list(range(6)), atol=tol)

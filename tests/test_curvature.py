@@ -208,3 +208,61 @@ def test_submodule_modes_restored(mixed_modes):
     with pytest.raises(RuntimeError, match="forward failed"):       # raised by the shape pass
         connection_curvature(model, x, forward_fn=failing)
     check()
+
+
+def test_skip_edges_only_where_there_are_some():
+    """The skip-edge blocks of a layer pair are None when no edge bypasses X or Y, and
+    otherwise the dense stack of every junction pair's edges."""
+    from tp_curvature.calibration import CalibrationData, calibrate
+    from tp_curvature.config import CurvatureConfig
+    from tp_curvature.curvature import _skip_edges
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+            self.d = nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.c(torch.relu(self.b(h)) + h) + self.d(h)
+
+    torch.manual_seed(0)
+    cal = calibrate(Res(), CalibrationData(torch.randn(8, 5)), CurvatureConfig())
+    g = cal.graph
+    found = 0
+    for l in g.layers:
+        X, Y = l.in_junction, l.out_junctions[0]
+        for srcs, dsts in ((g.predecessors(X), g.successors(Y)), (g.predecessors(X), [Y]),
+                           ([X], g.successors(Y))):
+            if not srcs or not dsts:
+                continue
+            dense = np.vstack([np.hstack([g.junction_edges(a, b) for b in dsts]) for a in srcs])
+            got = _skip_edges(g, srcs, dsts, 2.0)
+            if got is None:
+                assert not (dense > 0).any()
+            else:
+                found += 1
+                np.testing.assert_array_equal(got, dense)
+    assert found >= 1                       # d: an edge from h to the output skips c's X
+
+
+def test_node_weight_cache_is_bounded(monkeypatch):
+    """The graph keeps the most recently used strength matrices up to the byte bound, and an
+    evicted one is recomputed equal."""
+    import tp_curvature.graph as graph_mod
+    from tp_curvature.calibration import CalibrationData, calibrate
+    from tp_curvature.config import CurvatureConfig
+
+    model = small_mlp()
+    g = calibrate(model, CalibrationData(torch.randn(8, 12)), CurvatureConfig()).graph
+    first = [tuple(a.copy() for a in g.node_weights(l)) for l in g.layers]
+    g._node_weight_cache.clear()
+    one = max(sum(a.nbytes for a in v) for v in first)
+    monkeypatch.setattr(graph_mod, "NODE_WEIGHT_CACHE_BYTES", one)
+    for l, want in zip(g.layers, first):
+        got = g.node_weights(l)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        assert sum(a.nbytes for v in g._node_weight_cache.values() for a in v) <= one
+    assert len(g._node_weight_cache) < len(g.layers)

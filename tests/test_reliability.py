@@ -41,11 +41,11 @@ def _kappas(res):
 
 
 def _same(a, b):
-    """Equal up to float64 summation order (batches split differently sum the spread's
-    moments in another order)."""
+    """Equal up to float32 summation order (each batch's statistics are reduced in float32,
+    so batches split differently round differently)."""
     assert a.keys() == b.keys()
     for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------- 1. another model than calibrated

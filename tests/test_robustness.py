@@ -194,7 +194,7 @@ def test_5_per_batch_python_values_are_refused_with_the_cause():
     imp = CurvatureImportance(**FAST).calibrate(
         m, [{"x": x[:16], "neg": True}, {"x": x[16:], "neg": True}], forward_fn=fwd)
     _same_kappas(_kappas(imp), _kappas(CurvatureImportance(**FAST).calibrate(m, -x)),
-                 atol=1e-9)
+                 atol=1e-5)      # two batches against one: float32 reductions round apart
 
 
 # ---------------------------------------------------------------- 6. pickling

@@ -491,3 +491,46 @@ def test_refinement_pass_saves_exact_solves():
     d = P.d_xy[P.solve]
     err = np.abs(W[P.solve] - ref[P.solve]) / d / (1 - P.alpha)
     assert err.max() <= 0.005
+
+
+# ------------------------------------------------------------------ column slices
+def test_columns_are_the_columns_of_the_whole_problem():
+    """A column slice of a layer pair is exactly those columns' transport problems."""
+    P = random_layer_pair(9, 3, alpha=0.5, density=0.6, topk=4)
+    whole = solve_w1(P, backend="exact")
+    part = solve_w1(P.columns(2, 7), backend="exact")
+    np.testing.assert_array_equal(np.isnan(part), np.isnan(whole[:, 2:7]))
+    np.testing.assert_allclose(part, whole[:, 2:7], rtol=1e-12, equal_nan=True)
+
+
+def test_column_slices_cover_every_column_within_budget():
+    from tp_curvature.transport._solve import column_slices
+    rng = np.random.default_rng(0)
+    solve = rng.uniform(size=(30, 57)) < 0.4
+    parts = column_slices(solve, 100)
+    assert parts[0][0] == 0 and parts[-1][1] == 57
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(parts, parts[1:]))
+    per = [int(solve[:, c0:c1].sum()) for c0, c1 in parts]
+    assert len(parts) == -(-int(solve.sum()) // 100)
+    assert max(per) <= 100 + solve.sum(0).max()
+    assert column_slices(solve, None) == [(0, 57)] == column_slices(solve, solve.sum())
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.9])
+def test_sliced_solve_is_certified_and_logged(alpha):
+    """``slice_connections``: every slice certified within kappa_tol of exact; the log adds up
+    and its kappa_gap covers every connection."""
+    P = random_layer_pair(24, 1, alpha=alpha, density=0.7)
+    exact = P.kappa(solve_w1(P, backend="exact"))
+    one, log1 = solve_w1(P, log=True)
+    W, log = solve_w1(P, log=True, slice_connections=90)
+    assert log1["n_slices"] == 1 and log["n_slices"] > 3
+    assert log["n_solved"] == log1["n_solved"] == P.solve.sum()
+    np.testing.assert_array_equal(np.isnan(W), ~P.solve)
+    np.testing.assert_array_equal(np.isnan(log["kappa_gap"]), ~P.solve)
+    err = np.abs(P.kappa(W) - exact)[P.solve]
+    assert err.max() <= DEFAULTS["kappa_tol"]
+    assert np.all(err <= log["kappa_gap"][P.solve] + 1e-9)      # the bound holds per slice
+    assert log["kappa_gap_max"] == np.max(log["kappa_gap"][P.solve])
+    with pytest.raises(ValueError, match="slice_connections"):
+        solve_w1(P, slice_connections=0)

@@ -468,7 +468,15 @@ def calibrate(model: nn.Module, data: "CalibrationData", config: CurvatureConfig
 class NodeStatistics:
     """Running per-node sums (float64) at every junction of ``graph``: ``sum |x|`` and the
     number of values, and with ``statistic="std"`` also ``sum x`` and ``sum x^2``, over the
-    batch and every position outside the junction's channel dims."""
+    batch and every position outside the junction's channel dims.
+
+    Each batch is reduced in its own floating dtype (float32 for float32 / half activations,
+    float64 for float64 ones; torch's sums are pairwise) and only per-feature sums enter the
+    float64 accumulators. The second moment is taken around the feature's batch mean
+    (``q = sum (x - m)^2``: no cancellation in float32) and moved to 0 in float64,
+    ``sum x^2 = q + n m^2``: a spread 1e-4 of the mean keeps its digits, where a float32
+    ``sum x^2`` would lose them all.
+    """
 
     def __init__(self, graph: ChannelGraph, statistic: str = "mean_abs"):
         if statistic not in NODE_VALUES:
@@ -490,33 +498,49 @@ class NodeStatistics:
 
     def observe(self, index: int, t: torch.Tensor) -> None:
         j = self.graph.junctions[index]
-        x = t.detach().to(torch.float64)
+        x = t.detach()
+        if x.dtype != torch.float64:
+            x = x.float()
         other = [d for d in range(x.dim()) if d not in j.channel_dims]
         mask = _validity(j, x)
         a = x.abs() if mask is None else x.abs() * mask
-        feat = _per_feature(a, other)
-        if not torch.isfinite(feat).all():
+        feat_t = _per_feature(a, other)
+        if not torch.isfinite(feat_t).all():
             raise CalibrationError(
                 f"non-finite (NaN/inf) activations at the input of {self._where(j)}: check the "
                 "model and the calibration data")
-        if tuple(feat.shape) != tuple(j.node_ids.shape):
+        if tuple(feat_t.shape) != tuple(j.node_ids.shape):
             raise CalibrationError(
-                f"{self._where(j)}: a batch gave {tuple(feat.shape)} channels where the traced "
+                f"{self._where(j)}: a batch gave {tuple(feat_t.shape)} channels where the traced "
                 f"graph has {tuple(j.node_ids.shape)}; every calibration batch must have the "
                 "same shape beyond the batch dimension")
+        feat = _numpy(feat_t).astype(np.float64)
         if mask is None:
             n_other = int(np.prod([x.shape[d] for d in other])) if other else 1
-            cnt = np.full(feat.numel(), float(n_other))
+            cnt = np.full(feat.size, float(n_other))
         else:
-            cnt = _numpy(_per_feature(mask.to(torch.float64).expand(x.shape), other))
+            cnt = _numpy(_per_feature(mask.expand(x.shape), other)).astype(np.float64)
         g = j.group
         ok = g >= 0
-        np.add.at(self.abs_sum[index], g[ok], _numpy(feat)[ok])
+        np.add.at(self.abs_sum[index], g[ok], feat[ok])
         np.add.at(self.count[index], g[ok], cnt[ok])
         if self.spread:
-            xm = x if mask is None else x * mask
-            np.add.at(self.sum[index], g[ok], _numpy(_per_feature(xm, other))[ok])
-            np.add.at(self.sq_sum[index], g[ok], _numpy(_per_feature(xm * xm, other))[ok])
+            self._add_moments(index, x, mask, other, cnt)
+
+    def _add_moments(self, index: int, x: torch.Tensor, mask, other: list,
+                     cnt: np.ndarray) -> None:
+        """Add ``sum x`` and ``sum x^2`` of one batch (through its centred second moment)."""
+        g = self.graph.junctions[index].group
+        ok = g >= 0
+        xm = x if mask is None else x * mask
+        s = xm.sum(other, keepdim=True) if other else xm
+        n = torch.from_numpy(cnt).to(x.dtype).reshape(s.shape).clamp_min(1.0)
+        m = s / n                                   # the feature's batch mean, x's dtype
+        c = x - m if mask is None else (x - m) * mask
+        q = _numpy(_per_feature(c * c, other)).astype(np.float64)
+        m64 = _numpy(m).astype(np.float64)
+        np.add.at(self.sum[index], g[ok], (cnt * m64)[ok])
+        np.add.at(self.sq_sum[index], g[ok], (q + cnt * m64 * m64)[ok])
 
     def _where(self, j: Junction) -> str:
         if j.is_output:
@@ -527,7 +551,8 @@ class NodeStatistics:
 
     def values(self) -> list:
         """The unnormalised value of every node, one array per junction: the mean |x|, or
-        the spread (a spread below float64 resolution of the mean square is 0)."""
+        the spread (a variance below 1e-12 of the mean square, under float32 resolution, is
+        0)."""
         out = []
         for j, s, c in zip(self.graph.junctions, self.abs_sum, self.count):
             if j.n_nodes and not (c > 0).any():
@@ -538,7 +563,7 @@ class NodeStatistics:
                 continue
             m1, m2 = _mean(self.sum[j.index], c), _mean(self.sq_sum[j.index], c)
             var = m2 - m1 * m1
-            var[var <= 1e-12 * np.maximum(m2, 1e-300)] = 0.0     # cancellation
+            var[var <= 1e-12 * np.maximum(m2, 1e-300)] = 0.0    # below float32 resolution
             out.append(np.sqrt(var))
         return out
 

@@ -120,6 +120,7 @@ Semantics of the constructs (documented; checked in ``tests/test_coverage.py``)
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -134,6 +135,9 @@ from ._export import PREFIX, Program, UnsupportedModelError, global_hooks_detach
 from ._lineage import (ADD, AFFINE, CAT, IDENTITY, MOVE, MUL, NORMS, OPAQUE, LineagePass,
                        Term, channel_ids)
 
+#: Bytes of per-layer strength matrices a graph keeps (least recently used dropped first): the
+#: layers around the one being scored, not every layer of a large model.
+NODE_WEIGHT_CACHE_BYTES = 128 << 20
 WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 
 
@@ -382,11 +386,16 @@ class _Builder:
         for ids in ids_list:
             v = ids >= 0
             valid_full = v if valid_full is None else (valid_full | v)
+        # a dim is a channel dim when some term's ids vary along it (checked on the terms'
+        # own, unexpanded ids: a broadcast dim never varies)
+        own = [t.ids.reshape((1,) * (nd - t.ids.dim()) + tuple(t.ids.shape)) for t in lin]
         cdims = []
         for d in range(nd):
             if shape[d] <= 1:
                 continue
-            for ids in ids_list:
+            for ids in own:
+                if ids.shape[d] <= 1:
+                    continue
                 m = torch.where(ids >= 0, ids, ids.amax(d, keepdim=True))
                 if not bool((m.amax(d, keepdim=True) == m.amin(d, keepdim=True)).all()):
                     cdims.append(d)
@@ -541,7 +550,7 @@ class ChannelGraph:
         self.unknown_ops = dict(unknown_ops or {})
         self.unvalidated = tuple(unvalidated)
         self.rebind()
-        self._node_weight_cache: dict = {}
+        self._node_weight_cache: OrderedDict = OrderedDict()
         self._successors = {i: [] for i in range(len(junctions))}
         for d in range(len(junctions)):
             for src in self.predecessors(d):
@@ -622,12 +631,19 @@ class ChannelGraph:
         For a conv the norm runs over the kernel slice ``W[v, u, ...]``; for a Linear after
         flatten over the features of input channel ``u``. Pairs of different groups of a
         grouped / depthwise conv are structurally absent (mask False). Cached per graph (a
-        graph is rebuilt whenever the model changes).
+        graph is rebuilt whenever the model changes), the most recently used up to
+        ``NODE_WEIGHT_CACHE_BYTES``.
         """
         key = (layer.index, float(p))
-        if key not in self._node_weight_cache:
-            self._node_weight_cache[key] = self._node_weights(layer, p)
-        return self._node_weight_cache[key]
+        cache = self._node_weight_cache
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        value = cache[key] = self._node_weights(layer, p)
+        size = sum(a.nbytes for v in cache.values() for a in v)
+        while size > NODE_WEIGHT_CACHE_BYTES and len(cache) > 1:   # least recently used out
+            size -= sum(a.nbytes for a in cache.popitem(last=False)[1])
+        return value
 
     def _node_weights(self, layer: WeightLayer, p: float):
         junc = self.junctions[layer.in_junction]

@@ -121,6 +121,18 @@ class LayerPairProblem:
         kappa[self.solve] = kappa_from_w1(w1[self.solve], self.d_xy[self.solve], self.alpha)
         return kappa
 
+    def columns(self, c0: int, c1: int) -> "LayerPairProblem":
+        """The connections into the Y nodes ``c0:c1`` only (views: Z, X, W and ``c_zw``,
+        ``c_xw`` are shared), a problem whose W1 are those columns of this one's."""
+        def cut(a):
+            return None if a is None else a[:, c0:c1]
+        return LayerPairProblem(
+            d_xy=cut(self.d_xy), c_zw=self.c_zw, c_zy=cut(self.c_zy), c_xw=self.c_xw,
+            pred_idx=self.pred_idx, pred_mass=self.pred_mass,
+            succ_idx=self.succ_idx[c0:c1], succ_mass=self.succ_mass[c0:c1], alpha=self.alpha,
+            solve=cut(self.solve), name=self.name, exists=cut(self.exists),
+            length=cut(self.length))
+
     @property
     def n_x(self) -> int:
         return self.d_xy.shape[0]

@@ -16,7 +16,7 @@ BACKENDS = ("sinkhorn", "exact", "pot-sinkhorn")
 #: ``kappa_tol``: the certified accuracy, max |kappa - exact kappa| of every returned value
 #: (connections whose certified bound exceeds it are re-solved exactly; see :func:`solve_w1`).
 DEFAULTS = dict(eps=0.02, tol=1e-2, max_iter=2000, omega=1.5, eps_scaling=3.0, levels=4,
-                mass_tol=1e-4, batch=32, kappa_tol=0.02)
+                mass_tol=1e-4, batch=32, kappa_tol=0.02, slice_connections=1 << 18)
 
 
 def solve_w1(
@@ -36,6 +36,7 @@ def solve_w1(
     precision: str = "float32",
     kappa_tol: float | None = DEFAULTS["kappa_tol"],
     half_idleness: bool = True,
+    slice_connections: int | None = DEFAULTS["slice_connections"],
     validate: bool = True,
     log: bool = False,
 ):
@@ -117,6 +118,14 @@ def solve_w1(
         and map its W1 back exactly (:func:`at_half_idleness`; kappa does not depend on alpha
         in [1/2, 1)), which divides the kappa error of the solution by ``2 (1 - alpha)``
         relative to solving at alpha (default True; False solves at alpha, for comparison).
+    slice_connections : int or None
+        ``"sinkhorn"``: solve a layer pair with more connections than this in slices of Y
+        columns of about this many connections each (:meth:`LayerPairProblem.columns`), so the
+        engine's per-connection buffers (about 150 bytes per connection) are bounded by the
+        slice, not the layer (default 262,144: 40 MB; a ViT-B/16 MLP layer has 2.4 million
+        connections). Each slice is prepared on its own (shared potentials, trimming), so the
+        values differ within the solver's accuracy from one unsliced call, and each is
+        certified the same way. ``None``: one call.
     validate : bool
         Call ``problem.validate()`` first.
     log : bool
@@ -152,11 +161,13 @@ def solve_w1(
             raise ValueError(f"kappa_tol must be > 0 or None, got {kappa_tol}")
         if precision not in PATHS:
             raise ValueError(f"precision must be float32, float64 or log, got {precision!r}")
+        if slice_connections is not None and not slice_connections >= 1:
+            raise ValueError(f"slice_connections must be >= 1 or None, got {slice_connections}")
         opts = EngineOptions(eps, tol, max_iter, omega, eps_scaling, levels, mass_tol,
                              int(batch), chunk_rows, precision)
         half = half_idleness and problem.alpha > HALF
-        W, info = sinkhorn_backend(at_half_idleness(problem) if half else problem, opts,
-                                   progress, kappa_tol)
+        W, info = _sliced(at_half_idleness(problem) if half else problem, opts, progress,
+                          kappa_tol, slice_connections)
         if half:
             W = from_half_idleness(problem, W)
         info["alpha_solved"] = HALF if half else problem.alpha
@@ -216,3 +227,62 @@ def from_half_idleness(problem: LayerPairProblem, w_half: np.ndarray) -> np.ndar
     with np.errstate(invalid="ignore"):
         return np.where(problem.solve, (2.0 * al - 1.0) * problem.d_xy
                         + 2.0 * (1.0 - al) * w_half, w_half)
+
+
+def column_slices(solve: np.ndarray, budget: int | None) -> list:
+    """Contiguous column ranges ``(c0, c1)`` of ``solve`` with about ``budget`` True entries
+    each (one range when the whole has at most ``budget``, or ``budget`` is None)."""
+    n_y = solve.shape[1]
+    per_col = solve.sum(axis=0)
+    total = int(per_col.sum())
+    if budget is None or total <= budget or n_y <= 1:
+        return [(0, n_y)]
+    cum = np.cumsum(per_col)
+    n = -(-total // int(budget))
+    cuts = np.searchsorted(cum, np.arange(1, n) * (total / n), side="left") + 1
+    bounds = np.unique(np.concatenate([[0], np.clip(cuts, 1, n_y - 1), [n_y]]))
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+#: How the log entries of column slices combine (the others are the first slice's).
+_SUMMED = ("n_solved", "n_not_converged", "n_float64", "n_log_domain", "seconds_prepare",
+           "seconds", "n_refined", "n_exact_fallback", "seconds_certificate")
+_MAXED = ("iterations_max", "k_z", "k_w", "kappa_gap_max")
+
+
+def _sliced(problem: LayerPairProblem, opts, progress: bool, kappa_tol, budget):
+    """:func:`sinkhorn_backend` over the column slices of ``problem`` (see ``solve_w1``'s
+    ``slice_connections``); returns (W, merged log)."""
+    parts = column_slices(problem.solve, budget)
+    if len(parts) == 1:
+        W, info = sinkhorn_backend(problem, opts, progress, kappa_tol)
+        info["n_slices"] = 1
+        return W, info
+    W = np.full(problem.d_xy.shape, np.nan)
+    gap = np.full(problem.d_xy.shape, np.nan)
+    logs = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(parts), desc=f"W1 slices {problem.name}", leave=False)
+    for c0, c1 in parts:
+        w, info = sinkhorn_backend(problem.columns(c0, c1), opts, False, kappa_tol)
+        W[:, c0:c1] = w
+        gap[:, c0:c1] = info.pop("kappa_gap")
+        logs.append(info)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    out = dict(logs[0])
+    for k in _SUMMED:
+        out[k] = type(logs[0][k])(sum(l[k] for l in logs))
+    for k in _MAXED:
+        out[k] = max(l[k] for l in logs)
+    n = max(out["n_solved"], 1)
+    out["iterations_mean"] = sum(l["iterations_mean"] * l["n_solved"] for l in logs) / n
+    out["uniform_support"] = all(l["uniform_support"] for l in logs)
+    out["mass_tol_effective"] = min(l["mass_tol_effective"] for l in logs)
+    out["kappa_gap"] = gap
+    out["n_slices"] = len(parts)
+    return W, out
