@@ -534,3 +534,19 @@ def test_sliced_solve_is_certified_and_logged(alpha):
     assert log["kappa_gap_max"] == np.max(log["kappa_gap"][P.solve])
     with pytest.raises(ValueError, match="slice_connections"):
         solve_w1(P, slice_connections=0)
+
+
+def test_few_uncertified_connections_go_straight_to_the_exact_solver(monkeypatch):
+    """At most REFINE_MIN connections above kappa_tol skip the refinement pass and are solved
+    exactly; more are refined first. Either way every value is within kappa_tol."""
+    import tp_curvature.transport._sinkhorn as engine
+    P = random_layer_pair(16, 1, alpha=0.9)
+    _, lg0 = solve_w1(P, kappa_tol=None, mass_tol=0.0, log=True)
+    tol = float(np.sort(lg0["kappa_gap"][P.solve])[-3]) * 0.999    # three above it
+    W, lg = solve_w1(P, kappa_tol=tol, mass_tol=0.0, log=True)
+    assert lg["n_refined"] == 0 and lg["n_exact_fallback"] == 3
+    exact = P.kappa(solve_w1(P, backend="exact"))
+    assert np.abs(P.kappa(W) - exact)[P.solve].max() <= tol
+    monkeypatch.setattr(engine, "REFINE_MIN", 2)
+    _, lg2 = solve_w1(P, kappa_tol=tol, mass_tol=0.0, log=True)
+    assert lg2["n_refined"] == 3 and lg2["n_exact_fallback"] <= 3

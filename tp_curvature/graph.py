@@ -133,7 +133,7 @@ import torch.utils._pytree as pytree
 
 from ._export import PREFIX, Program, UnsupportedModelError, global_hooks_detached, op_name
 from ._lineage import (ADD, AFFINE, CAT, IDENTITY, MOVE, MUL, NORMS, OPAQUE, LineagePass,
-                       Term, channel_ids)
+                       Term, constant_along, channel_ids)
 
 #: Bytes of per-layer strength matrices a graph keeps (least recently used dropped first): the
 #: layers around the one being scored, not every layer of a large model.
@@ -397,7 +397,7 @@ class _Builder:
                 if ids.shape[d] <= 1:
                     continue
                 m = torch.where(ids >= 0, ids, ids.amax(d, keepdim=True))
-                if not bool((m.amax(d, keepdim=True) == m.amin(d, keepdim=True)).all()):
+                if not constant_along(m, d):
                     cdims.append(d)
                     break
         other = [d for d in range(nd) if d not in cdims]
@@ -424,8 +424,7 @@ class _Builder:
         if not bool(valid_full.all()):
             vr = valid_full
             for d in range(nd):
-                if vr.shape[d] > 1 and bool((vr.amax(d, keepdim=True) ==
-                                             vr.amin(d, keepdim=True)).all()):
+                if vr.shape[d] > 1 and constant_along(vr, d):
                     vr = vr.narrow(d, 0, 1)
             if any(vr.shape[d] > 1 for d in other):
                 valid = vr.clone()

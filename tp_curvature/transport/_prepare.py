@@ -26,7 +26,7 @@ from ._bundles import Costs, Kernels, Measures
 from ._exact import pot
 from ._primitives import F32_FLOOR
 
-PAD, PAD_COST = 16, 1e30  # uniform blocks padded to multiples of PAD with cost PAD_COST
+PAD, PAD_COST = 8, 1e30  # uniform blocks padded to multiples of PAD with cost PAD_COST
 
 #: A prepared layer pair: the bundles, whether the rows share their support (``uniform``), the
 #: union support sizes before padding, and the mass fraction of each x / y row dropped by
