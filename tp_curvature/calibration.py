@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from ._export import Program, UnsupportedModelError, export_program, run_eagerly
+from ._memory import release_freed_memory
 from .config import NODE_VALUES, NORMALIZE_MODES, CurvatureConfig
 from .graph import ChannelGraph, Junction
 
@@ -461,6 +462,7 @@ def calibrate(model: nn.Module, data: "CalibrationData", config: CurvatureConfig
     _, (nodes, inputs) = observe(model, data, observers, progress)
     _warn_unvalidated(nodes.graph)
     acts = [normalise(a, config.normalize) for a in nodes.values()]
+    release_freed_memory()                   # the pass's activations, freed but resident
     return Calibration(nodes.graph, acts, inputs.means())
 
 

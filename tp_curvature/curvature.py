@@ -46,8 +46,6 @@ is small (see ``benchmarks/kernels.py``); the kernels' work grows as :math:`(k+1
 """
 from __future__ import annotations
 
-import ctypes
-import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -55,6 +53,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ._memory import release_freed_memory
 from .graph import ChannelGraph, WeightLayer
 from .config import CurvatureConfig, resolve_config
 from .problem import LayerPairProblem, cap_costs
@@ -402,26 +401,6 @@ AUTO_PROGRESS_CONNECTIONS = 1_000_000   # progress=None shows a bar above this m
 TRIM_CONNECTIONS = 1 << 18               # layers this large hand their freed memory back
 
 
-def release_freed_memory() -> None:
-    """Return the C heap's free pages to the system (glibc ``malloc_trim``; nothing elsewhere).
-
-    A wide layer pair allocates and frees hundreds of MB of NumPy buffers below glibc's mmap
-    threshold; without a trim the process's resident memory ratchets up by that much per
-    layer (measured on ViT-B/16: +90-250 MB per encoder block, all of it free heap)."""
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = False
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                _LIBC = libc if hasattr(libc, "malloc_trim") else False
-            except OSError:
-                pass
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
 
 
 def graph_curvature(graph: ChannelGraph, acts: list, cfg: CurvatureConfig,
