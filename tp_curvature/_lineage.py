@@ -141,6 +141,24 @@ def _terms(lin) -> bool:
     return isinstance(lin, list)
 
 
+def _last_uses(graph: fx.Graph) -> dict:
+    """Node -> the nodes it is the last user of, except the output node's inputs (read after
+    the pass). Freeing those values and their id tensors as the pass goes keeps its memory to
+    the live tensors: holding every node's (a ViT-B/16 has ~1,500) took 0.9 GB."""
+    keep = set()
+    for n in graph.nodes:
+        if n.op == "output":
+            keep.update(n.all_input_nodes)
+    seen, out = set(), {}
+    for n in reversed(graph.nodes):
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                if a not in keep:
+                    out.setdefault(n, []).append(a)
+    return out
+
+
 class LineagePass(fx.Interpreter):
     """Run ``gm`` on the example, computing the lineage of every node.
 
@@ -159,6 +177,7 @@ class LineagePass(fx.Interpreter):
         self.unknown: dict = {}        # op name -> first node name
         self.constructs: set = set()   # constructs met whose kappa is not validated yet
         self.attr_names = {}
+        self.last_uses = _last_uses(gm.graph)
 
     def run_node(self, n):
         try:
@@ -173,6 +192,10 @@ class LineagePass(fx.Interpreter):
                     pass
             raise
         self.lin[n] = rep if rep is not None else lin
+        for a in self.last_uses.get(n, ()):   # no later node reads them: free value and ids
+            self.env.pop(a, None)
+            if isinstance(self.lin.get(a), list):
+                self.lin[a] = []              # (still a traced tensor, for the caller's kinds)
         return out
 
     # -------------------------------------------------------------- helpers
