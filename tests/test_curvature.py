@@ -266,3 +266,46 @@ def test_node_weight_cache_is_bounded(monkeypatch):
         np.testing.assert_array_equal(got[1], want[1])
         assert sum(a.nbytes for v in g._node_weight_cache.values() for a in v) <= one
     assert len(g._node_weight_cache) < len(g.layers)
+
+
+def test_lineage_pass_keeps_only_what_is_read_after_it():
+    """The channel graph's lineage pass frees every node's value and id tensors after its
+    last user: what is left are the output's inputs (read by the graph builder) and nodes
+    nobody reads; the graph is the same as with nothing freed."""
+    from tp_curvature._export import export_program
+    from tp_curvature._lineage import _last_uses
+    from tp_curvature.graph import ChannelGraph, _Builder, _lineage_pass
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.c(torch.relu(self.b(h)) + h)
+
+    model = Res().eval()
+    program = export_program(model, torch.randn(4, 5), lambda m, b: m(b))
+    p = _lineage_pass(program, _Builder(model, set()), {})
+    out = next(n for n in program.gm.graph.nodes if n.op == "output")
+    left = {n for n in p.env if n.users and n is not out}
+    assert left == set(out.all_input_nodes)
+    freed = [a for v in _last_uses(program.gm.graph).values() for a in v]
+    assert len(freed) == len(set(freed)) and len(freed) > 5
+    assert all(p.lin[a] == [] or not isinstance(p.lin[a], list) for a in freed)
+    # nothing freed: the same channel graph
+    import tp_curvature._lineage as lineage_mod
+    g1 = ChannelGraph.from_program(model, program)
+    orig = lineage_mod._last_uses
+    lineage_mod._last_uses = lambda graph: {}
+    try:
+        g2 = ChannelGraph.from_program(model, program)
+    finally:
+        lineage_mod._last_uses = orig
+    assert [(j.name, j.n_nodes, j.channel_dims) for j in g1.junctions] == \
+        [(j.name, j.n_nodes, j.channel_dims) for j in g2.junctions]
+    assert [(l.name, l.in_junction, l.out_junctions) for l in g1.layers] == \
+        [(l.name, l.in_junction, l.out_junctions) for l in g2.layers]
+    for l1, l2 in zip(g1.layers, g2.layers):
+        np.testing.assert_array_equal(g1.node_weights(l1)[0], g2.node_weights(l2)[0])
