@@ -401,8 +401,6 @@ AUTO_PROGRESS_CONNECTIONS = 1_000_000   # progress=None shows a bar above this m
 TRIM_CONNECTIONS = 1 << 18               # layers this large hand their freed memory back
 
 
-
-
 def graph_curvature(graph: ChannelGraph, acts: list, cfg: CurvatureConfig,
                     progress: Optional[bool] = None,
                     reduce: Optional[Callable[[LayerCurvature], object]] = None) -> dict:
