@@ -192,8 +192,9 @@ def _skip_edges(graph: ChannelGraph, srcs: list, dsts: list, p: float) -> Option
     """Strengths of the edges from the stacked junctions ``srcs`` to the stacked ``dsts``, or
     None when there is none (the usual case; the dense zero block of a wide layer pair would
     cost hundreds of MB while its problem is built)."""
-    blocks = [[graph.junction_edges(a, b, p) if a in graph.predecessors(b) else None
-               for b in dsts] for a in srcs]
+    feeds = {b: set(graph.predecessors(b)) for b in dsts}
+    blocks = [[graph.junction_edges(a, b, p) if a in feeds[b] else None for b in dsts]
+              for a in srcs]
     if not any(S is not None and (S > 0).any() for row in blocks for S in row):
         return None
     n_dst = [graph.junctions[b].n_nodes for b in dsts]
@@ -359,11 +360,11 @@ def solve_problem(prob: LayerPairProblem, cfg: CurvatureConfig) -> np.ndarray:
     """kappa of every pair of ``prob`` (see :meth:`LayerPairProblem.kappa`): solved connections
     from W1 with ``cfg.backend``, dead-endpoint / zero-weight ones 1, absent pairs NaN."""
     prob.validate()
-    w1 = np.full(prob.d_xy.shape, np.nan)
-    if prob.solve.any():
-        from .transport import solve_w1       # imported on first use: POT and the Numba kernels
-        w1 = solve_w1(prob, backend=cfg.backend, **cfg.backend_options)
-    return prob.kappa(w1)
+    if not prob.solve.any():
+        return prob.kappa(np.full(prob.d_xy.shape, np.nan))
+    from .transport import solve_w1           # imported on first use: POT and the Numba kernels
+    opts = dict(cfg.backend_options, validate=False)      # validated just above
+    return prob.kappa(solve_w1(prob, backend=cfg.backend, **opts))
 
 
 def layer_curvature(graph: ChannelGraph, layer: WeightLayer, acts: list,
