@@ -433,6 +433,60 @@ def test_certificate_brackets_exact(kind, alpha, precision):
             assert (We[m] <= W[m] * (1 + 1e-6)).all()
 
 
+def _largest_cost_of_each_problem(P):
+    """max over the entries of each connection's own cost matrix, by brute force."""
+    out = np.full(P.d_xy.shape, np.nan)
+    for x in range(P.n_x):
+        zs = P.pred_idx[x][(P.pred_mass[x] > 0) & (P.pred_idx[x] >= 0)]
+        for y in range(P.n_y):
+            ws = P.succ_idx[y][(P.succ_mass[y] > 0) & (P.succ_idx[y] >= 0)]
+            vals = [P.d_xy[x, y], *P.c_zy[zs, y], *P.c_xw[x, ws],
+                    *P.c_zw[np.ix_(zs, ws)].ravel()]
+            out[x, y] = max(vals)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "topk", "randcost"])
+def test_trimming_cost_bounds_cover_each_connection(kind):
+    """The trimming term uses a bound on each connection's own largest cost: never below it
+    (the certificate's validity), and below the layer-wide maximum where a connection's
+    neighbourhood has no capped (unreachable) pair."""
+    from tp_curvature.transport._prepare import trim_cost_bounds
+
+    P = _cert_problem(kind, 0.5)
+    M = trim_cost_bounds(P)
+    exact = _largest_cost_of_each_problem(P)
+    m = P.solve
+    assert (M[m] >= exact[m]).all()
+    zs = np.unique(P.pred_idx[(P.pred_mass > 0) & (P.pred_idx >= 0)])
+    ws = np.unique(P.succ_idx[(P.succ_mass > 0) & (P.succ_idx >= 0)])
+    layer_max = max(P.d_xy[m].max(), P.c_zy[zs].max(), P.c_xw[:, ws].max(),
+                    P.c_zw[np.ix_(zs, ws)].max())    # the bound before: one for the layer
+    assert M[m].max() <= layer_max
+    if kind == "sparse":   # capped costs sit in some neighbourhoods only
+        assert (M[m] < exact[m].max()).mean() > 0.2
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "topk", "randcost"])
+@pytest.mark.parametrize("mass_tol", [0.2, 0.5])
+def test_certificate_holds_under_heavy_trimming(kind, mass_tol):
+    """With atoms that carry real mass dropped, the per-connection trimming term still makes
+    kappa_gap an upper bound of the true error."""
+    from tp_curvature.transport._prepare import compact_measure
+
+    P = _cert_problem(kind, 0.5)
+    We = solve_w1(P, "exact")
+    dropped = [compact_measure(i, w, mass_tol)[4] for i, w in ((P.pred_idx, P.pred_mass),
+                                                               (P.succ_idx, P.succ_mass))]
+    assert max(d.max() for d in dropped) > 0.1           # atoms with real mass are dropped
+    W, lg = solve_w1(P, kappa_tol=None, mass_tol=mass_tol, log=True)
+    m = P.solve
+    err = _kappa_err(W, We, P)[m]
+    assert (err <= lg["kappa_gap"][m] + 1e-12).all()
+    Wc = solve_w1(P, kappa_tol=0.02, mass_tol=mass_tol)      # certified: lowers mass_tol
+    assert _kappa_err(Wc, We, P)[m].max() <= 0.02
+
+
 @pytest.mark.parametrize("alpha", [0.5, 0.9, 0.99])
 def test_kappa_tol_holds_on_sparse_layers(alpha):
     """The default (kappa_tol=0.02) keeps every kappa within 0.02 of exact on sparse layers

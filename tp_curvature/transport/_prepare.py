@@ -4,7 +4,8 @@ r"""Preparation of a layer pair for the Sinkhorn engine (NumPy, once per call).
   mass over all rows is negligible (cumulative <= ``mass_tol``) are dropped and the rest
   renormalised, which moves :math:`W_1` by at most :math:`(1-\alpha)(\delta_x + \delta_y)
   \max M` (:math:`\delta` the row's dropped mass fraction, :math:`\le` ``mass_tol`` for
-  normalised rows; :func:`trim_cost_bound` gives :math:`\max M`): take an optimal plan, drop
+  normalised rows; :math:`\max M` the largest cost of the connection's own problem, bounded
+  by :func:`trim_cost_bounds`): take an optimal plan, drop
   the rows of the removed atoms and send the freed mass from the added (renormalised) mass.
 * :func:`uniformize`, padding: rows that use (nearly) all of the union become dense over it,
   padded to multiples of ``PAD`` atoms (zero mass, cost ``PAD_COST``, kernel 0).
@@ -24,7 +25,7 @@ import numpy as np
 
 from ._bundles import Costs, Kernels, Measures
 from ._exact import pot
-from ._primitives import F32_FLOOR
+from ._primitives import F32_FLOOR, jit
 
 PAD, PAD_COST = 8, 1e30  # uniform blocks padded to multiples of PAD with cost PAD_COST
 
@@ -175,19 +176,55 @@ def prepare(problem, mass_tol) -> Prepared:
                     drop_y)
 
 
-def trim_cost_bound(problem):
-    """Largest ground cost any connection of ``problem`` can use (over the atoms with positive
-    mass and the solved d(x, y)): the factor of the ``mass_tol`` term of the certificate."""
-    def used(idx, mass):
-        return np.unique(np.asarray(idx)[(np.asarray(mass) > 0) & (np.asarray(idx) >= 0)])
+def trim_cost_bounds(problem):
+    """Bound on the largest ground cost of each connection's own problem (n_x, n_y): the factor
+    of its ``mass_tol`` term in the certificate.
 
-    zs = used(problem.pred_idx, problem.pred_mass)
-    ws = used(problem.succ_idx, problem.succ_mass)
-    top = float(problem.d_xy[problem.solve].max()) if problem.solve.any() else 0.0
-    for c in (problem.c_zw[np.ix_(zs, ws)], problem.c_zy[zs], problem.c_xw[:, ws]):
-        if c.size:
-            top = max(top, float(c.max()))
-    return top
+    For :math:`x \\to y` the problem's costs are :math:`C_{zw}` (z in the support of
+    :math:`p_x`, w in that of :math:`r_y`), :math:`c_{zy}`, :math:`c_{xw}` and :math:`d(x, y)`;
+    the :math:`C_{zw}` part is bounded by the smaller of its largest entry over x's rows (any
+    used w) and over y's columns (any used z), the others are taken exactly. Trimming only
+    removes atoms, so every cost of the trimmed problem is among these.
+    """
+    px = (np.asarray(problem.pred_mass) > 0) & (np.asarray(problem.pred_idx) >= 0)
+    sy = (np.asarray(problem.succ_mass) > 0) & (np.asarray(problem.succ_idx) >= 0)
+    pidx = np.where(px, problem.pred_idx, 0)
+    sidx = np.where(sy, problem.succ_idx, 0)
+    bound = np.array(problem.d_xy, dtype=np.float64)   # copy; inf where nothing is solved
+    zs, ws = np.unique(pidx[px]), np.unique(sidx[sy])
+    if zs.size and ws.size:
+        czw = problem.c_zw[np.ix_(zs, ws)]
+        row_top = np.zeros(problem.c_zw.shape[0])
+        col_top = np.zeros(problem.c_zw.shape[1])
+        row_top[zs] = czw.max(axis=1)
+        col_top[ws] = czw.max(axis=0)
+        by_x = np.where(px, row_top[pidx], 0.0).max(axis=1, initial=0.0)
+        by_y = np.where(sy, col_top[sidx], 0.0).max(axis=1, initial=0.0)
+        both = px.any(axis=1)[:, None] & sy.any(axis=1)[None, :]
+        np.maximum(bound, np.where(both, np.minimum(by_x[:, None], by_y[None, :]), 0.0),
+                   out=bound)
+    # c_zy over x's support (rows of x), c_xw over y's support (columns of y)
+    support_max(pidx, px, np.ascontiguousarray(problem.c_zy, dtype=np.float64), bound)
+    bound_t = np.ascontiguousarray(bound.T)
+    support_max(sidx, sy, np.ascontiguousarray(problem.c_xw.T, dtype=np.float64), bound_t)
+    bound = bound_t.T
+    return bound
+
+
+@jit
+def support_max(idx, ok, cost, out):
+    """``out[r] = max(out[r], max_k cost[idx[r, k]])`` over the entries with ``ok[r, k]``
+    (rows of ``cost`` gathered by each row's support, in place)."""
+    m = out.shape[1]
+    for r in range(idx.shape[0]):
+        for k in range(idx.shape[1]):
+            if ok[r, k]:
+                src = idx[r, k]
+                for c in range(m):
+                    t = cost[src, c]
+                    if t > out[r, c]:
+                        out[r, c] = t
+    return 0
 
 
 def eps_levels(pairs, d, levels):

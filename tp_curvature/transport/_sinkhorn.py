@@ -76,7 +76,7 @@ import numpy as np
 from ._batched import solve_chunks
 from ._bundles import Outputs, Settings
 from ._pool import one_blas_thread, run_parallel
-from ._prepare import eps_levels, make_chunks, prepare, stage_kernels
+from ._prepare import eps_levels, make_chunks, prepare, stage_kernels, trim_cost_bounds
 from ._primitives import F64, LOG, MAXITER
 
 COARSE_TOL = 0.1  # L1 marginal tolerance of the eps-scaling (coarse) stage
@@ -121,14 +121,15 @@ def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
     outs = Outputs(np.full((n_x, n_y), np.nan), np.zeros((n_x, n_y), np.int64),
                    np.zeros((n_x, n_y), np.int64), np.full((n_x, n_y), np.nan))
     t0 = time.perf_counter()
-    mass_tol_eff = _trimming_tolerance(problem, opts.mass_tol, kappa_tol)
+    top = trim_cost_bounds(problem) if kappa_tol is not None and opts.mass_tol > 0 else None
+    mass_tol_eff = _trimming_tolerance(problem, opts.mass_tol, kappa_tol, top)
     prep = prepare(problem, mass_tol_eff)
     t_prep = time.perf_counter() - t0
     n_solved = int(problem.solve.sum())
     if n_solved:
         _solve_levels(problem, prep, opts, outs, progress)
     t_cert = time.perf_counter()
-    kgap, _ = certify(problem, prep, outs, None)
+    kgap, _ = certify(problem, prep, outs, None, top)
     n_refined = n_exact = 0
     if kappa_tol is not None and refine:
         n_refined, n_exact = _refine(problem, opts, outs, kgap, kappa_tol)
@@ -154,17 +155,15 @@ def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
     return outs.out, log
 
 
-def _trimming_tolerance(problem, mass_tol: float, kappa_tol) -> float:
+def _trimming_tolerance(problem, mass_tol: float, kappa_tol, top) -> float:
     """``mass_tol``, lowered so that the trimming term of the certificate,
-    ``(delta_x + delta_y) max M / d`` in kappa, stays below ``TRIM_SHARE * kappa_tol``
-    (``delta <= mass_tol`` for normalised rows)."""
+    ``(delta_x + delta_y) M_xy / d`` in kappa, stays below ``TRIM_SHARE * kappa_tol`` for
+    every solved connection (``delta <= mass_tol`` for normalised rows; ``top``: the
+    per-connection cost bounds ``M_xy`` of :func:`~._prepare.trim_cost_bounds`)."""
     if kappa_tol is None or mass_tol <= 0 or not problem.solve.any():
         return mass_tol
-    from ._prepare import trim_cost_bound
-
-    top = trim_cost_bound(problem)
-    dmin = float(problem.d_xy[problem.solve].min())
-    return min(mass_tol, 0.5 * TRIM_SHARE * kappa_tol * dmin / top) if top > 0 else mass_tol
+    ratio = float(np.min(problem.d_xy[problem.solve] / top[problem.solve]))
+    return min(mass_tol, 0.5 * TRIM_SHARE * kappa_tol * ratio)
 
 
 def _solve_levels(problem, prep, opts: EngineOptions, outs, progress: bool) -> None:
@@ -233,14 +232,15 @@ def _refine(problem, opts: EngineOptions, outs, kgap, kappa_tol) -> tuple:
     return n_refined, log2["n_exact_fallback"]
 
 
-def certify(problem, prep, outs, kappa_tol):
+def certify(problem, prep, outs, kappa_tol, top=None):
     r"""Certified kappa error of every solved connection; exact re-solve where it is too large.
 
     For connection :math:`x \to y` the engine returns the cost :math:`P \ge W_1'` of a feasible
     plan of the (``mass_tol``-trimmed) problem and a weak-duality lower bound
     :math:`LB \le W_1'` (``outs.lower``, :func:`~._primitives.dual_bound`), and trimming moves
-    W1 by at most :math:`t = (1-\alpha)(\delta_x + \delta_y) \max M`
-    (:func:`~._prepare.trim_cost_bound`). So :math:`|P - W_1| \le (P - LB) + t` (plus
+    W1 by at most :math:`t = (1-\alpha)(\delta_x + \delta_y) M_{xy}`, :math:`M_{xy}` a bound
+    on the largest cost of the connection's own problem (``top``, computed if None:
+    :func:`~._prepare.trim_cost_bounds`). So :math:`|P - W_1| \le (P - LB) + t` (plus
     ``ROUND_REL * P`` for float32 results, whose summed cost may sit a rounding below
     :math:`W_1`) and
 
@@ -254,8 +254,6 @@ def certify(problem, prep, outs, kappa_tol):
     None: nothing is re-solved (the values are the engine's). Returns (kappa_gap (n_x, n_y),
     NaN off ``solve``; number of exact re-solves); ``outs.out`` is updated in place.
     """
-    from ._prepare import trim_cost_bound
-
     al = float(problem.alpha)
     solve = problem.solve
     d = prep.costs.dxy
@@ -264,8 +262,10 @@ def certify(problem, prep, outs, kappa_tol):
         # float32 sums of the rounded cost: P may sit below W1 by its rounding (~1e-7 P)
         gap += np.where(outs.status < F64, ROUND_REL * np.abs(outs.out), 0.0)
     if prep.drop_x.any() or prep.drop_y.any():
-        gap = gap + (1.0 - al) * (prep.drop_x[:, None] + prep.drop_y[None, :]) \
-            * trim_cost_bound(problem)
+        if top is None:
+            top = trim_cost_bounds(problem)
+        with np.errstate(invalid="ignore"):   # inf * 0 off the solved connections
+            gap = gap + (1.0 - al) * (prep.drop_x[:, None] + prep.drop_y[None, :]) * top
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         kgap = np.where(solve, gap / (d * (1.0 - al)), np.nan)
     kgap[solve & np.isnan(kgap)] = np.inf  # no bound: treat as unbounded
