@@ -309,3 +309,51 @@ def test_lineage_pass_keeps_only_what_is_read_after_it():
         [(l.name, l.in_junction, l.out_junctions) for l in g2.layers]
     for l1, l2 in zip(g1.layers, g2.layers):
         np.testing.assert_array_equal(g1.node_weights(l1)[0], g2.node_weights(l2)[0])
+
+
+def test_cap_costs_caps_in_place_with_the_copy_s_values():
+    """The graph caps its own cost matrices in place (no wide-layer temporaries): the same
+    values as the copying form, which leaves its inputs alone; lengths outside ``where`` do
+    not enter the cap."""
+    from tp_curvature.problem import cap_costs
+
+    rng = np.random.default_rng(0)
+    costs = [rng.uniform(1, 5, (4, 6)) for _ in range(3)]
+    costs[0][1, 2] = costs[2][3, 0] = np.inf
+    d = rng.uniform(1, 8, (5, 6))
+    where = d < 7.0
+    d[~where] = 1e6                               # not solved: must not set the cap
+    ref = cap_costs(tuple(c.copy() for c in costs), d[where])
+    before = [c.copy() for c in costs]
+    got = cap_costs(tuple(costs), d, where=where, copy=True)
+    for c, b, r, g in zip(costs, before, ref, got):
+        np.testing.assert_array_equal(c, b)      # copy=True: inputs untouched
+        np.testing.assert_array_equal(g, r)
+    top = max(max(c[np.isfinite(c)].max() for c in costs), d[where].max())
+    assert got[0][1, 2] == got[2][3, 0] == 2 * top
+    inplace = cap_costs(tuple(costs), d, where=where, copy=False)
+    assert all(a is b for a, b in zip(inplace, costs))
+    for c, r in zip(costs, ref):
+        np.testing.assert_array_equal(c, r)
+
+
+def test_layer_problem_lengths_where_solved_and_where_existing():
+    """``length`` is d(x, y) of every existing connection, ``d_xy`` the same where solved and
+    inf elsewhere (a dead endpoint is not solved); one array when the two agree."""
+    from tp_curvature import CurvatureImportance
+
+    model = small_mlp(5)
+    with torch.no_grad():
+        model[1].weight[3].zero_()          # hidden neuron 3 of layer 1 is dead
+        model[1].bias[3] = -1.0
+    x = torch.randn(32, 12)
+    probs = list(CurvatureImportance(topk=None).calibrate(model, x).layer_problems().values())
+    for P in probs:
+        agree = bool((P.solve == np.isfinite(P.length)).all())
+        assert (P.d_xy is P.length) == agree
+        np.testing.assert_array_equal(np.isfinite(P.d_xy), P.solve)
+        np.testing.assert_array_equal(P.d_xy[P.solve], P.length[P.solve])
+        assert not np.isfinite(P.length[~P.exists]).any()
+    P = probs[1]                            # its input junction holds the dead neuron
+    assert P.d_xy is not P.length
+    assert not P.solve[3].any()

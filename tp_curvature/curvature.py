@@ -94,9 +94,10 @@ class LayerCurvature:
 
 def _lengths(strength: np.ndarray, a_src: Optional[np.ndarray], flow: bool) -> np.ndarray:
     """d = 1/s (or 1/(a_src s)); inf where there is no edge."""
-    s = strength * a_src[:, None] if flow else strength
-    with np.errstate(divide="ignore"):
-        d = np.where(s > 0, 1.0 / np.where(s > 0, s, 1.0), np.inf)
+    d = strength * a_src[:, None] if flow else np.array(strength, dtype=np.float64)
+    edge = d > 0
+    np.divide(1.0, d, out=d, where=edge)     # in place: a wide layer's matrix is tens of MB
+    d[~edge] = np.inf
     return d
 
 
@@ -245,9 +246,14 @@ def build_layer_problem(graph: ChannelGraph, layer: WeightLayer, acts: list,
         s_xw=_skip_edges(graph, [X], succs, cfg.p))
     strengths = PairStrengths(
         s_zx=s_zx, a_z=a_z, a_x=acts[X], s_xy_all=graph.junction_edges(X, Y, cfg.p),
-        s_direct=s_xy_layer[:, cols], cols=cols, a_yn=acts[Y], s_yw=s_yw, a_w=a_w,
+        s_direct=s_xy_layer if _is_identity(cols, s_xy_layer.shape[1])
+        else s_xy_layer[:, cols], cols=cols, a_yn=acts[Y], s_yw=s_yw, a_w=a_w,
         exists=exists, **skips)
     return problem_from_strengths(strengths, cfg, layer.name)
+
+
+def _is_identity(cols: np.ndarray, n: int) -> bool:
+    return cols.shape[0] == n and bool((cols == np.arange(n)).all())
 
 
 @dataclass
@@ -310,10 +316,10 @@ def problem_from_strengths(st: PairStrengths, cfg: CurvatureConfig, name: str = 
         succ_idx, succ_mass = conventions.supports(st.s_yw[st.cols], st.a_w, cfg.topk,
                                                    cfg.alpha)
     else:
-        pred_logw = _neighbour_weights(st.s_zx, st.a_z, cfg.measure, 0).T
-        pred_idx, pred_mass = _support(pred_logw, cfg.topk)
-        succ_logw = _neighbour_weights(st.s_yw, st.a_w, cfg.measure, 1)[st.cols]
-        succ_idx, succ_mass = _support(succ_logw, cfg.topk)
+        pred_idx, pred_mass = _support(_neighbour_weights(st.s_zx, st.a_z, cfg.measure, 0).T,
+                                       cfg.topk)
+        succ_idx, succ_mass = _support(
+            _neighbour_weights(st.s_yw, st.a_w, cfg.measure, 1)[st.cols], cfg.topk)
     z_used, pred_idx = _restrict(pred_idx)
     w_used, succ_idx = _restrict(succ_idx)
 
@@ -335,11 +341,13 @@ def problem_from_strengths(st: PairStrengths, cfg: CurvatureConfig, name: str = 
         c_zy_all = np.minimum(c_zy_all, close_z(_lengths(st.s_zy, st.a_z, flow_len))[z_used])
     if st.s_xw is not None:
         c_xw = np.minimum(c_xw, close_w(_lengths(st.s_xw, st.a_x, flow_len))[:, w_used])
+    del d_xy_all   # wide layers: every (n_x, n_y) matrix is freed as soon as it is used
     c_zw = np.minimum(minplus(c_zy_all, d_yw), minplus(d_zx, c_xw))
     if st.s_zw is not None:
         d = close_w(close_z(_lengths(st.s_zw, st.a_z, flow_len)))
         c_zw = np.minimum(c_zw, d[np.ix_(z_used, w_used)])
-    c_zy = c_zy_all[:, st.cols]
+    c_zy = c_zy_all if _is_identity(st.cols, c_zy_all.shape[1]) else c_zy_all[:, st.cols]
+    del c_zy_all
     d_xy = _lengths(st.s_direct, st.a_x, flow_len)
 
     live_x, live_y = st.a_x > 0, a_y > 0
@@ -347,13 +355,18 @@ def problem_from_strengths(st: PairStrengths, cfg: CurvatureConfig, name: str = 
         live_x, live_y = conventions.live_endpoints(st.a_x, a_y, st.s_zx.shape[0] == 0,
                                                     st.s_yw.shape[1] == 0)
     solve = st.exists & np.isfinite(d_xy) & live_x[:, None] & live_y[None, :]
-    c_zw, c_zy, c_xw = cap_costs((c_zw, c_zy, c_xw), d_xy[solve])
-    prob = LayerPairProblem(d_xy=np.where(solve, d_xy, np.inf), c_zw=c_zw, c_zy=c_zy,
-                            c_xw=c_xw, pred_idx=pred_idx, pred_mass=pred_mass,
-                            succ_idx=succ_idx, succ_mass=succ_mass, alpha=cfg.alpha,
-                            solve=solve, name=name, exists=st.exists,
-                            length=np.where(st.exists, d_xy, np.inf))
-    return prob
+    c_zw, c_zy, c_xw = cap_costs((c_zw, c_zy, c_xw), d_xy, where=solve, copy=False)
+    # length: d where a connection exists; d_xy: where it is solved (one array when they agree)
+    length = d_xy
+    if not st.exists.all():
+        length[~st.exists] = np.inf
+    d_solved = length
+    if (solve != np.isfinite(length)).any():
+        d_solved = np.where(solve, length, np.inf)
+    return LayerPairProblem(d_xy=d_solved, c_zw=c_zw, c_zy=c_zy, c_xw=c_xw, pred_idx=pred_idx,
+                            pred_mass=pred_mass, succ_idx=succ_idx, succ_mass=succ_mass,
+                            alpha=cfg.alpha, solve=solve, name=name, exists=st.exists,
+                            length=length)
 
 
 def solve_problem(prob: LayerPairProblem, cfg: CurvatureConfig) -> np.ndarray:

@@ -45,13 +45,23 @@ from typing import Optional
 import numpy as np
 
 
-def cap_costs(costs: tuple, d_solved: np.ndarray) -> tuple:
+def cap_costs(costs: tuple, d_solved: np.ndarray, where: Optional[np.ndarray] = None,
+              copy: bool = True) -> tuple:
     """Each cost matrix of ``costs`` with its infinite entries (pairs no forward path joins)
     set to the cap, twice the largest finite cost among ``costs`` and the lengths of the
-    connections to solve (``d_solved``), so every transport problem is well posed."""
-    finite = [c[np.isfinite(c)] for c in (*costs, d_solved)]
-    cap = 2.0 * max((f.max() for f in finite if f.size), default=1.0)
-    return tuple(np.where(np.isfinite(c), c, cap) for c in costs)
+    connections to solve (``d_solved``, or its entries where ``where`` is True), so every
+    transport problem is well posed. ``copy=False`` caps the matrices in place (the caller
+    owns them; no temporaries: a wide layer pair's are tens of MB each)."""
+    top = -np.inf
+    for c, w in [(c, None) for c in costs] + [(d_solved, where)]:
+        ok = np.isfinite(c) if w is None else np.isfinite(c) & w
+        top = max(top, float(np.max(c, where=ok, initial=-np.inf)))
+    cap = 2.0 * top if np.isfinite(top) else 2.0
+    if copy:
+        return tuple(np.where(np.isfinite(c), c, cap) for c in costs)
+    for c in costs:
+        c[~np.isfinite(c)] = cap
+    return costs
 
 
 def kappa_from_w1(w1: np.ndarray, d_xy: np.ndarray, alpha: float) -> np.ndarray:

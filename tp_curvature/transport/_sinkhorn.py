@@ -80,7 +80,7 @@ from ._prepare import eps_levels, make_chunks, prepare, stage_kernels, trim_cost
 from ._primitives import F64, LOG, MAXITER
 
 COARSE_TOL = 0.1  # L1 marginal tolerance of the eps-scaling (coarse) stage
-KERNEL_BYTES = 64 << 20  # memory for the per-level kernels of one parallel call
+KERNEL_BYTES = 16 << 20  # memory for the per-level kernels of one parallel call
 PATHS = {"float32": 0, "float64": 1, "log": 2}
 ROUND_REL = 1e-5  # float32 rounding of a returned cost, relative (measured <= 3e-7)
 TRIM_SHARE = 0.1  # share of kappa_tol left to the mass_tol trimming term of the certificate
