@@ -105,11 +105,13 @@ def rowcol_kernels(e, fr, cn, kxw, kzy, floor):
 
 
 @jit
-def run_stages(Ks, KsT, gat, cfg, cn, a, b, fr, wk, half, big, floor):
+def run_stages(Ks, KsT, gat, cfg, cn, a, b, fr, wk, half, big, floor, warm):
     """Run the eps stages of one problem; stage ``s`` uses the kernel ``Ks[s]`` (``gat.on``:
     ``Ks[s][zi][:, wi]``, copied into the workspace). Between stages the scalings and the row
-    / column kernels become their power ``eps[s-1] / eps[s]``. Returns (iterations, status,
-    block of the last stage, corner kernel)."""
+    / column kernels become their power ``eps[s-1] / eps[s]``. ``warm``: ``wk.u`` holds
+    scalings of the last stage (a warm start): only the last stage runs, starting from
+    ``v = b / K^T u``. Returns (iterations, status, block of the last stage, corner
+    kernel)."""
     zi = gat.zi
     wi = gat.wi
     kz = cn.kz
@@ -125,7 +127,8 @@ def run_stages(Ks, KsT, gat, cfg, cn, a, b, fr, wk, half, big, floor):
     BT = KsT[0]
     kxy = 1.0
     S = eps_st.shape[0]
-    for s in range(S):
+    s0 = S - 1 if warm else 0
+    for s in range(s0, S):
         e = eps_st[s]
         if gat.on:
             B = gat.Bws[: kz * kw].reshape((kz, kw))
@@ -140,7 +143,7 @@ def run_stages(Ks, KsT, gat, cfg, cn, a, b, fr, wk, half, big, floor):
         else:
             B = Ks[s]
             BT = KsT[s]
-        if s > 0:
+        if s > s0:
             # next stage: u = exp(df / e) -> u ** p, row/column kernels -> k ** p
             p, ip = stage_power(eps_st[s - 1], e)
             pow_inplace(u, kz + 1, p, ip, 0.0)
@@ -150,12 +153,38 @@ def run_stages(Ks, KsT, gat, cfg, cn, a, b, fr, wk, half, big, floor):
             kxy = kxy ** p
         else:
             kxy = rowcol_kernels(e, fr, cn, kxw, kzy, floor)
+            if warm:
+                _v_from_u(B, kzy, kxw, kxw.dtype.type(kxy), u, b, v, wk.ktu)
         its, status = sinkhorn_kernel(B, BT, kxw.dtype.type(kxy), a, b, wk, cfg.tol[s],
                                       cfg.max_iter, cfg.omega, half, big)
         total += its
         if status == OVERFLOW:
             break
     return total, status, B, kxy
+
+
+@jit
+def _v_from_u(B, kzy, kxw, kxy, u, b, v, ktu):
+    """``v = b / K^T u`` (0 where ``K^T u`` is 0), the column half-step of a warm start."""
+    aug_rmatvec(B, kzy, kxw, kxy, u, ktu)
+    for j in range(B.shape[1] + 1):
+        t = ktu[j]
+        v[j] = b[j] / t if t > 0.0 else b[j] - b[j]
+
+
+@jit
+def _warm_u(u, uprev, kz, fx_prev, fx, e):
+    """Scalings of the previous connection out of the same x as a start: the z entries are
+    relative to the shared potentials (the same), x's to its c-transform potential ``fx``,
+    which depends on y: ``u_x = u'_x exp((fx' - fx) / e)``. False if that leaves the safe
+    range (then a cold start)."""
+    t = (fx_prev - fx) / e
+    if not (abs(t) < 20.0) or not (uprev[kz] > 0.0):
+        return False
+    for i in range(kz):
+        u[i] = uprev[i]
+    u[kz] = uprev[kz] * math.exp(t)
+    return True
 
 
 @jit
@@ -213,6 +242,9 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
     u = wk.u
     v = wk.v
     wa, wb, wa32, wb32, cz32, cw32, rx32, cy32, ec32, Cws32 = ws
+    uprev = np.empty_like(u)
+    prev_x = -1
+    prev_fx = 0.0
     for k in range(xs.shape[0]):
         x = xs[k]
         y = ys[k]
@@ -239,16 +271,23 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
             for i in range(kz):
                 for j in range(kw):
                     Cb32[i, j] = C[zi[i], wi[j]]
-        # ---- float32 on the shared kernels
-        u[: kz + 1] = 1.0
+        # ---- float32 on the shared kernels (warm: from the previous connection out of x)
+        warm = cfg.warm and x == prev_x and _warm_u(u, uprev, kz, prev_fx, fx, eps_st[S - 1])
+        if not warm:
+            u[: kz + 1] = 1.0
         v[: kw + 1] = 1.0
         status = OVERFLOW
+        prev_x = -1
         if path == 0:
             its, status, B, kxy = run_stages(
                 Ks, KsT, gat, cfg, cn, wa32[: kz + 1], wb32[: kw + 1], fr, wk, np.float32(0.5),
-                np.float32(1e37), np.float32(F32_FLOOR))
+                np.float32(1e37), np.float32(F32_FLOOR), warm)
             total = its
             if status != OVERFLOW and uv_max_product(u, kz + 1, 0.0, v, kw + 1, 0.0) <= F32_UVMAX:
+                for i in range(kz + 1):
+                    uprev[i] = u[i]
+                prev_x = x
+                prev_fx = fx
                 w1 = rounded_cost(Augmented(B, wk.kzy, wk.kxw, np.float32(kxy)),
                                   Augmented(Cb32, cz32, cw32, np.float32(d)), wa32[: kz + 1],
                                   wb32[: kw + 1], u, v, rx32, cy32, ec32)
@@ -309,7 +348,7 @@ def _fallback(x, y, C, eps_st, cfg, cn, zi, wi, fr, wa, wb, path):
                     np.empty(kw + 1), np.empty(kz + 1))
         gat64 = Gather(kz < 0, np.arange(kz), np.arange(kw), K64[0].ravel(), K64T[0].ravel())
         its, status, B64, kxy = run_stages(K64, K64T, gat64, cfg, cn, wa[: kz + 1],
-                                           wb[: kw + 1], fr, wk64, 0.5, 1e300, 0.0)
+                                           wb[: kw + 1], fr, wk64, 0.5, 1e300, 0.0, kz < 0)
         total += its
         if status != OVERFLOW:
             w1 = rounded_cost(Augmented(B64, wk64.kzy, wk64.kxw, kxy), Augmented(Cb, cz, cw, d),

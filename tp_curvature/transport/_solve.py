@@ -36,6 +36,7 @@ def solve_w1(
     precision: str = "float32",
     kappa_tol: float | None = DEFAULTS["kappa_tol"],
     half_idleness: bool = True,
+    warm_start: bool = True,
     slice_connections: int | None = DEFAULTS["slice_connections"],
     validate: bool = True,
     log: bool = False,
@@ -118,6 +119,11 @@ def solve_w1(
         and map its W1 back exactly (:func:`at_half_idleness`; kappa does not depend on alpha
         in [1/2, 1)), which divides the kappa error of the solution by ``2 (1 - alpha)``
         relative to solving at alpha (default True; False solves at alpha, for comparison).
+    warm_start : bool
+        ``"sinkhorn"``, problems solved one at a time (ragged supports): start each from the
+        previous connection out of the same x (its row scalings, at the final eps) instead of
+        from the shared potentials (default True; about half the iterations). Values change
+        within the solver's accuracy, and are certified the same way.
     slice_connections : int or None
         ``"sinkhorn"``: solve a layer pair with more connections than this in slices of Y
         columns of about this many connections each (:meth:`LayerPairProblem.columns`), so the
@@ -164,7 +170,7 @@ def solve_w1(
         if slice_connections is not None and not slice_connections >= 1:
             raise ValueError(f"slice_connections must be >= 1 or None, got {slice_connections}")
         opts = EngineOptions(eps, tol, max_iter, omega, eps_scaling, levels, mass_tol,
-                             int(batch), chunk_rows, precision)
+                             int(batch), chunk_rows, precision, bool(warm_start))
         half = half_idleness and problem.alpha > HALF
         W, info = _sliced(at_half_idleness(problem) if half else problem, opts, progress,
                           kappa_tol, slice_connections)
