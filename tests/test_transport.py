@@ -627,3 +627,32 @@ def test_warm_starts_cut_iterations_and_stay_certified():
         err = _kappa_err(W, We, P)[m]
         assert err.max() <= DEFAULTS["kappa_tol"]
         assert (err <= lg["kappa_gap"][m] + 1e-12).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dual_bound_is_a_lower_bound_and_exact_at_optimal_potentials(seed):
+    """The certificate's lower bound, on augmented problems with zero-mass atoms: never above
+    W1 whatever the row potentials (random ones, some non-finite), and equal to W1 from the
+    optimal potentials (the double c-transform of an optimal dual is optimal)."""
+    from tp_curvature.transport._primitives import dual_bound
+
+    rng = np.random.default_rng(seed)
+    kz, kw = 6, 5
+    Cb = rng.uniform(1, 10, (kz, kw))
+    cz, cw, d = rng.uniform(1, 10, kz), rng.uniform(1, 10, kw), float(rng.uniform(1, 10))
+    a = np.r_[rng.dirichlet(np.ones(kz)) * 0.5, 0.5]
+    b = np.r_[rng.dirichlet(np.ones(kw)) * 0.5, 0.5]
+    a[rng.choice(kz, 2, replace=False)] = 0.0          # zero-mass atoms (padding, trimmed)
+    b[rng.choice(kw, 1)] = 0.0
+    a /= a.sum()
+    b /= b.sum()
+    M = np.block([[Cb, cz[:, None]], [cw[None, :], np.array([[d]])]])
+    w1, lg = ot.emd2(a, b, M, log=True)
+    lb = dual_bound(Cb, cz, cw, d, a, b, np.asarray(lg["u"], float), np.empty(kw + 1))
+    assert lb == pytest.approx(w1, rel=1e-9, abs=1e-12)
+    for _ in range(5):
+        f = rng.normal(0, 5, kz + 1)
+        f[rng.choice(kz + 1, 2, replace=False)] = rng.choice([-np.inf, np.inf, np.nan])
+        lb = dual_bound(Cb, cz, cw, d, a, b, f, np.empty(kw + 1))
+        assert np.isfinite(lb) or lb == -np.inf
+        assert lb <= w1 + 1e-9

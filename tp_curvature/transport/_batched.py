@@ -233,8 +233,6 @@ def batch_core(slots, who, nb, kern, CT, costs, meas, cfg, fast_exp, floor, uvma
     gws = np.empty(kw + 1)
     a64 = np.empty(kz + 1)
     b64 = np.empty(kw + 1)
-    ar_z = np.arange(kz)
-    ar_w = np.arange(kw)
     e_last = eps_st[S - 1]
     for r in range(nb):
         if st[r] == OVERFLOW:
@@ -249,8 +247,7 @@ def batch_core(slots, who, nb, kern, CT, costs, meas, cfg, fast_exp, floor, uvma
             b64[j] = (1.0 - alpha) * meas.sm[y, j]
         b64[kw] = alpha
         scaled_potentials(fpot, fz, FX[q], U[r], Ux[r], kz, e_last)
-        LBr[r] = dual_bound(costs.C, ar_z, ar_w, czyT[y], cxw_u[x], dxy[x, y], a64, b64, fpot,
-                            gws)
+        LBr[r] = dual_bound(costs.C, czyT[y], cxw_u[x], dxy[x, y], a64, b64, fpot, gws)
     # ---- rounding (Altschuler) and cost of all rows at once: 4 matrix products
     B = Ks[S - 1]
     BT = KsT[S - 1]
@@ -461,7 +458,7 @@ def run_chunk(k0, k1, kern, costs, meas, cfg, cx, cy, outs):
     fr = Frame(np.empty(KZ), np.empty(KZ), np.empty(KW), np.empty(KW))
     ws = Workspace(np.empty(KZ + 1), np.empty(KW + 1), np.empty(KZ + 1, f4), np.empty(KW + 1, f4),
                    np.empty(KZ, f4), np.empty(KW, f4), np.empty(KZ + 1, f4), np.empty(KW + 1, f4),
-                   np.empty(KW + 1, f4), np.empty(nb, f4))
+                   np.empty(KW + 1, f4), np.empty(nb, f4), np.empty(nb))
     if cfg.uniform and cfg.path <= 1:
         batch_uniform(cx[k0:k1], cy[k0:k1], kern, costs, meas, cfg, outs, wk, gat, fr, ws)
     else:

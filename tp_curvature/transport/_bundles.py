@@ -65,9 +65,9 @@ Gather = namedtuple("Gather", "on zi wi Bws BTws")
 
 #: The other workspaces of a chunk: masses ``wa``, ``wb`` (float64) and ``wa32``, ``wb32``;
 #: float32 costs ``cz32``, ``cw32``; rounding ``rx32``, ``cy32``, ``ec32``; cost block
-#: ``Cws32``.
+#: ``Cws32`` (float32, rounding) and ``Cws64`` (float64, certificate).
 #:
 #: Bundles are built once per chunk and unpacked once per call: in Numba every array in a
 #: bundle is reference-counted when the bundle is built or passed to a (not inlined) function,
 #: so hot functions take small bundles.
-Workspace = namedtuple("Workspace", "wa wb wa32 wb32 cz32 cw32 rx32 cy32 ec32 Cws32")
+Workspace = namedtuple("Workspace", "wa wb wa32 wb32 cz32 cw32 rx32 cy32 ec32 Cws32 Cws64")

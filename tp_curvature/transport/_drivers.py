@@ -241,7 +241,7 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
     gwl = fr.gw
     u = wk.u
     v = wk.v
-    wa, wb, wa32, wb32, cz32, cw32, rx32, cy32, ec32, Cws32 = ws
+    wa, wb, wa32, wb32, cz32, cw32, rx32, cy32, ec32, Cws32, Cws64 = ws
     uprev = np.empty_like(u)
     prev_x = -1
     prev_fx = 0.0
@@ -263,14 +263,19 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
         fx, gy = c_transform(cz, fzl, kz, cw, gwl, kw, d)
         cn = Conn(kz, kw, d, fx, gy)
         total = 0
-        # cost block (float32)
+        # cost block, float64 (certificate) and float32 (rounding): gathered once
         if uniform:
+            Cb = C
             Cb32 = C32
         else:
+            Cb = Cws64[: kz * kw].reshape((kz, kw))
             Cb32 = Cws32[: kz * kw].reshape((kz, kw))
             for i in range(kz):
+                zr = zi[i]
                 for j in range(kw):
-                    Cb32[i, j] = C[zi[i], wi[j]]
+                    c = C[zr, wi[j]]
+                    Cb[i, j] = c
+                    Cb32[i, j] = c
         # ---- float32 on the shared kernels (warm: from the previous connection out of x)
         warm = cfg.warm and x == prev_x and _warm_u(u, uprev, kz, prev_fx, fx, eps_st[S - 1])
         if not warm:
@@ -296,8 +301,8 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
                     iters[x, y] = total
                     status_out[x, y] = status
                     scaled_potentials(fpot, fzl, fx, u, u[kz], kz, eps_st[S - 1])
-                    lower[x, y] = dual_bound(C, zi, wi, cz, cw, d, wa[: kz + 1], wb[: kw + 1],
-                                             fpot, gws)
+                    lower[x, y] = dual_bound(Cb, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot,
+                                             gws)
                     continue
         w1, lb, its, st = _fallback(x, y, C, eps_st, cfg, cn, zi, wi, fr, wa, wb, path)
         out[x, y] = w1
@@ -357,7 +362,7 @@ def _fallback(x, y, C, eps_st, cfg, cn, zi, wi, fr, wa, wb, path):
             if math.isfinite(w1):
                 fpot = np.empty(kz + 1)
                 scaled_potentials(fpot, fzl, fx, wk64.u, wk64.u[kz], kz, eps_st[S - 1])
-                lb = dual_bound(C, zi, wi, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot,
+                lb = dual_bound(Cb, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot,
                                 np.empty(kw + 1))
                 return w1, lb, total, F64 + status
     # ---- log domain on the reduced costs
@@ -369,7 +374,7 @@ def _fallback(x, y, C, eps_st, cfg, cn, zi, wi, fr, wa, wb, path):
     for i in range(kz):
         fpot[i] = fzl[i] + f_red[i]
     fpot[kz] = fx + f_red[kz]
-    lb = dual_bound(C, zi, wi, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot, np.empty(kw + 1))
+    lb = dual_bound(Cb, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot, np.empty(kw + 1))
     # undo the potential shift: <T, M_red> = <T, M> - <a, f> - <b, g> for T in U(a, b)
     shift = wa[kz] * fx + wb[kw] * gy
     for i in range(kz):

@@ -164,16 +164,16 @@ def rounded_cost(K, M, a, b, u, v, rx, cy, ec):
 
 
 @jit
-def dual_bound(C, zi, wi, cz, cw, d, a, b, f, g):
+def dual_bound(Cb, cz, cw, d, a, b, f, g):
     r"""Weak-duality lower bound of :math:`W_1` from the row potentials ``f`` (kz+1 entries).
 
-    The cost is the augmented :math:`M` with block ``C[zi[i], wi[j]]``, column ``cz`` (to y),
-    row ``cw`` (from x) and corner ``d``; ``a`` / ``b`` are the row / column masses (float64,
-    kz+1 / kw+1 entries, last: x / y). Only positive-mass atoms enter (a zero-mass atom carries
-    no flow, so the LP has no constraint on it: padding and dropped atoms are ignored). With
-    :math:`g'_j = \min_{i: a_i > 0} (M_{ij} - f_i)` and :math:`f'_i = \min_{j: b_j > 0}
-    (M_{ij} - g'_j) \ge f_i` (the double c-transform), :math:`f'_i + g'_j \le M_{ij}`, so for
-    every plan :math:`T \in U(a, b)`
+    The cost is the augmented :math:`M` with block ``Cb`` (kz, kw; contiguous), column ``cz``
+    (to y), row ``cw`` (from x) and corner ``d``; ``a`` / ``b`` are the row / column masses
+    (float64, kz+1 / kw+1 entries, last: x / y). Only positive-mass atoms enter (a zero-mass
+    atom carries no flow, so the LP has no constraint on it: padding and dropped atoms are
+    ignored). With :math:`g'_j = \min_{i: a_i > 0} (M_{ij} - f_i)` and :math:`f'_i =
+    \min_{j: b_j > 0} (M_{ij} - g'_j) \ge f_i` (the double c-transform), :math:`f'_i + g'_j
+    \le M_{ij}`, so for every plan :math:`T \in U(a, b)`
 
     .. math::
 
@@ -182,49 +182,50 @@ def dual_bound(C, zi, wi, cz, cw, d, a, b, f, g):
 
     whatever ``f`` is. Rows with a non-finite potential (an underflowed scaling) are left out
     of :math:`g'` and get theirs from :math:`f' = g'^c` (still feasible). Returns LB
-    (``-inf`` if no finite :math:`g'` exists). ``g`` is a workspace (kw+1 entries).
+    (``-inf`` if no finite :math:`g'` exists). ``g`` is a workspace (kw+1 entries). Left-out
+    rows and columns enter the minima as potentials :math:`-\infty` (their terms are
+    :math:`+\infty`), so the loops over the block have no branches.
     """
     kz = a.shape[0] - 1
     kw = b.shape[0] - 1
+    ninf = -np.inf
     # g' = c-transform of f over the positive-mass rows with a finite potential (x row first)
-    ax = a[kz] > 0.0 and math.isfinite(f[kz])
-    fx = f[kz]
+    fx = f[kz] if a[kz] > 0.0 and math.isfinite(f[kz]) else ninf
     for j in range(kw):
-        g[j] = cw[j] - fx if ax else np.inf
-    g[kw] = d - fx if ax else np.inf
+        g[j] = cw[j] - fx
+    g[kw] = d - fx
     for i in range(kz):
         if a[i] > 0.0 and math.isfinite(f[i]):
             fi = f[i]
-            zr = zi[i]
             for j in range(kw):
-                t = C[zr, wi[j]] - fi
+                t = Cb[i, j] - fi
                 g[j] = t if t < g[j] else g[j]
             t = cz[i] - fi
             g[kw] = t if t < g[kw] else g[kw]
-    for j in range(kw + 1):
-        if b[j] > 0.0 and not g[j] < np.inf:
-            return -np.inf
-    # f' = c-transform of g' over the positive-mass columns, and the bound
+    # the bound's column part; zero-mass columns leave the next c-transform (g = -inf)
     lb = 0.0
     for j in range(kw + 1):
         if b[j] > 0.0:
+            if not g[j] < np.inf:
+                return ninf
             lb += b[j] * g[j]
-    for i in range(kz + 1):
+        else:
+            g[j] = ninf
+    # f' = c-transform of g' over the positive-mass columns
+    gy = g[kw]
+    for i in range(kz):
         if a[i] > 0.0:
-            if i < kz:
-                zr = zi[i]
-                t = cz[i] - g[kw] if b[kw] > 0.0 else np.inf
-                for j in range(kw):
-                    if b[j] > 0.0:
-                        c = C[zr, wi[j]] - g[j]
-                        t = c if c < t else t
-            else:
-                t = d - g[kw] if b[kw] > 0.0 else np.inf
-                for j in range(kw):
-                    if b[j] > 0.0:
-                        c = cw[j] - g[j]
-                        t = c if c < t else t
+            t = cz[i] - gy
+            for j in range(kw):
+                c = Cb[i, j] - g[j]
+                t = c if c < t else t
             lb += a[i] * t
+    if a[kz] > 0.0:
+        t = d - gy
+        for j in range(kw):
+            c = cw[j] - g[j]
+            t = c if c < t else t
+        lb += a[kz] * t
     return lb
 
 
