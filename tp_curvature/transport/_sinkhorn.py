@@ -113,7 +113,7 @@ class EngineOptions(NamedTuple):
 
 
 def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
-                     kappa_tol=None, refine: bool = True):
+                     kappa_tol=None, refine: bool = True, top=None):
     """W1 of every connection of ``problem`` with the Numba engine, certified (see
     :func:`certify`); returns (W, log dict).
 
@@ -122,13 +122,16 @@ def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
     directly) are first solved again by the engine at ``REFINE_EPS * eps`` and
     ``REFINE_EPS * tol`` in float64 (the smaller entropic bias tightens both sides of the
     bound); each connection keeps the value with the smaller certified bound, and only those
-    still above ``kappa_tol`` go to the exact solver.
+    still above ``kappa_tol`` go to the exact solver. ``top``: the per-connection cost bounds
+    of :func:`~._prepare.trim_cost_bounds` if already known (they depend on the costs and
+    supports only, not on ``solve``: the refinement pass reuses the first pass's).
     """
     n_x, n_y = problem.d_xy.shape
     outs = Outputs(np.full((n_x, n_y), np.nan), np.zeros((n_x, n_y), np.int64),
                    np.zeros((n_x, n_y), np.int64), np.full((n_x, n_y), np.nan))
     t0 = time.perf_counter()
-    top = trim_cost_bounds(problem) if kappa_tol is not None and opts.mass_tol > 0 else None
+    if top is None and kappa_tol is not None and opts.mass_tol > 0:
+        top = trim_cost_bounds(problem)
     mass_tol_eff = _trimming_tolerance(problem, opts.mass_tol, kappa_tol, top)
     prep = prepare(problem, mass_tol_eff)
     t_prep = time.perf_counter() - t0
@@ -139,7 +142,7 @@ def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
     kgap, _ = certify(problem, prep, outs, None, top)
     n_refined = n_exact = 0
     if kappa_tol is not None and refine:
-        n_refined, n_exact = _refine(problem, opts, outs, kgap, kappa_tol)
+        n_refined, n_exact = _refine(problem, opts, outs, kgap, kappa_tol, top)
     n_exact += exact_fallback(problem, outs, kgap, kappa_tol)
     st = outs.status[problem.solve]
     its = outs.iters[problem.solve]
@@ -220,7 +223,7 @@ def _solve_levels(problem, prep, opts: EngineOptions, outs, progress: bool) -> N
         bar.close()
 
 
-def _refine(problem, opts: EngineOptions, outs, kgap, kappa_tol) -> tuple:
+def _refine(problem, opts: EngineOptions, outs, kgap, kappa_tol, top) -> tuple:
     """Solve the connections whose bound exceeds ``kappa_tol`` again at ``REFINE_EPS`` times
     eps and tol in float64; each keeps the value with the smaller bound (``outs`` and ``kgap``
     updated in place). Returns (number refined, number the refinement re-solved exactly)."""
@@ -231,7 +234,7 @@ def _refine(problem, opts: EngineOptions, outs, kgap, kappa_tol) -> tuple:
     fine = opts._replace(eps=REFINE_EPS * opts.eps, tol=REFINE_EPS * opts.tol,
                          precision="float64")
     w2, log2 = sinkhorn_backend(replace(problem, solve=bad), fine, False, kappa_tol,
-                                refine=False)
+                                refine=False, top=top)
     # the refinement pass itself re-solves exactly what it cannot certify
     better = bad & (log2["kappa_gap"] < kgap)
     outs.out[better] = w2[better]
