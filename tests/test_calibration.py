@@ -122,6 +122,31 @@ def test_node_value_std_keeps_a_spread_far_below_the_mean():
                            rtol=1e-2)
 
 
+@pytest.mark.parametrize("statistic", ["std", "mean_abs"])
+def test_node_statistics_leave_out_masked_positions(statistic):
+    """A junction whose rows without a node are masked (a class-token row): both statistics
+    are taken over the valid positions only, over batches of different sizes, equal to a
+    float64 reference; masked positions holding huge values change nothing."""
+    from types import SimpleNamespace
+    from tp_curvature.calibration import NodeStatistics
+    from tp_curvature.graph import Junction
+    valid = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0]).reshape(5, 1)       # (tokens, 1)
+    j = Junction(index=0, name="tokens", n_nodes=3, channel_dims=(2,),
+                 node_ids=torch.tensor([0, 1, 2, 0]), valid=valid)   # features 0, 3: node 0
+    stats = NodeStatistics(SimpleNamespace(junctions=[j]), statistic)
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(n, 5, 4, generator=g) * torch.tensor([1.0, 2.0, 0.5, 3.0]) + 0.7
+               for n in (6, 3)]
+    for b in batches:
+        b[:, 0] = 1e6                                   # the masked row
+        stats.observe(0, b)
+    x = torch.cat(batches)[:, 1:].double()              # valid rows: (9, 4, 4)
+    per_node = [torch.cat([x[..., 0].reshape(-1), x[..., 3].reshape(-1)]),
+                x[..., 1].reshape(-1), x[..., 2].reshape(-1)]
+    want = [v.std(unbiased=False) if statistic == "std" else v.abs().mean() for v in per_node]
+    np.testing.assert_allclose(stats.values()[0], torch.stack(want).numpy(), rtol=1e-5)
+
+
 def test_node_value_is_validated():
     with pytest.raises(ValueError, match="node_value"):
         connection_curvature(small_mlp(), torch.randn(4, 12), node_value="median")

@@ -294,7 +294,8 @@ def _global_state():
             "torch", "torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes",
             "torch._dynamo")},
         hooks=(len(torch.nn.modules.module._global_forward_hooks),
-               len(torch.nn.modules.module._global_forward_pre_hooks)))
+               len(torch.nn.modules.module._global_forward_pre_hooks)),
+        fx_stack_traces=torch.fx.config.do_not_emit_stack_traces)
 
 
 def _assert_same_state(a, b):

@@ -144,6 +144,19 @@ def _quiet_tracer():
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _no_stack_traces():
+    """Let the tracer skip recording a Python stack trace per fx node (the library reads
+    none; 5-15% of a ResNet-56 export); the flag is restored."""
+    import torch.fx.config as fx_config
+    old = fx_config.do_not_emit_stack_traces
+    fx_config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        fx_config.do_not_emit_stack_traces = old
+
+
 def op_name(target) -> str:
     """ATen op name without namespace/overload (``aten.view.default`` -> ``view``)."""
     if isinstance(target, torch._ops.OpOverload):
@@ -319,7 +332,7 @@ def export_program(model: nn.Module, batch, forward_fn: Callable) -> Program:
     sized = batch_size(batch) is not None
     errors = []
     with eval_mode(model), torch.no_grad():
-        with hooks_detached(model), _quiet_tracer():
+        with hooks_detached(model), _quiet_tracer(), _no_stack_traces():
             for kind in (("dynamic", "static", "draft") if sized else ("static", "draft")):
                 try:
                     program = _attempt(wrapper, batch, kind, sized)

@@ -468,9 +468,9 @@ def calibrate(model: nn.Module, data: "CalibrationData", config: CurvatureConfig
 
 # ------------------------------------------------------------------------------ observers
 class NodeStatistics:
-    """Running per-node sums (float64) at every junction of ``graph``: ``sum |x|`` and the
-    number of values, and with ``statistic="std"`` also ``sum x`` and ``sum x^2``, over the
-    batch and every position outside the junction's channel dims.
+    """Running per-node sums (float64) at every junction of ``graph``: the number of values
+    and ``sum |x|`` (``statistic="mean_abs"``) or ``sum x`` and ``sum x^2`` (``"std"``), over
+    the batch and every position outside the junction's channel dims.
 
     Each batch is reduced in its own floating dtype (float32 for float32 / half activations,
     float64 for float64 ones; torch's sums are pairwise) and only per-feature sums enter the
@@ -486,7 +486,7 @@ class NodeStatistics:
         self.graph = graph
         self.spread = statistic == "std"
         sizes = [j.n_nodes for j in graph.junctions]
-        self.abs_sum = [np.zeros(n) for n in sizes]
+        self.abs_sum = None if self.spread else [np.zeros(n) for n in sizes]
         self.count = [np.zeros(n) for n in sizes]
         self.sum = [np.zeros(n) for n in sizes] if self.spread else None
         self.sq_sum = [np.zeros(n) for n in sizes] if self.spread else None
@@ -505,8 +505,11 @@ class NodeStatistics:
             x = x.float()
         other = [d for d in range(x.dim()) if d not in j.channel_dims]
         mask = _validity(j, x)
-        a = x.abs() if mask is None else x.abs() * mask
-        feat_t = _per_feature(a, other)
+        xm = x if mask is None else x * mask
+        # per feature: sum x (the spread's first moment) or sum |x|; a NaN / inf makes it
+        # non-finite either way
+        s = (xm if self.spread else xm.abs()).sum(other, keepdim=True) if other else xm
+        feat_t = s.reshape([n for d, n in enumerate(x.shape) if d not in other])
         if not torch.isfinite(feat_t).all():
             raise CalibrationError(
                 f"non-finite (NaN/inf) activations at the input of {self._where(j)}: check the "
@@ -516,30 +519,31 @@ class NodeStatistics:
                 f"{self._where(j)}: a batch gave {tuple(feat_t.shape)} channels where the traced "
                 f"graph has {tuple(j.node_ids.shape)}; every calibration batch must have the "
                 "same shape beyond the batch dimension")
-        feat = _numpy(feat_t).astype(np.float64)
         if mask is None:
             n_other = int(np.prod([x.shape[d] for d in other])) if other else 1
-            cnt = np.full(feat.size, float(n_other))
+            cnt = np.full(feat_t.numel(), float(n_other))
         else:
             cnt = _numpy(_per_feature(mask.expand(x.shape), other)).astype(np.float64)
         g = j.group
         ok = g >= 0
-        np.add.at(self.abs_sum[index], g[ok], feat[ok])
         np.add.at(self.count[index], g[ok], cnt[ok])
         if self.spread:
-            self._add_moments(index, x, mask, other, cnt)
+            self._add_moments(index, x, mask, other, s, cnt)
+        else:
+            np.add.at(self.abs_sum[index], g[ok], _numpy(feat_t).astype(np.float64)[ok])
 
-    def _add_moments(self, index: int, x: torch.Tensor, mask, other: list,
+    def _add_moments(self, index: int, x: torch.Tensor, mask, other: list, s: torch.Tensor,
                      cnt: np.ndarray) -> None:
-        """Add ``sum x`` and ``sum x^2`` of one batch (through its centred second moment)."""
+        """Add ``sum x`` and ``sum x^2`` of one batch (through its centred second moment);
+        ``s``: the per-feature ``sum x`` (dims ``other`` kept)."""
         g = self.graph.junctions[index].group
         ok = g >= 0
-        xm = x if mask is None else x * mask
-        s = xm.sum(other, keepdim=True) if other else xm
         n = torch.from_numpy(cnt).to(x.dtype).reshape(s.shape).clamp_min(1.0)
         m = s / n                                   # the feature's batch mean, x's dtype
-        c = x - m if mask is None else (x - m) * mask
-        q = _numpy(_per_feature(c * c, other)).astype(np.float64)
+        c = x - m                                   # one full-size temporary, squared in place
+        if mask is not None:
+            c.mul_(mask)
+        q = _numpy(_per_feature(c.square_(), other)).astype(np.float64)
         m64 = _numpy(m).astype(np.float64)
         np.add.at(self.sum[index], g[ok], (cnt * m64)[ok])
         np.add.at(self.sq_sum[index], g[ok], (q + cnt * m64 * m64)[ok])
@@ -556,12 +560,12 @@ class NodeStatistics:
         the spread (a variance below 1e-12 of the mean square, under float32 resolution, is
         0)."""
         out = []
-        for j, s, c in zip(self.graph.junctions, self.abs_sum, self.count):
+        for j, c in zip(self.graph.junctions, self.count):
             if j.n_nodes and not (c > 0).any():
                 raise CalibrationError(f"junction {j.name!r} saw no activation during "
                                        "calibration")
             if not self.spread:
-                out.append(_mean(s, c))
+                out.append(_mean(self.abs_sum[j.index], c))
                 continue
             m1, m2 = _mean(self.sum[j.index], c), _mean(self.sq_sum[j.index], c)
             var = m2 - m1 * m1

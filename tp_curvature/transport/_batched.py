@@ -454,7 +454,7 @@ def run_chunk(k0, k1, kern, costs, meas, cfg, cx, cy, outs):
     wk = Work(np.ones(KZ + 1, f4), np.ones(KW + 1, f4), np.empty(KW, f4), np.empty(KZ, f4),
               np.empty(KW + 1, f4), np.empty(KZ + 1, f4))
     gat = Gather(not cfg.uniform, np.empty(KZ, np.int64), np.empty(KW, np.int64),
-                 np.empty(nb, f4), np.empty(nb, f4))
+                 np.empty(nb, f4))
     fr = Frame(np.empty(KZ), np.empty(KZ), np.empty(KW), np.empty(KW))
     ws = Workspace(np.empty(KZ + 1), np.empty(KW + 1), np.empty(KZ + 1, f4), np.empty(KW + 1, f4),
                    np.empty(KZ, f4), np.empty(KW, f4), np.empty(KZ + 1, f4), np.empty(KW + 1, f4),

@@ -60,8 +60,8 @@ Frame = namedtuple("Frame", "cz fz cw gw")
 Work = namedtuple("Work", "u v kxw kzy ktu kv")
 
 #: Gathering of a ragged problem's block from the stage kernels: ``on`` (else the stage kernel
-#: is the block itself), local atoms ``zi`` / ``wi``, flat workspaces ``Bws`` / ``BTws``.
-Gather = namedtuple("Gather", "on zi wi Bws BTws")
+#: is the block itself), local atoms ``zi`` / ``wi``, flat workspace ``Bws``.
+Gather = namedtuple("Gather", "on zi wi Bws")
 
 #: The other workspaces of a chunk: masses ``wa``, ``wb`` (float64) and ``wa32``, ``wb32``;
 #: float32 costs ``cz32``, ``cw32``; rounding ``rx32``, ``cy32``, ``ec32``; cost block

@@ -21,25 +21,37 @@ from ._primitives import (F32_FLOOR, F32_UVMAX, F64, LOG, MAXITER, OK, OVERFLOW,
 
 
 @jit
-def _checked_relax(u, mass, s, omega, half, big):
-    """Update of one scaling with marginal ``mass`` and product ``s`` (= (K v)_i): relaxed
-    towards ``mass / s`` if ``0 < s < big``, 0 for a zero mass, else (u, False): overflow."""
-    if s > 0.0 and s < big:
-        return relax(u, mass / s, omega, half), True
-    if mass == 0.0:
-        return (half - half) * u, True  # 0 in u's dtype
-    return u, False
+def _relax_all(u, mass, s, n, omega, half, big):
+    """Update the scalings ``u[:n]`` with marginals ``mass`` and products ``s`` (= K v):
+    relaxed towards ``mass / s`` where ``0 < s < big``, 0 elsewhere. Returns the number of
+    entries with a positive mass and ``s`` out of that range (overflow if not 0). Branch-free
+    (selects), so that the loop vectorises."""
+    zero = half - half
+    one = zero + 1
+    nbad = 0
+    for i in range(n):
+        si = s[i]
+        good = si > zero and si < big
+        nbad += (not good) and mass[i] != zero
+        t = mass[i] / (si if good else one)
+        ui = u[i]
+        r = ui + omega * (t - ui)
+        h = half * t
+        r = r if r > h else h
+        u[i] = r if good else zero
+    return nbad
 
 
 @jit
-def sinkhorn_kernel(B, BT, kxy, a, b, wk, tol, max_iter, omega, half, big):
+def sinkhorn_kernel(B, kxy, a, b, wk, tol, max_iter, omega, half, big):
     """Kernel-domain Sinkhorn on the augmented kernel ``[[B, wk.kzy], [wk.kxw, kxy]]``.
 
-    ``B`` is (kz, kw) and ``BT`` its transpose (both contiguous: both products are axpy
-    loops); ``a`` has kz+1 entries (last: x), ``b`` kw+1 (last: y); ``wk`` holds the scalings
-    ``u``/``v`` (in and out, dtype of B) and workspaces (:class:`~._bundles.Work`).
-    Over-relaxed updates (:func:`~._primitives.relax`); stop when the L1 error of the column
-    marginal (the violated one) is ``<= tol``. Returns (iterations, status).
+    ``B`` is (kz, kw), contiguous: ``K v`` is a dot product per row, ``K^T u`` axpy loops over
+    the rows (both vectorise; no transposed copy); ``a`` has kz+1 entries (last: x), ``b``
+    kw+1 (last: y); ``wk`` holds the scalings ``u``/``v`` (in and out, dtype of B) and
+    workspaces (:class:`~._bundles.Work`). Over-relaxed updates (:func:`_relax_all`); stop
+    when the L1 error of the column marginal (the violated one) is ``<= tol``. Returns
+    (iterations, status).
     """
     kzy = wk.kzy
     kxw = wk.kxw
@@ -52,31 +64,24 @@ def sinkhorn_kernel(B, BT, kxy, a, b, wk, tol, max_iter, omega, half, big):
         # ---- K v (rows z, then x)
         vy = v[kw]
         for i in range(kz):
-            kv[i] = kzy[i] * vy
-        for j in range(kw):
-            vj = v[j]
-            for i in range(kz):
-                kv[i] += BT[j, i] * vj
+            t = kzy[i] * vy
+            for j in range(kw):
+                t += B[i, j] * v[j]
+            kv[i] = t
         sx = kxy * vy
         for j in range(kw):
             sx += kxw[j] * v[j]
         kv[kz] = sx
-        for i in range(kz + 1):
-            ui, ok = _checked_relax(u[i], a[i], kv[i], omega, half, big)
-            if not ok:
-                return it, OVERFLOW
-            u[i] = ui
+        if _relax_all(u, a, kv, kz + 1, omega, half, big):
+            return it, OVERFLOW
         # ---- K^T u
         aug_rmatvec(B, kzy, kxw, kxy, u, ktu)
         # ---- error of the column marginal (new u, old v), then v update
         err = 0.0
         for j in range(kw + 1):
-            t = ktu[j]
-            err += abs(float(v[j]) * float(t) - float(b[j]))
-            vj, ok = _checked_relax(v[j], b[j], t, omega, half, big)
-            if not ok:
-                return it, OVERFLOW
-            v[j] = vj
+            err += abs(float(v[j]) * float(ktu[j]) - float(b[j]))
+        if _relax_all(v, b, ktu, kw + 1, omega, half, big):
+            return it, OVERFLOW
         if not (err < 1e300):
             return it, OVERFLOW
         if err <= tol:
@@ -105,7 +110,7 @@ def rowcol_kernels(e, fr, cn, kxw, kzy, floor):
 
 
 @jit
-def run_stages(Ks, KsT, gat, cfg, cn, a, b, fr, wk, half, big, floor, warm):
+def run_stages(Ks, gat, cfg, cn, a, b, fr, wk, half, big, floor, warm):
     """Run the eps stages of one problem; stage ``s`` uses the kernel ``Ks[s]`` (``gat.on``:
     ``Ks[s][zi][:, wi]``, copied into the workspace). Between stages the scalings and the row
     / column kernels become their power ``eps[s-1] / eps[s]``. ``warm``: ``wk.u`` holds
@@ -124,7 +129,6 @@ def run_stages(Ks, KsT, gat, cfg, cn, a, b, fr, wk, half, big, floor, warm):
     total = 0
     status = OK
     B = Ks[0]
-    BT = KsT[0]
     kxy = 1.0
     S = eps_st.shape[0]
     s0 = S - 1 if warm else 0
@@ -132,17 +136,13 @@ def run_stages(Ks, KsT, gat, cfg, cn, a, b, fr, wk, half, big, floor, warm):
         e = eps_st[s]
         if gat.on:
             B = gat.Bws[: kz * kw].reshape((kz, kw))
-            BT = gat.BTws[: kz * kw].reshape((kw, kz))
             K = Ks[s]
             for i in range(kz):
                 zr = zi[i]
                 for j in range(kw):
-                    t = K[zr, wi[j]]
-                    B[i, j] = t
-                    BT[j, i] = t
+                    B[i, j] = K[zr, wi[j]]
         else:
             B = Ks[s]
-            BT = KsT[s]
         if s > s0:
             # next stage: u = exp(df / e) -> u ** p, row/column kernels -> k ** p
             p, ip = stage_power(eps_st[s - 1], e)
@@ -155,7 +155,7 @@ def run_stages(Ks, KsT, gat, cfg, cn, a, b, fr, wk, half, big, floor, warm):
             kxy = rowcol_kernels(e, fr, cn, kxw, kzy, floor)
             if warm:
                 _v_from_u(B, kzy, kxw, kxw.dtype.type(kxy), u, b, v, wk.ktu)
-        its, status = sinkhorn_kernel(B, BT, kxw.dtype.type(kxy), a, b, wk, cfg.tol[s],
+        its, status = sinkhorn_kernel(B, kxw.dtype.type(kxy), a, b, wk, cfg.tol[s],
                                       cfg.max_iter, cfg.omega, half, big)
         total += its
         if status == OVERFLOW:
@@ -223,7 +223,6 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
     eps_st = cfg.eps
     S = eps_st.shape[0]
     Ks = kern.Ks
-    KsT = kern.KsT
     C = costs.C
     C32 = costs.C32
     czy = costs.czy
@@ -285,7 +284,7 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
         prev_x = -1
         if path == 0:
             its, status, B, kxy = run_stages(
-                Ks, KsT, gat, cfg, cn, wa32[: kz + 1], wb32[: kw + 1], fr, wk, np.float32(0.5),
+                Ks, gat, cfg, cn, wa32[: kz + 1], wb32[: kw + 1], fr, wk, np.float32(0.5),
                 np.float32(1e37), np.float32(F32_FLOOR), warm)
             total = its
             if status != OVERFLOW and uv_max_product(u, kz + 1, 0.0, v, kw + 1, 0.0) <= F32_UVMAX:
@@ -342,17 +341,14 @@ def _fallback(x, y, C, eps_st, cfg, cn, zi, wi, fr, wa, wb, path):
     Mred = Augmented(Rb, Rc, Rr, d - fx - gy)
     if path <= 1:
         K64 = np.empty((S, kz, kw))
-        K64T = np.empty((S, kw, kz))
         for s in range(S):
             for i in range(kz):
                 for j in range(kw):
-                    t = math.exp(-Rb[i, j] / eps_st[s])
-                    K64[s, i, j] = t
-                    K64T[s, j, i] = t
+                    K64[s, i, j] = math.exp(-Rb[i, j] / eps_st[s])
         wk64 = Work(np.ones(kz + 1), np.ones(kw + 1), np.empty(kw), np.empty(kz),
                     np.empty(kw + 1), np.empty(kz + 1))
-        gat64 = Gather(kz < 0, np.arange(kz), np.arange(kw), K64[0].ravel(), K64T[0].ravel())
-        its, status, B64, kxy = run_stages(K64, K64T, gat64, cfg, cn, wa[: kz + 1],
+        gat64 = Gather(kz < 0, np.arange(kz), np.arange(kw), K64[0].ravel())
+        its, status, B64, kxy = run_stages(K64, gat64, cfg, cn, wa[: kz + 1],
                                            wb[: kw + 1], fr, wk64, 0.5, 1e300, 0.0, kz < 0)
         total += its
         if status != OVERFLOW:

@@ -246,9 +246,9 @@ def eps_levels(pairs, d, levels):
 
 
 def stage_kernels(R32, C32, eps_lv, path, batched) -> Kernels:
-    """Float32 stage kernels :math:`e^{-R/\\varepsilon}` of a level group (floored), their
-    transposes and :math:`(K \\circ C)^\\top` of the last stage (batched only); empty arrays
-    when the float32 path is not used."""
+    """Float32 stage kernels :math:`e^{-R/\\varepsilon}` of a level group (floored), and for
+    the batched path their transposes and :math:`(K \\circ C)^\\top` of the last stage; empty
+    arrays when the float32 path is not used (or, for those two, not batched)."""
     ng, n_stages = eps_lv.shape
     if path != 0:
         empty = np.empty((ng, n_stages, 0, 0), np.float32)
@@ -257,10 +257,11 @@ def stage_kernels(R32, C32, eps_lv, path, batched) -> Kernels:
     Ks = np.multiply(R32[None, None], (-1.0 / eps_lv).astype(np.float32)[:, :, None, None])
     np.exp(Ks, out=Ks)
     Ks[Ks < F32_FLOOR] = 0.0
-    KsT = np.ascontiguousarray(Ks.transpose(0, 1, 3, 2))
     if batched:
+        KsT = np.ascontiguousarray(Ks.transpose(0, 1, 3, 2))
         KCT = np.ascontiguousarray((Ks[:, n_stages - 1] * C32[None]).transpose(0, 2, 1))
     else:
+        KsT = np.empty((ng, n_stages, 0, 0), np.float32)
         KCT = np.empty((ng, 0, 0), np.float32)
     return Kernels(Ks, KsT, KCT)
 

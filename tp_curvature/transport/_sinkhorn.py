@@ -192,7 +192,8 @@ def _solve_levels(problem, prep, opts: EngineOptions, outs, progress: bool) -> N
     n_stages = 2 if opts.eps_scaling and opts.eps_scaling > 1 else 1
     nthr = get_num_threads()
     batched = uniform and path <= 1
-    per_level = (n_stages * 2 + 1) * max(nzu * nwu, 1) * 4  # float32 kernels, transposes
+    # float32 kernels (and, batched, their transposes and K o C)
+    per_level = (n_stages * 2 + 1 if batched else n_stages) * max(nzu * nwu, 1) * 4
     lv_per_group = max(1, KERNEL_BYTES // per_level)
     tol_st = np.array([max(opts.tol, COARSE_TOL), opts.tol][2 - n_stages:])
     bar = None
