@@ -606,10 +606,9 @@ def test_few_uncertified_connections_go_straight_to_the_exact_solver(monkeypatch
     assert lg2["n_refined"] == 3 and lg2["n_exact_fallback"] <= 3
 
 
-def test_warm_starts_cut_iterations_and_stay_certified():
-    """Ragged problems (solved one at a time) start from the previous connection out of the
-    same x: fewer iterations on a network's layer pairs, and the values stay within kappa_tol
-    of exact and within their certified gaps, as the cold starts do."""
+def _network_layer_pair(topk: int):
+    """The second layer pair of a small random MLP (default definition): ragged
+    supports, solved one at a time."""
     import torch
     import torch.nn as nn
     from tp_curvature import CurvatureImportance
@@ -617,7 +616,15 @@ def test_warm_starts_cut_iterations_and_stay_certified():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                         nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)).eval()
-    P = CurvatureImportance(topk=8).calibrate(net, torch.randn(128, 32)).layer_problems()["2"]
+    imp = CurvatureImportance(topk=topk).calibrate(net, torch.randn(128, 32))
+    return imp.layer_problems()["2"]
+
+
+def test_warm_starts_cut_iterations_and_stay_certified():
+    """Ragged problems (solved one at a time) start from the previous connection out of the
+    same x: fewer iterations on a network's layer pairs, and the values stay within kappa_tol
+    of exact and within their certified gaps, as the cold starts do."""
+    P = _network_layer_pair(topk=8)
     We = solve_w1(P, "exact")
     m = P.solve
     runs = {w: solve_w1(P, warm_start=w, log=True) for w in (True, False)}
@@ -627,6 +634,33 @@ def test_warm_starts_cut_iterations_and_stay_certified():
         err = _kappa_err(W, We, P)[m]
         assert err.max() <= DEFAULTS["kappa_tol"]
         assert (err <= lg["kappa_gap"][m] + 1e-12).all()
+
+
+@pytest.mark.parametrize("kappa_tol", [0.02, 0.01])
+def test_in_kernel_refinement_certifies_loose_connections_in_place(monkeypatch, kappa_tol):
+    """One-at-a-time problems whose first bound exceeds ``FINER_AT * kappa_tol`` continue at
+    a quarter of eps from their plan (absorbed into the kernel): on a network's layer pair
+    none is left for the float64 refinement pass (hundreds without the stage at kappa_tol
+    0.01), every value within kappa_tol of exact and within its certified gap; with
+    ``kappa_tol=None`` the stage never runs (the raw values are unchanged)."""
+    from tp_curvature.transport import _sinkhorn
+
+    P = _network_layer_pair(topk=16)
+    We = solve_w1(P, "exact")
+    m = P.solve
+    on = solve_w1(P, kappa_tol=kappa_tol, log=True)
+    raw_on = solve_w1(P, kappa_tol=None)
+    monkeypatch.setattr(_sinkhorn, "FINER_AT", np.inf)
+    off = solve_w1(P, kappa_tol=kappa_tol, log=True)
+    assert not on[1]["uniform_support"]                  # the one-at-a-time path
+    assert off[1]["n_refined"] >= (100 if kappa_tol < 0.02 else 20)
+    assert on[1]["n_refined"] + on[1]["n_exact_fallback"] == 0
+    assert on[1]["iterations_mean"] > off[1]["iterations_mean"]     # the stage ran
+    for W, lg in (on, off):
+        err = _kappa_err(W, We, P)[m]
+        assert err.max() <= kappa_tol
+        assert (err <= lg["kappa_gap"][m] + 1e-12).all()
+    np.testing.assert_array_equal(raw_on, solve_w1(P, kappa_tol=None))
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -28,7 +28,7 @@ Kernels = namedtuple("Kernels", "Ks KsT KCT")
 #: (n_stages,)), ``tol`` per stage, ``max_iter`` per stage, over-relaxation ``omega``,
 #: ``path`` (0 float32, 1 float64, 2 log domain), ``alpha``, ``uniform`` (shared supports),
 #: ``warm`` (one-at-a-time problems start from the previous connection out of the same x).
-Settings = namedtuple("Settings", "eps tol max_iter omega path alpha uniform warm")
+Settings = namedtuple("Settings", "eps tol max_iter omega path alpha uniform warm finer")
 
 #: Results written by the solvers, all (n_x, n_y): W1 (rounded-plan cost), iterations, status
 #: code, and ``lower``, a weak-duality lower bound of the (trimmed) W1 (:func:`~._primitives.

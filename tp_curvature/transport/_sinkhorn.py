@@ -90,6 +90,7 @@ KERNEL_BYTES = 16 << 20  # memory for the per-level kernels of one parallel call
 PATHS = {"float32": 0, "float64": 1, "log": 2}
 ROUND_REL = 1e-5  # float32 rounding of a returned cost, relative (measured <= 3e-7)
 TRIM_SHARE = 0.1  # share of kappa_tol left to the mass_tol trimming term of the certificate
+FINER_AT = 0.8  # in-kernel refinement above this share of kappa_tol (one-at-a-time path)
 REFINE_EPS = 0.25  # the refinement pass runs at this fraction of eps and tol, in float64
 #: Up to this many connections above ``kappa_tol`` go straight to the exact solver: a
 #: refinement pass (its own preparation, shared potentials and kernels) costs more than a few
@@ -136,8 +137,12 @@ def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
     prep = prepare(problem, mass_tol_eff)
     t_prep = time.perf_counter() - t0
     n_solved = int(problem.solve.sum())
+    # one-at-a-time float32 problems whose first bound exceeds FINER_AT * kappa_tol continue
+    # in place at a quarter of eps (:func:`~._drivers._finer`)
+    finer = (FINER_AT * kappa_tol * (1.0 - float(problem.alpha))
+             if kappa_tol is not None and refine else np.inf)
     if n_solved:
-        _solve_levels(problem, prep, opts, outs, progress)
+        _solve_levels(problem, prep, opts, outs, progress, finer)
     t_cert = time.perf_counter()
     kgap, _ = certify(problem, prep, outs, None, top)
     n_refined = n_exact = 0
@@ -176,7 +181,8 @@ def _trimming_tolerance(problem, mass_tol: float, kappa_tol, top) -> float:
     return min(mass_tol, 0.5 * TRIM_SHARE * kappa_tol * ratio)
 
 
-def _solve_levels(problem, prep, opts: EngineOptions, outs, progress: bool) -> None:
+def _solve_levels(problem, prep, opts: EngineOptions, outs, progress: bool,
+                  finer: float = np.inf) -> None:
     """Solve every connection of ``problem`` into ``outs``: connections bucketed by eps level,
     the stage kernels of a group of levels computed at once (memory bounded by
     ``KERNEL_BYTES``), and all their connections sent to one parallel call."""
@@ -214,7 +220,7 @@ def _solve_levels(problem, prep, opts: EngineOptions, outs, progress: bool) -> N
         lv_loc = np.repeat(np.arange(g1 - g0), ends[g0:g1] - starts[g0:g1])
         chunk_ptr, chunk_lv = make_chunks(cx, lv_loc, target, opts.chunk_rows)
         cfg = Settings(eps_lv, tol_st, int(opts.max_iter), float(opts.omega), path,
-                       float(problem.alpha), uniform, bool(opts.warm_start))
+                       float(problem.alpha), uniform, bool(opts.warm_start), float(finer))
         with one_blas_thread(batched):
             run_parallel(solve_chunks, min(nthr, len(chunk_ptr) - 1), kern, costs, meas,
                          cfg, cx, cy, chunk_ptr, chunk_lv, outs)

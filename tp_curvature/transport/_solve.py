@@ -109,9 +109,13 @@ def solve_w1(
         slower per iteration, faster than float32 when most problems fall back, e.g. at small
         eps); ``"log"`` solves every problem alone in the log domain (slow; for checks).
     kappa_tol : float or None
-        Certified accuracy (default 0.02): every connection whose certified kappa error bound
-        exceeds it is solved again by the engine at a quarter of ``eps`` and ``tol`` in
-        float64, and, if its bound still exceeds ``kappa_tol``, exactly (``ot.emd2``).
+        Certified accuracy (default 0.02). Problems solved one at a time (ragged supports)
+        whose bound exceeds ``0.8 kappa_tol`` first continue in place for one more float32
+        stage at a quarter of the last eps, from their own plan (absorbed into the kernel as
+        :math:`P^4`; each keeps the smaller plan cost and the larger lower bound). Every
+        connection whose certified kappa error bound still exceeds ``kappa_tol`` is solved
+        again by the engine at a quarter of ``eps`` and ``tol`` in float64, and, if its bound
+        still exceeds ``kappa_tol``, exactly (``ot.emd2``).
         ``None``: return the first-pass Sinkhorn values as they are (the bound is still
         reported).
     half_idleness : bool
