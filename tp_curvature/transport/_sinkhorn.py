@@ -55,6 +55,14 @@ How it is made fast (all of it exploits that the connections share :math:`C_{zw}
   c-transform potential), skips the eps-scaling stage and begins with the column update
   :math:`v = b / K^\top u` (``warm_start=False``: every problem from the shared potentials;
   measured: about half the iterations and 15-25% less time on ragged layers).
+* **Finer stage in place** (one-at-a-time problems, with ``kappa_tol``). A problem whose
+  first certified bound exceeds ``FINER_AT * kappa_tol`` continues at once for one more
+  float32 stage at a quarter of the last eps: its plan :math:`P = e^{-(M - f \oplus g)/e}`
+  becomes the stage's kernel :math:`P^4 = e^{-(M - f \oplus g)/(e/4)}` with scalings 1
+  (no exponential, no range check), and the plan cost / lower bound kept are the better of
+  the two stages' (:func:`~._drivers._finer`). It takes the entropic bias of most loose
+  connections below the tolerance without the float64 refinement pass
+  (``finer=False``: all of them go there).
 * **Fallbacks.** Problems whose float32 scalings leave the safe range (``max u * max v >
   1e25``, i.e. their potentials moved far from the shared ones; checked after each stage) are
   redone as a float64 batch on the level's float64 kernel (built from the reduced costs), and
@@ -111,6 +119,7 @@ class EngineOptions(NamedTuple):
     chunk_rows: int
     precision: str
     warm_start: bool = True
+    finer: bool = True
 
 
 def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
@@ -140,7 +149,7 @@ def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
     # one-at-a-time float32 problems whose first bound exceeds FINER_AT * kappa_tol continue
     # in place at a quarter of eps (:func:`~._drivers._finer`)
     finer = (FINER_AT * kappa_tol * (1.0 - float(problem.alpha))
-             if kappa_tol is not None and refine else np.inf)
+             if kappa_tol is not None and refine and opts.finer else np.inf)
     if n_solved:
         _solve_levels(problem, prep, opts, outs, progress, finer)
     t_cert = time.perf_counter()
@@ -161,7 +170,8 @@ def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
         n_log_domain=int((st >= LOG).sum()),
         seconds_prepare=t_prep, seconds=time.perf_counter() - t0,
         **{k: v for k, v in opts._asdict().items() if k not in ("batch", "chunk_rows",
-                                                                "precision", "warm_start")},
+                                                                "precision", "warm_start",
+                                                                "finer")},
         mass_tol_effective=mass_tol_eff, kappa_tol=kappa_tol,
         n_refined=n_refined, n_exact_fallback=n_exact, kappa_gap=kgap,
         kappa_gap_max=float(np.max(kgap[problem.solve])) if n_solved else 0.0,

@@ -37,6 +37,7 @@ def solve_w1(
     kappa_tol: float | None = DEFAULTS["kappa_tol"],
     half_idleness: bool = True,
     warm_start: bool = True,
+    finer: bool = True,
     slice_connections: int | None = DEFAULTS["slice_connections"],
     validate: bool = True,
     log: bool = False,
@@ -128,6 +129,10 @@ def solve_w1(
         previous connection out of the same x (its row scalings, at the final eps) instead of
         from the shared potentials (default True; about half the iterations). Values change
         within the solver's accuracy, and are certified the same way.
+    finer : bool
+        ``"sinkhorn"`` with ``kappa_tol``: the in-place finer stage of one-at-a-time problems
+        described under ``kappa_tol`` (default True; False sends them to the refinement pass,
+        for comparison).
     slice_connections : int or None
         ``"sinkhorn"``: solve a layer pair with more connections than this in slices of Y
         columns of about this many connections each (:meth:`LayerPairProblem.columns`), so the
@@ -174,7 +179,8 @@ def solve_w1(
         if slice_connections is not None and not slice_connections >= 1:
             raise ValueError(f"slice_connections must be >= 1 or None, got {slice_connections}")
         opts = EngineOptions(eps, tol, max_iter, omega, eps_scaling, levels, mass_tol,
-                             int(batch), chunk_rows, precision, bool(warm_start))
+                             int(batch), chunk_rows, precision, bool(warm_start),
+                             bool(finer))
         half = half_idleness and problem.alpha > HALF
         W, info = _sliced(at_half_idleness(problem) if half else problem, opts, progress,
                           kappa_tol, slice_connections)
