@@ -136,9 +136,8 @@ from ._lineage import (ADD, AFFINE, CAT, IDENTITY, MOVE, MUL, NORMS, OPAQUE, Lin
                        Term, constant_along, channel_ids)
 
 #: Bytes of per-layer strength matrices a graph keeps (least recently used dropped first): the
-#: layers around the one being scored, not every layer of a large model (32 MB: one ViT-B/16
-#: MLP layer and a smaller one; a cache miss costs tens of ms on such a layer).
-NODE_WEIGHT_CACHE_BYTES = 32 << 20
+#: layers around the one being scored, not every layer of a large model.
+NODE_WEIGHT_CACHE_BYTES = 128 << 20
 WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 
 
