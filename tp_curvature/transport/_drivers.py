@@ -306,7 +306,7 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
                     scaled_potentials(fpot, fzl, fx, u, u[kz], kz, eps_st[S - 1])
                     lb = dual_bound(Cb, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot, gws)
                     lower[x, y] = lb
-                    if w1 - lb > cfg.finer * d:
+                    if gat.on and w1 - lb > cfg.finer * d:      # B: this problem's copy
                         its = _finer(B, kxy, Cb, Cb32, wa, wb, wa32, wb32, cn, fr, wk, cfg, ws,
                                      fpot, gws, outs, x, y)
                         iters[x, y] = total + its
