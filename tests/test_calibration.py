@@ -147,6 +147,23 @@ def test_node_statistics_leave_out_masked_positions(statistic):
     np.testing.assert_allclose(stats.values()[0], torch.stack(want).numpy(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("statistic", ["std", "mean_abs"])
+def test_node_statistics_of_a_tensor_that_is_all_channels(statistic):
+    """A junction whose every dim is a channel dim (nothing to reduce over): each value is
+    its node's only sample, so the spread is 0 and the mean |x| is |x| (negative values
+    included)."""
+    from types import SimpleNamespace
+    from tp_curvature.calibration import NodeStatistics
+    from tp_curvature.graph import Junction
+    j = Junction(index=0, name="vector", n_nodes=3, channel_dims=(0,),
+                 node_ids=torch.tensor([0, 1, 2]))
+    stats = NodeStatistics(SimpleNamespace(junctions=[j]), statistic)
+    x = torch.tensor([-2.0, 0.5, -0.25])
+    stats.observe(0, x)
+    want = np.zeros(3) if statistic == "std" else np.abs(x.numpy())
+    np.testing.assert_allclose(stats.values()[0], want, atol=1e-12)
+
+
 def test_node_value_is_validated():
     with pytest.raises(ValueError, match="node_value"):
         connection_curvature(small_mlp(), torch.randn(4, 12), node_value="median")

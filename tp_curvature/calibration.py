@@ -508,7 +508,8 @@ class NodeStatistics:
         xm = x if mask is None else x * mask
         # per feature: sum x (the spread's first moment) or sum |x|; a NaN / inf makes it
         # non-finite either way
-        s = (xm if self.spread else xm.abs()).sum(other, keepdim=True) if other else xm
+        v = xm if self.spread else xm.abs()
+        s = v.sum(other, keepdim=True) if other else v
         feat_t = s.reshape([n for d, n in enumerate(x.shape) if d not in other])
         if not torch.isfinite(feat_t).all():
             raise CalibrationError(
