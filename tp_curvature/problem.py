@@ -58,7 +58,7 @@ def cap_costs(costs: tuple, d_solved: np.ndarray, where: Optional[np.ndarray] = 
         top = max(top, float(np.max(c, where=ok, initial=-np.inf)))
     cap = 2.0 * top if np.isfinite(top) else 2.0
     if copy:
-        return tuple(np.where(np.isfinite(c), c, cap) for c in costs)
+        costs = tuple(c.copy() for c in costs)
     for c in costs:
         c[~np.isfinite(c)] = cap
     return costs

@@ -359,10 +359,8 @@ def _finer(B, kxy, Cb, Cb32, wa, wb, wa32, wb32, cn, fr, wk, cfg, ws, fpot, gws,
                       ws.cy32, ws.ec32)
     if not math.isfinite(w1):
         return its
-    e = FINER * cfg.eps[cfg.eps.shape[0] - 1]
-    for i in range(kz + 1):
-        ui = float(u[i])
-        fpot[i] = fpot[i] + e * math.log(ui) if ui > 0.0 else -np.inf
+    # the first stage's potentials plus the finer stage's (in place: entry i reads fpot[i])
+    scaled_potentials(fpot, fpot, fpot[kz], u, u[kz], kz, FINER * cfg.eps[cfg.eps.shape[0] - 1])
     lb = dual_bound(Cb, fr.cz, fr.cw, cn.d, wa[: kz + 1], wb[: kw + 1], fpot, gws)
     outs.out[x, y] = min(outs.out[x, y], w1)
     outs.lower[x, y] = max(outs.lower[x, y], lb)
