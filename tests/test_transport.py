@@ -636,6 +636,28 @@ def test_warm_starts_cut_iterations_and_stay_certified():
         assert (err <= lg["kappa_gap"][m] + 1e-12).all()
 
 
+def test_certified_runs_keep_float32_results_of_any_scaling_range(monkeypatch):
+    """A raw run (``kappa_tol=None``) redoes in float64 every one-at-a-time problem whose
+    float32 scalings exceed F32_UVMAX; a certified run keeps them (the certificate checks each
+    value). With the limit lowered to 1, the raw run sends most problems to float64, the
+    certified run's values and fallbacks are those of the real limit, within kappa_tol."""
+    import tp_curvature.transport._sinkhorn as engine
+    P = _network_layer_pair(topk=8)
+    m = P.solve
+    We = solve_w1(P, "exact")
+    W0, cert0 = solve_w1(P, log=True)
+    _, raw0 = solve_w1(P, kappa_tol=None, log=True)
+    monkeypatch.setattr(engine, "F32_UVMAX", 1.0)
+    _, raw = solve_w1(P, kappa_tol=None, log=True)
+    W, cert = solve_w1(P, log=True)
+    assert not cert["uniform_support"]
+    assert raw["n_float64"] > raw0["n_float64"] + m.sum() // 2
+    assert cert["n_float64"] == cert0["n_float64"]
+    np.testing.assert_array_equal(W[m], W0[m])
+    err = _kappa_err(W, We, P)[m]
+    assert err.max() <= DEFAULTS["kappa_tol"] and (err <= cert["kappa_gap"][m] + 1e-12).all()
+
+
 @pytest.mark.parametrize("kappa_tol", [0.02, 0.01])
 def test_in_kernel_refinement_certifies_loose_connections_in_place(kappa_tol):
     """One-at-a-time problems whose first bound exceeds ``FINER_AT * kappa_tol`` continue at

@@ -478,7 +478,7 @@ def solve_chunks(first, step, kern, costs, meas, cfg, cx, cy, chunk_ptr, chunk_l
     for c in range(first, n_chunks, step):
         lv = chunk_lv[c]
         lcfg = Settings(cfg.eps[lv], cfg.tol, cfg.max_iter, om32, cfg.path, cfg.alpha,
-                        cfg.uniform, cfg.warm, cfg.finer)
+                        cfg.uniform, cfg.warm, cfg.finer, cfg.uvmax)
         run_chunk(chunk_ptr[c], chunk_ptr[c + 1], Kernels(kern.Ks[lv], kern.KsT[lv],
                                                           kern.KCT[lv]),
                   costs, meas, lcfg, cx, cy, outs)

@@ -15,8 +15,8 @@ import numpy as np
 
 from ._bundles import Augmented, Conn, Gather, Work
 from ._log_domain import log_domain
-from ._primitives import (F32_FLOOR, F32_UVMAX, F64, LOG, MAXITER, OK, OVERFLOW, aug_rmatvec,
-                          c_transform, closed_form, dual_bound, jit, pow_inplace, relax,
+from ._primitives import (F32_FLOOR, F64, LOG, MAXITER, OK, OVERFLOW, aug_rmatvec,
+                          c_transform, closed_form, dual_bound, expneg, jit, pow_inplace, relax,
                           rounded_cost, scaled_potentials, stage_power, uv_max_product)
 
 
@@ -96,21 +96,25 @@ def sinkhorn_kernel(B, kxy, a, b, wk, tol, max_iter, omega, half, big):
 @jit
 def rowcol_kernels(e, fr, cn, kxw, kzy, floor):
     """Kernel row ``kxw`` of x / column ``kzy`` of y at eps ``e`` from the frame ``fr`` and the
-    connection's scalars ``cn`` (computed in float64, stored in kxw's dtype, floored); returns
-    the corner :math:`e^{-(d - f_x - g_y)/e}`."""
+    connection's scalars ``cn`` (float64 arguments, stored in kxw's dtype, floored); returns
+    the corner :math:`e^{-(d - f_x - g_y)/e}`. The reduced costs are >= 0 (c-transform
+    potentials), so :func:`~._primitives.expneg` applies (vectorised, ~1e-5 relative: the
+    kernel only steers the iteration; the returned cost is the rounded plan's and the bound
+    holds for any potentials)."""
     cw = fr.cw
     gwl = fr.gw
     cz = fr.cz
     fzl = fr.fz
     fx = cn.fx
     gy = cn.gy
+    ie = 1.0 / e
     for j in range(cn.kw):
-        t = math.exp(-(cw[j] - fx - gwl[j]) / e)
+        t = expneg((cw[j] - fx - gwl[j]) * ie)
         kxw[j] = t if t >= floor else 0.0
     for i in range(cn.kz):
-        t = math.exp(-(cz[i] - fzl[i] - gy) / e)
+        t = expneg((cz[i] - fzl[i] - gy) * ie)
         kzy[i] = t if t >= floor else 0.0
-    return math.exp(-(cn.d - fx - gy) / e)
+    return math.exp(-(cn.d - fx - gy) * ie)
 
 
 @jit
@@ -291,7 +295,7 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
                 Ks, gat, cfg, cn, wa32[: kz + 1], wb32[: kw + 1], fr, wk, np.float32(0.5),
                 np.float32(1e37), np.float32(F32_FLOOR), warm)
             total = its
-            if status != OVERFLOW and uv_max_product(u, kz + 1, 0.0, v, kw + 1, 0.0) <= F32_UVMAX:
+            if status != OVERFLOW and uv_max_product(u, kz + 1, 0.0, v, kw + 1, 0.0) <= cfg.uvmax:
                 for i in range(kz + 1):
                     uprev[i] = u[i]
                 prev_x = x
@@ -352,7 +356,7 @@ def _finer(B, kxy, Cb, Cb32, wa, wb, wa32, wb32, cn, fr, wk, cfg, ws, fpot, gws,
     its, status = sinkhorn_kernel(B, k4, wa32[: kz + 1], wb32[: kw + 1], wk,
                                   cfg.tol[cfg.tol.shape[0] - 1], cfg.max_iter,
                                   cfg.omega, np.float32(0.5), np.float32(1e37))
-    if status == OVERFLOW or uv_max_product(u, kz + 1, 0.0, v, kw + 1, 0.0) > F32_UVMAX:
+    if status == OVERFLOW or uv_max_product(u, kz + 1, 0.0, v, kw + 1, 0.0) > cfg.uvmax:
         return its
     w1 = rounded_cost(Augmented(B, kzy, kxw, k4), Augmented(Cb32, ws.cz32, ws.cw32,
                       np.float32(cn.d)), wa32[: kz + 1], wb32[: kw + 1], u, v, ws.rx32,
