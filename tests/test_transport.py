@@ -10,6 +10,8 @@ Bounds used below (relative to d = d(x, y), i.e. directly on W1/d):
 from __future__ import annotations
 
 import hypothesis as hyp
+import math
+
 import numpy as np
 import ot
 import pytest
@@ -618,6 +620,46 @@ def _network_layer_pair(topk: int):
                         nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)).eval()
     imp = CurvatureImportance(topk=topk).calibrate(net, torch.randn(128, 32))
     return imp.layer_problems()["2"]
+
+
+def test_worker_threads_take_every_work_item_once():
+    """The worker threads share one atomic counter (dynamic scheduling): across two threads
+    every item is taken exactly once, whatever each item costs."""
+    from numba import njit
+    from tp_curvature.transport._pool import run_parallel
+    from tp_curvature.transport._primitives import fetch_add
+
+    @njit(nogil=True)
+    def take(counter, hits, cost):
+        while True:
+            c = fetch_add(counter)
+            if c >= hits.shape[0]:
+                return 0
+            t = 0.0
+            for k in range(cost[c]):       # uneven items
+                t += math.sqrt(k)
+            hits[c] += 1 + (t < 0)
+
+    n = 20000
+    hits = np.zeros(n, np.int64)
+    run_parallel(take, 2, hits, np.random.default_rng(0).integers(0, 2000, n))
+    np.testing.assert_array_equal(hits, 1)
+
+
+def test_solver_values_do_not_depend_on_the_thread_count():
+    """Chunks go to whichever thread is free, so their order differs between runs; each
+    chunk is solved the same way, so the values are identical with one and two threads."""
+    from numba import get_num_threads, set_num_threads
+    P = _network_layer_pair(topk=8)
+    n = get_num_threads()
+    try:
+        set_num_threads(1)
+        W1, _ = solve_w1(P, log=True)
+        set_num_threads(min(2, n))
+        W2, _ = solve_w1(P, log=True)
+    finally:
+        set_num_threads(n)
+    np.testing.assert_array_equal(W1[P.solve], W2[P.solve])
 
 
 def test_warm_starts_cut_iterations_and_stay_certified():

@@ -18,9 +18,9 @@ import numpy as np
 from ._bundles import Frame, Gather, Kernels, Settings, Slots, Work, Workspace
 from ._drivers import solve_each
 from ._primitives import (F32_FLOOR, F32_UVMAX, F64, MAXITER, OK, OVERFLOW, c_transform,
-                          closed_form, dual_bound, expneg, jit, jit_inline, jit_nogil, pow_inplace,
-                          relax, rounded_total, rounding_step, scale_factor, scaled_potentials,
-                          stage_power, uv_max_product)
+                          closed_form, dual_bound, expneg, fetch_add, jit, jit_inline, jit_nogil,
+                          pow_inplace, relax, rounded_total, rounding_step, scale_factor,
+                          scaled_potentials, stage_power, uv_max_product)
 
 
 @jit
@@ -467,15 +467,20 @@ def run_chunk(k0, k1, kern, costs, meas, cfg, cx, cy, outs):
 
 
 @jit_nogil
-def solve_chunks(first, step, kern, costs, meas, cfg, cx, cy, chunk_ptr, chunk_lv, outs):
-    """Solve the chunks first, first + step, ... (one worker thread; the GIL is released).
+def solve_chunks(counter, kern, costs, meas, cfg, cx, cy, chunk_ptr, chunk_lv, outs):
+    """Solve chunks until none is left (one worker thread; the GIL is released): each takes
+    the next chunk from the shared ``counter`` (:func:`~._primitives.fetch_add`), so threads
+    that draw cheap chunks take more of them.
 
     Chunk c holds connections chunk_ptr[c]:chunk_ptr[c+1], all of eps level chunk_lv[c], whose
     stage kernels are ``kern.*[chunk_lv[c]]`` (float32) and stage eps ``cfg.eps[chunk_lv[c]]``.
     """
     n_chunks = chunk_ptr.shape[0] - 1
     om32 = np.float32(cfg.omega)
-    for c in range(first, n_chunks, step):
+    while True:
+        c = fetch_add(counter)
+        if c >= n_chunks:
+            break
         lv = chunk_lv[c]
         lcfg = Settings(cfg.eps[lv], cfg.tol, cfg.max_iter, om32, cfg.path, cfg.alpha,
                         cfg.uniform, cfg.warm, cfg.finer, cfg.uvmax)

@@ -5,6 +5,8 @@ import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
+import numpy as np
+
 
 _EXECUTOR: list = []  # the one worker pool, created on first use and grown when needed
 
@@ -19,13 +21,15 @@ def _executor(n_threads: int) -> ThreadPoolExecutor:
 
 
 def run_parallel(fn, n_threads: int, *args) -> None:
-    """Run ``fn(first, n_threads, *args)`` for ``first = 0 .. n_threads-1`` on worker threads
-    (``fn`` releases the GIL; it takes the work items first, first + n_threads, ...)."""
+    """Run ``fn(counter, *args)`` on ``n_threads`` worker threads at once (``fn`` releases the
+    GIL and takes its work items one by one from the shared int64 ``counter``, item
+    ``counter[0]`` then incremented atomically: dynamic scheduling)."""
+    counter = np.zeros(1, np.int64)
     if n_threads <= 1:
-        fn(0, 1, *args)
+        fn(counter, *args)
         return
     ex = _executor(n_threads)
-    futs = [ex.submit(fn, w, n_threads, *args) for w in range(n_threads)]
+    futs = [ex.submit(fn, counter, *args) for _ in range(n_threads)]
     for f in futs:
         f.result()
 

@@ -22,13 +22,16 @@ k_{xw} & k_{xy} \end{pmatrix}` (:class:`~._bundles.Augmented`) with row masses :
 * :func:`uv_max_product`: :math:`\max u \cdot \max v`, the numeric range check of the scalings.
 * :func:`lse`, :func:`expneg`, :func:`pow_inplace`: log-sum-exp, a vectorisable
   :math:`e^{-x}`, and the stage change :math:`u \leftarrow u^p`.
+* :func:`fetch_add`: an atomic counter, the worker threads' shared queue of work items.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 # status codes of the solvers
 OK, MAXITER, OVERFLOW = 0, 1, 2
@@ -44,6 +47,23 @@ jit = njit(cache=True, fastmath=FM, error_model="numpy")
 jit_inline = njit(cache=True, fastmath=FM, error_model="numpy", inline="always")
 #: the same, releasing the GIL (worker threads)
 jit_nogil = njit(cache=True, nogil=True, fastmath=FM, error_model="numpy")
+
+
+@intrinsic
+def fetch_add(typingctx, counter):
+    """``counter[0] += 1`` atomically (an int64 array shared by worker threads); returns the
+    value before (the next work item of the calling thread: dynamic scheduling)."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        zero = context.get_constant(types.intp, 0)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [zero])
+        return builder.atomic_rmw("add", ptr, context.get_constant(types.int64, 1), "monotonic")
+
+    return types.int64(counter), codegen
 
 
 @jit
