@@ -608,6 +608,26 @@ def test_few_uncertified_connections_go_straight_to_the_exact_solver(monkeypatch
     assert lg2["n_refined"] == 3 and lg2["n_exact_fallback"] <= 3
 
 
+def test_ragged_layers_send_up_to_64_loose_connections_straight_to_the_exact_solver(
+        monkeypatch):
+    """Problems solved one at a time (ragged supports) skip the refinement pass for up to
+    REFINE_MIN_RAGGED loose connections (batched ones: REFINE_MIN); all within kappa_tol."""
+    import tp_curvature.transport._sinkhorn as engine
+    P = _network_layer_pair(topk=8)
+    _, lg0 = solve_w1(P, kappa_tol=10.0, mass_tol=0.0, finer=False, log=True)   # none loose
+    assert not lg0["uniform_support"]
+    g = np.sort(lg0["kappa_gap"][P.solve])
+    assert g[-21] < g[-20]
+    tol = float(g[-21] + g[-20]) / 2                                   # twenty above it
+    W, lg = solve_w1(P, kappa_tol=tol, mass_tol=0.0, finer=False, log=True)
+    assert lg["n_refined"] == 0 and lg["n_exact_fallback"] == 20
+    exact = P.kappa(solve_w1(P, backend="exact"))
+    assert np.abs(P.kappa(W) - exact)[P.solve].max() <= tol
+    monkeypatch.setattr(engine, "REFINE_MIN_RAGGED", 8)
+    _, lg2 = solve_w1(P, kappa_tol=tol, mass_tol=0.0, finer=False, log=True)
+    assert lg2["n_refined"] == 20
+
+
 def _network_layer_pair(topk: int):
     """The second layer pair of a small random MLP (default definition): ragged
     supports, solved one at a time."""

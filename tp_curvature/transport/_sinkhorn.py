@@ -113,12 +113,15 @@ CHUNK_MIN = 256  # connections per chunk at least (each chunk starts cold and al
 REFINE_EPS = 0.25  # the refinement pass runs at this fraction of eps and tol, in float64
 #: Up to this many connections above ``kappa_tol`` go straight to the exact solver: a
 #: refinement pass (its own preparation, shared potentials and kernels) costs more than a few
-#: ``ot.emd2`` calls (measured: 2.5 ms against 0.4 ms per 65-atom problem), and on small
-#: layers it often fails to certify them anyway (ResNet-56's 58 layer pairs: 242 of 272
-#: refined connections still went to ``ot.emd2``; all 325 loose ones straight to it: 1.04-1.11
-#: -> 0.92-1.05 s). Layers with many loose connections (a ViT-B/16 MLP slice: ~900, 1 left
-#: after refinement) are refined.
-REFINE_MIN = 64
+#: ``ot.emd2`` calls (measured: 2.5 ms against 0.4 ms per 65-atom problem).
+REFINE_MIN = 8
+#: The same for problems solved one at a time (ragged supports): there the pass often fails to
+#: certify small layers' loose connections anyway (ResNet-56's 58 layer pairs: 242 of 272
+#: refined connections still went to ``ot.emd2``; all 325 straight to it: 1.04-1.11 ->
+#: 0.92-1.05 s); wide layers' many loose ones (a ViT-B/16 MLP slice: ~900, 1 left after the
+#: pass) are refined. (Batched problems: the dense random layers of ``benchmarks/kernels.py``
+#: refine 19-5,997 connections with none left.)
+REFINE_MIN_RAGGED = 64
 
 
 class EngineOptions(NamedTuple):
@@ -143,7 +146,8 @@ def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
     :func:`certify`); returns (W, log dict).
 
     With ``kappa_tol`` and ``refine``, the connections whose certified bound exceeds
-    ``kappa_tol`` (when there are more than ``REFINE_MIN``; fewer go to the exact solver
+    ``kappa_tol`` (when there are more than ``REFINE_MIN``, ``REFINE_MIN_RAGGED`` for
+    problems solved one at a time; fewer go to the exact solver
     directly) are first solved again by the engine at ``REFINE_EPS * eps`` and
     ``REFINE_EPS * tol`` in float64 (the smaller entropic bias tightens both sides of the
     bound); each connection keeps the value with the smaller certified bound, and only those
@@ -174,7 +178,8 @@ def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
     kgap, _ = certify(problem, prep, outs, None, top)
     n_refined = n_exact = 0
     if kappa_tol is not None and refine:
-        n_refined, n_exact = _refine(problem, opts, outs, kgap, kappa_tol, top)
+        n_refined, n_exact = _refine(problem, opts, outs, kgap, kappa_tol, top,
+                                     REFINE_MIN if prep.uniform else REFINE_MIN_RAGGED)
     n_exact += exact_fallback(problem, outs, kgap, kappa_tol)
     st = outs.status[problem.solve]
     its = outs.iters[problem.solve]
@@ -260,13 +265,14 @@ def _solve_levels(problem, prep, opts: EngineOptions, outs, progress: bool,
         bar.close()
 
 
-def _refine(problem, opts: EngineOptions, outs, kgap, kappa_tol, top) -> tuple:
+def _refine(problem, opts: EngineOptions, outs, kgap, kappa_tol, top, least: int) -> tuple:
     """Solve the connections whose bound exceeds ``kappa_tol`` again at ``REFINE_EPS`` times
-    eps and tol in float64; each keeps the value with the smaller bound (``outs`` and ``kgap``
-    updated in place). Returns (number refined, number the refinement re-solved exactly)."""
+    eps and tol in float64 if there are more than ``least``; each keeps the value with the
+    smaller bound (``outs`` and ``kgap`` updated in place). Returns (number refined, number the
+    refinement re-solved exactly)."""
     bad = problem.solve & ~(kgap <= kappa_tol)
     n_refined = int(bad.sum())
-    if n_refined <= REFINE_MIN:          # nothing, or so few that exact_fallback is cheaper
+    if n_refined <= least:               # nothing, or so few that exact_fallback is cheaper
         return 0, 0
     fine = opts._replace(eps=REFINE_EPS * opts.eps, tol=REFINE_EPS * opts.tol,
                          precision="float64")
