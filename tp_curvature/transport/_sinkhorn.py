@@ -50,7 +50,7 @@ How it is made fast (all of it exploits that the connections share :math:`C_{zw}
   top-k truncation) are solved one problem per thread on the gathered block
   (:mod:`._drivers`, O(k_z k_w) workspace), in ``CHUNKS`` chunks per level group. Each
   thread takes the next chunk from a shared atomic counter, so a thread that draws cheap
-  chunks takes more (a fixed round-robin left one of two threads idle 30-45% of the time on
+  chunks takes more (a fixed round-robin left one of two threads idle 43-54% of the time on
   ViT-B/16 MLP layers), and the chunking does not depend on the thread count (the warm
   starts make values depend on it): the values are the same on one thread or many. No
   (connections x n x m) tensor is ever built.
