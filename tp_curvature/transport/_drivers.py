@@ -356,7 +356,7 @@ def _finer(B, kxy, Cb, Cb32, wa, wb, wa32, wb32, cn, fr, wk, cfg, ws, fpot, gws,
     its, status = sinkhorn_kernel(B, k4, wa32[: kz + 1], wb32[: kw + 1], wk,
                                   cfg.tol[cfg.tol.shape[0] - 1], cfg.max_iter,
                                   cfg.omega, np.float32(0.5), np.float32(1e37))
-    if status == OVERFLOW or uv_max_product(u, kz + 1, 0.0, v, kw + 1, 0.0) > cfg.uvmax:
+    if status == OVERFLOW:      # (only certified runs get here: no range check, ``uvmax``)
         return its
     w1 = rounded_cost(Augmented(B, kzy, kxw, k4), Augmented(Cb32, ws.cz32, ws.cw32,
                       np.float32(cn.d)), wa32[: kz + 1], wb32[: kw + 1], u, v, ws.rx32,
