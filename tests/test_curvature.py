@@ -357,3 +357,74 @@ def test_layer_problem_lengths_where_solved_and_where_existing():
     P = probs[1]                            # its input junction holds the dead neuron
     assert P.d_xy is not P.length
     assert not P.solve[3].any()
+
+
+def test_node_weights_leave_the_model_s_weights_as_they_were():
+    """The strengths are |W| per (input node, output channel), computed in place on a copy:
+    a float64 model's own weights (which a plain ``.to(float64)`` would alias) are unchanged."""
+    from tp_curvature.calibration import CalibrationData, calibrate
+    from tp_curvature.config import CurvatureConfig
+
+    model = small_mlp(2).double()
+    before = [p.detach().clone() for p in model.parameters()]
+    g = calibrate(model, CalibrationData(torch.randn(8, 12, dtype=torch.float64)),
+                  CurvatureConfig()).graph
+    for layer in g.layers:
+        s, mask = g.node_weights(layer)
+        np.testing.assert_allclose(s, layer.module.weight.detach().abs().numpy().T,
+                                   rtol=1e-15, atol=0)
+        assert mask.all()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+
+def test_edge_maps_with_few_temporaries_equal_the_formula():
+    """``out[:, c] = max(out[:, c], s[:, idx] * scale)`` by the helpers of ``junction_edges``,
+    for every column in order and for a scattered subset."""
+    from tp_curvature.graph import _max_into, _scaled_columns
+
+    rng = np.random.default_rng(0)
+    s = rng.random((5, 7))
+    for idx, c in [(np.arange(7), np.arange(7)), (np.array([6, 0, 3]), np.array([1, 4, 2]))]:
+        scale = rng.random(idx.size)
+        out = rng.random((5, 7)) * (idx.size == 7)
+        want = out.copy()
+        want[:, c] = np.maximum(want[:, c], s[:, idx] * scale[None, :])
+        _max_into(out, c, _scaled_columns(s, idx, scale))
+        np.testing.assert_array_equal(out, want)
+
+
+def test_measures_built_by_blocks_of_rows_equal_the_whole(monkeypatch):
+    """The supports are built a block of rows at a time (``SUPPORT_BLOCK`` entries): with
+    blocks of one or two rows the problems are identical to those built at once."""
+    import tp_curvature.curvature as curv_mod
+    from tp_curvature import CurvatureImportance
+
+    model = small_mlp(4, sizes=(12, 16, 10, 6))
+    x = torch.randn(32, 12)
+    whole = CurvatureImportance(topk=5).calibrate(model, x).layer_problems()
+    monkeypatch.setattr(curv_mod, "SUPPORT_BLOCK", 20)
+    blocks = CurvatureImportance(topk=5).calibrate(model, x).layer_problems()
+    for name, P in whole.items():
+        Q = blocks[name]
+        for f in ("pred_idx", "pred_mass", "succ_idx", "succ_mass", "c_zw", "c_zy", "c_xw"):
+            np.testing.assert_array_equal(getattr(P, f), getattr(Q, f))
+    assert sum(P.pred_idx.shape[0] for P in whole.values()) > 3    # several blocks were built
+
+
+def test_kappa_in_place_equals_the_kappa_of_a_copy():
+    """``LayerPairProblem.kappa(w1, overwrite=True)`` writes into ``w1`` exactly the values the
+    copying form returns: solved connections from W1, unsolved ones 1, absent pairs NaN."""
+    from tp_curvature.testing import random_layer_pair
+
+    P = random_layer_pair(9, seed=1, alpha=0.7)
+    rng = np.random.default_rng(1)
+    P.exists = P.solve | (rng.random(P.solve.shape) < 0.5)
+    P.solve = P.solve & (rng.random(P.solve.shape) < 0.7)
+    w1 = np.where(P.solve, rng.random(P.solve.shape), np.nan)
+    want = P.kappa(w1)
+    buf = w1.copy()
+    got = P.kappa(buf, overwrite=True)
+    assert got is buf
+    np.testing.assert_array_equal(got, want)
+    assert (got[P.exists & ~P.solve] == 1).all() and np.isnan(got[~P.exists]).all()

@@ -140,6 +140,22 @@ def _support(logw: np.ndarray, topk: Optional[int]):
     return idx, mass
 
 
+SUPPORT_BLOCK = 1 << 18   # entries of the log-weight block one step of _supports builds
+
+
+def _supports(rows, n_rows: int, a_nb: np.ndarray, cfg: CurvatureConfig):
+    """Supports and masses (:func:`_support`) of the measures centred on ``n_rows`` nodes:
+    ``rows(r)`` gives the strengths from the centres ``r`` (a slice) to their neighbours,
+    whose values are ``a_nb``. Built a block of rows at a time: the log-weights of a wide
+    layer pair (e.g. 3,072 x 768) and their temporaries would cost tens of MB each."""
+    step = max(1, SUPPORT_BLOCK // max(a_nb.size, 1))
+    parts = [_support(_neighbour_weights(rows(slice(r0, r0 + step)), a_nb, cfg.measure, 1),
+                      cfg.topk) for r0 in range(0, max(n_rows, 1), step)]
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def _restrict(idx: np.ndarray):
     """Union of the used indices and ``idx`` re-indexed into that union."""
     used = np.unique(idx[idx >= 0])
@@ -167,25 +183,24 @@ def _internal_blocks(graph: ChannelGraph, juncs: list, p: float) -> list:
 def _close_rows(d: np.ndarray, blocks: list, a_src: np.ndarray, flow: bool) -> np.ndarray:
     """``D . d``: the rows of ``d`` (lengths from stacked nodes) closed under the edges among
     those nodes (``blocks``, earlier junction -> later junction): a dynamic programme over
-    the blocks, later sources first, so one pass is exact."""
+    the blocks, later sources first, so one pass is exact. ``d`` is updated in place (the
+    callers pass fresh arrays) and returned."""
     if not blocks or not np.isfinite(d).any():
         return d
-    d = d.copy()
     for i0, j0, S in sorted(blocks, key=lambda b: -b[0]):
         r, c = slice(i0, i0 + S.shape[0]), slice(j0, j0 + S.shape[1])
-        d[r] = np.minimum(d[r], minplus(_lengths(S, a_src[r], flow), d[c]))
+        np.minimum(d[r], minplus(_lengths(S, a_src[r], flow), d[c]), out=d[r])
     return d
 
 
 def _close_cols(d: np.ndarray, blocks: list, a_src: np.ndarray, flow: bool) -> np.ndarray:
     """``d . D``: the columns of ``d`` (lengths into stacked nodes) closed under the edges
-    among those nodes (earlier sources first, one pass)."""
+    among those nodes (earlier sources first, one pass), in place like :func:`_close_rows`."""
     if not blocks or not np.isfinite(d).any():
         return d
-    d = d.copy()
     for i0, j0, S in sorted(blocks, key=lambda b: b[0]):
         r, c = slice(i0, i0 + S.shape[0]), slice(j0, j0 + S.shape[1])
-        d[:, c] = np.minimum(d[:, c], minplus(d[:, r], _lengths(S, a_src[r], flow)))
+        np.minimum(d[:, c], minplus(d[:, r], _lengths(S, a_src[r], flow)), out=d[:, c])
     return d
 
 
@@ -316,10 +331,10 @@ def problem_from_strengths(st: PairStrengths, cfg: CurvatureConfig, name: str = 
         succ_idx, succ_mass = conventions.supports(st.s_yw[st.cols], st.a_w, cfg.topk,
                                                    cfg.alpha)
     else:
-        pred_idx, pred_mass = _support(_neighbour_weights(st.s_zx, st.a_z, cfg.measure, 0).T,
-                                       cfg.topk)
-        succ_idx, succ_mass = _support(
-            _neighbour_weights(st.s_yw, st.a_w, cfg.measure, 1)[st.cols], cfg.topk)
+        pred_idx, pred_mass = _supports(lambda r: st.s_zx[:, r].T, st.s_zx.shape[1],
+                                        st.a_z, cfg)
+        succ_idx, succ_mass = _supports(lambda r: st.s_yw[st.cols[r]], st.cols.shape[0],
+                                        st.a_w, cfg)
     z_used, pred_idx = _restrict(pred_idx)
     w_used, succ_idx = _restrict(succ_idx)
 
@@ -374,10 +389,10 @@ def solve_problem(prob: LayerPairProblem, cfg: CurvatureConfig) -> np.ndarray:
     from W1 with ``cfg.backend``, dead-endpoint / zero-weight ones 1, absent pairs NaN."""
     prob.validate()
     if not prob.solve.any():
-        return prob.kappa(np.full(prob.d_xy.shape, np.nan))
+        return prob.kappa(np.full(prob.d_xy.shape, np.nan), overwrite=True)
     from .transport import solve_w1           # imported on first use: POT and the Numba kernels
     opts = dict(cfg.backend_options, validate=False)      # validated just above
-    return prob.kappa(solve_w1(prob, backend=cfg.backend, **opts))
+    return prob.kappa(solve_w1(prob, backend=cfg.backend, **opts), overwrite=True)
 
 
 def layer_curvature(graph: ChannelGraph, layer: WeightLayer, acts: list,
@@ -434,6 +449,8 @@ def graph_curvature(graph: ChannelGraph, acts: list, cfg: CurvatureConfig,
         from tqdm.auto import tqdm
         bar = tqdm(total=sum(sizes), desc="curvature", unit="conn", unit_scale=True, leave=False)
     out = {}
+    if sum(sizes) >= TRIM_CONNECTIONS:
+        release_freed_memory()      # what the caller freed before: the layers' peaks add to it
     try:
         for layer, n in zip(layers, sizes):
             if bar is not None:

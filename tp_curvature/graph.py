@@ -646,33 +646,38 @@ class ChannelGraph:
 
     def _node_weights(self, layer: WeightLayer, p: float):
         junc = self.junctions[layer.in_junction]
-        w = layer.weight.detach().to(torch.float64).abs().cpu()
+        # one float64 copy, then in place: a wide layer's temporaries cost tens of MB each
+        w = layer.weight.detach().to(device="cpu", dtype=torch.float64, copy=True).abs_()
         n_nodes = junc.n_nodes
         g = torch.as_tensor(layer.in_group)
         sc = None if layer.in_scale is None else torch.as_tensor(layer.in_scale, dtype=torch.float64)
         if layer.kind == "linear":
             wf = w if w.dim() == 2 else w.flatten(1)          # (C_out, F)
             if sc is not None:
-                wf = wf * sc[None, :]
+                wf.mul_(sc[None, :])
+            wf.pow_(p)
             ok = g >= 0
-            acc = torch.zeros(wf.shape[0], n_nodes, dtype=torch.float64)
-            acc.index_add_(1, g[ok], wf[:, ok].pow(p))
+            if wf.shape[1] == n_nodes and torch.equal(g, torch.arange(n_nodes)):
+                acc = wf                                      # one feature per node
+            else:
+                acc = torch.zeros(wf.shape[0], n_nodes, dtype=torch.float64)
+                acc.index_add_(1, g[ok], wf[:, ok])
             cnt = torch.zeros(n_nodes, dtype=torch.float64)
             cnt.index_add_(0, g[ok], torch.ones(int(ok.sum()), dtype=torch.float64))
-            s = acc.pow(1.0 / p).T.contiguous()
+            s = acc.pow_(1.0 / p).T.contiguous()
             mask = (cnt > 0)[:, None].expand(n_nodes, wf.shape[0]).clone()
             return s.numpy(), mask.numpy()
         groups = layer.groups
         if layer.kind == "conv":
             c_out, c_in_g = w.shape[0], w.shape[1]
-            norms = w.flatten(2).pow(p).sum(2)                   # (C_out, C_in/groups)
+            norms = w.flatten(2).pow_(p).sum(2)                  # (C_out, C_in/groups)
             per_out = c_out // groups
             v = torch.arange(c_out)[:, None].expand(c_out, c_in_g)
             f = (v // per_out) * c_in_g + torch.arange(c_in_g)[None, :]
         else:                                                      # conv_transpose
             c_in, c_out_g = w.shape[0], w.shape[1]
             c_out = c_out_g * groups
-            norms = w.flatten(2).pow(p).sum(2)                   # (C_in, C_out/groups)
+            norms = w.flatten(2).pow_(p).sum(2)                  # (C_in, C_out/groups)
             per_in = c_in // groups
             f = torch.arange(c_in)[:, None].expand(c_in, c_out_g)
             v = (f // per_in) * c_out_g + torch.arange(c_out_g)[None, :]
@@ -698,7 +703,7 @@ class ChannelGraph:
             if t.kind != "layer" or t.src != layer.index:
                 continue
             c = np.nonzero(t.idx >= 0)[0]
-            out[:, c] = np.maximum(out[:, c], s[:, t.idx[c]] * t.scale[c][None, :])
+            _max_into(out, c, _scaled_columns(s, t.idx[c], t.scale[c]))
             cols[t.idx[c]] = c
         return out, cols, mask
 
@@ -713,7 +718,7 @@ class ChannelGraph:
                 out[t.idx[c], c] = np.maximum(out[t.idx[c], c], t.scale[c])
             elif t.kind == "layer" and self.layers[t.src].in_junction == src:
                 s, _ = self.node_weights(self.layers[t.src], p)
-                out[:, c] = np.maximum(out[:, c], s[:, t.idx[c]] * t.scale[c][None, :])
+                _max_into(out, c, _scaled_columns(s, t.idx[c], t.scale[c]))
         return out
 
     def predecessors(self, j: int) -> list[int]:
@@ -725,3 +730,23 @@ class ChannelGraph:
     def successors(self, j: int) -> list[int]:
         """Junctions that junction ``j`` has an edge into (topological order)."""
         return self._successors[j]
+
+
+def _scaled_columns(s: np.ndarray, idx: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``s[:, idx] * scale`` as one new array (no copy of ``s`` when ``idx`` takes every
+    column in order)."""
+    if idx.size == s.shape[1] and np.array_equal(idx, np.arange(idx.size)):
+        return s * scale[None, :]
+    out = s[:, idx]
+    out *= scale[None, :]
+    return out
+
+
+def _max_into(out: np.ndarray, c: np.ndarray, vals: np.ndarray) -> None:
+    """``out[:, c] = max(out[:, c], vals)``, overwriting ``vals`` (no other temporaries when
+    ``c`` is every column in order)."""
+    if c.size == out.shape[1] and np.array_equal(c, np.arange(c.size)):
+        np.maximum(out, vals, out=out)
+        return
+    np.maximum(out[:, c], vals, out=vals)
+    out[:, c] = vals

@@ -124,11 +124,24 @@ class LayerPairProblem:
         """Structural connections: ``exists``, or ``solve`` when no ``exists`` was given."""
         return self.solve if self.exists is None else self.exists
 
-    def kappa(self, w1: np.ndarray) -> np.ndarray:
+    def kappa(self, w1: np.ndarray, overwrite: bool = False) -> np.ndarray:
         """:math:`\\kappa` of every pair from the solvers' ``w1`` (n_x, n_y): solved connections
-        :math:`(1 - W_1/d_{xy})/(1-\\alpha)`, other connections 1, absent pairs NaN."""
+        :math:`(1 - W_1/d_{xy})/(1-\\alpha)`, other connections 1, absent pairs NaN.
+
+        ``overwrite=True`` computes it in ``w1`` itself (float64, owned by the caller) and
+        returns that array: no (n_x, n_y) temporaries, where a wide layer's cost tens of MB
+        each."""
+        solve = self.solve
+        if overwrite and w1.dtype == np.float64 and w1.flags.writeable:
+            kappa = w1
+            np.divide(w1, self.d_xy, out=kappa, where=solve)
+            np.subtract(1.0, kappa, out=kappa, where=solve)
+            np.divide(kappa, 1.0 - self.alpha, out=kappa, where=solve)
+            kappa[~solve] = np.nan
+            kappa[~solve & self.connections] = 1.0
+            return kappa
         kappa = np.where(self.connections, 1.0, np.nan)
-        kappa[self.solve] = kappa_from_w1(w1[self.solve], self.d_xy[self.solve], self.alpha)
+        kappa[solve] = kappa_from_w1(w1[solve], self.d_xy[solve], self.alpha)
         return kappa
 
     def columns(self, c0: int, c1: int) -> "LayerPairProblem":

@@ -183,7 +183,7 @@ def solve_w1(
                              bool(finer))
         half = half_idleness and problem.alpha > HALF
         W, info = _sliced(at_half_idleness(problem) if half else problem, opts, progress,
-                          kappa_tol, slice_connections)
+                          kappa_tol, slice_connections, keep_gap=log)
         if half:
             W = from_half_idleness(problem, W)
         info["alpha_solved"] = HALF if half else problem.alpha
@@ -266,16 +266,18 @@ _SUMMED = ("n_solved", "n_not_converged", "n_float64", "n_log_domain", "seconds_
 _MAXED = ("iterations_max", "k_z", "k_w", "kappa_gap_max")
 
 
-def _sliced(problem: LayerPairProblem, opts, progress: bool, kappa_tol, budget):
+def _sliced(problem: LayerPairProblem, opts, progress: bool, kappa_tol, budget,
+            keep_gap: bool = True):
     """:func:`sinkhorn_backend` over the column slices of ``problem`` (see ``solve_w1``'s
-    ``slice_connections``); returns (W, merged log)."""
+    ``slice_connections``); returns (W, merged log). ``keep_gap=False``: the log of several
+    slices has no ``kappa_gap`` (an (n_x, n_y) array nobody reads when no log is returned)."""
     parts = column_slices(problem.solve, budget)
     if len(parts) == 1:
         W, info = sinkhorn_backend(problem, opts, progress, kappa_tol)
         info["n_slices"] = 1
         return W, info
     W = np.full(problem.d_xy.shape, np.nan)
-    gap = np.full(problem.d_xy.shape, np.nan)
+    gap = np.full(problem.d_xy.shape, np.nan) if keep_gap else None
     logs = []
     bar = None
     if progress:
@@ -284,7 +286,10 @@ def _sliced(problem: LayerPairProblem, opts, progress: bool, kappa_tol, budget):
     for c0, c1 in parts:
         w, info = sinkhorn_backend(problem.columns(c0, c1), opts, False, kappa_tol)
         W[:, c0:c1] = w
-        gap[:, c0:c1] = info.pop("kappa_gap")
+        g = info.pop("kappa_gap")
+        if gap is not None:
+            gap[:, c0:c1] = g
+        del g
         logs.append(info)
         if bar is not None:
             bar.update(1)
@@ -299,6 +304,7 @@ def _sliced(problem: LayerPairProblem, opts, progress: bool, kappa_tol, budget):
     out["iterations_mean"] = sum(l["iterations_mean"] * l["n_solved"] for l in logs) / n
     out["uniform_support"] = all(l["uniform_support"] for l in logs)
     out["mass_tol_effective"] = min(l["mass_tol_effective"] for l in logs)
-    out["kappa_gap"] = gap
+    if gap is not None:
+        out["kappa_gap"] = gap
     out["n_slices"] = len(parts)
     return W, out
