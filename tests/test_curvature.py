@@ -428,3 +428,20 @@ def test_kappa_in_place_equals_the_kappa_of_a_copy():
     assert got is buf
     np.testing.assert_array_equal(got, want)
     assert (got[P.exists & ~P.solve] == 1).all() and np.isnan(got[~P.exists]).all()
+
+
+@pytest.mark.parametrize("threshold", [0, 1 << 40])
+def test_minplus_on_either_path_equals_the_numpy_product(threshold, monkeypatch):
+    """The library's min-plus product, run on the worker threads (threshold 0) or on the
+    calling thread (products below ``MINPLUS_PARALLEL``), equals the NumPy reference, with
+    infinite entries (no edge) in both factors."""
+    import tp_curvature.shortest_paths as sp
+    from tp_curvature.testing import minplus as reference
+
+    monkeypatch.setattr(sp, "MINPLUS_PARALLEL", threshold)
+    rng = np.random.default_rng(3)
+    a = np.where(rng.random((13, 9)) < 0.3, np.inf, rng.random((13, 9)))
+    b = np.where(rng.random((9, 11)) < 0.3, np.inf, rng.random((9, 11)))
+    a[2] = np.inf                                   # a row with no edge: all inf
+    np.testing.assert_array_equal(sp.minplus(a, b), reference(a, b))
+    assert np.isinf(sp.minplus(a, b)[2]).all()
