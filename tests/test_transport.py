@@ -9,9 +9,9 @@ Bounds used below (relative to d = d(x, y), i.e. directly on W1/d):
 """
 from __future__ import annotations
 
-import hypothesis as hyp
 import math
 
+import hypothesis as hyp
 import numpy as np
 import ot
 import pytest

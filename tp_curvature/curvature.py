@@ -56,7 +56,7 @@ import torch.nn as nn
 from ._memory import release_freed_memory
 from .graph import ChannelGraph, WeightLayer
 from .config import CurvatureConfig, resolve_config
-from .problem import LayerPairProblem, cap_costs
+from .problem import LayerPairProblem, cap_costs, selects_all
 from .shortest_paths import minplus
 
 @dataclass
@@ -261,14 +261,10 @@ def build_layer_problem(graph: ChannelGraph, layer: WeightLayer, acts: list,
         s_xw=_skip_edges(graph, [X], succs, cfg.p))
     strengths = PairStrengths(
         s_zx=s_zx, a_z=a_z, a_x=acts[X], s_xy_all=graph.junction_edges(X, Y, cfg.p),
-        s_direct=s_xy_layer if _is_identity(cols, s_xy_layer.shape[1])
+        s_direct=s_xy_layer if selects_all(cols, s_xy_layer.shape[1])
         else s_xy_layer[:, cols], cols=cols, a_yn=acts[Y], s_yw=s_yw, a_w=a_w,
         exists=exists, **skips)
     return problem_from_strengths(strengths, cfg, layer.name)
-
-
-def _is_identity(cols: np.ndarray, n: int) -> bool:
-    return cols.shape[0] == n and bool((cols == np.arange(n)).all())
 
 
 @dataclass
@@ -361,7 +357,7 @@ def problem_from_strengths(st: PairStrengths, cfg: CurvatureConfig, name: str = 
     if st.s_zw is not None:
         d = close_w(close_z(_lengths(st.s_zw, st.a_z, flow_len)))
         c_zw = np.minimum(c_zw, d[np.ix_(z_used, w_used)])
-    c_zy = c_zy_all if _is_identity(st.cols, c_zy_all.shape[1]) else c_zy_all[:, st.cols]
+    c_zy = c_zy_all if selects_all(st.cols, c_zy_all.shape[1]) else c_zy_all[:, st.cols]
     del c_zy_all
     d_xy = _lengths(st.s_direct, st.a_x, flow_len)
 

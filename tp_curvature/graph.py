@@ -134,6 +134,7 @@ import torch.utils._pytree as pytree
 from ._export import PREFIX, Program, UnsupportedModelError, global_hooks_detached, op_name
 from ._lineage import (ADD, AFFINE, CAT, IDENTITY, MOVE, MUL, NORMS, OPAQUE, LineagePass,
                        Term, constant_along, channel_ids)
+from .problem import selects_all
 
 #: Bytes of per-layer strength matrices a graph keeps (least recently used dropped first): the
 #: layers around the one being scored, not every layer of a large model.
@@ -735,7 +736,7 @@ class ChannelGraph:
 def _scaled_columns(s: np.ndarray, idx: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """``s[:, idx] * scale`` as one new array (no copy of ``s`` when ``idx`` takes every
     column in order)."""
-    if idx.size == s.shape[1] and np.array_equal(idx, np.arange(idx.size)):
+    if selects_all(idx, s.shape[1]):
         return s * scale[None, :]
     out = s[:, idx]
     out *= scale[None, :]
@@ -745,7 +746,7 @@ def _scaled_columns(s: np.ndarray, idx: np.ndarray, scale: np.ndarray) -> np.nda
 def _max_into(out: np.ndarray, c: np.ndarray, vals: np.ndarray) -> None:
     """``out[:, c] = max(out[:, c], vals)``, overwriting ``vals`` (no other temporaries when
     ``c`` is every column in order)."""
-    if c.size == out.shape[1] and np.array_equal(c, np.arange(c.size)):
+    if selects_all(c, out.shape[1]):
         np.maximum(out, vals, out=out)
         return
     np.maximum(out[:, c], vals, out=vals)

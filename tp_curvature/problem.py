@@ -45,6 +45,12 @@ from typing import Optional
 import numpy as np
 
 
+def selects_all(idx: np.ndarray, n: int) -> bool:
+    """Whether the index array ``idx`` is ``0..n-1`` in order: a selection of every row or
+    column of an ``n``-long axis, which a caller can use as is instead of copying."""
+    return idx.shape[0] == n and bool(np.array_equal(idx, np.arange(n)))
+
+
 def cap_costs(costs: tuple, d_solved: np.ndarray, where: Optional[np.ndarray] = None,
               copy: bool = True) -> tuple:
     """Each cost matrix of ``costs`` with its infinite entries (pairs no forward path joins)

@@ -23,6 +23,7 @@ from collections import namedtuple
 
 import numpy as np
 
+from ..problem import selects_all
 from ._bundles import Costs, Kernels, Measures
 from ._exact import pot
 from ._primitives import F32_FLOOR, jit
@@ -123,11 +124,6 @@ def shared_potentials(C, pbar, rbar):
     return f, g
 
 
-def _every(idx: np.ndarray, n: int) -> bool:
-    """Whether ``idx`` is ``0..n-1`` in order."""
-    return idx.size == n and bool(np.array_equal(idx, np.arange(n)))
-
-
 def prepare(problem, mass_tol) -> Prepared:
     """Compacted measures, union cost blocks, shared potentials (padded if uniform)."""
     zu, ploc, pm, pk, drop_x = compact_measure(problem.pred_idx, problem.pred_mass, mass_tol)
@@ -146,7 +142,7 @@ def prepare(problem, mass_tol) -> Prepared:
     C = np.ascontiguousarray(problem.c_zw[np.ix_(zu, wu)], dtype=np.float64)
     czy = np.ascontiguousarray(problem.c_zy[zu, :], dtype=np.float64)
     # c_xw is shared by every column slice of a layer: no copy when the slice uses all of W
-    cxw = np.ascontiguousarray(problem.c_xw if _every(wu, problem.c_xw.shape[1])
+    cxw = np.ascontiguousarray(problem.c_xw if selects_all(wu, problem.c_xw.shape[1])
                                else problem.c_xw[:, wu], dtype=np.float64)
     dxy = np.ascontiguousarray(problem.d_xy, dtype=np.float64)
     # shared potentials from the mean measures

@@ -286,10 +286,9 @@ def _sliced(problem: LayerPairProblem, opts, progress: bool, kappa_tol, budget,
     for c0, c1 in parts:
         w, info = sinkhorn_backend(problem.columns(c0, c1), opts, False, kappa_tol)
         W[:, c0:c1] = w
-        g = info.pop("kappa_gap")
+        part = info.pop("kappa_gap")
         if gap is not None:
-            gap[:, c0:c1] = g
-        del g
+            gap[:, c0:c1] = part
         logs.append(info)
         if bar is not None:
             bar.update(1)
