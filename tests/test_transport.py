@@ -549,6 +549,38 @@ def test_refinement_pass_saves_exact_solves():
     assert err.max() <= 0.005
 
 
+
+def test_refinement_pass_is_capped_and_leaves_the_rest_to_the_exact_solver(monkeypatch):
+    """The refinement pass runs at most REFINE_MAX_ITER iterations per eps stage (beyond, an
+    exact solve is cheaper); what it leaves uncertified is solved exactly, so every value is
+    still within kappa_tol of exact, also with a cap of 3 iterations."""
+    import tp_curvature.transport._sinkhorn as engine
+    P = random_layer_pair(32, 0, density=0.5, alpha=0.9)
+    exact = solve_w1(P, backend="exact")
+    inner = engine.sinkhorn_backend
+    passes = []
+
+    def spy(problem, opts, *a, **k):
+        out = inner(problem, opts, *a, **k)
+        if k.get("refine", True) is False:
+            passes.append((opts.max_iter, out[1]["iterations_max"]))
+        return out
+
+    monkeypatch.setattr(engine, "sinkhorn_backend", spy)
+    runs, default = {}, engine.REFINE_MAX_ITER
+    for cap in (default, 3):
+        monkeypatch.setattr(engine, "REFINE_MAX_ITER", cap)
+        passes.clear()
+        W, lg = solve_w1(P, log=True, kappa_tol=0.005)
+        assert len(passes) == 1 and passes[0][0] == cap < DEFAULTS["max_iter"]
+        assert passes[0][1] <= 2 * cap                      # two eps stages
+        err = np.abs(W - exact)[P.solve] / P.d_xy[P.solve] / (1 - P.alpha)
+        assert err.max() <= 0.005
+        runs[cap] = lg
+    assert runs[3]["n_refined"] == runs[default]["n_refined"] > 0
+    assert runs[3]["n_exact_fallback"] > runs[default]["n_exact_fallback"]
+
+
 # ------------------------------------------------------------------ column slices
 def test_columns_are_the_columns_of_the_whole_problem():
     """A column slice of a layer pair is exactly those columns' transport problems."""

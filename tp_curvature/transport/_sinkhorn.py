@@ -122,6 +122,13 @@ REFINE_MIN = 8
 #: pass) are refined. (Batched problems: the dense random layers of ``benchmarks/kernels.py``
 #: refine 19-5,997 connections with none left.)
 REFINE_MIN_RAGGED = 64
+#: Iterations per eps stage of the refinement pass at most: a connection still above
+#: ``kappa_tol`` after it goes to ``ot.emd2``, which takes about 0.1-0.25 ms on a 33 x 33
+#: problem, i.e. the time of 100-200 float64 iterations (the pass's problems that would take
+#: longer are the badly scaled ones: ResNet-50's 3x3 convs, where d is small against the
+#: costs around it; with the solver's ``max_iter`` of 2,000 their pass averaged 843
+#: iterations and took 4.1 of the layer's 4.7 s, 1.6 s with this cap).
+REFINE_MAX_ITER = 100
 
 
 class EngineOptions(NamedTuple):
@@ -149,8 +156,8 @@ def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
     ``kappa_tol`` (when there are more than ``REFINE_MIN``, ``REFINE_MIN_RAGGED`` for
     problems solved one at a time; fewer go to the exact solver
     directly) are first solved again by the engine at ``REFINE_EPS * eps`` and
-    ``REFINE_EPS * tol`` in float64 (the smaller entropic bias tightens both sides of the
-    bound); each connection keeps the value with the smaller certified bound, and only those
+    ``REFINE_EPS * tol`` in float64, at most ``REFINE_MAX_ITER`` iterations per stage (the
+    smaller entropic bias tightens both sides of the bound); each connection keeps the value with the smaller certified bound, and only those
     still above ``kappa_tol`` go to the exact solver. ``top``: the per-connection cost bounds
     of :func:`~._prepare.trim_cost_bounds` if already known (they depend on the costs and
     supports only, not on ``solve``: the refinement pass reuses the first pass's).
@@ -275,7 +282,7 @@ def _refine(problem, opts: EngineOptions, outs, kgap, kappa_tol, top, least: int
     if n_refined <= least:               # nothing, or so few that exact_fallback is cheaper
         return 0, 0
     fine = opts._replace(eps=REFINE_EPS * opts.eps, tol=REFINE_EPS * opts.tol,
-                         precision="float64")
+                         precision="float64", max_iter=min(opts.max_iter, REFINE_MAX_ITER))
     w2, log2 = sinkhorn_backend(replace(problem, solve=bad), fine, False, kappa_tol,
                                 refine=False, top=top)
     # the refinement pass itself re-solves exactly what it cannot certify

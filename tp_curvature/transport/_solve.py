@@ -115,7 +115,8 @@ def solve_w1(
         stage at a quarter of the last eps, from their own plan (absorbed into the kernel as
         :math:`P^4`; each keeps the smaller plan cost and the larger lower bound). Every
         connection whose certified kappa error bound still exceeds ``kappa_tol`` is solved
-        again by the engine at a quarter of ``eps`` and ``tol`` in float64, and, if its bound
+        again by the engine at a quarter of ``eps`` and ``tol`` in float64 (at most 100
+        iterations per eps stage: beyond, an exact solve is cheaper), and, if its bound
         still exceeds ``kappa_tol``, exactly (``ot.emd2``).
         ``None``: return the first-pass Sinkhorn values as they are (the bound is still
         reported).
