@@ -549,7 +549,6 @@ def test_refinement_pass_saves_exact_solves():
     assert err.max() <= 0.005
 
 
-
 def test_refinement_pass_is_capped_and_leaves_the_rest_to_the_exact_solver(monkeypatch):
     """The refinement pass runs at most REFINE_MAX_ITER iterations per eps stage (beyond, an
     exact solve is cheaper); what it leaves uncertified is solved exactly, so every value is

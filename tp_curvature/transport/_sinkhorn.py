@@ -124,10 +124,9 @@ REFINE_MIN = 8
 REFINE_MIN_RAGGED = 64
 #: Iterations per eps stage of the refinement pass at most: a connection still above
 #: ``kappa_tol`` after it goes to ``ot.emd2``, which takes about 0.1-0.25 ms on a 33 x 33
-#: problem, i.e. the time of 100-200 float64 iterations (the pass's problems that would take
-#: longer are the badly scaled ones: ResNet-50's 3x3 convs, where d is small against the
-#: costs around it; with the solver's ``max_iter`` of 2,000 their pass averaged 843
-#: iterations and took 4.1 of the layer's 4.7 s, 1.6 s with this cap).
+#: problem, i.e. the time of 100-200 float64 iterations (slow problems are common on
+#: ResNet-50's 3x3 convs: with the solver's ``max_iter`` of 2,000, ``layer3.4.conv2``'s pass
+#: averaged 843 iterations and took 4.1 of the layer's 4.7 s, 1.6 s with this cap).
 REFINE_MAX_ITER = 100
 
 
@@ -157,8 +156,9 @@ def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
     problems solved one at a time; fewer go to the exact solver
     directly) are first solved again by the engine at ``REFINE_EPS * eps`` and
     ``REFINE_EPS * tol`` in float64, at most ``REFINE_MAX_ITER`` iterations per stage (the
-    smaller entropic bias tightens both sides of the bound); each connection keeps the value with the smaller certified bound, and only those
-    still above ``kappa_tol`` go to the exact solver. ``top``: the per-connection cost bounds
+    smaller entropic bias tightens both sides of the bound); each connection keeps the value
+    with the smaller certified bound, and only those still above ``kappa_tol`` go to the
+    exact solver. ``top``: the per-connection cost bounds
     of :func:`~._prepare.trim_cost_bounds` if already known (they depend on the costs and
     supports only, not on ``solve``: the refinement pass reuses the first pass's).
     """
