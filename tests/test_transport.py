@@ -751,18 +751,23 @@ def test_certified_runs_keep_float32_results_of_any_scaling_range(monkeypatch):
     assert err.max() <= DEFAULTS["kappa_tol"] and (err <= cert["kappa_gap"][m] + 1e-12).all()
 
 
+@pytest.mark.parametrize("precision", ["float32", "float64"])
 @pytest.mark.parametrize("kappa_tol", [0.02, 0.01])
-def test_in_kernel_refinement_certifies_loose_connections_in_place(kappa_tol):
+def test_in_kernel_refinement_certifies_loose_connections_in_place(kappa_tol, precision):
     """One-at-a-time problems whose first bound exceeds ``FINER_AT * kappa_tol`` continue at
-    a quarter of eps from their plan (absorbed into the kernel): on a network's layer pair
-    none is left for the float64 refinement pass (hundreds without the stage at kappa_tol
-    0.01, ``finer=False``), every value within kappa_tol of exact and within its certified
-    gap; with ``kappa_tol=None`` the stage never runs (the raw values are unchanged)."""
+    a quarter of eps from their plan (absorbed into the kernel), on the float32 path and on
+    the float64 one (``precision="float64"`` starts there; float32 problems that overflow go
+    there): on a network's layer pair none is left for the float64 refinement pass (hundreds
+    without the stage at kappa_tol 0.01, ``finer=False``), every value within kappa_tol of
+    exact and within its certified gap; with ``kappa_tol=None`` the stage never runs (the raw
+    values are unchanged)."""
     P = _network_layer_pair(topk=16)
     We = solve_w1(P, "exact")
     m = P.solve
-    on = solve_w1(P, kappa_tol=kappa_tol, log=True)
-    off = solve_w1(P, kappa_tol=kappa_tol, finer=False, log=True)
+    on = solve_w1(P, kappa_tol=kappa_tol, precision=precision, log=True)
+    off = solve_w1(P, kappa_tol=kappa_tol, precision=precision, finer=False, log=True)
+    if precision == "float64":
+        assert on[1]["n_float64"] == off[1]["n_float64"] == m.sum()
     assert not on[1]["uniform_support"]                  # the one-at-a-time path
     assert off[1]["n_refined"] >= (100 if kappa_tol < 0.02 else 20)
     assert on[1]["n_refined"] + on[1]["n_exact_fallback"] == 0
@@ -771,8 +776,8 @@ def test_in_kernel_refinement_certifies_loose_connections_in_place(kappa_tol):
         err = _kappa_err(W, We, P)[m]
         assert err.max() <= kappa_tol
         assert (err <= lg["kappa_gap"][m] + 1e-12).all()
-    np.testing.assert_array_equal(solve_w1(P, kappa_tol=None),
-                                  solve_w1(P, kappa_tol=None, finer=False))
+    np.testing.assert_array_equal(solve_w1(P, kappa_tol=None, precision=precision),
+                                  solve_w1(P, kappa_tol=None, precision=precision, finer=False))
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -4,8 +4,9 @@ r"""Single-problem drivers: kernel-domain Sinkhorn over the eps stages, with fal
 shared stage kernels (gathered onto the problem's atoms when the supports are ragged); if its
 scalings leave the safe range, float64 kernel-domain Sinkhorn on the problem's own kernel
 :math:`e^{-R/\varepsilon}` of the reduced costs; if that overflows too, the log domain
-(:func:`~._log_domain.log_domain`; both in :func:`_fallback`). The returned value is always
-the cost of a rounded, feasible plan.
+(:func:`~._log_domain.log_domain`; both in :func:`_fallback`). With ``kappa_tol``, a float32
+or float64 result whose certified gap is loose continues for one finer stage from its own
+plan (:func:`_finer`). The returned value is always the cost of a rounded, feasible plan.
 """
 from __future__ import annotations
 
@@ -311,8 +312,13 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
                     lb = dual_bound(Cb, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot, gws)
                     lower[x, y] = lb
                     if gat.on and w1 - lb > cfg.finer * d:      # B: this problem's copy
-                        its = _finer(B, kxy, Cb, Cb32, wa, wb, wa32, wb32, cn, fr, wk, cfg, ws,
-                                     fpot, gws, outs, x, y)
+                        its, w1f, lbf = _finer(
+                            B, kxy, Augmented(Cb32, cz32, cw32, np.float32(d)), wa32[: kz + 1],
+                            wb32[: kw + 1], (rx32, cy32, ec32), np.float32(F32_FLOOR),
+                            np.float32(1e37), cn, wk, cfg, Cb, fr, wa[: kz + 1],
+                            wb[: kw + 1], fpot, gws, FINER * eps_st[S - 1])
+                        out[x, y] = min(w1, w1f)
+                        lower[x, y] = max(lb, lbf)
                         iters[x, y] = total + its
                     continue
         w1, lb, its, st = _fallback(x, y, C, eps_st, cfg, cn, zi, wi, fr, wa, wb, path)
@@ -324,23 +330,26 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
 
 
 @jit
-def _finer(B, kxy, Cb, Cb32, wa, wb, wa32, wb32, cn, fr, wk, cfg, ws, fpot, gws, outs, x, y):
-    """One more float32 stage at a quarter of the last eps (``FINER``), from the current plan.
+def _finer(B, kxy, cost, a, b, rws, floor, big, cn, wk, cfg, Cb, fr, wa, wb, fpot, gws, ef):
+    """One more stage at the finer eps ``ef`` (``FINER`` times the last), from the current plan,
+    in the dtype of ``B`` (float32 on the shared kernels, float64 in the fallback).
 
     The plan :math:`P = u_i K_{ij} v_j = e^{-(M_{ij} - f_i - g_j)/e}` (``B``, the row / column
-    kernels and the corner of ``wk``) is absorbed into the kernel of the finer stage,
-    :math:`K' = e^{-(M - f \\oplus g)/(e/4)} = P^4` (floored), with scalings 1: no exponential
-    and no scaling range to check. Runs to the last stage's tolerance, rounds, and adds
-    :math:`(e/4) \\log u'` to the row potentials ``fpot`` (those of the first bound) for the
-    weak-duality bound. ``outs`` keeps the smaller of the two plans' costs and the larger of
-    the two bounds (both stay valid). Returns the iterations."""
+    kernels of ``wk`` and the corner ``kxy``) is absorbed into the kernel of the finer stage,
+    :math:`K' = e^{-(M - f \\oplus g)/(e/4)} = P^4` (entries below ``floor`` set to 0), with
+    scalings 1: no exponential and no scaling range to check. Iterates with masses ``a``,
+    ``b`` to the last stage's tolerance, rounds against ``cost`` (an
+    :class:`~._bundles.Augmented` in B's dtype; ``rws``: the rounding workspaces), and adds
+    :math:`e' \\log u'` to the row potentials ``fpot`` (those of the first bound) for the
+    weak-duality bound on the float64 costs ``Cb`` (``fr``: the row / column costs) with
+    masses ``wa``, ``wb``. Returns (iterations, plan cost, lower bound); inf / -inf when the
+    stage fails. The caller keeps the smaller cost and the larger bound (both stay valid)."""
     kz = cn.kz
     kw = cn.kw
     u = wk.u
     v = wk.v
     kzy = wk.kzy
     kxw = wk.kxw
-    floor = np.float32(F32_FLOOR)
     vy = v[kw]
     ux = u[kz]
     for i in range(kz):
@@ -350,25 +359,20 @@ def _finer(B, kxy, Cb, Cb32, wa, wb, wa32, wb32, cn, fr, wk, cfg, ws, fpot, gws,
         kzy[i] = _pow4(ui * kzy[i] * vy, floor)
     for j in range(kw):
         kxw[j] = _pow4(ux * kxw[j] * v[j], floor)
-    k4 = _pow4(ux * np.float32(kxy) * vy, floor)
+    k4 = _pow4(ux * kxw.dtype.type(kxy) * vy, floor)
     u[: kz + 1] = 1.0
     v[: kw + 1] = 1.0
-    its, status = sinkhorn_kernel(B, k4, wa32[: kz + 1], wb32[: kw + 1], wk,
-                                  cfg.tol[cfg.tol.shape[0] - 1], cfg.max_iter,
-                                  cfg.omega, np.float32(0.5), np.float32(1e37))
+    its, status = sinkhorn_kernel(B, k4, a, b, wk, cfg.tol[cfg.tol.shape[0] - 1], cfg.max_iter,
+                                  cfg.omega, kxw.dtype.type(0.5), big)
     if status == OVERFLOW:      # (only certified runs get here: no range check, ``uvmax``)
-        return its
-    w1 = rounded_cost(Augmented(B, kzy, kxw, k4), Augmented(Cb32, ws.cz32, ws.cw32,
-                      np.float32(cn.d)), wa32[: kz + 1], wb32[: kw + 1], u, v, ws.rx32,
-                      ws.cy32, ws.ec32)
+        return its, math.inf, -math.inf
+    rx, cy, ec = rws
+    w1 = rounded_cost(Augmented(B, kzy, kxw, k4), cost, a, b, u, v, rx, cy, ec)
     if not math.isfinite(w1):
-        return its
+        return its, math.inf, -math.inf
     # the first stage's potentials plus the finer stage's (in place: entry i reads fpot[i])
-    scaled_potentials(fpot, fpot, fpot[kz], u, u[kz], kz, FINER * cfg.eps[cfg.eps.shape[0] - 1])
-    lb = dual_bound(Cb, fr.cz, fr.cw, cn.d, wa[: kz + 1], wb[: kw + 1], fpot, gws)
-    outs.out[x, y] = min(outs.out[x, y], w1)
-    outs.lower[x, y] = max(outs.lower[x, y], lb)
-    return its
+    scaled_potentials(fpot, fpot, fpot[kz], u, u[kz], kz, ef)
+    return its, w1, dual_bound(Cb, fr.cz, fr.cw, cn.d, wa, wb, fpot, gws)
 
 
 @jit
@@ -425,9 +429,18 @@ def _fallback(x, y, C, eps_st, cfg, cn, zi, wi, fr, wa, wb, path):
                               np.empty(kw + 1), np.empty(kw + 1))
             if math.isfinite(w1):
                 fpot = np.empty(kz + 1)
+                gws = np.empty(kw + 1)
                 scaled_potentials(fpot, fzl, fx, wk64.u, wk64.u[kz], kz, eps_st[S - 1])
-                lb = dual_bound(Cb, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot,
-                                np.empty(kw + 1))
+                lb = dual_bound(Cb, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot, gws)
+                if w1 - lb > cfg.finer * d:           # (B64: this problem's own kernel)
+                    its, w1f, lbf = _finer(
+                        B64, kxy, Augmented(Cb, cz, cw, d), wa[: kz + 1], wb[: kw + 1],
+                        (np.empty(kz + 1), np.empty(kw + 1), np.empty(kw + 1)), 0.0, 1e300, cn,
+                        wk64, cfg, Cb, fr, wa[: kz + 1], wb[: kw + 1], fpot, gws,
+                        FINER * eps_st[S - 1])
+                    total += its
+                    w1 = min(w1, w1f)
+                    lb = max(lb, lbf)
                 return w1, lb, total, F64 + status
     # ---- log domain on the reduced costs
     cost_r, f_red, its, st = log_domain(Mred, wa[: kz + 1], wb[: kw + 1], eps_st, cfg.tol,

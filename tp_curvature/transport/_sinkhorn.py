@@ -62,7 +62,8 @@ How it is made fast (all of it exploits that the connections share :math:`C_{zw}
   measured: about half the iterations and 15-25% less time on ragged layers).
 * **Finer stage in place** (one-at-a-time problems, with ``kappa_tol``). A problem whose
   first certified bound exceeds ``FINER_AT * kappa_tol`` continues at once for one more
-  float32 stage at a quarter of the last eps: its plan :math:`P = e^{-(M - f \oplus g)/e}`
+  stage at a quarter of the last eps, in float32 or, for a problem that fell back to the
+  float64 path, in float64: its plan :math:`P = e^{-(M - f \oplus g)/e}`
   becomes the stage's kernel :math:`P^4 = e^{-(M - f \oplus g)/(e/4)}` with scalings 1
   (no exponential, no range check), and the plan cost / lower bound kept are the better of
   the two stages' (:func:`~._drivers._finer`). It takes the entropic bias of most loose

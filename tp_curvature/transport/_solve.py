@@ -111,8 +111,9 @@ def solve_w1(
         eps); ``"log"`` solves every problem alone in the log domain (slow; for checks).
     kappa_tol : float or None
         Certified accuracy (default 0.02). Problems solved one at a time (ragged supports)
-        whose bound exceeds ``0.8 kappa_tol`` first continue in place for one more float32
-        stage at a quarter of the last eps, from their own plan (absorbed into the kernel as
+        whose bound exceeds ``0.8 kappa_tol`` first continue in place for one more stage
+        (float32, or float64 on the float64 path) at a quarter of the last eps, from their
+        own plan (absorbed into the kernel as
         :math:`P^4`; each keeps the smaller plan cost and the larger lower bound). Every
         connection whose certified kappa error bound still exceeds ``kappa_tol`` is solved
         again by the engine at a quarter of ``eps`` and ``tol`` in float64 (at most 100
