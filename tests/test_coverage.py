@@ -265,6 +265,26 @@ def test_attention_block_against_reference(backend):
     check(got, acts, E, "head", "y", "o", 8, list(range(3)), atol=tol)
 
 
+
+def test_layer_problems_of_a_packed_projection_are_its_junction_parts():
+    """``layer_problems()`` gives a packed q / k / v projection one problem per junction its
+    output channels reach (keyed ``"name->junction"``; one call for the whole layer used to
+    raise), whose exact kappa are the layer's own in those columns; other layers keep their
+    name."""
+    from tp_curvature.transport import solve_w1
+
+    torch.manual_seed(2)
+    m = AttnBlock().eval()
+    x = torch.randn(4, 5, 8)
+    probs = CurvatureImportance(topk=None, **PAPER).calibrate(m, x).layer_problems()
+    parts = [p for k, p in probs.items() if k.startswith("mha->")]
+    assert len(parts) == 3 and "mha" not in probs
+    assert {"mha.out_proj", "head"} <= set(probs)
+    assert sum(p.d_xy.shape[1] for p in parts) == 24
+    whole = connection_curvature(m, x, topk=None, backend="exact", **PAPER)["mha"].kappa
+    got = np.concatenate([p.kappa(solve_w1(p, backend="exact")).ravel() for p in parts])
+    np.testing.assert_allclose(np.sort(got), np.sort(whole.ravel()), rtol=1e-5, atol=1e-6)
+
 class StreamAttnBlock(nn.Module):
     """A Linear writes the stream that feeds both the attention and the residual: its
     successors W = {q sink, k sink, value junction, merge} have edges among themselves

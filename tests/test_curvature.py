@@ -445,3 +445,40 @@ def test_minplus_on_either_path_equals_the_numpy_product(threshold, monkeypatch)
     a[2] = np.inf                                   # a row with no edge: all inf
     np.testing.assert_array_equal(sp.minplus(a, b), reference(a, b))
     assert np.isinf(sp.minplus(a, b)[2]).all()
+
+
+@pytest.mark.parametrize("skip_zy,skip_xw", [(False, False), (True, False), (False, True),
+                                             (True, True)])
+@pytest.mark.parametrize("wide", ["x", "y"])
+def test_paths_z_to_w_equal_both_products_with_only_the_needed_one(skip_zy, skip_xw, wide,
+                                                                    monkeypatch):
+    """``c_zw`` from the one product it needs equals ``min(d_zx . c_xw, c_zy . d_yw)`` (the
+    definition) up to the rounding of the sums' grouping, with skip edges Z -> Y and X -> W
+    or without; without either, the product over the narrower of X and Y is computed."""
+    import tp_curvature.curvature as cv
+    from tp_curvature.testing import minplus as mp
+
+    rng = np.random.default_rng(5)
+    n_x, n_y = (9, 4) if wide == "x" else (4, 9)
+
+    def lengths(n, m):
+        return np.where(rng.random((n, m)) < 0.3, np.inf, rng.uniform(0.5, 2.0, (n, m)))
+
+    d_zx, d_xy, d_yw = lengths(6, n_x), lengths(n_x, n_y), lengths(n_y, 7)
+    c_zy, c_xw = mp(d_zx, d_xy), mp(d_xy, d_yw)
+    if skip_zy:
+        c_zy = np.minimum(c_zy, lengths(6, n_y) * 0.5)
+    if skip_xw:
+        c_xw = np.minimum(c_xw, lengths(n_x, 7) * 0.5)
+    want = np.minimum(mp(d_zx, c_xw), mp(c_zy, d_yw))
+    inner = []
+    monkeypatch.setattr(cv, "minplus", lambda a, b: inner.append(a.shape[1]) or mp(a, b))
+    got = cv._paths_zw(d_zx, c_zy, c_xw, d_yw, skip_zy, skip_xw)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    if skip_zy and skip_xw:
+        assert sorted(inner) == sorted([n_x, n_y])
+    elif skip_zy or skip_xw:
+        assert inner == [n_y if skip_zy else n_x]
+    else:
+        assert inner == [min(n_x, n_y)]

@@ -204,6 +204,20 @@ def _close_cols(d: np.ndarray, blocks: list, a_src: np.ndarray, flow: bool) -> n
     return d
 
 
+def _paths_zw(d_zx, c_zy, c_xw, d_yw, skip_zy: bool, skip_xw: bool) -> np.ndarray:
+    """``c_zw = min(d_zx . c_xw, c_zy . d_yw)`` (min-plus ``.``) with only the products it
+    needs. Without a skip edge X -> W, ``c_xw = d_xy . d_yw`` and ``c_zy <= d_zx . d_xy``, so
+    ``d_zx . c_xw >= c_zy . d_yw`` (the same three-hop paths, grouped differently): the first
+    product is not needed; likewise the second without a skip edge Z -> Y. With neither, both
+    are the same paths and the one with the shorter inner dim is computed (a ViT MLP layer:
+    768 instead of 3,072). The results agree to the rounding of the sums' grouping."""
+    if skip_zy and skip_xw:
+        return np.minimum(minplus(c_zy, d_yw), minplus(d_zx, c_xw))
+    if skip_zy or (not skip_xw and c_zy.shape[1] <= d_zx.shape[1]):
+        return minplus(c_zy, d_yw)
+    return minplus(d_zx, c_xw)
+
+
 def _skip_edges(graph: ChannelGraph, srcs: list, dsts: list, p: float) -> Optional[np.ndarray]:
     """Strengths of the edges from the stacked junctions ``srcs`` to the stacked ``dsts``, or
     None when there is none (the usual case; the dense zero block of a wide layer pair would
@@ -353,7 +367,7 @@ def problem_from_strengths(st: PairStrengths, cfg: CurvatureConfig, name: str = 
     if st.s_xw is not None:
         c_xw = np.minimum(c_xw, close_w(_lengths(st.s_xw, st.a_x, flow_len))[:, w_used])
     del d_xy_all   # wide layers: every (n_x, n_y) matrix is freed as soon as it is used
-    c_zw = np.minimum(minplus(c_zy_all, d_yw), minplus(d_zx, c_xw))
+    c_zw = _paths_zw(d_zx, c_zy_all, c_xw, d_yw, st.s_zy is not None, st.s_xw is not None)
     if st.s_zw is not None:
         d = close_w(close_z(_lengths(st.s_zw, st.a_z, flow_len)))
         c_zw = np.minimum(c_zw, d[np.ix_(z_used, w_used)])
@@ -391,23 +405,29 @@ def solve_problem(prob: LayerPairProblem, cfg: CurvatureConfig) -> np.ndarray:
     return prob.kappa(solve_w1(prob, backend=cfg.backend, **opts), overwrite=True)
 
 
-def layer_curvature(graph: ChannelGraph, layer: WeightLayer, acts: list,
-                    cfg: CurvatureConfig) -> LayerCurvature:
-    """Curvature of every connection of ``layer``. Each output channel is scored towards the
-    first of ``layer.out_junctions`` it reaches (real junctions before q/k sinks)."""
-    c_out = layer.out_channels
-    todo = np.ones(c_out, dtype=bool)
-    parts = []
+def layer_problems(graph: ChannelGraph, layer: WeightLayer, acts: list, cfg: CurvatureConfig):
+    """The :class:`LayerPairProblem` s of ``layer``, one at a time: ``(channels, Y, problem)``
+    for each out-junction ``Y`` in ``layer.out_junctions`` that some output channels reach
+    first (real junctions before q/k sinks), ``channels`` those output channels (all of them
+    for an ordinary layer: one problem)."""
+    todo = np.ones(layer.out_channels, dtype=bool)
     for Y in layer.out_junctions:
         _, cols, _ = graph.layer_edges(layer, Y, cfg.p)
         ch = np.nonzero((cols >= 0) & todo)[0]
         if ch.size == 0:
             continue
         todo[ch] = False
-        full = ch.size == c_out
-        prob = build_layer_problem(graph, layer, acts, cfg, dst=Y,
-                                   channels=None if full else ch)
-        parts.append((ch, prob, solve_problem(prob, cfg)))
+        yield ch, Y, build_layer_problem(graph, layer, acts, cfg, dst=Y,
+                                         channels=None if ch.size == layer.out_channels else ch)
+
+
+def layer_curvature(graph: ChannelGraph, layer: WeightLayer, acts: list,
+                    cfg: CurvatureConfig) -> LayerCurvature:
+    """Curvature of every connection of ``layer``. Each output channel is scored towards the
+    first of ``layer.out_junctions`` it reaches (real junctions before q/k sinks)."""
+    c_out = layer.out_channels
+    parts = [(ch, prob, solve_problem(prob, cfg))
+             for ch, _, prob in layer_problems(graph, layer, acts, cfg)]
     n_x = graph.junctions[layer.in_junction].n_nodes
     if len(parts) == 1 and parts[0][0].size == c_out:
         _, prob, kappa = parts[0]

@@ -42,7 +42,7 @@ from torch_pruning.pruner import function
 from ._export import UnsupportedModelError
 from .calibration import CalibrationData, CalibrationError, calibrate, check_max_batches
 from .config import CurvatureConfig, resolve_config
-from .curvature import LayerCurvature, build_layer_problem, graph_curvature
+from .curvature import LayerCurvature, graph_curvature, layer_problems
 from .graph import ChannelGraph
 
 OUT_FNS = (function.prune_conv_out_channels, function.prune_linear_out_channels,
@@ -518,10 +518,21 @@ class CurvatureImportance(tp.importance.GroupMagnitudeImportance):
         return dict(self._refresh().curv)
 
     def layer_problems(self) -> dict:
-        """Layer name -> :class:`~tp_curvature.problem.LayerPairProblem` (for benchmarks)."""
+        """Layer name -> :class:`~tp_curvature.problem.LayerPairProblem` (for benchmarks). A
+        layer whose output channels reach several junctions (a packed q / k / v projection)
+        gives one problem per junction, keyed ``"name->junction"``."""
         st = self._refresh(compute_curvature=False)
-        return {l.name: build_layer_problem(st.graph, l, st.acts, self.config)
-                for l in st.graph.layers if st.graph.scoreable(l)}
+        out = {}
+        for l in st.graph.layers:
+            if not st.graph.scoreable(l):
+                continue
+            parts = list(layer_problems(st.graph, l, st.acts, self.config))
+            if len(parts) == 1 and parts[0][0].size == l.out_channels:
+                out[l.name] = parts[0][2]
+                continue
+            for _, Y, prob in parts:
+                out[f"{l.name}->{st.graph.junctions[Y].name}"] = prob
+        return out
 
     @property
     def graph(self) -> ChannelGraph:
