@@ -658,7 +658,7 @@ class ChannelGraph:
                 wf.mul_(sc[None, :])
             wf.pow_(p)
             ok = g >= 0
-            if wf.shape[1] == n_nodes and torch.equal(g, torch.arange(n_nodes)):
+            if selects_all(layer.in_group, n_nodes):
                 acc = wf                                      # one feature per node
             else:
                 acc = torch.zeros(wf.shape[0], n_nodes, dtype=torch.float64)

@@ -159,8 +159,8 @@ def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
     ``REFINE_EPS * tol`` in float64, at most ``REFINE_MAX_ITER`` iterations per stage (the
     smaller entropic bias tightens both sides of the bound); each connection keeps the value
     with the smaller certified bound, and only those still above ``kappa_tol`` go to the
-    exact solver. ``top``: the per-connection cost bounds
-    of :func:`~._prepare.trim_cost_bounds` if already known (they depend on the costs and
+    exact solver. ``top``: the per-connection cost bounds of
+    :func:`~._prepare.trim_cost_bounds` if already known (they depend on the costs and
     supports only, not on ``solve``: the refinement pass reuses the first pass's).
     """
     n_x, n_y = problem.d_xy.shape

@@ -113,8 +113,8 @@ def solve_w1(
         Certified accuracy (default 0.02). Problems solved one at a time (ragged supports)
         whose bound exceeds ``0.8 kappa_tol`` first continue in place for one more stage
         (float32, or float64 on the float64 path) at a quarter of the last eps, from their
-        own plan (absorbed into the kernel as
-        :math:`P^4`; each keeps the smaller plan cost and the larger lower bound). Every
+        own plan (absorbed into the kernel as :math:`P^4`; each keeps the smaller plan cost
+        and the larger lower bound). Every
         connection whose certified kappa error bound still exceeds ``kappa_tol`` is solved
         again by the engine at a quarter of ``eps`` and ``tol`` in float64 (at most 100
         iterations per eps stage: beyond, an exact solve is cheaper), and, if its bound
