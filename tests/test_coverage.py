@@ -285,6 +285,69 @@ def test_layer_problems_of_a_packed_projection_are_its_junction_parts():
     got = np.concatenate([p.kappa(solve_w1(p, backend="exact")).ravel() for p in parts])
     np.testing.assert_allclose(np.sort(got), np.sort(whole.ravel()), rtol=1e-5, atol=1e-6)
 
+def _calibrated_attention_block():
+    torch.manual_seed(2)
+    m = AttnBlock().eval()
+    imp = CurvatureImportance(topk=6).calibrate(m, torch.randn(4, 5, 8))
+    layers = [l for l in imp.graph.layers if imp.graph.scoreable(l)]
+    return imp, layers
+
+
+def test_graph_curvature_solves_while_building_and_equals_layer_by_layer():
+    """graph_curvature solves each problem on a background thread while the next one is built;
+    every layer's result is the one layer_curvature computes alone (identical arrays),
+    including a packed q / k / v projection assembled from three problems."""
+    import threading
+
+    from tp_curvature import curvature as cv
+
+    imp, layers = _calibrated_attention_block()
+    st = imp._own
+    threads = []
+    inner = cv.solve_problem
+
+    def spy(prob, cfg):
+        threads.append(threading.current_thread().name)
+        return inner(prob, cfg)
+
+    cv.solve_problem = spy
+    try:
+        got = cv.graph_curvature(st.graph, st.acts, imp.config, progress=False)
+    finally:
+        cv.solve_problem = inner
+    assert len(threads) == 5 and all(t.startswith("tp-curvature") for t in threads)
+    assert list(got) == [l.name for l in layers]
+    for layer in layers:
+        alone = cv.layer_curvature(st.graph, layer, st.acts, imp.config)
+        for f in ("kappa", "solved", "length", "in_group"):
+            np.testing.assert_array_equal(getattr(got[layer.name], f), getattr(alone, f))
+
+
+def test_graph_curvature_passes_a_solver_error_on_and_leaves_no_thread(monkeypatch):
+    """An error raised while a problem is solved reaches the caller unchanged (the same
+    object), after the solve in flight has ended; no solver thread is left behind."""
+    import threading
+
+    from tp_curvature import curvature as cv
+
+    imp, _ = _calibrated_attention_block()
+    st = imp._own
+    boom = RuntimeError("the third problem")
+    inner, calls = cv.solve_problem, []
+
+    def third_fails(prob, cfg):
+        calls.append(prob)
+        if len(calls) == 3:
+            raise boom
+        return inner(prob, cfg)
+
+    monkeypatch.setattr(cv, "solve_problem", third_fails)
+    with pytest.raises(RuntimeError) as err:
+        cv.graph_curvature(st.graph, st.acts, imp.config, progress=False)
+    assert err.value is boom and len(calls) == 3
+    assert not [t for t in threading.enumerate() if t.name.startswith("tp-curvature")]
+
+
 class StreamAttnBlock(nn.Module):
     """A Linear writes the stream that feeds both the attention and the residual: its
     successors W = {q sink, k sink, value junction, merge} have edges among themselves

@@ -580,6 +580,76 @@ def test_refinement_pass_is_capped_and_leaves_the_rest_to_the_exact_solver(monke
     assert runs[3]["n_exact_fallback"] > runs[default]["n_exact_fallback"]
 
 
+def test_refinement_pass_reuses_the_first_pass_preparation(monkeypatch):
+    """The refinement pass solves a subset of the same problem: it reuses the first pass's
+    supports, costs and shared potentials (one ``prepare`` per problem, two without the
+    reuse), and every value stays within kappa_tol of exact."""
+    import tp_curvature.transport._sinkhorn as engine
+    P = random_layer_pair(32, 0, density=0.5, alpha=0.9)
+    exact = solve_w1(P, backend="exact")
+    calls, inner = [], engine.prepare
+    monkeypatch.setattr(engine, "prepare", lambda p, tol: calls.append(tol) or inner(p, tol))
+    backend = engine.sinkhorn_backend
+    for reuse, n_prepared in ((True, 1), (False, 2)):
+        if not reuse:
+            monkeypatch.setattr(engine, "sinkhorn_backend",
+                                lambda *a, prepared=None, **k: backend(*a, **k))
+        calls.clear()
+        W, lg = solve_w1(P, log=True, kappa_tol=0.005)
+        assert lg["n_refined"] > 0 and len(calls) == n_prepared
+        err = np.abs(W - exact)[P.solve] / P.d_xy[P.solve] / (1 - P.alpha)
+        assert err.max() <= 0.005
+
+
+def test_eps_levels_sort_by_level_then_x_then_y():
+    """Connections come sorted by (level, x, y), whatever the spread of d (level numbers
+    beyond 16 bits take the general sort)."""
+    from tp_curvature.transport._prepare import eps_levels
+    rng = np.random.default_rng(0)
+    for spread, levels in ((1.0, 4), (30.0, 4), (700.0, 128)):   # the last: > 2**16 levels
+        pairs = np.argwhere(rng.random((37, 29)) < 0.6)
+        d = np.exp(spread * rng.random(len(pairs)))
+        d[::7] = d[0]                                   # ties across rows
+        got, lev, starts, ends, dmin, rho = eps_levels(pairs, d, levels)
+        lev_ref = np.floor(np.log(d / d.min()) / np.log(2 ** (1 / levels)) + 1e-12)
+        order = np.lexsort((pairs[:, 1], pairs[:, 0], lev_ref))
+        np.testing.assert_array_equal(got, pairs[order])
+        np.testing.assert_array_equal(lev, lev_ref[order])
+        assert starts[0] == 0 and np.array_equal(starts[1:], ends[:-1]) and ends[-1] == len(d)
+        assert np.all(np.diff(lev[starts]) > 0)
+        np.testing.assert_array_equal(np.repeat(lev[starts], ends - starts), lev)
+
+
+def test_stage_kernels_of_the_used_atoms_are_the_full_kernels_there():
+    """Kernels computed for the rows and columns a level group reads equal the full kernels
+    there, only those entries are written (into the given buffer), and with most of the
+    block used the whole block is computed."""
+    from tp_curvature.transport._prepare import SUB_BLOCK, stage_kernels, used_atoms
+    from tp_curvature.transport._bundles import Measures
+    rng = np.random.default_rng(1)
+    R32 = (rng.random((40, 50)) * 30).astype(np.float32)
+    eps_lv = np.array([[2.0, 1.0], [1.0, 0.5], [0.3, 0.1]])
+    full = stage_kernels(R32, R32, eps_lv, 0, False).Ks
+    # measures of 6 x-rows / 5 y-columns with 0-4 atoms each
+    pk, sk = rng.integers(0, 5, 6), rng.integers(0, 5, 5)
+    ploc, sloc = rng.integers(0, 40, (6, 4)), rng.integers(0, 50, (5, 4))
+    meas = Measures(ploc, None, pk, sloc, None, sk)
+    cx, cy = np.array([0, 3, 3, 5]), np.array([4, 1, 1, 2])
+    rows, cols = used_atoms(meas, cx, cy, 40, 50)
+    np.testing.assert_array_equal(rows, sorted({r for x in cx for r in ploc[x, :pk[x]]}))
+    np.testing.assert_array_equal(cols, sorted({c for y in cy for c in sloc[y, :sk[y]]}))
+    assert rows.size * cols.size < SUB_BLOCK * R32.size
+    buf = np.full(full.size + 10, np.nan, np.float32)
+    part = stage_kernels(R32, R32, eps_lv, 0, False, (rows, cols), buf).Ks
+    assert np.shares_memory(part, buf)
+    ix = (slice(None), slice(None)) + np.ix_(rows, cols)
+    np.testing.assert_array_equal(part[ix], full[ix])
+    assert np.count_nonzero(~np.isnan(part)) == 6 * rows.size * cols.size
+    every = (np.arange(40), np.arange(50))
+    np.testing.assert_array_equal(stage_kernels(R32, R32, eps_lv, 0, False, every, buf).Ks,
+                                  full)
+
+
 # ------------------------------------------------------------------ column slices
 def test_columns_are_the_columns_of_the_whole_problem():
     """A column slice of a layer pair is exactly those columns' transport problems."""

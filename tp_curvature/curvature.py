@@ -425,9 +425,15 @@ def layer_curvature(graph: ChannelGraph, layer: WeightLayer, acts: list,
                     cfg: CurvatureConfig) -> LayerCurvature:
     """Curvature of every connection of ``layer``. Each output channel is scored towards the
     first of ``layer.out_junctions`` it reaches (real junctions before q/k sinks)."""
-    c_out = layer.out_channels
     parts = [(ch, prob, solve_problem(prob, cfg))
              for ch, _, prob in layer_problems(graph, layer, acts, cfg)]
+    return _assemble(graph, layer, parts)
+
+
+def _assemble(graph: ChannelGraph, layer: WeightLayer, parts: list) -> LayerCurvature:
+    """The :class:`LayerCurvature` of ``layer`` from its solved parts ``(channels, problem,
+    kappa)`` (:func:`layer_problems`)."""
+    c_out = layer.out_channels
     n_x = graph.junctions[layer.in_junction].n_nodes
     if len(parts) == 1 and parts[0][0].size == c_out:
         _, prob, kappa = parts[0]
@@ -440,6 +446,54 @@ def layer_curvature(graph: ChannelGraph, layer: WeightLayer, acts: list,
         kappa[:, ch], solved[:, ch], length[:, ch] = k, prob.solve, prob.length
     return LayerCurvature(name=layer.name, module=layer.module, kappa=kappa, solved=solved,
                           in_group=layer.in_group, length=length)
+
+
+def _pipelined(graph: ChannelGraph, layers: list, acts: list, cfg: CurvatureConfig):
+    """``(layer, LayerCurvature)`` for each of ``layers`` in order, the next problem built
+    while the current one is solved on a background thread.
+
+    Building a problem is mostly one-threaded numpy, and the solver has one-threaded stretches
+    of its own (preparation, stage kernels, exact re-solves) between its parallel calls; run
+    one after the other, each leaves a core idle. At most two problems are held at once (the
+    one being solved and the next), and each is solved exactly as on its own (values are
+    identical). An error of either reaches the caller, after the solve in flight has ended."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="tp-curvature") as ex:
+        flight, parts = None, []     # flight: (layer, channels, problem, future of its kappa)
+        for item in _each_problem(graph, layers, acts, cfg):   # built while `flight` solves
+            done = None
+            if flight is not None:
+                layer, ch, prob, fut = flight
+                if prob is not None:
+                    parts.append((ch, prob, fut.result()))
+                if item[0] is not layer:
+                    done = (layer, parts)
+                    parts = []
+            fut = None if item[2] is None else ex.submit(solve_problem, item[2], cfg)
+            flight = item + (fut,)
+            del item, fut
+            if done is not None:     # assembled while the next problem is solved
+                yield done[0], _assemble(graph, *done)
+                done = None
+        if flight is not None:
+            layer, ch, prob, fut = flight
+            if prob is not None:
+                parts.append((ch, prob, fut.result()))
+            flight = None
+            yield layer, _assemble(graph, layer, parts)
+
+
+def _each_problem(graph: ChannelGraph, layers: list, acts: list, cfg: CurvatureConfig):
+    """``(layer, channels, problem)`` of every part of every layer (:func:`layer_problems`),
+    ``(layer, None, None)`` for a layer that has none."""
+    for layer in layers:
+        empty = True
+        for ch, _, prob in layer_problems(graph, layer, acts, cfg):
+            empty = False
+            yield layer, ch, prob
+        if empty:
+            yield layer, None, None
 
 
 AUTO_PROGRESS_CONNECTIONS = 1_000_000   # progress=None shows a bar above this many connections
@@ -468,15 +522,15 @@ def graph_curvature(graph: ChannelGraph, acts: list, cfg: CurvatureConfig,
     if sum(sizes) >= TRIM_CONNECTIONS:
         release_freed_memory()      # what the caller freed before: the layers' peaks add to it
     try:
-        for layer, n in zip(layers, sizes):
-            if bar is not None:
-                bar.set_postfix_str(layer.name, refresh=False)
-            lc = layer_curvature(graph, layer, acts, cfg)
+        size = dict(zip((l.name for l in layers), sizes))
+        for layer, lc in _pipelined(graph, layers, acts, cfg):
+            n = size[layer.name]
             out[layer.name] = lc if reduce is None else reduce(lc)
             del lc
             if n >= TRIM_CONNECTIONS:
                 release_freed_memory()
             if bar is not None:
+                bar.set_postfix_str(layer.name, refresh=False)
                 bar.update(n)
     finally:
         if bar is not None:

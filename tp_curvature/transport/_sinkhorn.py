@@ -100,7 +100,8 @@ import numpy as np
 from ._batched import solve_chunks
 from ._bundles import Outputs, Settings
 from ._pool import one_blas_thread, run_parallel
-from ._prepare import eps_levels, make_chunks, prepare, stage_kernels, trim_cost_bounds
+from ._prepare import (eps_levels, make_chunks, prepare, stage_kernels, trim_cost_bounds,
+                       used_atoms)
 from ._primitives import F32_UVMAX, F64, LOG, MAXITER
 
 COARSE_TOL = 0.1  # L1 marginal tolerance of the eps-scaling (coarse) stage
@@ -148,7 +149,7 @@ class EngineOptions(NamedTuple):
 
 
 def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
-                     kappa_tol=None, refine: bool = True, top=None):
+                     kappa_tol=None, refine: bool = True, top=None, prepared=None):
     """W1 of every connection of ``problem`` with the Numba engine, certified (see
     :func:`certify`); returns (W, log dict).
 
@@ -161,7 +162,9 @@ def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
     with the smaller certified bound, and only those still above ``kappa_tol`` go to the
     exact solver. ``top``: the per-connection cost bounds of
     :func:`~._prepare.trim_cost_bounds` if already known (they depend on the costs and
-    supports only, not on ``solve``: the refinement pass reuses the first pass's).
+    supports only, not on ``solve``: the refinement pass reuses the first pass's), and
+    ``prepared`` the ``(mass_tol, prepared problem)`` of a pass over the same problem (with
+    another ``solve``), reused if it trimmed no more than this pass may.
     """
     n_x, n_y = problem.d_xy.shape
     outs = Outputs(np.full((n_x, n_y), np.nan), np.zeros((n_x, n_y), np.int64),
@@ -170,7 +173,12 @@ def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
     if top is None and kappa_tol is not None and opts.mass_tol > 0:
         top = trim_cost_bounds(problem)
     mass_tol_eff = _trimming_tolerance(problem, opts.mass_tol, kappa_tol, top)
-    prep = prepare(problem, mass_tol_eff)
+    if prepared is not None and prepared[0] <= mass_tol_eff:
+        # (a refinement pass: supports, costs, shared potentials; trimmed to a tolerance no
+        # larger than this pass's, and the certificate counts the mass actually trimmed)
+        prep = prepared[1]
+    else:
+        prep = prepare(problem, mass_tol_eff)
     t_prep = time.perf_counter() - t0
     n_solved = int(problem.solve.sum())
     # one-at-a-time float32 problems whose first bound exceeds FINER_AT * kappa_tol continue
@@ -187,7 +195,8 @@ def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
     n_refined = n_exact = 0
     if kappa_tol is not None and refine:
         n_refined, n_exact = _refine(problem, opts, outs, kgap, kappa_tol, top,
-                                     REFINE_MIN if prep.uniform else REFINE_MIN_RAGGED)
+                                     REFINE_MIN if prep.uniform else REFINE_MIN_RAGGED,
+                                     (mass_tol_eff, prep))
     n_exact += exact_fallback(problem, outs, kgap, kappa_tol)
     st = outs.status[problem.solve]
     its = outs.iters[problem.solve]
@@ -231,8 +240,8 @@ def _solve_levels(problem, prep, opts: EngineOptions, outs, progress: bool,
 
     costs, meas, uniform = prep.costs, prep.meas, prep.uniform
     nzu, nwu = costs.C.shape
-    R32 = np.minimum(costs.R, 1e30).astype(np.float32)
     path = PATHS[opts.precision]
+    R32 = np.minimum(costs.R, 1e30).astype(np.float32) if path == 0 else None
     pairs = np.argwhere(problem.solve)
     d = costs.dxy[pairs[:, 0], pairs[:, 1]]
     pairs, lev, starts, ends, dmin, rho = eps_levels(pairs, d, opts.levels)
@@ -243,6 +252,10 @@ def _solve_levels(problem, prep, opts: EngineOptions, outs, progress: bool,
     per_level = (n_stages * 2 + 1 if batched else n_stages) * max(nzu * nwu, 1) * 4
     lv_per_group = max(1, KERNEL_BYTES // per_level)
     tol_st = np.array([max(opts.tol, COARSE_TOL), opts.tol][2 - n_stages:])
+    # one-at-a-time float32 problems: every group's kernels written into one buffer
+    ragged32 = not batched and path == 0
+    buf = (np.empty(min(lv_per_group, len(starts)) * n_stages * nzu * nwu, np.float32)
+           if ragged32 else None)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -251,10 +264,12 @@ def _solve_levels(problem, prep, opts: EngineOptions, outs, progress: bool,
         g1 = min(len(starts), g0 + lv_per_group)
         e_fine = opts.eps * dmin * rho ** lev[starts[g0:g1]].astype(np.float64)
         eps_lv = np.stack([opts.eps_scaling * e_fine, e_fine], axis=1)[:, 2 - n_stages:].copy()
-        kern = stage_kernels(R32, costs.C32, eps_lv, path, batched)
         s, e = starts[g0], ends[g1 - 1]
         cx = np.ascontiguousarray(pairs[s:e, 0])
         cy = np.ascontiguousarray(pairs[s:e, 1])
+        # one-at-a-time problems read only their atoms' kernel entries
+        kern = stage_kernels(R32, costs.C32, eps_lv, path, batched,
+                             used_atoms(meas, cx, cy, nzu, nwu) if ragged32 else None, buf)
         # chunks: batches of at most `batch` connections (uniform supports), else CHUNKS
         # chunks (of at least CHUNK_MIN connections) taken by whichever thread is free; not
         # tied to the thread count, since the warm starts make values depend on the chunking
@@ -273,11 +288,13 @@ def _solve_levels(problem, prep, opts: EngineOptions, outs, progress: bool,
         bar.close()
 
 
-def _refine(problem, opts: EngineOptions, outs, kgap, kappa_tol, top, least: int) -> tuple:
+def _refine(problem, opts: EngineOptions, outs, kgap, kappa_tol, top, least: int,
+            prepared) -> tuple:
     """Solve the connections whose bound exceeds ``kappa_tol`` again at ``REFINE_EPS`` times
     eps and tol in float64 if there are more than ``least``; each keeps the value with the
-    smaller bound (``outs`` and ``kgap`` updated in place). Returns (number refined, number the
-    refinement re-solved exactly)."""
+    smaller bound (``outs`` and ``kgap`` updated in place; ``prepared``: the first pass's
+    ``(mass_tol, prepared problem)``). Returns (number refined, number the refinement
+    re-solved exactly)."""
     bad = problem.solve & ~(kgap <= kappa_tol)
     n_refined = int(bad.sum())
     if n_refined <= least:               # nothing, or so few that exact_fallback is cheaper
@@ -285,7 +302,7 @@ def _refine(problem, opts: EngineOptions, outs, kgap, kappa_tol, top, least: int
     fine = opts._replace(eps=REFINE_EPS * opts.eps, tol=REFINE_EPS * opts.tol,
                          precision="float64", max_iter=min(opts.max_iter, REFINE_MAX_ITER))
     w2, log2 = sinkhorn_backend(replace(problem, solve=bad), fine, False, kappa_tol,
-                                refine=False, top=top)
+                                refine=False, top=top, prepared=prepared)
     # the refinement pass itself re-solves exactly what it cannot certify
     better = bad & (log2["kappa_gap"] < kgap)
     outs.out[better] = w2[better]
