@@ -323,6 +323,41 @@ def test_graph_curvature_solves_while_building_and_equals_layer_by_layer():
             np.testing.assert_array_equal(getattr(got[layer.name], f), getattr(alone, f))
 
 
+@pytest.mark.parametrize("limit", [0, 10**9])
+def test_graph_curvature_overlaps_only_layers_small_enough(monkeypatch, limit):
+    """The next problem is built during a solve only when the two layers' connections fit in
+    OVERLAP_CONNECTIONS; with a limit of 0 every build waits for the solve before it."""
+    import time
+
+    from tp_curvature import curvature as cv
+
+    imp, _ = _calibrated_attention_block()
+    st = imp._own
+    events = []
+    solve, build = cv.solve_problem, cv.build_layer_problem
+
+    def slow_solve(prob, cfg):
+        events.append("solve")
+        time.sleep(0.2)           # (a build takes a few ms)
+        out = solve(prob, cfg)
+        events.append("solved")
+        return out
+
+    def logged_build(*a, **k):
+        events.append("build")
+        return build(*a, **k)
+
+    monkeypatch.setattr(cv, "solve_problem", slow_solve)
+    monkeypatch.setattr(cv, "build_layer_problem", logged_build)
+    monkeypatch.setattr(cv, "OVERLAP_CONNECTIONS", limit)
+    cv.graph_curvature(st.graph, st.acts, imp.config, progress=False)
+    assert events.count("build") == events.count("solved") == 5
+    builds = [i for i, e in enumerate(events) if e == "build"]
+    # build k+1 overlaps when it comes before the k-th solve has ended
+    overlapped = [k for k, i in enumerate(builds) if events[:i].count("solved") < k]
+    assert overlapped == ([] if limit == 0 else [1, 2, 3, 4]), events
+
+
 def test_graph_curvature_passes_a_solver_error_on_and_leaves_no_thread(monkeypatch):
     """An error raised while a problem is solved reaches the caller unchanged (the same
     object), after the solve in flight has ended; no solver thread is left behind."""
