@@ -315,7 +315,9 @@ def test_graph_curvature_solves_while_building_and_equals_layer_by_layer():
         got = cv.graph_curvature(st.graph, st.acts, imp.config, progress=False)
     finally:
         cv.solve_problem = inner
-    assert len(threads) == 5 and all(t.startswith("tp-curvature") for t in threads)
+    # the last problem has no build to overlap: it is solved on the calling thread
+    assert len(threads) == 5 and all(t.startswith("tp-curvature") for t in threads[:4])
+    assert threads[4] == threading.current_thread().name
     assert list(got) == [l.name for l in layers]
     for layer in layers:
         alone = cv.layer_curvature(st.graph, layer, st.acts, imp.config)
@@ -326,18 +328,22 @@ def test_graph_curvature_solves_while_building_and_equals_layer_by_layer():
 @pytest.mark.parametrize("limit", [0, 10**9])
 def test_graph_curvature_overlaps_only_layers_small_enough(monkeypatch, limit):
     """The next problem is built during a solve only when the two layers' connections fit in
-    OVERLAP_CONNECTIONS; with a limit of 0 every build waits for the solve before it."""
+    OVERLAP_CONNECTIONS; with a limit of 0 every problem is solved on the calling thread
+    before the next is built."""
     import time
+
+    import threading
 
     from tp_curvature import curvature as cv
 
     imp, _ = _calibrated_attention_block()
     st = imp._own
-    events = []
+    events, threads = [], []
     solve, build = cv.solve_problem, cv.build_layer_problem
 
     def slow_solve(prob, cfg):
         events.append("solve")
+        threads.append(threading.current_thread().name)
         time.sleep(0.2)           # (a build takes a few ms)
         out = solve(prob, cfg)
         events.append("solved")
@@ -350,12 +356,20 @@ def test_graph_curvature_overlaps_only_layers_small_enough(monkeypatch, limit):
     monkeypatch.setattr(cv, "solve_problem", slow_solve)
     monkeypatch.setattr(cv, "build_layer_problem", logged_build)
     monkeypatch.setattr(cv, "OVERLAP_CONNECTIONS", limit)
-    cv.graph_curvature(st.graph, st.acts, imp.config, progress=False)
+    cv.graph_curvature(st.graph, st.acts, imp.config, progress=False,
+                       reduce=lambda lc: events.append("reduced") or lc)
     assert events.count("build") == events.count("solved") == 5
     builds = [i for i, e in enumerate(events) if e == "build"]
     # build k+1 overlaps when it comes before the k-th solve has ended
     overlapped = [k for k, i in enumerate(builds) if events[:i].count("solved") < k]
-    assert overlapped == ([] if limit == 0 else [1, 2, 3, 4]), events
+    here = threading.current_thread().name
+    if limit == 0:   # as without a pipeline: each layer handed on before the next build
+        assert overlapped == [] and threads == [here] * 5
+        assert [e for e in events if e in ("build", "reduced")] == \
+            ["build"] * 3 + ["reduced"] + ["build", "reduced"] * 2
+    else:
+        assert overlapped == [1, 2, 3, 4], events
+        assert all(t.startswith("tp-curvature") for t in threads[:4]) and threads[4] == here
 
 
 def test_graph_curvature_passes_a_solver_error_on_and_leaves_no_thread(monkeypatch):

@@ -410,40 +410,51 @@ def layer_problems(graph: ChannelGraph, layer: WeightLayer, acts: list, cfg: Cur
     for each out-junction ``Y`` in ``layer.out_junctions`` that some output channels reach
     first (real junctions before q/k sinks), ``channels`` those output channels (all of them
     for an ordinary layer: one problem)."""
+    for ch, Y in _layer_parts(graph, layer, cfg):
+        yield ch, Y, _build_part(graph, layer, acts, cfg, ch, Y)
+
+
+def _layer_parts(graph: ChannelGraph, layer: WeightLayer, cfg: CurvatureConfig) -> list:
+    """``(channels, Y)`` of each problem of ``layer`` (:func:`layer_problems`), unbuilt."""
     todo = np.ones(layer.out_channels, dtype=bool)
+    parts = []
     for Y in layer.out_junctions:
         _, cols, _ = graph.layer_edges(layer, Y, cfg.p)
         ch = np.nonzero((cols >= 0) & todo)[0]
-        if ch.size == 0:
-            continue
-        todo[ch] = False
-        yield ch, Y, build_layer_problem(graph, layer, acts, cfg, dst=Y,
-                                         channels=None if ch.size == layer.out_channels else ch)
+        if ch.size:
+            todo[ch] = False
+            parts.append((ch, Y))
+    return parts
+
+
+def _build_part(graph, layer, acts, cfg, ch, Y) -> LayerPairProblem:
+    return build_layer_problem(graph, layer, acts, cfg, dst=Y,
+                               channels=None if ch.size == layer.out_channels else ch)
 
 
 def layer_curvature(graph: ChannelGraph, layer: WeightLayer, acts: list,
                     cfg: CurvatureConfig) -> LayerCurvature:
     """Curvature of every connection of ``layer``. Each output channel is scored towards the
     first of ``layer.out_junctions`` it reaches (real junctions before q/k sinks)."""
-    parts = [(ch, prob, solve_problem(prob, cfg))
+    parts = [(ch, prob.solve, prob.length, solve_problem(prob, cfg))
              for ch, _, prob in layer_problems(graph, layer, acts, cfg)]
     return _assemble(graph, layer, parts)
 
 
 def _assemble(graph: ChannelGraph, layer: WeightLayer, parts: list) -> LayerCurvature:
-    """The :class:`LayerCurvature` of ``layer`` from its solved parts ``(channels, problem,
-    kappa)`` (:func:`layer_problems`)."""
+    """The :class:`LayerCurvature` of ``layer`` from its solved parts ``(channels, solved,
+    length, kappa)`` (one per problem of :func:`layer_problems`)."""
     c_out = layer.out_channels
     n_x = graph.junctions[layer.in_junction].n_nodes
     if len(parts) == 1 and parts[0][0].size == c_out:
-        _, prob, kappa = parts[0]
+        _, solve, length, kappa = parts[0]
         return LayerCurvature(name=layer.name, module=layer.module, kappa=kappa,
-                              solved=prob.solve, in_group=layer.in_group, length=prob.length)
+                              solved=solve, in_group=layer.in_group, length=length)
     kappa = np.ones((n_x, c_out), dtype=np.float32)   # channels that reach no junction: 1
     solved = np.zeros((n_x, c_out), dtype=bool)
     length = np.full((n_x, c_out), np.inf, dtype=np.float32)
-    for ch, prob, k in parts:
-        kappa[:, ch], solved[:, ch], length[:, ch] = k, prob.solve, prob.length
+    for ch, sv, ln, k in parts:
+        kappa[:, ch], solved[:, ch], length[:, ch] = k, sv, ln
     return LayerCurvature(name=layer.name, module=layer.module, kappa=kappa, solved=solved,
                           in_group=layer.in_group, length=length)
 
@@ -455,60 +466,51 @@ def _pipelined(graph: ChannelGraph, layers: list, acts: list, cfg: CurvatureConf
 
     Building a problem is mostly one-threaded numpy, and the solver has one-threaded stretches
     of its own (preparation, stage kernels, exact re-solves) between its parallel calls; run
-    one after the other, each leaves a core idle. At most two problems are held at once (the
-    one being solved and the next), and only when their layers have at most
-    ``OVERLAP_CONNECTIONS`` connections together (``sizes``: each layer's); larger ones are
-    built after the solve before them has ended. Each problem is solved exactly as on its own
-    (values are identical). An error of either reaches the caller, after the solve in flight
-    has ended."""
-    from concurrent.futures import ThreadPoolExecutor, wait
+    one after the other, each leaves a core idle. A problem is solved on the background thread
+    while the next is built only when their layers have at most ``OVERLAP_CONNECTIONS``
+    connections together (``sizes``: each layer's; two problems are then held at once);
+    otherwise it is solved here, and its layer's result is handed on, before the next build,
+    as without a pipeline. Each problem is solved exactly as on its own (values are
+    identical). An error of either reaches the caller, after the solve in flight has ended."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    size = {id(l): n for l, n in zip(layers, sizes)}
-    after = {id(l): n for l, n in zip(layers, sizes[1:] + [0])}   # the next layer's
+    tasks = [(layer, n, part) for layer, n in zip(layers, sizes)
+             for part in (_layer_parts(graph, layer, cfg) or [None])]
+    parts = []                   # the solved parts of the current layer
+
+    def collect(task, prob, kappa, last: bool):
+        """Keep a solved part; the layer's result once its last part is in."""
+        if prob is not None:
+            parts.append((task[2][0], prob.solve, prob.length, kappa))
+        if not last:
+            return []
+        lc = _assemble(graph, task[0], parts)
+        parts.clear()
+        return [(task[0], lc)]
+
     with ThreadPoolExecutor(1, thread_name_prefix="tp-curvature") as ex:
-        flight, parts = None, []     # flight: (layer, channels, problem, future of its kappa)
-        for item in _each_problem(graph, layers, acts, cfg):   # built while `flight` solves
-            done = None
+        flight = None            # (task, problem, future of its kappa, last part of its layer)
+        for k, task in enumerate(tasks):
+            after = tasks[k + 1] if k + 1 < len(tasks) else None
+            last = after is None or after[0] is not task[0]
+            prob = None if task[2] is None else _build_part(graph, task[0], acts, cfg,
+                                                            *task[2])
             if flight is not None:
-                layer, ch, prob, fut = flight
-                if prob is not None:
-                    parts.append((ch, prob, fut.result()))
-                if item[0] is not layer:
-                    done = (layer, parts)
-                    parts = []
-            fut = None if item[2] is None else ex.submit(solve_problem, item[2], cfg)
-            flight = item + (fut,)
-            n = size[id(item[0])]       # the next problem: another part, or the next layer's
-            if fut is not None and n + max(n, after[id(item[0])]) > OVERLAP_CONNECTIONS:
-                wait([fut])             # too large to hold two: build after this solve
-            del item, fut
-            if done is not None:     # assembled while the next problem is solved
-                yield done[0], _assemble(graph, *done)
-                done = None
-        if flight is not None:
-            layer, ch, prob, fut = flight
-            if prob is not None:
-                parts.append((ch, prob, fut.result()))
-            flight = None
-            yield layer, _assemble(graph, layer, parts)
-
-
-def _each_problem(graph: ChannelGraph, layers: list, acts: list, cfg: CurvatureConfig):
-    """``(layer, channels, problem)`` of every part of every layer (:func:`layer_problems`),
-    ``(layer, None, None)`` for a layer that has none."""
-    for layer in layers:
-        empty = True
-        for ch, _, prob in layer_problems(graph, layer, acts, cfg):
-            empty = False
-            yield layer, ch, prob
-        if empty:
-            yield layer, None, None
+                yield from collect(*flight[:2], flight[2].result(), flight[3])
+                flight = None
+            if prob is not None and after is not None and task[1] + after[1] <= \
+                    OVERLAP_CONNECTIONS:
+                flight = (task, prob, ex.submit(solve_problem, prob, cfg), last)
+            else:
+                yield from collect(task, prob, None if prob is None else
+                                   solve_problem(prob, cfg), last)
+            del prob
 
 
 AUTO_PROGRESS_CONNECTIONS = 1_000_000   # progress=None shows a bar above this many connections
 #: the next problem is built while one is solved when their layers have at most this many
-#: connections together (ResNet-50's default scoring: 69.4 -> 64.8 s; ViT-B/16, whose layers
-#: are all larger, peaked at 1,998 MiB instead of 1,861 MiB when every problem overlapped)
+#: connections together (ResNet-50's default scoring: 67.8-80.2 -> 64.9-72.8 s; ViT-B/16,
+#: whose layers are all larger, peaked at 1,998 MiB instead of 1,861 MiB overlapping them)
 OVERLAP_CONNECTIONS = 2_000_000
 TRIM_CONNECTIONS = 1 << 18               # layers this large hand their freed memory back
 
