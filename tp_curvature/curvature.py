@@ -474,43 +474,45 @@ def _pipelined(graph: ChannelGraph, layers: list, acts: list, cfg: CurvatureConf
     identical). An error of either reaches the caller, after the solve in flight has ended."""
     from concurrent.futures import ThreadPoolExecutor
 
-    tasks = [(layer, n, part) for layer, n in zip(layers, sizes)
-             for part in (_layer_parts(graph, layer, cfg) or [None])]
     parts = []                   # the solved parts of the current layer
 
-    def collect(task, prob, kappa, last: bool):
+    def collect(layer, ch, prob, kappa, last: bool):
         """Keep a solved part; the layer's result once its last part is in."""
         if prob is not None:
-            parts.append((task[2][0], prob.solve, prob.length, kappa))
+            parts.append((ch, prob.solve, prob.length, kappa))
         if not last:
             return []
-        lc = _assemble(graph, task[0], parts)
+        lc = _assemble(graph, layer, parts)
         parts.clear()
-        return [(task[0], lc)]
+        return [(layer, lc)]
 
     with ThreadPoolExecutor(1, thread_name_prefix="tp-curvature") as ex:
-        flight = None            # (task, problem, future of its kappa, last part of its layer)
-        for k, task in enumerate(tasks):
-            after = tasks[k + 1] if k + 1 < len(tasks) else None
-            last = after is None or after[0] is not task[0]
-            prob = None if task[2] is None else _build_part(graph, task[0], acts, cfg,
-                                                            *task[2])
-            if flight is not None:
-                yield from collect(*flight[:2], flight[2].result(), flight[3])
-                flight = None
-            if prob is not None and after is not None and task[1] + after[1] <= \
-                    OVERLAP_CONNECTIONS:
-                flight = (task, prob, ex.submit(solve_problem, prob, cfg), last)
-            else:
-                yield from collect(task, prob, None if prob is None else
-                                   solve_problem(prob, cfg), last)
-            del prob
+        flight = None            # (layer, channels, problem, future of its kappa, last part)
+        for k, (layer, n) in enumerate(zip(layers, sizes)):
+            todo = _layer_parts(graph, layer, cfg) or [None]     # (here: one layer's worth)
+            for i, part in enumerate(todo):
+                last = i == len(todo) - 1
+                # the next problem: another part of this layer, the next layer's, or none
+                after = n if not last else (sizes[k + 1] if k + 1 < len(layers) else None)
+                prob = None if part is None else _build_part(graph, layer, acts, cfg, *part)
+                if flight is not None:
+                    yield from collect(*flight[:3], flight[3].result(), flight[4])
+                    flight = None
+                ch = None if part is None else part[0]
+                if prob is not None and after is not None and n + after <= \
+                        OVERLAP_CONNECTIONS:
+                    flight = (layer, ch, prob, ex.submit(solve_problem, prob, cfg), last)
+                else:
+                    yield from collect(layer, ch, prob, None if prob is None else
+                                       solve_problem(prob, cfg), last)
+                del prob
 
 
 AUTO_PROGRESS_CONNECTIONS = 1_000_000   # progress=None shows a bar above this many connections
 #: the next problem is built while one is solved when their layers have at most this many
-#: connections together (ResNet-50's default scoring: 67.8-80.2 -> 64.9-72.8 s; ViT-B/16,
-#: whose layers are all larger, peaked at 1,998 MiB instead of 1,861 MiB overlapping them)
+#: connections together (ResNet-50's default scoring, five runs alternating with the code
+#: before: 70.9 s against 75.6 s on average; ViT-B/16, whose layers are all larger, peaked at
+#: 1,998 MiB instead of 1,861 MiB overlapping them; docs/performance.md)
 OVERLAP_CONNECTIONS = 2_000_000
 TRIM_CONNECTIONS = 1 << 18               # layers this large hand their freed memory back
 
