@@ -246,8 +246,8 @@ def eps_levels(pairs, d, levels):
     rho = 2.0 ** (1.0 / levels)
     dmin = d.min()
     lev = np.floor(np.log(d / dmin) / np.log(rho) + 1e-12).astype(np.int64)
-    # a stable sort of 16-bit keys is a radix sort (ResNet-50's 12.8M connections: ~0.2 s
-    # against ~1 s for the three-key lexsort)
+    # a stable sort of 16-bit keys is a radix sort (0.04 s against 0.15 s for the three-key
+    # lexsort on 1.7M connections)
     key = lev.astype(np.uint16) if lev.size and lev.max() < 1 << 16 else lev
     order = np.argsort(key, kind="stable")
     pairs, lev = pairs[order], lev[order]
