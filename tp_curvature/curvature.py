@@ -461,8 +461,8 @@ def _assemble(graph: ChannelGraph, layer: WeightLayer, parts: list) -> LayerCurv
 
 def _pipelined(graph: ChannelGraph, layers: list, acts: list, cfg: CurvatureConfig,
                sizes: list):
-    """``(layer, LayerCurvature)`` for each of ``layers`` in order, the next problem built
-    while the current one is solved on a background thread.
+    """``(layer, its size, LayerCurvature)`` for each of ``layers`` in order, the next problem
+    built while the current one is solved on a background thread.
 
     Building a problem is mostly one-threaded numpy, and the solver has one-threaded stretches
     of its own (preparation, stage kernels, exact re-solves) between its parallel calls; run
@@ -476,7 +476,7 @@ def _pipelined(graph: ChannelGraph, layers: list, acts: list, cfg: CurvatureConf
 
     parts = []                   # the solved parts of the current layer
 
-    def collect(layer, ch, prob, kappa, last: bool):
+    def collect(layer, n, ch, prob, kappa, last: bool):
         """Keep a solved part; the layer's result once its last part is in."""
         if prob is not None:
             parts.append((ch, prob.solve, prob.length, kappa))
@@ -484,10 +484,10 @@ def _pipelined(graph: ChannelGraph, layers: list, acts: list, cfg: CurvatureConf
             return []
         lc = _assemble(graph, layer, parts)
         parts.clear()
-        return [(layer, lc)]
+        return [(layer, n, lc)]
 
     with ThreadPoolExecutor(1, thread_name_prefix="tp-curvature") as ex:
-        flight = None            # (layer, channels, problem, future of its kappa, last part)
+        flight = None   # (layer, its size, channels, problem, future of its kappa, last part)
         for k, (layer, n) in enumerate(zip(layers, sizes)):
             todo = _layer_parts(graph, layer, cfg) or [None]     # (here: one layer's worth)
             for i, part in enumerate(todo):
@@ -496,14 +496,14 @@ def _pipelined(graph: ChannelGraph, layers: list, acts: list, cfg: CurvatureConf
                 after = n if not last else (sizes[k + 1] if k + 1 < len(layers) else None)
                 prob = None if part is None else _build_part(graph, layer, acts, cfg, *part)
                 if flight is not None:
-                    yield from collect(*flight[:3], flight[3].result(), flight[4])
+                    yield from collect(*flight[:4], flight[4].result(), flight[5])
                     flight = None
                 ch = None if part is None else part[0]
                 if prob is not None and after is not None and n + after <= \
                         OVERLAP_CONNECTIONS:
-                    flight = (layer, ch, prob, ex.submit(solve_problem, prob, cfg), last)
+                    flight = (layer, n, ch, prob, ex.submit(solve_problem, prob, cfg), last)
                 else:
-                    yield from collect(layer, ch, prob, None if prob is None else
+                    yield from collect(layer, n, ch, prob, None if prob is None else
                                        solve_problem(prob, cfg), last)
                 del prob
 
@@ -539,9 +539,7 @@ def graph_curvature(graph: ChannelGraph, acts: list, cfg: CurvatureConfig,
     if sum(sizes) >= TRIM_CONNECTIONS:
         release_freed_memory()      # what the caller freed before: the layers' peaks add to it
     try:
-        size = dict(zip((l.name for l in layers), sizes))
-        for layer, lc in _pipelined(graph, layers, acts, cfg, sizes):
-            n = size[layer.name]
+        for layer, n, lc in _pipelined(graph, layers, acts, cfg, sizes):
             out[layer.name] = lc if reduce is None else reduce(lc)
             del lc
             if n >= TRIM_CONNECTIONS:

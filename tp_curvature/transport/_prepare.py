@@ -276,16 +276,14 @@ def stage_kernels(R32, C32, eps_lv, path, batched, used=None, buf=None) -> Kerne
     scale = (-1.0 / eps_lv).astype(np.float32)[:, :, None, None]
     shape = (ng, n_stages) + R32.shape
     Ks = np.empty(shape, np.float32) if buf is None else buf[: np.prod(shape)].reshape(shape)
-    if used is not None and used[0].size * used[1].size < SUB_BLOCK * R32.size:
-        rows, cols = np.ix_(*used)
-        sub = np.multiply(R32[rows, cols][None, None], scale)
-        np.exp(sub, out=sub)
-        sub[sub < F32_FLOOR] = 0.0
-        Ks[:, :, rows, cols] = sub
-    else:   # each stage kernel in a few vectorised numpy calls
-        flat, sc = Ks.reshape((ng * n_stages,) + R32.shape), scale.reshape(-1)
-        for i in range(ng * n_stages):
-            _exp_kernel(flat[i], R32, sc[i])
+    sub = used is not None and used[0].size * used[1].size < SUB_BLOCK * R32.size
+    src = R32[np.ix_(*used)] if sub else R32
+    out = np.empty(shape[:2] + src.shape, np.float32) if sub else Ks
+    flat, sc = out.reshape((ng * n_stages,) + src.shape), scale.reshape(-1)
+    for i in range(ng * n_stages):    # each stage kernel in a few vectorised numpy calls
+        _exp_kernel(flat[i], src, sc[i])
+    if sub:
+        Ks[(slice(None), slice(None)) + np.ix_(*used)] = out
     if batched:
         KsT = np.ascontiguousarray(Ks.transpose(0, 1, 3, 2))
         KCT = np.ascontiguousarray((Ks[:, n_stages - 1] * C32[None]).transpose(0, 2, 1))
