@@ -17,13 +17,19 @@ import numpy as np
 from ._bundles import Augmented, Conn, Gather, Work
 from ._log_domain import log_domain
 from ._primitives import (F32_FLOOR, F64, LOG, MAXITER, OK, OVERFLOW, aug_rmatvec,
-                          c_transform, closed_form, dual_bound, expneg, jit, pow_inplace, relax,
-                          rounded_cost, scaled_potentials, stage_power, uv_max_product)
+                          c_transform, closed_form, dual_bound, expneg, expneg64, jit,
+                          pow_inplace, relax, rounded_cost, scaled_potentials, stage_power,
+                          uv_max_product)
 
 
 #: The in-kernel refinement (:func:`_finer`) runs one more stage at this fraction of the last
 #: eps, to the last tolerance (its kernel is the plan to the power 1 / FINER = 4: :func:`_pow4`).
 FINER = 0.25
+#: A gathered problem whose float32 scalings leave their range absorbs them into its
+#: potentials (:func:`_absorb`) at most this many times before the float64 fallback.
+MAX_ABSORB = 2
+#: :func:`sinkhorn_kernel`'s overflow in the column update (the row scalings are intact)
+OVERFLOW_U_KEPT = 9
 
 @jit
 def _relax_all(u, mass, s, n, omega, half, big):
@@ -56,7 +62,8 @@ def sinkhorn_kernel(B, kxy, a, b, wk, tol, max_iter, omega, half, big):
     kw+1 (last: y); ``wk`` holds the scalings ``u``/``v`` (in and out, dtype of B) and
     workspaces (:class:`~._bundles.Work`). Over-relaxed updates (:func:`_relax_all`); stop
     when the L1 error of the column marginal (the violated one) is ``<= tol``. Returns
-    (iterations, status).
+    (iterations, status); an overflow in the row update returns ``OVERFLOW`` (``v`` is the
+    last iteration's), one in the column update ``OVERFLOW_U_KEPT`` (``u`` is intact).
     """
     kzy = wk.kzy
     kxw = wk.kxw
@@ -86,9 +93,9 @@ def sinkhorn_kernel(B, kxy, a, b, wk, tol, max_iter, omega, half, big):
         for j in range(kw + 1):
             err += abs(float(v[j]) * float(ktu[j]) - float(b[j]))
         if _relax_all(v, b, ktu, kw + 1, omega, half, big):
-            return it, OVERFLOW
+            return it, OVERFLOW_U_KEPT
         if not (err < 1e300):
-            return it, OVERFLOW
+            return it, OVERFLOW_U_KEPT
         if err <= tol:
             return it, OK
     return max_iter, MAXITER
@@ -119,13 +126,19 @@ def rowcol_kernels(e, fr, cn, kxw, kzy, floor):
 
 
 @jit
-def run_stages(Ks, gat, cfg, cn, a, b, fr, wk, half, big, floor, warm):
+def run_stages(Ks, gat, cfg, cn, a, b, fr, wk, half, big, floor, warm, ab):
     """Run the eps stages of one problem; stage ``s`` uses the kernel ``Ks[s]`` (``gat.on``:
     ``Ks[s][zi][:, wi]``, copied into the workspace). Between stages the scalings and the row
     / column kernels become their power ``eps[s-1] / eps[s]``. ``warm``: ``wk.u`` holds
     scalings of the last stage (a warm start): only the last stage runs, starting from
-    ``v = b / K^T u``. Returns (iterations, status, block of the last stage, corner
-    kernel)."""
+    ``v = b / K^T u``.
+
+    Gathered problems whose scalings leave the range absorb them (:func:`_absorb`, at most
+    ``MAX_ABSORB`` times; ``ab`` = (float64 cost block, two float64 workspaces)): the
+    frame's potentials ``fr.fz`` / ``fr.gw`` and x's / y's become the problem's own, the
+    block its own kernel, and later stages the power of it. Returns (iterations, status,
+    block of the last stage, corner kernel, the connection's scalars (``fx`` / ``gy``
+    changed if absorbed), number of absorptions)."""
     zi = gat.zi
     wi = gat.wi
     kz = cn.kz
@@ -141,15 +154,17 @@ def run_stages(Ks, gat, cfg, cn, a, b, fr, wk, half, big, floor, warm):
     kxy = 1.0
     S = eps_st.shape[0]
     s0 = S - 1 if warm else 0
+    n_abs = 0
     for s in range(s0, S):
         e = eps_st[s]
         if gat.on:
             B = gat.Bws[: kz * kw].reshape((kz, kw))
-            K = Ks[s]
-            for i in range(kz):
-                zr = zi[i]
-                for j in range(kw):
-                    B[i, j] = K[zr, wi[j]]
+            if n_abs == 0:
+                K = Ks[s]
+                for i in range(kz):
+                    zr = zi[i]
+                    for j in range(kw):
+                        B[i, j] = K[zr, wi[j]]
         else:
             B = Ks[s]
         if s > s0:
@@ -159,17 +174,154 @@ def run_stages(Ks, gat, cfg, cn, a, b, fr, wk, half, big, floor, warm):
             pow_inplace(v, kw + 1, p, ip, 0.0)
             pow_inplace(kxw, kw, p, ip, floor)
             pow_inplace(kzy, kz, p, ip, floor)
+            if n_abs:                  # the problem's own kernel (absorbed potentials)
+                pow_inplace(gat.Bws, kz * kw, p, ip, floor)
             kxy = kxy ** p
         else:
             kxy = rowcol_kernels(e, fr, cn, kxw, kzy, floor)
             if warm:
                 _v_from_u(B, kzy, kxw, kxw.dtype.type(kxy), u, b, v, wk.ktu)
-        its, status = sinkhorn_kernel(B, kxw.dtype.type(kxy), a, b, wk, cfg.tol[s],
-                                      cfg.max_iter, cfg.omega, half, big)
-        total += its
+        while True:
+            its, status = sinkhorn_kernel(B, kxw.dtype.type(kxy), a, b, wk, cfg.tol[s],
+                                          cfg.max_iter, cfg.omega, half, big)
+            total += its
+            if status == OK or status == MAXITER:
+                break
+            if not gat.on or n_abs == MAX_ABSORB:
+                status = OVERFLOW
+                break
+            ok, cn, kxy = _absorb(status == OVERFLOW_U_KEPT, B, ab, fr, cn, wk, a, b, e,
+                                  floor)
+            if not ok:
+                status = OVERFLOW
+                break
+            n_abs += 1
         if status == OVERFLOW:
             break
-    return total, status, B, kxy
+    return total, status, B, kxy, cn, n_abs
+
+
+@jit
+def _absorb(from_u, B, ab, fr, cn, wk, a, b, e, floor):
+    r"""Absorb the scalings of a problem whose iteration left their range into its
+    potentials, and rebuild its kernel from its costs (stabilised Sinkhorn, Schmitzer 2019).
+
+    The intact side's scalings become potentials (``from_u``: the rows', :math:`f = f_0 + e
+    \log u`; else the columns', :math:`g = g_0 + e \log v`), the other side's their
+    c-transform over the augmented cost (``ab[0]`` the float64 block, ``fr`` the x row / y
+    column costs; e.g. :math:`g_j = \min_i (M_{ij} - f_i)`), and atoms of the intact side
+    left without a potential (no mass, or a zero scaling) the c-transform back. So every
+    reduced cost :math:`M - f \oplus g` is >= 0 and each atom of the transformed side has
+    one that is 0 (no kernel entry above 1, none of its kernel rows or columns floored to
+    0 entirely), and entries that were floored under the old potentials are recomputed.
+    (The soft c-transform, the exact Sinkhorn update, was tried: it takes atoms of small mass
+    far below 1 and their entries under the float32 floor again.) The potentials replace the
+    frame's (``fr.fz``, ``fr.gw``: this problem's copies) and x's / y's; the block ``B``
+    (this problem's) and the row / column kernels become :math:`e^{-(M - f \oplus g)/e}`
+    (floored), the scalings 1. ``ab[1]``, ``ab[2]``: float64 workspaces (kz+1, kw+1).
+    Returns (False, ...) if the intact side has no finite potential, else (True, the
+    connection's new scalars, corner kernel)."""
+    Cb, f, g = ab
+    kz = cn.kz
+    kw = cn.kw
+    M = Augmented(Cb, fr.cz, fr.cw, cn.d)
+    if from_u:
+        if not _log_scalings(wk.u, a, fr.fz, cn.fx, e, f, kz):
+            return False, cn, 1.0
+        _cols_from_rows(M, f, g)
+        for i in range(kz + 1):
+            if f[i] == -np.inf:
+                f[i] = _hard_min(M, g, i, kw + 1, False)
+    else:
+        if not _log_scalings(wk.v, b, fr.gw, cn.gy, e, g, kw):
+            return False, cn, 1.0
+        _rows_from_cols(M, g, f)
+        for j in range(kw + 1):
+            if g[j] == -np.inf:
+                g[j] = _hard_min(M, f, j, kz + 1, True)
+    for i in range(kz):
+        fr.fz[i] = f[i]
+    for j in range(kw):
+        fr.gw[j] = g[j]
+    cn = Conn(kz, kw, cn.d, f[kz], g[kw])
+    ie = 1.0 / e
+    for i in range(kz):
+        fi = f[i]
+        for j in range(kw):
+            t = expneg((Cb[i, j] - fi - g[j]) * ie)
+            B[i, j] = t if t >= floor else 0.0
+    kxy = rowcol_kernels(e, fr, cn, wk.kxw, wk.kzy, floor)
+    wk.u[: kz + 1] = 1.0
+    wk.v[: kw + 1] = 1.0
+    return True, cn, kxy
+
+
+@jit
+def _log_scalings(sc, mass, base, last, e, out, k):
+    """``out[i] = base[i] + e log sc[i]`` (``last`` for ``i == k``) where the mass is positive
+    and the scaling in (0, inf), else ``-inf``; False if no entry is finite."""
+    any_finite = False
+    for i in range(k + 1):
+        t = float(sc[i])
+        ok = mass[i] > 0.0 and 0.0 < t < np.inf
+        out[i] = (base[i] if i < k else last) + e * math.log(t) if ok else -np.inf
+        any_finite = any_finite or ok
+    return any_finite
+
+
+@jit
+def _cols_from_rows(M, f, g):
+    r"""``g = f^c`` over the augmented cost ``M`` (rows z then x, columns w then y):
+    :math:`g_j = \min_i (M_{ij} - f_i)`; rows with ``f = -inf`` drop out."""
+    Cb = M.block
+    kz, kw = Cb.shape
+    fx = f[kz]
+    for j in range(kw):
+        g[j] = M.row[j] - fx
+    g[kw] = M.corner - fx
+    for i in range(kz):
+        fi = f[i]
+        for j in range(kw):
+            t = Cb[i, j] - fi
+            g[j] = t if t < g[j] else g[j]
+        t = M.col[i] - fi
+        g[kw] = t if t < g[kw] else g[kw]
+
+
+@jit
+def _rows_from_cols(M, g, f):
+    r"""``f = g^c``: :math:`f_i = \min_j (M_{ij} - g_j)`; columns with ``g = -inf`` drop
+    out."""
+    Cb = M.block
+    kz, kw = Cb.shape
+    for i in range(kz):
+        t = M.col[i] - g[kw]
+        for j in range(kw):
+            c = Cb[i, j] - g[j]
+            t = c if c < t else t
+        f[i] = t
+    t = M.corner - g[kw]
+    for j in range(kw):
+        c = M.row[j] - g[j]
+        t = c if c < t else t
+    f[kz] = t
+
+
+@jit
+def _hard_min(M, pot, i, n_other, cols):
+    r""":math:`\min_j (M_{ij} - p_j)` for one row ``i`` of the augmented cost, or one column if
+    ``cols`` (``n_other`` entries of the other side's potentials ``pot``)."""
+    kz, kw = M.block.shape
+    m = np.inf
+    for j in range(n_other):
+        r, c = (j, i) if cols else (i, j)
+        if r < kz:
+            t = M.block[r, c] if c < kw else M.col[r]
+        else:
+            t = M.row[c] if c < kw else M.corner
+        t -= pot[j]
+        m = t if t < m else m
+    return m
 
 
 @jit
@@ -292,15 +444,16 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
         status = OVERFLOW
         prev_x = -1
         if path == 0:
-            its, status, B, kxy = run_stages(
+            its, status, B, kxy, cn, n_abs = run_stages(
                 Ks, gat, cfg, cn, wa32[: kz + 1], wb32[: kw + 1], fr, wk, np.float32(0.5),
-                np.float32(1e37), np.float32(F32_FLOOR), warm)
+                np.float32(1e37), np.float32(F32_FLOOR), warm, (Cb, fpot, gws))
             total = its
             if status != OVERFLOW and uv_max_product(u, kz + 1, 0.0, v, kw + 1, 0.0) <= cfg.uvmax:
-                for i in range(kz + 1):
-                    uprev[i] = u[i]
-                prev_x = x
-                prev_fx = fx
+                if n_abs == 0:          # (absorbed scalings belong to its own potentials)
+                    for i in range(kz + 1):
+                        uprev[i] = u[i]
+                    prev_x = x
+                    prev_fx = fx
                 w1 = rounded_cost(Augmented(B, wk.kzy, wk.kxw, np.float32(kxy)),
                                   Augmented(Cb32, cz32, cw32, np.float32(d)), wa32[: kz + 1],
                                   wb32[: kw + 1], u, v, rx32, cy32, ec32)
@@ -308,7 +461,7 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
                     out[x, y] = w1
                     iters[x, y] = total
                     status_out[x, y] = status
-                    scaled_potentials(fpot, fzl, fx, u, u[kz], kz, eps_st[S - 1])
+                    scaled_potentials(fpot, fzl, cn.fx, u, u[kz], kz, eps_st[S - 1])
                     lb = dual_bound(Cb, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot, gws)
                     lower[x, y] = lb
                     if gat.on and w1 - lb > cfg.finer * d:      # B: this problem's copy
@@ -321,7 +474,7 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
                         lower[x, y] = max(lb, lbf)
                         iters[x, y] = total + its
                     continue
-        w1, lb, its, st = _fallback(x, y, C, eps_st, cfg, cn, zi, wi, fr, wa, wb, path)
+        w1, lb, its, st = _fallback(Cb, eps_st, cfg, cn, fr, wa, wb, path)
         out[x, y] = w1
         lower[x, y] = lb
         iters[x, y] = total + its
@@ -364,7 +517,7 @@ def _finer(B, kxy, cost, a, b, rws, floor, big, cn, wk, cfg, Cb, fr, wa, wb, fpo
     v[: kw + 1] = 1.0
     its, status = sinkhorn_kernel(B, k4, a, b, wk, cfg.tol[cfg.tol.shape[0] - 1], cfg.max_iter,
                                   cfg.omega, kxw.dtype.type(0.5), big)
-    if status == OVERFLOW:      # (only certified runs get here: no range check, ``uvmax``)
+    if status != OK and status != MAXITER:      # (only certified runs get here: no range check, ``uvmax``)
         return its, math.inf, -math.inf
     rx, cy, ec = rws
     w1 = rounded_cost(Augmented(B, kzy, kxw, k4), cost, a, b, u, v, rx, cy, ec)
@@ -384,10 +537,11 @@ def _pow4(t, floor):
 
 
 @jit
-def _fallback(x, y, C, eps_st, cfg, cn, zi, wi, fr, wa, wb, path):
-    """Float64 kernel domain on the problem's own kernel (no floor) if ``path <= 1``, then the
-    log domain on its reduced costs; returns (W1, weak-duality lower bound, iterations,
-    status)."""
+def _fallback(Cb, eps_st, cfg, cn, fr, wa, wb, path):
+    """Float64 kernel domain on the problem's own kernel (no floor; :func:`expneg64`) if
+    ``path <= 1``, then the log domain on its reduced costs; ``Cb``: the problem's float64
+    cost block (its first ``kz`` rows and ``kw`` columns). Returns (W1, weak-duality lower
+    bound, iterations, status)."""
     kz = cn.kz
     kw = cn.kw
     d = cn.d
@@ -399,13 +553,11 @@ def _fallback(x, y, C, eps_st, cfg, cn, zi, wi, fr, wa, wb, path):
     gwl = fr.gw
     S = eps_st.shape[0]
     total = 0
-    Cb = np.empty((kz, kw))
     Rb = np.empty((kz, kw))  # reduced costs (>= 0)
     Rc = np.empty(kz)
     Rr = np.empty(kw)
     for i in range(kz):
         for j in range(kw):
-            Cb[i, j] = C[zi[i], wi[j]]
             Rb[i, j] = max(Cb[i, j] - fzl[i] - gwl[j], 0.0)
         Rc[i] = cz[i] - fzl[i] - gy
     for j in range(kw):
@@ -414,14 +566,17 @@ def _fallback(x, y, C, eps_st, cfg, cn, zi, wi, fr, wa, wb, path):
     if path <= 1:
         K64 = np.empty((S, kz, kw))
         for s in range(S):
+            ie = 1.0 / eps_st[s]
             for i in range(kz):
                 for j in range(kw):
-                    K64[s, i, j] = math.exp(-Rb[i, j] / eps_st[s])
+                    K64[s, i, j] = expneg64(Rb[i, j] * ie)
         wk64 = Work(np.ones(kz + 1), np.ones(kw + 1), np.empty(kw), np.empty(kz),
                     np.empty(kw + 1), np.empty(kz + 1))
         gat64 = Gather(kz < 0, np.arange(kz), np.arange(kw), K64[0].ravel())
-        its, status, B64, kxy = run_stages(K64, gat64, cfg, cn, wa[: kz + 1],
-                                           wb[: kw + 1], fr, wk64, 0.5, 1e300, 0.0, kz < 0)
+        # (gat64.on is False: no absorbing, ``ab`` unused)
+        its, status, B64, kxy, cn, _ = run_stages(K64, gat64, cfg, cn, wa[: kz + 1],
+                                                  wb[: kw + 1], fr, wk64, 0.5, 1e300, 0.0,
+                                                  kz < 0, (Cb, Rc, Rr))
         total += its
         if status != OVERFLOW:
             w1 = rounded_cost(Augmented(B64, wk64.kzy, wk64.kxw, kxy), Augmented(Cb, cz, cw, d),

@@ -20,8 +20,9 @@ k_{xw} & k_{xy} \end{pmatrix}` (:class:`~._bundles.Augmented`) with row masses :
 * :func:`c_transform`: potentials of x and y w.r.t. the shared ones (reduced costs >= 0).
 * :func:`closed_form`: :math:`W_1` when one measure is a delta (the plan is forced).
 * :func:`uv_max_product`: :math:`\max u \cdot \max v`, the numeric range check of the scalings.
-* :func:`lse`, :func:`expneg`, :func:`pow_inplace`: log-sum-exp, a vectorisable
-  :math:`e^{-x}`, and the stage change :math:`u \leftarrow u^p`.
+* :func:`lse`, :func:`expneg`, :func:`expneg64`, :func:`pow_inplace`: log-sum-exp, a
+  vectorisable :math:`e^{-x}` for float32 kernels and one for float64 kernels, and the stage
+  change :math:`u \leftarrow u^p`.
 * :func:`fetch_add`: an atomic counter, the worker threads' shared queue of work items.
 """
 from __future__ import annotations
@@ -365,3 +366,24 @@ def expneg(x):
     for _ in range(7):
         p = p * p
     return p if x < 80.6 else 0.0
+
+
+#: :func:`expneg64` is 0 from here on (``exp(-745.2)`` is below the smallest float64)
+EXP64_CUT = 745.2
+
+
+@jit
+def expneg64(x):
+    """exp(-x) for x >= 0 over float64's whole range, to ~2e-9 relative, 0 from
+    ``EXP64_CUT``: (Taylor of degree 12 at -x/1024) ** 1024 (ten squarings), plain
+    arithmetic so that loops vectorise (``math.exp`` is a library call per entry: the float64
+    kernels of a problem cost more than its iterations). The kernel only steers the iteration
+    (the returned cost is the rounded plan's, the bound holds for any potentials)."""
+    y = -min(x, EXP64_CUT) * (1.0 / 1024.0)
+    p = 1.0 + y * (1.0 + y * (1.0 / 2.0) * (1.0 + y * (1.0 / 3.0) * (1.0 + y * (1.0 / 4.0) * (
+        1.0 + y * (1.0 / 5.0) * (1.0 + y * (1.0 / 6.0) * (1.0 + y * (1.0 / 7.0) * (
+            1.0 + y * (1.0 / 8.0) * (1.0 + y * (1.0 / 9.0) * (1.0 + y * (1.0 / 10.0) * (
+                1.0 + y * (1.0 / 11.0) * (1.0 + y * (1.0 / 12.0))))))))))))
+    for _ in range(10):
+        p = p * p
+    return p if x < EXP64_CUT else 0.0
