@@ -2,7 +2,9 @@ r"""Single-problem drivers: kernel-domain Sinkhorn over the eps stages, with fal
 
 :func:`solve_each` solves connections one at a time: float32 kernel-domain Sinkhorn on the
 shared stage kernels (gathered onto the problem's atoms when the supports are ragged); if its
-scalings leave the safe range, float64 kernel-domain Sinkhorn on the problem's own kernel
+scalings leave the safe range, it absorbs them into its own potentials and kernel and goes on
+(:func:`_absorb`, ragged problems, at most ``MAX_ABSORB`` times), then float64
+kernel-domain Sinkhorn on the problem's own kernel
 :math:`e^{-R/\varepsilon}` of the reduced costs; if that overflows too, the log domain
 (:func:`~._log_domain.log_domain`; both in :func:`_fallback`). With ``kappa_tol``, a float32
 or float64 result whose certified gap is loose continues for one finer stage from its own
