@@ -519,7 +519,8 @@ def _finer(B, kxy, cost, a, b, rws, floor, big, cn, wk, cfg, Cb, fr, wa, wb, fpo
     v[: kw + 1] = 1.0
     its, status = sinkhorn_kernel(B, k4, a, b, wk, cfg.tol[cfg.tol.shape[0] - 1], cfg.max_iter,
                                   cfg.omega, kxw.dtype.type(0.5), big)
-    if status != OK and status != MAXITER:      # (only certified runs get here: no range check, ``uvmax``)
+    # (only certified runs get here: no range check, ``uvmax``)
+    if status != OK and status != MAXITER:
         return its, math.inf, -math.inf
     rx, cy, ec = rws
     w1 = rounded_cost(Augmented(B, kzy, kxw, k4), cost, a, b, u, v, rx, cy, ec)
