@@ -852,8 +852,18 @@ def test_in_kernel_refinement_certifies_loose_connections_in_place(kappa_tol, pr
 
 def test_expneg64_is_exp_over_float64s_range():
     """The float64 fallback's vectorisable exp(-x): within 1e-8 relative of ``np.exp`` from 0
-    to the smallest float64 (subnormals excepted), 0 from its cut, never increasing."""
-    from tp_curvature.transport._primitives import EXP64_CUT, expneg64
+    to the smallest float64 (subnormals excepted), 0 from its cut, never increasing; the log
+    domain's log-sum-exp through it equals scipy's (``-inf`` entries included)."""
+    from scipy.special import logsumexp
+
+    from tp_curvature.transport._primitives import EXP64_CUT, expneg64, lse
+
+    rng = np.random.default_rng(0)
+    for scale in (1e-3, 1.0, 50.0, 1e4):
+        v = rng.normal(0, scale, 33)
+        v[rng.choice(33, 3, replace=False)] = -np.inf
+        assert lse(v, 33) == pytest.approx(logsumexp(v), rel=1e-12, abs=1e-8)
+    assert lse(np.full(4, -np.inf), 4) == -np.inf
 
     x = np.r_[0.0, np.geomspace(1e-12, 1.0, 200), np.linspace(1.0, 708.0, 5001)]
     got = np.array([expneg64(t) for t in x])
