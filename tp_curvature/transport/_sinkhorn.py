@@ -75,16 +75,17 @@ How it is made fast (all of it exploits that the connections share :math:`C_{zw}
   alone in the (stabilised) log domain if that overflows (:mod:`._log_domain`). A ragged
   problem solved alone first absorbs its scalings into its own potentials and kernel and
   goes on in float32 (at most twice, :func:`~._drivers._absorb`: on ResNet-50's 3x3 layers
-  a fifth of the problems overflowed, and starting over in float64 cost three normal
-  problems), then float64 alone, then the log domain. With ``kappa_tol`` a one-at-a-time
-  float32 result is kept whatever its scalings' range (an entry floored to 0 can only make
-  its plan worse, and the certificate bounds every value): on a ViT-B/16 MLP layer pair
-  33,880 of 294,816 problems went to float64 for range alone, 6,064 before the absorbing
-  (those whose iteration overflows), none with it. Fallbacks are rare on layered problems at
-  the default eps and common at much smaller eps (use ``precision="float64"`` there) or on
-  random non-metric costs. ``max_iter`` caps the iterations per stage; counts of non-converged / float64 /
-  log-domain problems are in the log of :func:`~tp_curvature.transport.solve_w1` (a
-  non-converged value is still a feasible-plan cost, >= W1).
+  a sixth to two fifths of the problems overflowed, and starting over in float64 cost three
+  normal problems), then float64 alone, then the log domain. With ``kappa_tol`` a
+  one-at-a-time float32 result is kept whatever its scalings' range (an entry floored to 0
+  can only make its plan worse, and the certificate bounds every value): on a ViT-B/16 MLP
+  layer pair 33,880 of 294,816 problems went to float64 for range alone, 6,064 before the
+  absorbing (those whose iteration overflows), none with it. Fallbacks are rare on layered
+  problems at the default eps and common at much smaller eps (use ``precision="float64"``
+  there) or on random non-metric costs. ``max_iter`` caps the iterations per stage; counts
+  of non-converged / float64 / log-domain problems are in the log of
+  :func:`~tp_curvature.transport.solve_w1` (a non-converged value is still a feasible-plan
+  cost, >= W1).
 
 Cost: one Sinkhorn iteration is about :math:`4 (k_z+1)(k_w+1)` flops, so the engine scales
 with :math:`(k_z+1)(k_w+1)` per connection: truncating the measures to their ``k`` heaviest
