@@ -935,13 +935,17 @@ def test_absorbing_keeps_the_intact_side_and_leaves_no_negative_reduced_cost():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_dual_bound_is_a_lower_bound_and_exact_at_optimal_potentials(seed):
-    """The certificate's lower bound, on augmented problems with zero-mass atoms: never above
-    W1 whatever the row potentials (random ones, some non-finite), and equal to W1 from the
-    optimal potentials (the double c-transform of an optimal dual is optimal)."""
+    """The certificate's lower bounds, on augmented problems with zero-mass atoms: never above
+    W1 whatever the row potentials (random ones, some non-finite) or column scalings, and
+    equal to W1 from the optimal potentials (the double c-transform of an optimal dual is
+    optimal); the row potentials are left as they were. Sizes with and without a remainder
+    of the four-row passes."""
+    from tp_curvature.transport._bundles import Augmented, Frame
+    from tp_curvature.transport._drivers import _col_bound
     from tp_curvature.transport._primitives import dual_bound
 
     rng = np.random.default_rng(seed)
-    kz, kw = 6, 5
+    kz, kw = [(6, 5), (8, 9), (3, 4)][seed % 3]
     Cb = rng.uniform(1, 10, (kz, kw))
     cz, cw, d = rng.uniform(1, 10, kz), rng.uniform(1, 10, kw), float(rng.uniform(1, 10))
     a = np.r_[rng.dirichlet(np.ones(kz)) * 0.5, 0.5]
@@ -952,11 +956,26 @@ def test_dual_bound_is_a_lower_bound_and_exact_at_optimal_potentials(seed):
     b /= b.sum()
     M = np.block([[Cb, cz[:, None]], [cw[None, :], np.array([[d]])]])
     w1, lg = ot.emd2(a, b, M, log=True)
-    lb = dual_bound(Cb, cz, cw, d, a, b, np.asarray(lg["u"], float), np.empty(kw + 1))
+    ws = (np.empty(kw + 1), np.empty(kz + 1))
+    lb = dual_bound(Cb, cz, cw, d, a, b, np.asarray(lg["u"], float), ws)
     assert lb == pytest.approx(w1, rel=1e-9, abs=1e-12)
+    # the column bound from the optimal column potentials: g = gw + e log v (gw = 0, e = 1)
+    fr = Frame(cz, np.zeros(kz), cw, np.zeros(kw))
+    M_aug = Augmented(Cb, cz, cw, d)
+    g_opt = np.asarray(lg["v"], float)
+    lbc = _col_bound(M_aug, a, b, np.exp(g_opt), fr, 0.0, 1.0, ws)
+    assert lbc == pytest.approx(w1, rel=1e-9, abs=1e-12)
     for _ in range(5):
         f = rng.normal(0, 5, kz + 1)
         f[rng.choice(kz + 1, 2, replace=False)] = rng.choice([-np.inf, np.inf, np.nan])
-        lb = dual_bound(Cb, cz, cw, d, a, b, f, np.empty(kw + 1))
+        f_before = f.copy()
+        lb = dual_bound(Cb, cz, cw, d, a, b, f, ws)
         assert np.isfinite(lb) or lb == -np.inf
         assert lb <= w1 + 1e-9
+        np.testing.assert_array_equal(f, f_before)
+        v = np.exp(rng.normal(0, 3, kw + 1))
+        v[rng.choice(kw + 1, 1)] = rng.choice([0.0, np.inf])
+        lbc = _col_bound(M_aug, a, b, v, fr, float(rng.normal()), float(rng.uniform(0.1, 2)),
+                         ws)
+        assert np.isfinite(lbc) or lbc == -np.inf
+        assert lbc <= w1 + 1e-9

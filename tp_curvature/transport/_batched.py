@@ -231,6 +231,7 @@ def batch_core(slots, who, nb, kern, CT, costs, meas, cfg, fast_exp, floor, uvma
     LBr = np.full(nb, -np.inf)
     fpot = np.empty(kz + 1)
     gws = np.empty(kw + 1)
+    fws = np.empty(kz + 1)
     a64 = np.empty(kz + 1)
     b64 = np.empty(kw + 1)
     e_last = eps_st[S - 1]
@@ -247,7 +248,7 @@ def batch_core(slots, who, nb, kern, CT, costs, meas, cfg, fast_exp, floor, uvma
             b64[j] = (1.0 - alpha) * meas.sm[y, j]
         b64[kw] = alpha
         scaled_potentials(fpot, fz, FX[q], U[r], Ux[r], kz, e_last)
-        LBr[r] = dual_bound(costs.C, czyT[y], cxw_u[x], dxy[x, y], a64, b64, fpot, gws)
+        LBr[r] = dual_bound(costs.C, czyT[y], cxw_u[x], dxy[x, y], a64, b64, fpot, (gws, fws))
     # ---- rounding (Altschuler) and cost of all rows at once: 4 matrix products
     B = Ks[S - 1]
     BT = KsT[S - 1]

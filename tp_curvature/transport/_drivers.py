@@ -18,10 +18,10 @@ import numpy as np
 
 from ._bundles import Augmented, Conn, Gather, Work
 from ._log_domain import log_domain
-from ._primitives import (F32_FLOOR, F64, LOG, MAXITER, OK, OVERFLOW, aug_rmatvec,
-                          c_transform, closed_form, dual_bound, expneg, expneg64, jit,
-                          pow_inplace, relax, rounded_cost, scaled_potentials, stage_power,
-                          uv_max_product)
+from ._primitives import (F32_FLOOR, F64, LOG, MAXITER, OK, OVERFLOW, aug_matvec,
+                          aug_rmatvec, c_transform, closed_form, cols_from_rows, dual_bound,
+                          expneg, expneg64, jit, pow_inplace, relax, rounded_cost,
+                          rows_from_cols, scaled_potentials, stage_power, uv_max_product)
 
 
 #: The in-kernel refinement (:func:`_finer`) runs one more stage at this fraction of the last
@@ -77,11 +77,7 @@ def sinkhorn_kernel(B, kxy, a, b, wk, tol, max_iter, omega, half, big):
     for it in range(1, max_iter + 1):
         # ---- K v (rows z, then x)
         vy = v[kw]
-        for i in range(kz):
-            t = kzy[i] * vy
-            for j in range(kw):
-                t += B[i, j] * v[j]
-            kv[i] = t
+        aug_matvec(B, kzy, vy, v, kv)
         sx = kxy * vy
         for j in range(kw):
             sx += kxw[j] * v[j]
@@ -230,14 +226,14 @@ def _absorb(from_u, B, ab, fr, cn, wk, a, b, e, floor):
     if from_u:
         if not _log_scalings(wk.u, a, fr.fz, cn.fx, e, f, kz):
             return False, cn, 1.0
-        _cols_from_rows(M, f, g)
+        cols_from_rows(M, f, g, a)
         for i in range(kz + 1):
             if f[i] == -np.inf:
                 f[i] = _hard_min(M, g, i, kw + 1, False)
     else:
         if not _log_scalings(wk.v, b, fr.gw, cn.gy, e, g, kw):
             return False, cn, 1.0
-        _rows_from_cols(M, g, f)
+        rows_from_cols(M, g, f)
         for j in range(kw + 1):
             if g[j] == -np.inf:
                 g[j] = _hard_min(M, f, j, kz + 1, True)
@@ -259,6 +255,38 @@ def _absorb(from_u, B, ab, fr, cn, wk, a, b, e, floor):
 
 
 @jit
+def _col_bound(M, a, b, v, fr, gy, e, ws):
+    r"""Weak-duality bound of :math:`W_1` from the column scalings ``v`` (the mirror of
+    :func:`~._primitives.dual_bound`, which starts from the rows): :math:`g = g_0 + e \log v`
+    on the positive-mass columns (``fr.gw``, ``gy``: the frame's potentials of the kernel),
+    :math:`f' = g^c`, :math:`g' = f'^c`, and :math:`LB = \sum_i a_i f'_i + \sum_j b_j g'_j`
+    over the positive-mass atoms (``M``: the augmented float64 cost; ``ws``: workspaces
+    (kw+1, kz+1)). The column update comes last in each iteration, so the column potentials
+    are the fresher: on ViT-B/16 and ResNet-50 layers their bound is the closer one in most
+    problems (docs/performance.md, "The column bound"). Returns ``-inf`` if no finite bound."""
+    g, f = ws
+    kz, kw = M.block.shape
+    if not _log_scalings(v, b, fr.gw, gy, e, g, kw):
+        return -np.inf
+    rows_from_cols(M, g, f)
+    lb = 0.0
+    for i in range(kz + 1):
+        if a[i] > 0.0:
+            if not f[i] < np.inf:
+                return -np.inf
+            lb += a[i] * f[i]
+        else:
+            f[i] = -np.inf
+    cols_from_rows(M, f, g, a)
+    for j in range(kw + 1):
+        if b[j] > 0.0:
+            if not g[j] < np.inf:
+                return -np.inf
+            lb += b[j] * g[j]
+    return lb
+
+
+@jit
 def _log_scalings(sc, mass, base, last, e, out, k):
     """``out[i] = base[i] + e log sc[i]`` (``last`` for ``i == k``) where the mass is positive
     and the scaling in (0, inf), else ``-inf``; False if no entry is finite."""
@@ -269,44 +297,6 @@ def _log_scalings(sc, mass, base, last, e, out, k):
         out[i] = (base[i] if i < k else last) + e * math.log(t) if ok else -np.inf
         any_finite = any_finite or ok
     return any_finite
-
-
-@jit
-def _cols_from_rows(M, f, g):
-    r"""``g = f^c`` over the augmented cost ``M`` (rows z then x, columns w then y):
-    :math:`g_j = \min_i (M_{ij} - f_i)`; rows with ``f = -inf`` drop out."""
-    Cb = M.block
-    kz, kw = Cb.shape
-    fx = f[kz]
-    for j in range(kw):
-        g[j] = M.row[j] - fx
-    g[kw] = M.corner - fx
-    for i in range(kz):
-        fi = f[i]
-        for j in range(kw):
-            t = Cb[i, j] - fi
-            g[j] = t if t < g[j] else g[j]
-        t = M.col[i] - fi
-        g[kw] = t if t < g[kw] else g[kw]
-
-
-@jit
-def _rows_from_cols(M, g, f):
-    r"""``f = g^c``: :math:`f_i = \min_j (M_{ij} - g_j)`; columns with ``g = -inf`` drop
-    out."""
-    Cb = M.block
-    kz, kw = Cb.shape
-    for i in range(kz):
-        t = M.col[i] - g[kw]
-        for j in range(kw):
-            c = Cb[i, j] - g[j]
-            t = c if c < t else t
-        f[i] = t
-    t = M.corner - g[kw]
-    for j in range(kw):
-        c = M.row[j] - g[j]
-        t = c if c < t else t
-    f[kz] = t
 
 
 @jit
@@ -381,6 +371,8 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
     out, iters, status_out, lower = outs
     fpot = np.empty(meas.ploc.shape[1] + 1)  # certificate workspaces
     gws = np.empty(meas.sloc.shape[1] + 1)
+    gcol = np.empty_like(gws)
+    fcol = np.empty_like(fpot)
     alpha = cfg.alpha
     uniform = cfg.uniform
     eps_st = cfg.eps
@@ -464,14 +456,18 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
                     iters[x, y] = total
                     status_out[x, y] = status
                     scaled_potentials(fpot, fzl, cn.fx, u, u[kz], kz, eps_st[S - 1])
-                    lb = dual_bound(Cb, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot, gws)
+                    lb = dual_bound(Cb, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot, (gws, fcol))
+                    if w1 - lb > cfg.finer * d:   # loose: the column scalings' bound too
+                        lb = max(lb, _col_bound(Augmented(Cb, cz, cw, d), wa[: kz + 1],
+                                                wb[: kw + 1], v, fr, cn.gy, eps_st[S - 1],
+                                                (gcol, fcol)))
                     lower[x, y] = lb
                     if gat.on and w1 - lb > cfg.finer * d:      # B: this problem's copy
                         its, w1f, lbf = _finer(
                             B, kxy, Augmented(Cb32, cz32, cw32, np.float32(d)), wa32[: kz + 1],
                             wb32[: kw + 1], (rx32, cy32, ec32), np.float32(F32_FLOOR),
                             np.float32(1e37), cn, wk, cfg, Cb, fr, wa[: kz + 1],
-                            wb[: kw + 1], fpot, gws, FINER * eps_st[S - 1])
+                            wb[: kw + 1], fpot, (gws, fcol), FINER * eps_st[S - 1])
                         out[x, y] = min(w1, w1f)
                         lower[x, y] = max(lb, lbf)
                         iters[x, y] = total + its
@@ -485,7 +481,7 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
 
 
 @jit
-def _finer(B, kxy, cost, a, b, rws, floor, big, cn, wk, cfg, Cb, fr, wa, wb, fpot, gws, ef):
+def _finer(B, kxy, cost, a, b, rws, floor, big, cn, wk, cfg, Cb, fr, wa, wb, fpot, ws, ef):
     """One more stage at the finer eps ``ef`` (``FINER`` times the last), from the current plan,
     in the dtype of ``B`` (float32 on the shared kernels, float64 in the fallback).
 
@@ -528,7 +524,7 @@ def _finer(B, kxy, cost, a, b, rws, floor, big, cn, wk, cfg, Cb, fr, wa, wb, fpo
         return its, math.inf, -math.inf
     # the first stage's potentials plus the finer stage's (in place: entry i reads fpot[i])
     scaled_potentials(fpot, fpot, fpot[kz], u, u[kz], kz, ef)
-    return its, w1, dual_bound(Cb, fr.cz, fr.cw, cn.d, wa, wb, fpot, gws)
+    return its, w1, dual_bound(Cb, fr.cz, fr.cw, cn.d, wa, wb, fpot, ws)
 
 
 @jit
@@ -587,14 +583,18 @@ def _fallback(Cb, eps_st, cfg, cn, fr, wa, wb, path):
                               np.empty(kw + 1), np.empty(kw + 1))
             if math.isfinite(w1):
                 fpot = np.empty(kz + 1)
-                gws = np.empty(kw + 1)
+                bws = (np.empty(kw + 1), np.empty(kz + 1))
                 scaled_potentials(fpot, fzl, fx, wk64.u, wk64.u[kz], kz, eps_st[S - 1])
-                lb = dual_bound(Cb, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot, gws)
+                lb = dual_bound(Cb, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot, bws)
+                if w1 - lb > cfg.finer * d:
+                    lb = max(lb, _col_bound(Augmented(Cb, cz, cw, d), wa[: kz + 1],
+                                            wb[: kw + 1], wk64.v, fr, gy, eps_st[S - 1],
+                                            (np.empty(kw + 1), np.empty(kz + 1))))
                 if w1 - lb > cfg.finer * d:           # (B64: this problem's own kernel)
                     its, w1f, lbf = _finer(
                         B64, kxy, Augmented(Cb, cz, cw, d), wa[: kz + 1], wb[: kw + 1],
                         (np.empty(kz + 1), np.empty(kw + 1), np.empty(kw + 1)), 0.0, 1e300, cn,
-                        wk64, cfg, Cb, fr, wa[: kz + 1], wb[: kw + 1], fpot, gws,
+                        wk64, cfg, Cb, fr, wa[: kz + 1], wb[: kw + 1], fpot, bws,
                         FINER * eps_st[S - 1])
                     total += its
                     w1 = min(w1, w1f)
@@ -609,7 +609,8 @@ def _fallback(Cb, eps_st, cfg, cn, fr, wa, wb, path):
     for i in range(kz):
         fpot[i] = fzl[i] + f_red[i]
     fpot[kz] = fx + f_red[kz]
-    lb = dual_bound(Cb, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot, np.empty(kw + 1))
+    lb = dual_bound(Cb, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot,
+                    (np.empty(kw + 1), np.empty(kz + 1)))
     # undo the potential shift: <T, M_red> = <T, M> - <a, f> - <b, g> for T in U(a, b)
     shift = wa[kz] * fx + wb[kw] * gy
     for i in range(kz):

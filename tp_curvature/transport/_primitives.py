@@ -34,6 +34,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ._bundles import Augmented
+
 # status codes of the solvers
 OK, MAXITER, OVERFLOW = 0, 1, 2
 F64, LOG = 3, 6  # offsets: solved by the float64 fallback (3, 4) / the log domain (6, 7)
@@ -105,18 +107,62 @@ def rounded_total(cost, corr, nr):
 @jit
 def aug_rmatvec(B, col, row, corner, r, out):
     """``out = K^T r`` for the augmented ``K = [[B, col], [row, corner]]`` (``r``: kz+1
-    entries, ``out``: kw+1), as axpy loops over the contiguous rows of ``B``."""
+    entries, ``out``: kw+1), as axpy loops over the contiguous rows of ``B``, four rows per
+    pass (one row per pass chains every ``out[j]`` through a store and a load per row: 1.6x
+    slower on 33 x 32 blocks)."""
     kz, kw = B.shape
     rx = r[kz]
     for j in range(kw):
         out[j] = row[j] * rx
     sy = corner * rx
-    for i in range(kz):
+    i = 0
+    while i + 4 <= kz:
+        r0 = r[i]
+        r1 = r[i + 1]
+        r2 = r[i + 2]
+        r3 = r[i + 3]
+        sy += (col[i] * r0 + col[i + 1] * r1) + (col[i + 2] * r2 + col[i + 3] * r3)
+        for j in range(kw):
+            out[j] += (B[i, j] * r0 + B[i + 1, j] * r1) + (B[i + 2, j] * r2 + B[i + 3, j] * r3)
+        i += 4
+    while i < kz:
         ri = r[i]
         sy += col[i] * ri
         for j in range(kw):
             out[j] += B[i, j] * ri
+        i += 1
     out[kw] = sy
+
+
+@jit
+def aug_matvec(B, col, vlast, v, out):
+    """``out[i] = col[i] vlast + sum_j B[i, j] v[j]`` for the ``kz`` block rows of the
+    augmented kernel (the x row is the caller's), four rows per pass (four independent sums:
+    1.4x faster than one row at a time on 33 x 32 blocks)."""
+    kz, kw = B.shape
+    i = 0
+    while i + 4 <= kz:
+        t0 = col[i] * vlast
+        t1 = col[i + 1] * vlast
+        t2 = col[i + 2] * vlast
+        t3 = col[i + 3] * vlast
+        for j in range(kw):
+            vj = v[j]
+            t0 += B[i, j] * vj
+            t1 += B[i + 1, j] * vj
+            t2 += B[i + 2, j] * vj
+            t3 += B[i + 3, j] * vj
+        out[i] = t0
+        out[i + 1] = t1
+        out[i + 2] = t2
+        out[i + 3] = t3
+        i += 4
+    while i < kz:
+        t = col[i] * vlast
+        for j in range(kw):
+            t += B[i, j] * v[j]
+        out[i] = t
+        i += 1
 
 
 @jit
@@ -139,11 +185,9 @@ def rounded_cost(K, M, a, b, u, v, rx, cy, ec):
     one = a.dtype.type(1.0)
     zero = a.dtype.type(0.0)
     # row scaling x_i = min(1, a_i / r_i), stored as rx = x * u
+    aug_matvec(B, kzy, v[kw], v, rx)
     for i in range(kz):
-        s = kzy[i] * v[kw]
-        for j in range(kw):
-            s += B[i, j] * v[j]
-        rx[i] = scale_factor(a[i], u[i] * s, u[i], one, zero)
+        rx[i] = scale_factor(a[i], u[i] * rx[i], u[i], one, zero)
     s = kxy * v[kw]
     for j in range(kw):
         s += kxw[j] * v[j]
@@ -185,7 +229,7 @@ def rounded_cost(K, M, a, b, u, v, rx, cy, ec):
 
 
 @jit
-def dual_bound(Cb, cz, cw, d, a, b, f, g):
+def dual_bound(Cb, cz, cw, d, a, b, f, ws):
     r"""Weak-duality lower bound of :math:`W_1` from the row potentials ``f`` (kz+1 entries).
 
     The cost is the augmented :math:`M` with block ``Cb`` (kz, kw; contiguous), column ``cz``
@@ -203,51 +247,126 @@ def dual_bound(Cb, cz, cw, d, a, b, f, g):
 
     whatever ``f`` is. Rows with a non-finite potential (an underflowed scaling) are left out
     of :math:`g'` and get theirs from :math:`f' = g'^c` (still feasible). Returns LB
-    (``-inf`` if no finite :math:`g'` exists). ``g`` is a workspace (kw+1 entries). Left-out
-    rows and columns enter the minima as potentials :math:`-\infty` (their terms are
-    :math:`+\infty`), so the loops over the block have no branches.
+    (``-inf`` if no finite :math:`g'` exists). ``ws``: workspaces ``(g, f')`` (kw+1, kz+1
+    entries); ``f`` is not changed. Left-out rows and columns enter the minima as potentials
+    :math:`-\infty` (their terms are :math:`+\infty`), so the loops over the block have no
+    branches (:func:`cols_from_rows`, :func:`rows_from_cols`).
     """
+    g, f2 = ws
     kz = a.shape[0] - 1
     kw = b.shape[0] - 1
-    ninf = -np.inf
-    # g' = c-transform of f over the positive-mass rows with a finite potential (x row first)
-    fx = f[kz] if a[kz] > 0.0 and math.isfinite(f[kz]) else ninf
-    for j in range(kw):
-        g[j] = cw[j] - fx
-    g[kw] = d - fx
-    for i in range(kz):
-        if a[i] > 0.0 and math.isfinite(f[i]):
-            fi = f[i]
-            for j in range(kw):
-                t = Cb[i, j] - fi
-                g[j] = t if t < g[j] else g[j]
-            t = cz[i] - fi
-            g[kw] = t if t < g[kw] else g[kw]
-    # the bound's column part; zero-mass columns leave the next c-transform (g = -inf)
+    M = Augmented(Cb, cz, cw, d)
+    cols_from_rows(M, f, g, a)
     lb = 0.0
     for j in range(kw + 1):
         if b[j] > 0.0:
             if not g[j] < np.inf:
-                return ninf
+                return -np.inf
             lb += b[j] * g[j]
         else:
-            g[j] = ninf
-    # f' = c-transform of g' over the positive-mass columns
-    gy = g[kw]
-    for i in range(kz):
+            g[j] = -np.inf
+    rows_from_cols(M, g, f2)
+    for i in range(kz + 1):
         if a[i] > 0.0:
-            t = cz[i] - gy
-            for j in range(kw):
-                c = Cb[i, j] - g[j]
-                t = c if c < t else t
-            lb += a[i] * t
-    if a[kz] > 0.0:
-        t = d - gy
-        for j in range(kw):
-            c = cw[j] - g[j]
-            t = c if c < t else t
-        lb += a[kz] * t
+            lb += a[i] * f2[i]
     return lb
+
+
+@jit
+def cols_from_rows(M, f, g, a):
+    r"""``g = f^c`` over the augmented cost ``M`` (:class:`~._bundles.Augmented`; rows z then
+    x, columns w then y): :math:`g_j = \min_i (M_{ij} - f_i)` over the rows with a positive
+    mass ``a_i`` and a finite ``f_i`` (the others drop out, as potentials :math:`-\infty`).
+    Four rows per pass over the block: each ``g[j]`` otherwise waits on a store and a load
+    per row (the bound 1.45x faster on 33 x 32 problems with this and
+    :func:`rows_from_cols`)."""
+    Cb = M.block
+    kz, kw = Cb.shape
+    fx = _live(f, a, kz)
+    for j in range(kw):
+        g[j] = M.row[j] - fx
+    g[kw] = M.corner - fx
+    i = 0
+    while i + 4 <= kz:
+        f0 = _live(f, a, i)
+        f1 = _live(f, a, i + 1)
+        f2 = _live(f, a, i + 2)
+        f3 = _live(f, a, i + 3)
+        for j in range(kw):
+            t0 = Cb[i, j] - f0
+            t1 = Cb[i + 1, j] - f1
+            t2 = Cb[i + 2, j] - f2
+            t3 = Cb[i + 3, j] - f3
+            t0 = t0 if t0 < t1 else t1
+            t2 = t2 if t2 < t3 else t3
+            t0 = t0 if t0 < t2 else t2
+            g[j] = t0 if t0 < g[j] else g[j]
+        t0 = M.col[i] - f0
+        t1 = M.col[i + 1] - f1
+        t2 = M.col[i + 2] - f2
+        t3 = M.col[i + 3] - f3
+        t0 = t0 if t0 < t1 else t1
+        t2 = t2 if t2 < t3 else t3
+        t0 = t0 if t0 < t2 else t2
+        g[kw] = t0 if t0 < g[kw] else g[kw]
+        i += 4
+    while i < kz:
+        fi = _live(f, a, i)
+        for j in range(kw):
+            t = Cb[i, j] - fi
+            g[j] = t if t < g[j] else g[j]
+        t = M.col[i] - fi
+        g[kw] = t if t < g[kw] else g[kw]
+        i += 1
+
+
+@jit_inline
+def _live(f, a, i):
+    """``f[i]``, or ``-inf`` where the mass is 0 or the potential not finite."""
+    return f[i] if a[i] > 0.0 and math.isfinite(f[i]) else -np.inf
+
+
+@jit
+def rows_from_cols(M, g, f):
+    r"""``f = g^c``: :math:`f_i = \min_j (M_{ij} - g_j)`; columns with ``g = -inf`` drop
+    out. Four rows at a time (four independent minima: LLVM leaves a float minimum over a
+    row scalar)."""
+    Cb = M.block
+    kz, kw = Cb.shape
+    gy = g[kw]
+    i = 0
+    while i + 4 <= kz:
+        t0 = M.col[i] - gy
+        t1 = M.col[i + 1] - gy
+        t2 = M.col[i + 2] - gy
+        t3 = M.col[i + 3] - gy
+        for j in range(kw):
+            gj = g[j]
+            c = Cb[i, j] - gj
+            t0 = c if c < t0 else t0
+            c = Cb[i + 1, j] - gj
+            t1 = c if c < t1 else t1
+            c = Cb[i + 2, j] - gj
+            t2 = c if c < t2 else t2
+            c = Cb[i + 3, j] - gj
+            t3 = c if c < t3 else t3
+        f[i] = t0
+        f[i + 1] = t1
+        f[i + 2] = t2
+        f[i + 3] = t3
+        i += 4
+    while i < kz:
+        t = M.col[i] - gy
+        for j in range(kw):
+            c = Cb[i, j] - g[j]
+            t = c if c < t else t
+        f[i] = t
+        i += 1
+    t = M.corner - gy
+    for j in range(kw):
+        c = M.row[j] - g[j]
+        t = c if c < t else t
+    f[kz] = t
 
 
 @jit
