@@ -957,13 +957,22 @@ def test_dual_bound_is_a_lower_bound_and_exact_at_optimal_potentials(seed):
     M = np.block([[Cb, cz[:, None]], [cw[None, :], np.array([[d]])]])
     w1, lg = ot.emd2(a, b, M, log=True)
     ws = (np.empty(kw + 1), np.empty(kz + 1))
-    lb = dual_bound(Cb, cz, cw, d, a, b, np.asarray(lg["u"], float), ws)
+    f_opt = np.asarray(lg["u"], float)
+    lb = dual_bound(Cb, cz, cw, d, a, b, f_opt, ws)
     assert lb == pytest.approx(w1, rel=1e-9, abs=1e-12)
-    # the column bound from the optimal column potentials: g = gw + e log v (gw = 0, e = 1)
-    fr = Frame(cz, np.zeros(kz), cw, np.zeros(kw))
+    # zero-mass atoms constrain nothing: any potential there leaves the bound exact
+    lb = dual_bound(Cb, cz, cw, d, a, b, np.where(a > 0, f_opt, 50.0), ws)
+    assert lb == pytest.approx(w1, rel=1e-9, abs=1e-12)
+    # the column bound from the optimal column potentials g = gw + e log v (the frame's gw,
+    # y's gy, e: arbitrary)
+    fr = Frame(cz, rng.normal(0, 1, kz), cw, rng.normal(0, 1, kw))
     M_aug = Augmented(Cb, cz, cw, d)
     g_opt = np.asarray(lg["v"], float)
-    lbc = _col_bound(M_aug, a, b, np.exp(g_opt), fr, 0.0, 1.0, ws)
+    gy, e = float(rng.normal()), 0.7
+    v_opt = np.exp((g_opt - np.r_[fr.gw, gy]) / e)
+    lbc = _col_bound(M_aug, a, b, v_opt, fr, gy, e, ws)
+    assert lbc == pytest.approx(w1, rel=1e-9, abs=1e-12)
+    lbc = _col_bound(M_aug, a, b, np.where(b > 0, v_opt, 1e30), fr, gy, e, ws)
     assert lbc == pytest.approx(w1, rel=1e-9, abs=1e-12)
     for _ in range(5):
         f = rng.normal(0, 5, kz + 1)

@@ -15,8 +15,11 @@ k_{xw} & k_{xy} \end{pmatrix}` (:class:`~._bundles.Augmented`) with row masses :
   :math:`e_r e_c^\top / \lVert e_r \rVert_1`). The batched solver computes the same sums with
   matrix products and shares the scalar steps.
 * :func:`dual_bound`: a weak-duality lower bound of :math:`W_1` from any row potentials (the
-  certificate of the returned values).
-* :func:`aug_rmatvec`: :math:`K^\top r` for the augmented kernel.
+  certificate of the returned values), through the c-transforms :func:`cols_from_rows` and
+  :func:`rows_from_cols`.
+* :func:`aug_rmatvec`, :func:`aug_matvec`: :math:`K^\top r` and the block rows of
+  :math:`K v` for the augmented kernel. These and the c-transforms take four block rows per
+  pass (independent sums and minima; one row at a time waits on each one's latency).
 * :func:`c_transform`: potentials of x and y w.r.t. the shared ones (reduced costs >= 0).
 * :func:`closed_form`: :math:`W_1` when one measure is a delta (the plan is forced).
 * :func:`uv_max_product`: :math:`\max u \cdot \max v`, the numeric range check of the scalings.

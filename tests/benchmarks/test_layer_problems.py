@@ -1,0 +1,49 @@
+"""benchmarks/layer_problems.py: timing the solver on pickled layer problems."""
+import json
+import pickle
+
+import layer_problems  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
+import pytest
+
+from tp_curvature.testing import random_layer_pair
+
+
+def test_solve_times_each_pickled_problem_with_its_own_options(tmp_path, capsys):
+    """Each pickled problem is solved with its own backend options (``max_iter=1``, raw, for
+    the first: at most one iteration per stage), restricted to its first columns; one JSON
+    row per problem with the solver log's counts, printed and written."""
+    P = random_layer_pair(12, seed=1, topk=6, measure="flow")
+    Q = random_layer_pair(10, seed=2, topk=5)
+    path = tmp_path / "p.pkl"
+    path.write_bytes(pickle.dumps({"a": (P, {"max_iter": 1, "kappa_tol": None}), "b": (Q, {})}))
+    out = tmp_path / "rows.jsonl"
+    layer_problems.solve(str(path), 4, 2, str(out))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["layer"] for r in rows] == ["a", "b"]
+    assert rows[0]["n_solved"] == int(P.solve[:, :4].sum())
+    assert rows[1]["n_solved"] == int(Q.solve[:, :4].sum())
+    assert rows[0]["iterations_mean"] <= 2 < rows[1]["iterations_mean"]
+    assert all(r["seconds"] > 0 and r["columns"] == 4 for r in rows)
+    assert capsys.readouterr().out.count("\n") == 2
+
+
+@pytest.mark.slow
+def test_dump_pickles_the_named_layers_and_names_those_it_did_not_find(tmp_path):
+    """A ResNet-56 run on two images: the named layer's problem is pickled before its solve
+    (its distances intact) with the run's backend options; a name the run never builds is
+    an error naming what was found, and the run's solver is restored."""
+    import tp_curvature.curvature as curvature
+
+    solve_problem = curvature.solve_problem
+    args = ["--only", "resnet56", "--calib", "2", "--threads", "1",
+            "--out", str(tmp_path / "e.json")]
+    with pytest.raises(SystemExit) as ok:
+        layer_problems.dump(str(tmp_path / "p.pkl"), ["layer2.0.conv2"], args)
+    assert ok.value.code == 0
+    (name, (prob, opts)), = pickle.loads((tmp_path / "p.pkl").read_bytes()).items()
+    assert name == "layer2.0.conv2" and "layer2.0.conv2" in prob.name
+    assert prob.solve.any() and (prob.d_xy[prob.solve] > 0).all()
+    assert isinstance(opts, dict)
+    with pytest.raises(SystemExit, match=r"only \[\] of \['no_such_layer'\]"):
+        layer_problems.dump(str(tmp_path / "x.pkl"), ["no_such_layer"], args)
+    assert curvature.solve_problem is solve_problem
