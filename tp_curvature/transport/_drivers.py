@@ -493,8 +493,9 @@ def _finer(B, kxy, cost, a, b, rws, floor, big, cn, wk, cfg, Cb, fr, wa, wb, fpo
     :class:`~._bundles.Augmented` in B's dtype; ``rws``: the rounding workspaces), and adds
     :math:`e' \\log u'` to the row potentials ``fpot`` (those of the first bound) for the
     weak-duality bound on the float64 costs ``Cb`` (``fr``: the row / column costs) with
-    masses ``wa``, ``wb``. Returns (iterations, plan cost, lower bound); inf / -inf when the
-    stage fails. The caller keeps the smaller cost and the larger bound (both stay valid)."""
+    masses ``wa``, ``wb`` (``ws``: its workspaces, :func:`~._primitives.dual_bound`).
+    Returns (iterations, plan cost, lower bound); inf / -inf when the stage fails. The caller
+    keeps the smaller cost and the larger bound (both stay valid)."""
     kz = cn.kz
     kw = cn.kw
     u = wk.u

@@ -51,9 +51,8 @@ def solve_w1(
     from the final Sinkhorn potentials :math:`f`, the weak-duality bound
     :math:`LB = \sum_i a_i f'_i + \sum_j b_j g'_j \le W_1` (:math:`g' = f^c`,
     :math:`f' = g'^c`: any dual-feasible pair bounds every plan's cost from below; for a loose
-    one-at-a-time problem also the mirror bound from the column potentials, keeping the larger).
-    Hence the
-    **certified** kappa error
+    one-at-a-time problem also the mirror bound from the column potentials, keeping the
+    larger). Hence the **certified** kappa error
 
     .. math::
 
