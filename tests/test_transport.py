@@ -984,7 +984,17 @@ def test_dual_bound_is_a_lower_bound_and_exact_at_optimal_potentials(seed):
         np.testing.assert_array_equal(f, f_before)
         v = np.exp(rng.normal(0, 3, kw + 1))
         v[rng.choice(kw + 1, 1)] = rng.choice([0.0, np.inf])
-        lbc = _col_bound(M_aug, a, b, v, fr, float(rng.normal()), float(rng.uniform(0.1, 2)),
-                         ws)
+        gy_r, e_r = float(rng.normal()), float(rng.uniform(0.1, 2))
+        lbc = _col_bound(M_aug, a, b, v, fr, gy_r, e_r, ws)
         assert np.isfinite(lbc) or lbc == -np.inf
         assert lbc <= w1 + 1e-9
+        # zero-mass atoms drop out: the same bounds as the problem without them
+        r, c = a[:kz] > 0, b[:kw] > 0
+        ra, rb = np.r_[a[:kz][r], a[kz]], np.r_[b[:kw][c], b[kw]]
+        ws_r = (np.empty(c.sum() + 1), np.empty(r.sum() + 1))
+        Cr = np.ascontiguousarray(Cb[np.ix_(r, c)])
+        assert dual_bound(Cr, cz[r], cw[c], d, ra, rb, np.r_[f[:kz][r], f[kz]],
+                          ws_r) == pytest.approx(lb, rel=1e-12, abs=1e-12)
+        fr_r = Frame(cz[r], fr.fz[r], cw[c], fr.gw[c])
+        assert _col_bound(Augmented(Cr, cz[r], cw[c], d), ra, rb, np.r_[v[:kw][c], v[kw]],
+                          fr_r, gy_r, e_r, ws_r) == pytest.approx(lbc, rel=1e-12, abs=1e-12)

@@ -20,7 +20,7 @@ from ._bundles import Augmented, Conn, Gather, Work
 from ._log_domain import log_domain
 from ._primitives import (F32_FLOOR, F64, LOG, MAXITER, OK, OVERFLOW, aug_matvec,
                           aug_rmatvec, c_transform, closed_form, cols_from_rows, dual_bound,
-                          expneg, expneg64, jit, pow_inplace, relax, rounded_cost,
+                          expneg, expneg64, jit, mass_sum, pow_inplace, relax, rounded_cost,
                           rows_from_cols, scaled_potentials, stage_power, uv_max_product)
 
 
@@ -265,24 +265,25 @@ def _col_bound(M, a, b, v, fr, gy, e, ws):
     are the fresher: on ViT-B/16 and ResNet-50 layers their bound is the closer one in most
     problems (docs/performance.md, "The column bound"). Returns ``-inf`` if no finite bound."""
     g, f = ws
-    kz, kw = M.block.shape
-    if not _log_scalings(v, b, fr.gw, gy, e, g, kw):
+    if not _log_scalings(v, b, fr.gw, gy, e, g, M.block.shape[1]):
         return -np.inf
     rows_from_cols(M, g, f)
-    lb = 0.0
-    for i in range(kz + 1):
-        if a[i] > 0.0:
-            if not f[i] < np.inf:
-                return -np.inf
-            lb += a[i] * f[i]
-        else:
-            f[i] = -np.inf
+    lb = mass_sum(a, f)
+    if lb == -np.inf:
+        return lb
     cols_from_rows(M, f, g, a)
-    for j in range(kw + 1):
-        if b[j] > 0.0:
-            if not g[j] < np.inf:
-                return -np.inf
-            lb += b[j] * g[j]
+    return lb + mass_sum(b, g)
+
+
+@jit
+def _lower_bound(M, a, b, f, v, fr, gy, e, loose, ws):
+    """The certificate's bound of a solved problem: :func:`~._primitives.dual_bound` from the
+    row potentials ``f`` and, if it leaves the gap above ``loose`` (``loose[0] - lb >
+    loose[1]``: the plan's cost and ``finer * d``), also :func:`_col_bound` from the column
+    scalings ``v``; the larger. ``ws``: workspaces (kw+1, kz+1), shared by both."""
+    lb = dual_bound(M.block, M.col, M.row, M.corner, a, b, f, ws)
+    if loose[0] - lb > loose[1]:
+        lb = max(lb, _col_bound(M, a, b, v, fr, gy, e, ws))
     return lb
 
 
@@ -371,7 +372,6 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
     out, iters, status_out, lower = outs
     fpot = np.empty(meas.ploc.shape[1] + 1)  # certificate workspaces
     gws = np.empty(meas.sloc.shape[1] + 1)
-    gcol = np.empty_like(gws)
     fcol = np.empty_like(fpot)
     alpha = cfg.alpha
     uniform = cfg.uniform
@@ -456,11 +456,9 @@ def solve_each(xs, ys, kern, costs, meas, cfg, wk, gat, fr, ws, path, outs):
                     iters[x, y] = total
                     status_out[x, y] = status
                     scaled_potentials(fpot, fzl, cn.fx, u, u[kz], kz, eps_st[S - 1])
-                    lb = dual_bound(Cb, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot, (gws, fcol))
-                    if w1 - lb > cfg.finer * d:   # loose: the column scalings' bound too
-                        lb = max(lb, _col_bound(Augmented(Cb, cz, cw, d), wa[: kz + 1],
-                                                wb[: kw + 1], v, fr, cn.gy, eps_st[S - 1],
-                                                (gcol, fcol)))
+                    lb = _lower_bound(Augmented(Cb, cz, cw, d), wa[: kz + 1], wb[: kw + 1],
+                                      fpot, v, fr, cn.gy, eps_st[S - 1], (w1, cfg.finer * d),
+                                      (gws, fcol))
                     lower[x, y] = lb
                     if gat.on and w1 - lb > cfg.finer * d:      # B: this problem's copy
                         its, w1f, lbf = _finer(
@@ -586,11 +584,8 @@ def _fallback(Cb, eps_st, cfg, cn, fr, wa, wb, path):
                 fpot = np.empty(kz + 1)
                 bws = (np.empty(kw + 1), np.empty(kz + 1))
                 scaled_potentials(fpot, fzl, fx, wk64.u, wk64.u[kz], kz, eps_st[S - 1])
-                lb = dual_bound(Cb, cz, cw, d, wa[: kz + 1], wb[: kw + 1], fpot, bws)
-                if w1 - lb > cfg.finer * d:
-                    lb = max(lb, _col_bound(Augmented(Cb, cz, cw, d), wa[: kz + 1],
-                                            wb[: kw + 1], wk64.v, fr, gy, eps_st[S - 1],
-                                            (np.empty(kw + 1), np.empty(kz + 1))))
+                lb = _lower_bound(Augmented(Cb, cz, cw, d), wa[: kz + 1], wb[: kw + 1], fpot,
+                                  wk64.v, fr, gy, eps_st[S - 1], (w1, cfg.finer * d), bws)
                 if w1 - lb > cfg.finer * d:           # (B64: this problem's own kernel)
                     its, w1f, lbf = _finer(
                         B64, kxy, Augmented(Cb, cz, cw, d), wa[: kz + 1], wb[: kw + 1],

@@ -16,7 +16,7 @@ k_{xw} & k_{xy} \end{pmatrix}` (:class:`~._bundles.Augmented`) with row masses :
   matrix products and shares the scalar steps.
 * :func:`dual_bound`: a weak-duality lower bound of :math:`W_1` from any row potentials (the
   certificate of the returned values), through the c-transforms :func:`cols_from_rows` and
-  :func:`rows_from_cols`.
+  :func:`rows_from_cols` and the sides' terms :func:`mass_sum`.
 * :func:`aug_rmatvec`, :func:`aug_matvec`: :math:`K^\top r` and the block rows of
   :math:`K v` for the augmented kernel. These and the c-transforms take four block rows per
   pass (independent sums and minima; one row at a time waits on each one's latency).
@@ -256,23 +256,29 @@ def dual_bound(Cb, cz, cw, d, a, b, f, ws):
     branches (:func:`cols_from_rows`, :func:`rows_from_cols`).
     """
     g, f2 = ws
-    kz = a.shape[0] - 1
-    kw = b.shape[0] - 1
     M = Augmented(Cb, cz, cw, d)
     cols_from_rows(M, f, g, a)
-    lb = 0.0
-    for j in range(kw + 1):
-        if b[j] > 0.0:
-            if not g[j] < np.inf:
-                return -np.inf
-            lb += b[j] * g[j]
-        else:
-            g[j] = -np.inf
+    lb = mass_sum(b, g)
+    if lb == -np.inf:
+        return lb
     rows_from_cols(M, g, f2)
-    for i in range(kz + 1):
-        if a[i] > 0.0:
-            lb += a[i] * f2[i]
-    return lb
+    return lb + mass_sum(a, f2)
+
+
+@jit
+def mass_sum(mass, pot):
+    r""":math:`\sum_i m_i p_i` over the atoms of positive mass (a side's term of a dual
+    bound); the others' potentials become ``-inf`` (they drop out of the next c-transform).
+    ``-inf`` if a positive-mass potential is not below ``+inf`` (no finite bound)."""
+    s = 0.0
+    for i in range(mass.shape[0]):
+        if mass[i] > 0.0:
+            if not pot[i] < np.inf:
+                return -np.inf
+            s += mass[i] * pot[i]
+        else:
+            pot[i] = -np.inf
+    return s
 
 
 @jit
