@@ -445,6 +445,20 @@ def test_minplus_on_either_path_equals_the_numpy_product(threshold, monkeypatch)
     a[2] = np.inf                                   # a row with no edge: all inf
     np.testing.assert_array_equal(sp.minplus(a, b), reference(a, b))
     assert np.isinf(sp.minplus(a, b)[2]).all()
+    # across the tiles, with remainders of every loop: rows, inner (four-term passes and
+    # TILE_K) and columns (TILE_J); a sparse (depthwise-like) factor, whose four-term groups
+    # mix finite and infinite entries, and groups that are all infinite
+    n, m, p = 13, 2 * sp.TILE_K + 7, sp.TILE_J + 5
+    a = np.where(rng.random((n, m)) < 0.3, np.inf, rng.random((n, m)) * 5)
+    a[:, 8:16] = np.inf
+    b = np.where(rng.random((m, p)) < 0.3, np.inf, rng.random((m, p)) * 5)
+    np.testing.assert_array_equal(sp.minplus(a, b), reference(a, b))
+    sparse = np.full((n, m), np.inf)
+    sparse[np.arange(n), rng.integers(0, m, n)] = rng.random(n)
+    np.testing.assert_array_equal(sp.minplus(sparse, b), reference(sparse, b))
+    last = np.full((n, m), np.inf)                  # only the inner remainder has edges
+    last[:, -1] = 1.0
+    np.testing.assert_array_equal(sp.minplus(last, b), reference(last, b))
 
 
 @pytest.mark.parametrize("skip_zy,skip_xw", [(False, False), (True, False), (False, True),
