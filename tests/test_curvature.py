@@ -378,6 +378,58 @@ def test_node_weights_leave_the_model_s_weights_as_they_were():
         assert torch.equal(p, b)
 
 
+class _PreNormNet(nn.Module):
+    """Convs with a BatchNorm after them, a residual sum read through a pre-norm (its scale
+    becomes the next conv's ``in_scale``), a grouped conv and a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(6)
+        self.c2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.pre = nn.BatchNorm2d(6)
+        self.c3 = nn.Conv2d(6, 4, 1)
+        self.c4 = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.b1(self.c1(x)))
+        h = h + torch.relu(self.c2(h))
+        h = torch.relu(self.c3(self.pre(h)))
+        return self.fc(torch.relu(self.c4(h)).mean((2, 3)))
+
+
+def test_conv_strengths_of_the_usual_layer_equal_the_general_scatter(monkeypatch):
+    """A conv whose input nodes are its channels, without groups, takes a shortcut (the
+    kernel-slice norms transposed, every pair an edge): the same strengths and mask as the
+    general scatter, also with a pre-norm's scale folded in."""
+    import tp_curvature.graph as graph_mod
+    from tp_curvature.calibration import CalibrationData, calibrate
+    from tp_curvature.config import CurvatureConfig
+
+    torch.manual_seed(0)
+    model = _PreNormNet().eval()
+    with torch.no_grad():
+        for bn in (model.b1, model.pre):
+            bn.weight.uniform_(0.5, 2.0)
+            bn.running_var.uniform_(0.5, 2.0)
+    g = calibrate(model, CalibrationData(torch.randn(4, 3, 8, 8)), CurvatureConfig()).graph
+    convs = [l for l in g.layers if l.kind == "conv"]
+    short = [l for l in convs if l.groups == 1 and
+             graph_mod.selects_all(l.in_group, g.junctions[l.in_junction].n_nodes)]
+    assert len(short) == 3 and any(l.in_scale is not None for l in short)
+    fast = [g._node_weights(l, p) for l in g.layers for p in (2.0, 1.0)]
+    pre = next(l for l in short if l.in_scale is not None)
+    w = pre.module.weight.detach().double().flatten(2).norm(dim=2)       # (out, in)
+    want = (w * torch.as_tensor(pre.in_scale)[None, :]).T.numpy()
+    np.testing.assert_allclose(g._node_weights(pre, 2.0)[0], want, rtol=1e-12)
+    monkeypatch.setattr(graph_mod, "selects_all", lambda idx, n: False)
+    slow = [g._node_weights(l, p) for l in g.layers for p in (2.0, 1.0)]
+    for (s1, m1), (s2, m2) in zip(fast, slow):
+        np.testing.assert_array_equal(s1, s2)
+        np.testing.assert_array_equal(m1, m2)
+
+
 def test_edge_maps_with_few_temporaries_equal_the_formula():
     """``out[:, c] = max(out[:, c], s[:, idx] * scale)`` by the helpers of ``junction_edges``,
     for every column in order and for a scattered subset."""
