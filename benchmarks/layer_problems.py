@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from engine.utils import write_jsonl
+
 LOG_KEYS = ("n_solved", "iterations_mean", "n_float64", "n_refined", "n_exact_fallback",
             "kappa_gap_max")
 
@@ -81,7 +83,7 @@ def solve(path: str, columns: int | None, repeat: int, out: str | None) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if out:
-        Path(out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(out, rows)
 
 
 def main() -> None:

@@ -12,12 +12,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import time
+import timeit
 
 import numba
 import numpy as np
 
+from engine.utils import write_jsonl
 from tp_curvature.shortest_paths import minplus
 
 #: a ViT-B/16 MLP pair's product, ResNet-50 layer4 sizes, a ResNet-56 stage
@@ -30,11 +30,7 @@ def time_shape(n: int, m: int, p: int, repeat: int, seed: int = 0) -> dict:
     a = np.where(rng.random((n, m)) < 0.05, np.inf, rng.random((n, m)) * 10)
     b = np.where(rng.random((m, p)) < 0.05, np.inf, rng.random((m, p)) * 10)
     minplus(a[:2], b)
-    best = np.inf
-    for _ in range(repeat):
-        t = time.perf_counter()
-        minplus(a, b)
-        best = min(best, time.perf_counter() - t)
+    best = min(timeit.repeat(lambda: minplus(a, b), number=1, repeat=repeat))
     return dict(shape=f"{n}x{m}x{p}", seconds=best, gterms_per_s=n * m * p / best / 1e9,
                 threads=numba.get_num_threads())
 
@@ -50,8 +46,7 @@ def main(argv=None) -> list:
     for r in rows:
         print(f"| {r['shape']} | {r['seconds']:.4f} | {r['gterms_per_s']:.2f} | {r['threads']} |")
     if args.out:
-        with open(args.out, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        write_jsonl(args.out, rows)
     return rows
 
 

@@ -114,8 +114,9 @@ def minplus(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         if a.size * b.shape[1] >= MINPLUS_PARALLEL:
             # at least two tasks per thread: the rows split where the columns give fewer
             tasks = 2 * numba.get_num_threads()
-            parts = -(-tasks // -(-b.shape[1] // TILE_J))
-            _minplus(a, b, out, -(-a.shape[0] // parts))
+            col_tiles = -(-b.shape[1] // TILE_J)              # (ceiling divisions)
+            row_parts = -(-tasks // col_tiles)
+            _minplus(a, b, out, -(-a.shape[0] // row_parts))
         else:
             _minplus_serial(a, b, out)
     else:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +19,13 @@ def write_csv(path, rows: list, fields: Sequence[str] | None = None) -> Path:
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in fields})
+    return path
+
+
+def write_jsonl(path, rows: list) -> Path:
+    """Write ``rows`` (dicts) to ``path`` as JSON lines, one row per line."""
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
