@@ -47,3 +47,36 @@ def test_dump_pickles_the_named_layers_and_names_those_it_did_not_find(tmp_path)
     with pytest.raises(SystemExit, match=r"only \[\] of \['no_such_layer'\]"):
         layer_problems.dump(str(tmp_path / "x.pkl"), ["no_such_layer"], args)
     assert curvature.solve_problem is solve_problem
+
+
+def test_exact_times_the_network_simplex_on_runs_out_of_one_x(tmp_path, capsys):
+    """The exact solver's sample is runs of connections out of one x each (solved ones,
+    within the first columns); its W1 are the same cold and warm-started, the certified
+    values are within kappa_tol of them, and one JSON row per problem is printed and
+    written."""
+    import numpy as np
+
+    P = random_layer_pair(12, seed=1, topk=6, measure="flow")
+    runs = layer_problems._runs(P, 8, 20, 5, seed=0)
+    assert len(runs) == 4
+    for run in runs:
+        assert 0 < len(run) <= 5 and len({x for x, _ in run}) == 1
+        assert all(P.solve[x, y] and y < 8 for x, y in run)
+    path = tmp_path / "p.pkl"
+    path.write_bytes(pickle.dumps({"a": (P, {})}))
+    out = tmp_path / "rows.jsonl"
+    layer_problems.exact(str(path), 8, 20, 5, 1, str(out))
+    row, = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["layer"] == "a" and row["connections"] == sum(map(len, runs)) and row["runs"] == 4
+    assert row["warm_max_abs_diff"] < 1e-9
+    assert 0 <= row["certified_max_abs_dkappa"] <= 0.02
+    assert min(row["certified_us"], row["network_simplex_us"], row["network_simplex_warm_us"]) > 0
+    assert capsys.readouterr().out.count("\n") == 1
+    # the exact values are the network simplex's: the same as POT's emd2 on a connection
+    from ot.lp.emd_wrap import emd_c
+
+    from tp_curvature.transport import connection_problem
+    from tp_curvature.transport._exact import exact_w1
+    x, y = runs[0][0]
+    a, b, M = connection_problem(P, x, y)
+    assert np.isclose(emd_c(a, b, M, 10_000_000, 1, None, None)[1], exact_w1(P, x, y))
