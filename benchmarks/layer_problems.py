@@ -41,8 +41,8 @@ from pathlib import Path
 
 from engine.utils import write_jsonl
 
-LOG_KEYS = ("n_solved", "iterations_mean", "n_float64", "n_refined", "n_exact_fallback",
-            "kappa_gap_max")
+LOG_KEYS = ("n_solved", "iterations_mean", "n_float64", "n_bypass", "n_refined",
+            "n_exact_fallback", "kappa_gap_max")
 
 
 def dump(out: str, layers: list, e2e_args: list) -> None:
@@ -93,12 +93,14 @@ def _timed_solve(prob, opts: dict, repeat: int) -> tuple:
     return W, log, best
 
 
-def solve(path: str, columns: int | None, repeat: int, out: str | None) -> None:
-    """Best-of-``repeat`` wall time of ``solve_w1`` on each pickled problem."""
+def solve(path: str, columns: int | None, repeat: int, out: str | None,
+          overrides: dict | None = None) -> None:
+    """Best-of-``repeat`` wall time of ``solve_w1`` on each pickled problem (``overrides``:
+    solver options replacing the run's, e.g. ``{"bypass": False}``)."""
     rows = []
     for name, prob, opts in _pickled(path, columns):
-        _, log, best = _timed_solve(prob, opts, repeat)
-        row = dict(layer=name, columns=columns, seconds=round(best, 3),
+        _, log, best = _timed_solve(prob, {**opts, **(overrides or {})}, repeat)
+        row = dict(layer=name, columns=columns, seconds=round(best, 3), **(overrides or {}),
                    **{k: log[k] for k in LOG_KEYS})
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -176,6 +178,17 @@ def exact(path: str, columns: int | None, sample: int, run: int, repeat: int,
         write_jsonl(out, rows)
 
 
+def _overrides(pairs: list) -> dict:
+    """``["bypass=false", "eps=0.01"]`` -> ``{"bypass": False, "eps": 0.01}`` (JSON values)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes KEY=VALUE, got {pair!r}")
+        out[key] = json.loads(value)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,6 +201,8 @@ def main() -> None:
     s.add_argument("--columns", type=int, default=None, help="solve only the first columns")
     s.add_argument("--repeat", type=int, default=3)
     s.add_argument("--out", default=None, help="JSON lines")
+    s.add_argument("--set", nargs="+", default=[], metavar="KEY=JSON",
+                   help="solver options replacing the run's, e.g. bypass=false")
     e = sub.add_parser("exact", help="time POT's network simplex against solve_w1")
     e.add_argument("pickle")
     e.add_argument("--columns", type=int, default=None, help="solve only the first columns")
@@ -204,7 +219,7 @@ def main() -> None:
     if a.cmd == "dump":
         dump(a.out, a.layers, rest)
     elif a.cmd == "solve":
-        solve(a.pickle, a.columns, a.repeat, a.out)
+        solve(a.pickle, a.columns, a.repeat, a.out, _overrides(a.set))
     else:
         exact(a.pickle, a.columns, a.sample, a.run, a.repeat, a.out)
 

@@ -20,7 +20,7 @@ DOC_PAGES = sorted((ROOT / "docs").rglob("*.md"))
 #: modules whose docstrings hold ``>>>`` examples; add a module here when it gains some
 DOCTEST_MODULES = ["tp_curvature.config", "tp_curvature.curvature", "tp_curvature.importance",
                    "tp_curvature.unstructured._scores", "tp_curvature.repair._repair",
-                   "tp_curvature.repair._batchnorm"]
+                   "tp_curvature.repair._batchnorm", "tp_curvature.transport._primitives"]
 MAX_README_LINES = 260
 
 PYTHON_BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)

@@ -224,9 +224,10 @@ def test_engine_paths_agree(kw):
     W, stats = solve_w1(P, **kw, log=True)
     rel = _rel_err(W, We, P)
     assert -NEG_SLACK <= rel.min() and rel.max() <= SINKHORN_BOUND
-    if "precision" in kw:
+    if "precision" in kw:          # every connection there but the bypassed ones
         key = "n_float64" if kw["precision"] == "float64" else "n_log_domain"
-        assert stats[key] == P.n_connections
+        assert 0 < stats["n_bypass"] < P.n_connections
+        assert stats[key] + stats["n_bypass"] == P.n_connections
 
 
 def test_smaller_eps_is_more_accurate():
@@ -829,8 +830,9 @@ def test_warm_starts_cut_iterations_and_stay_certified():
 def test_certified_runs_keep_float32_results_of_any_scaling_range(monkeypatch):
     """A raw run (``kappa_tol=None``) redoes in float64 every one-at-a-time problem whose
     float32 scalings exceed F32_UVMAX; a certified run keeps them (the certificate checks each
-    value). With the limit lowered to 1, the raw run sends most problems to float64, the
-    certified run's values and fallbacks are those of the real limit, within kappa_tol."""
+    value). With the limit lowered to 1, the raw run sends most iterated (not bypassed)
+    problems to float64, the certified run's values and fallbacks are those of the real limit,
+    within kappa_tol."""
     import tp_curvature.transport._sinkhorn as engine
     P = _network_layer_pair(topk=8)
     m = P.solve
@@ -841,7 +843,7 @@ def test_certified_runs_keep_float32_results_of_any_scaling_range(monkeypatch):
     _, raw = solve_w1(P, kappa_tol=None, log=True)
     W, cert = solve_w1(P, log=True)
     assert not cert["uniform_support"]
-    assert raw["n_float64"] > raw0["n_float64"] + m.sum() // 2
+    assert raw["n_float64"] > raw0["n_float64"] + (m.sum() - raw["n_bypass"]) // 2
     assert cert["n_float64"] == cert0["n_float64"]
     np.testing.assert_array_equal(W[m], W0[m])
     err = _kappa_err(W, We, P)[m]
@@ -863,8 +865,8 @@ def test_in_kernel_refinement_certifies_loose_connections_in_place(kappa_tol, pr
     m = P.solve
     on = solve_w1(P, kappa_tol=kappa_tol, precision=precision, log=True)
     off = solve_w1(P, kappa_tol=kappa_tol, precision=precision, finer=False, log=True)
-    if precision == "float64":
-        assert on[1]["n_float64"] == off[1]["n_float64"] == m.sum()
+    if precision == "float64":     # every connection there but the bypassed ones
+        assert on[1]["n_float64"] == off[1]["n_float64"] == m.sum() - on[1]["n_bypass"]
     assert not on[1]["uniform_support"]                  # the one-at-a-time path
     assert off[1]["n_refined"] >= (100 if kappa_tol < 0.02 else 20)
     assert on[1]["n_refined"] + on[1]["n_exact_fallback"] == 0
@@ -1025,3 +1027,99 @@ def test_dual_bound_is_a_lower_bound_and_exact_at_optimal_potentials(seed):
         fr_r = Frame(cz[r], fr.fz[r], cw[c], fr.gw[c])
         assert _col_bound(Augmented(Cr, cz[r], cw[c], d), ra, rb, np.r_[v[:kw][c], v[kw]],
                           fr_r, gy_r, e_r, ws_r) == pytest.approx(lbc, rel=1e-12, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------ bypass plan
+def _bypass_of(P, x, y, stop=np.inf):
+    """The primitive on connection (x, y) of ``P``, atoms in the problem's own order."""
+    from tp_curvature.transport._primitives import bypass
+    zs = (P.pred_mass[x] > 0) & (P.pred_idx[x] >= 0)
+    ws = (P.succ_mass[y] > 0) & (P.succ_idx[y] >= 0)
+    zi, wi = P.pred_idx[x][zs], P.succ_idx[y][ws]
+    return bypass(P.c_zw, zi, wi, P.c_zy[zi, y].copy(), P.c_xw[x, wi].copy(),
+                  P.pred_mass[x][zs].copy(), P.succ_mass[y][ws].copy(), P.d_xy[x, y],
+                  P.alpha, stop)
+
+
+def _detour(P, x, y, exchange=False):
+    """T = max (c_zy + c_xw - c_zw) over the connection's atoms, by brute force (with
+    ``exchange``: also min(a_z, b_w) of the pair that attains it)."""
+    a, b, M = _manual_connection(P, x, y)
+    t, i, j = max((M[i, -1] + M[-1, j] - M[i, j], i, j) for i in range(len(a) - 1)
+                  for j in range(len(b) - 1))
+    return (t, min(a[i], b[j])) if exchange else t
+
+
+@hyp.settings(max_examples=40, deadline=None, derandomize=True)
+@hyp.given(seed=st.integers(0, 10_000), n=st.integers(3, 8),
+           kind=st.sampled_from(["dense", "sparse", "flow", "randcost"]),
+           alpha=st.sampled_from([0.5, 0.7, 0.9]), long=st.sampled_from([1.0, 30.0]))
+def test_property_bypass_brackets_the_exact_w1(seed, n, kind, alpha, long):
+    """For every connection with atoms on both sides: the bypass plan's cost U and bound LB
+    satisfy LB <= W1 <= U against ``ot.emd2``; U == W1 where the connection is at least as
+    long as the detour T (LB == U), and where it is shorter, exchanging mass along the pair
+    (z, w) that attains T lowers the cost by min(a_z, b_w) (T - d): W1 is at most that.
+    Random costs too: the argument needs no metric. ``long`` stretches the connections, so
+    that both cases occur."""
+    if kind == "randcost":
+        P = _random_costs_problem(np.random.default_rng(seed), n, n + 1, n, n - 1, alpha,
+                                  k_z=max(2, n // 2), k_w=max(2, n // 2))
+    else:
+        P = random_layer_pair(n, seed, alpha=alpha, density=0.5 if kind == "sparse" else 1.0,
+                              measure="flow" if kind == "flow" else "paper",
+                              topk=max(2, n // 2) if kind == "flow" else None)
+    P = replace(P, d_xy=np.where(P.solve, P.d_xy * long, P.d_xy))
+    for x, y in np.argwhere(P.solve):
+        a, b, M = _manual_connection(P, x, y)
+        if len(a) == 1 or len(b) == 1:
+            continue
+        w1 = ot.emd2(a, b, M)
+        u, lb = _bypass_of(P, x, y)
+        scale = 1e-9 * M.max()
+        assert lb <= w1 + scale and w1 <= u + scale
+        t, ex = _detour(P, x, y, exchange=True)
+        excess = t - P.d_xy[x, y]
+        assert u - lb == pytest.approx((1 - alpha) * max(excess, 0.0), abs=scale)
+        if excess <= 0:
+            assert w1 == pytest.approx(u, abs=scale)
+        else:
+            assert w1 <= u - ex * excess + scale
+
+
+def test_bypass_stops_early_and_needs_alpha_half():
+    """The scan stops once T exceeds ``stop`` (then ``(inf, -inf)``, like below alpha 1/2);
+    a ``stop`` at T itself still gives the plan."""
+    P = random_layer_pair(6, 3, alpha=0.5)
+    x, y = np.argwhere(P.solve)[0]
+    t = _detour(P, x, y)
+    u, lb = _bypass_of(P, x, y)
+    assert np.isfinite(u) and np.isfinite(lb)
+    assert _bypass_of(P, x, y, stop=t) == (u, lb)
+    assert _bypass_of(P, x, y, stop=t * (1 - 1e-6)) == (np.inf, -np.inf)
+    assert _bypass_of(replace(P, alpha=0.4), x, y) == (np.inf, -np.inf)
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_solver_takes_the_bypass_plan_exactly_where_it_is_optimal(uniform):
+    """On a network's layer pair (ragged supports, one at a time) and a dense one (batched),
+    ``n_bypass`` counts the connections with d >= T (brute force); their values are exact
+    (|kappa error| <= 1e-9 against ``ot.emd2``, certified gap <= 1e-9); ``bypass=False``
+    iterates on all of them, and alpha below 1/2 takes none."""
+    P = (random_layer_pair(14, 2, alpha=0.5) if uniform else _network_layer_pair(topk=8))
+    m = P.solve
+    xs, ys = np.nonzero(m)
+    want = np.zeros_like(m)
+    for x, y in zip(xs, ys):
+        want[x, y] = _detour(P, x, y) <= P.d_xy[x, y] * (1 + 1e-9)
+    assert 0 < want.sum() < m.sum()
+    We = solve_w1(P, "exact")
+    W, lg = solve_w1(P, mass_tol=0.0, log=True)
+    assert lg["uniform_support"] == uniform
+    assert lg["n_bypass"] == want.sum()
+    err = _kappa_err(W, We, P)
+    assert err[want].max() <= 1e-9 and lg["kappa_gap"][want].max() <= 1e-9
+    assert err[m].max() <= DEFAULTS["kappa_tol"]
+    W0, lg0 = solve_w1(P, mass_tol=0.0, bypass=False, log=True)
+    assert lg0["n_bypass"] == 0 and lg0["iterations_mean"] > lg["iterations_mean"]
+    assert _kappa_err(W0, We, P)[m].max() <= DEFAULTS["kappa_tol"]
+    assert solve_w1(replace(P, alpha=0.4), mass_tol=0.0, log=True)[1]["n_bypass"] == 0

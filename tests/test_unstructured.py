@@ -93,17 +93,21 @@ def test_weight_scores_shapes_and_min_over_images():
 
 
 def test_default_sinkhorn_backend_close_to_exact():
-    """The default (Numba Sinkhorn) scores: one-sided small bias, same ranking."""
+    """The default (Numba Sinkhorn) scores: small error, same ranking; without the trimming
+    of tiny masses (``mass_tol=0``) a one-sided bias (feasible plans, and exact values where
+    the bypass plan is optimal). Trimmed, the bypassed values are exact for the trimmed
+    measures and may sit above the exact kappa by the certificate's trimming term."""
     from scipy.stats import spearmanr
     model = tiny_model(6)
     imgs = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(6))
     ex = weight_curvature(model, imgs, topk=None, backend="exact", progress=False)
-    sk = weight_curvature(model, imgs, topk=None, progress=False)
-    a = torch.cat([v.reshape(-1) for v in sk.values()]).numpy()
     b = torch.cat([v.reshape(-1) for v in ex.values()]).numpy()
-    assert np.abs(a - b).max() < 0.05
+    for opts in (dict(), dict(mass_tol=0.0)):
+        sk = weight_curvature(model, imgs, topk=None, progress=False, backend_options=opts)
+        a = torch.cat([v.reshape(-1) for v in sk.values()]).numpy()
+        assert np.abs(a - b).max() < 0.05
+        assert spearmanr(a, b).statistic > 0.99
     assert np.all(a <= b + 1e-6)
-    assert spearmanr(a, b).statistic > 0.99
 
 
 def test_padding_only_taps_and_zero_weights_score_one():

@@ -27,6 +27,27 @@ def test_solve_times_each_pickled_problem_with_its_own_options(tmp_path, capsys)
     assert capsys.readouterr().out.count("\n") == 2
 
 
+def test_solve_overrides_the_pickled_options(tmp_path, capsys):
+    """``--set KEY=JSON`` replaces the pickled run's solver options (here ``bypass``: the
+    log's ``n_bypass`` is 0 without it) and is written in each row; a pair without ``=`` is
+    refused with a message."""
+    P = random_layer_pair(12, seed=1, topk=6, measure="flow")
+    path = tmp_path / "p.pkl"
+    path.write_bytes(pickle.dumps({"a": (P, {"bypass": True})}))
+    rows = {}
+    for value in ("true", "false"):
+        out = tmp_path / f"{value}.jsonl"
+        layer_problems.solve(str(path), None, 1, str(out),
+                             layer_problems._overrides([f"bypass={value}"]))
+        rows[value] = json.loads(out.read_text())
+    assert rows["true"]["bypass"] is True and rows["true"]["n_bypass"] > 0
+    assert rows["false"]["bypass"] is False and rows["false"]["n_bypass"] == 0
+    assert layer_problems._overrides(["eps=0.01", "kappa_tol=null"]) == dict(eps=0.01,
+                                                                              kappa_tol=None)
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        layer_problems._overrides(["bypass"])
+
+
 @pytest.mark.slow
 def test_dump_pickles_the_named_layers_and_names_those_it_did_not_find(tmp_path):
     """A ResNet-56 run on two images: the named layer's problem is pickled before its solve

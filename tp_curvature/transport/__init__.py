@@ -21,7 +21,10 @@ with rows = support of :math:`p_x` plus x, columns = support of :math:`r_y` plus
 Every connection of a pair shares the block :math:`C_{zw}`; only row x and column y differ.
 Degenerate cases are solved in closed form: both measures deltas gives :math:`W_1 = d(x,y)`;
 a delta on one side fixes the plan (:math:`W_1 = \sum_w b_w c_{xw} + b_y d` and
-symmetrically). ``alpha = 0`` is allowed (x and y then carry no mass unless their measure is a
+symmetrically). At ``alpha >= 1/2`` so is every connection at least as long as its detours
+(:math:`d(x, y) \ge \max_{z, w} (c_{zy} + c_{xw} - c_{zw})`: the plan that moves only the
+forced :math:`2\alpha - 1` along it is optimal; ``"sinkhorn"`` backend, ``bypass=True``).
+``alpha = 0`` is allowed (x and y then carry no mass unless their measure is a
 delta).
 
 Backends (:func:`solve_w1`)

@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from ._bundles import Frame, Gather, Kernels, Settings, Slots, Work, Workspace
-from ._drivers import solve_each
+from ._drivers import bypassed, solve_each
 from ._primitives import (F32_FLOOR, F32_UVMAX, F64, MAXITER, OK, OVERFLOW, c_transform,
                           closed_form, dual_bound, expneg, fetch_add, jit, jit_inline, jit_nogil,
                           pow_inplace, relax, rounded_total, rounding_step, scale_factor,
@@ -336,9 +336,11 @@ def batch_core(slots, who, nb, kern, CT, costs, meas, cfg, fast_exp, floor, uvma
 def batch_uniform(xs, ys, kern, costs, meas, cfg, outs, wk, gat, fr, ws):
     """Solve the connections (xs[q], ys[q]) of one eps level together (uniform supports).
 
-    Deltas in closed form; a float32 batch on the level's shared kernels ``kern`` (path 0);
-    the problems left over as a float64 batch on the level's float64 kernel (built here from
-    the reduced costs ``costs.R``); those that overflow there alone in the log domain.
+    Deltas in closed form, so are the connections whose bypass plan is optimal
+    (:func:`~._drivers.bypassed`); a float32 batch on the level's shared kernels ``kern``
+    (path 0); the problems left over as a float64 batch on the level's float64 kernel (built
+    here from the reduced costs ``costs.R``); those that overflow there alone in the log
+    domain.
     """
     f4 = np.float32
     out, iters, status, lower = outs
@@ -375,6 +377,8 @@ def batch_uniform(xs, ys, kern, costs, meas, cfg, outs, wk, gat, fr, ws):
             lower[x, y] = out[x, y]
             iters[x, y] = 0
             status[x, y] = OK
+            continue
+        if cfg.bypass and bypassed(costs.C, meas, x, y, czyT[y], cxw[x], d, alpha, outs):
             continue
         for i in range(kz):
             A[q, i] = (1.0 - alpha) * pm[x, i]
@@ -484,7 +488,7 @@ def solve_chunks(counter, kern, costs, meas, cfg, cx, cy, chunk_ptr, chunk_lv, o
             break
         lv = chunk_lv[c]
         lcfg = Settings(cfg.eps[lv], cfg.tol, cfg.max_iter, om32, cfg.path, cfg.alpha,
-                        cfg.uniform, cfg.warm, cfg.finer, cfg.uvmax)
+                        cfg.uniform, cfg.warm, cfg.finer, cfg.uvmax, cfg.bypass)
         run_chunk(chunk_ptr[c], chunk_ptr[c + 1], Kernels(kern.Ks[lv], kern.KsT[lv],
                                                           kern.KCT[lv]),
                   costs, meas, lcfg, cx, cy, outs)

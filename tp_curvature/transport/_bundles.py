@@ -30,8 +30,10 @@ Kernels = namedtuple("Kernels", "Ks KsT KCT")
 #: ``warm`` (one-at-a-time problems start from the previous connection out of the same x),
 #: ``finer`` (the bound above which a one-at-a-time problem continues at a finer eps: inf =
 #: never), ``uvmax`` (a one-at-a-time float32 result is kept only if max(u) max(v) <= uvmax:
-#: :data:`~._primitives.F32_UVMAX` for raw values, inf when the certificate checks each value).
-Settings = namedtuple("Settings", "eps tol max_iter omega path alpha uniform warm finer uvmax")
+#: :data:`~._primitives.F32_UVMAX` for raw values, inf when the certificate checks each value),
+#: ``bypass`` (take the bypass plan where it is optimal: :func:`~._primitives.bypass`).
+Settings = namedtuple("Settings",
+                      "eps tol max_iter omega path alpha uniform warm finer uvmax bypass")
 
 #: Results written by the solvers, all (n_x, n_y): W1 (rounded-plan cost), iterations, status
 #: code, and ``lower``, a weak-duality lower bound of the (trimmed) W1 (:func:`~._primitives.

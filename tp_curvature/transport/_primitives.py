@@ -22,6 +22,8 @@ k_{xw} & k_{xy} \end{pmatrix}` (:class:`~._bundles.Augmented`) with row masses :
   pass (independent sums and minima; one row at a time waits on each one's latency).
 * :func:`c_transform`: potentials of x and y w.r.t. the shared ones (reduced costs >= 0).
 * :func:`closed_form`: :math:`W_1` when one measure is a delta (the plan is forced).
+* :func:`bypass`: the plan that leaves the connection itself no more mass than it must, its
+  cost and a dual bound; optimal, and so :math:`W_1` in closed form, on many connections.
 * :func:`uv_max_product`: :math:`\max u \cdot \max v`, the numeric range check of the scalings.
 * :func:`lse`, :func:`expneg`, :func:`expneg64`, :func:`pow_inplace`: log-sum-exp, a
   vectorisable :math:`e^{-x}` for float32 kernels and one for float64 kernels, and the stage
@@ -42,6 +44,7 @@ from ._bundles import Augmented
 # status codes of the solvers
 OK, MAXITER, OVERFLOW = 0, 1, 2
 F64, LOG = 3, 6  # offsets: solved by the float64 fallback (3, 4) / the log domain (6, 7)
+BYPASS = 10  # solved by the bypass plan (:func:`bypass`), no iterations
 FM = {"nsz", "arcp", "contract", "reassoc", "afn"}  # no nnan/ninf: overflow must be seen
 F32_FLOOR = 1e-35  # float32 kernel entries below this are set to 0 (no denormal inputs)
 F32_UVMAX = 1e25  # float32 result accepted only if max(u) * max(v) <= this (floored mass)
@@ -430,6 +433,105 @@ def closed_form(x, y, meas, czy, cxw, d, alpha):
         for i in range(kz):
             s += (1.0 - alpha) * meas.pm[x, i] * czy[meas.ploc[x, i], y]
     return s
+
+
+@jit
+def _row_detour(C, row, wi, cw, r, kw):
+    r""":math:`\max_j (c_w[j] - C[row, w_j])` over the atoms with ``r[j] > 0`` (-inf if none),
+    in four independent maxima (one waits on each comparison's latency: 2x slower)."""
+    m0 = m1 = m2 = m3 = -np.inf
+    j = 0
+    while j + 4 <= kw:
+        t0 = cw[j] - C[row, wi[j]]
+        t1 = cw[j + 1] - C[row, wi[j + 1]]
+        t2 = cw[j + 2] - C[row, wi[j + 2]]
+        t3 = cw[j + 3] - C[row, wi[j + 3]]
+        t0 = t0 if r[j] > 0.0 else -np.inf
+        t1 = t1 if r[j + 1] > 0.0 else -np.inf
+        t2 = t2 if r[j + 2] > 0.0 else -np.inf
+        t3 = t3 if r[j + 3] > 0.0 else -np.inf
+        m0 = t0 if t0 > m0 else m0
+        m1 = t1 if t1 > m1 else m1
+        m2 = t2 if t2 > m2 else m2
+        m3 = t3 if t3 > m3 else m3
+        j += 4
+    while j < kw:
+        t0 = cw[j] - C[row, wi[j]]
+        t0 = t0 if r[j] > 0.0 else -np.inf
+        m0 = t0 if t0 > m0 else m0
+        j += 1
+    m0 = m0 if m0 > m1 else m1
+    m2 = m2 if m2 > m3 else m3
+    return m0 if m0 > m2 else m2
+
+
+@jit
+def bypass(C, zi, wi, cz, cw, p, r, d, alpha, stop):
+    r"""The bypass plan of connection x -> y at ``alpha >= 1/2``: its cost and a dual lower
+    bound of :math:`W_1`; ``(inf, -inf)`` below 1/2.
+
+    Every plan moves at least :math:`2\alpha - 1` from x to y (x's successors can take only
+    :math:`1-\alpha`). The bypass plan moves exactly that: the rest of x's mass goes to y's
+    successors w (:math:`b_w = (1-\alpha) r_w` each) and all of x's predecessors' mass
+    (:math:`a_z = (1-\alpha) p_z`) to y, at the cost
+
+    .. math::
+
+        U = (2\alpha - 1)\, d + \sum_z a_z c_{zy} + \sum_w b_w c_{xw}.
+
+    With :math:`T = \max_{z, w} (c_{zy} + c_{xw} - c_{zw})` over the atoms of positive mass,
+    the potentials :math:`f_x = 0`, :math:`g_w = c_{xw}`, :math:`g_y = d`,
+    :math:`f_z = c_{zy} - \max(T, d)` are dual feasible, so
+
+    .. math::
+
+        LB = U - \textstyle\sum_z a_z\, \max(T - d, 0) \;\le\; W_1 \;\le\; U,
+
+    and the plan is optimal exactly when :math:`d \ge T` (otherwise moving mass from x -> w and
+    z -> y to x -> y and z -> w lowers the cost): a weak connection, longer than every detour
+    :math:`z \to y` plus :math:`x \to w` minus :math:`z \to w`.
+
+    ``C[zi[i], wi[j]]`` is the cost from the i-th predecessor atom to the j-th successor atom,
+    ``cz[i]`` its cost to y, ``cw[j]`` the cost from x, ``p`` / ``r`` the measures' weights
+    (each summing to 1; their lengths are the numbers of atoms). The scan stops as soon as
+    :math:`T` exceeds ``stop`` and returns ``(inf, -inf)`` (``stop = inf``: never).
+
+    Examples
+    --------
+    Two predecessors and two successors; the connection is long, so the bypass plan is optimal
+    (the bound meets the cost):
+
+    >>> import numpy as np
+    >>> C = np.array([[3.0, 4.0], [4.0, 3.0]])
+    >>> i, c, q = np.arange(2), np.array([2.0, 2.0]), np.array([0.5, 0.5])
+    >>> [float(t) for t in bypass(C, i, i, c, c, q, q, 5.0, 0.5, np.inf)]
+    [2.0, 2.0]
+
+    A short one: the detour ``T = 2 + 2 - 3 = 1`` exceeds ``d = 0.5``, the bound stays below:
+
+    >>> [float(t) for t in bypass(C, i, i, c, c, q, q, 0.5, 0.5, np.inf)]
+    [2.0, 1.75]
+    """
+    if alpha < 0.5:
+        return np.inf, -np.inf
+    kz = p.shape[0]
+    kw = r.shape[0]
+    t_max = -np.inf
+    for i in range(kz):
+        if p[i] > 0.0:
+            t = cz[i] + _row_detour(C, zi[i], wi, cw, r, kw)
+            t_max = t if t > t_max else t_max
+            if t_max > stop:
+                return np.inf, -np.inf
+    sa = 0.0
+    u = 0.0
+    for i in range(kz):
+        sa += p[i] if p[i] > 0.0 else 0.0
+        u += p[i] * cz[i] if p[i] > 0.0 else 0.0
+    for j in range(kw):
+        u += r[j] * cw[j] if r[j] > 0.0 else 0.0
+    u = (2.0 * alpha - 1.0) * d + (1.0 - alpha) * u
+    return u, u - (1.0 - alpha) * sa * max(t_max - d, 0.0)
 
 
 @jit_inline

@@ -35,6 +35,12 @@ How it is made fast (all of it exploits that the connections share :math:`C_{zw}
   per octave); a level uses :math:`\varepsilon_\ell \le \varepsilon\, d(x,y)` (at most
   ``2**(1/levels)`` smaller), so the kernel :math:`e^{-R/\varepsilon_\ell}` of the shared block is
   computed once per level (float32, entries below 1e-35 set to 0), not per connection.
+* **Weak connections in closed form.** At ``alpha >= 1/2`` a connection at least as long as
+  every detour (:math:`d(x, y) \ge \max_{z, w} (c_{zy} + c_{xw} - c_{zw})`) has an optimal
+  plan that moves only the forced :math:`2\alpha - 1` along it (:func:`~._primitives.bypass`);
+  its cost is W1, exact, with no iteration (``bypass=False``: iterate anyway). Checked per
+  connection before anything else, stopping at the first row whose detour exceeds d: 39-42%
+  of a ViT-B/16 MLP layer's connections, 82-84% of a ResNet-50 1x1 conv's.
 * **Kernel domain, eps-scaling, over-relaxation.** Sinkhorn runs on scaling vectors
   :math:`u, v` (no logarithms in the loop), first at ``eps_scaling * eps`` (tolerance 0.1), then
   at ``eps``; updates are over-relaxed, :math:`u \leftarrow \max(u + \omega (a / Kv - u),\;
@@ -111,7 +117,7 @@ from ._bundles import Outputs, Settings
 from ._pool import one_blas_thread, run_parallel
 from ._prepare import (eps_levels, make_chunks, prepare, stage_kernels, trim_cost_bounds,
                        used_atoms)
-from ._primitives import F32_UVMAX, F64, LOG, MAXITER
+from ._primitives import BYPASS, F32_UVMAX, F64, LOG, MAXITER
 
 COARSE_TOL = 0.1  # L1 marginal tolerance of the eps-scaling (coarse) stage
 KERNEL_BYTES = 16 << 20  # memory for the per-level kernels of one parallel call
@@ -155,6 +161,7 @@ class EngineOptions(NamedTuple):
     precision: str
     warm_start: bool = True
     finer: bool = True
+    bypass: bool = True
 
 
 def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
@@ -216,11 +223,12 @@ def sinkhorn_backend(problem, opts: EngineOptions, progress: bool = False,
         iterations_max=int(its.max()) if its.size else 0,
         n_not_converged=int(np.isin(st, (MAXITER, F64 + MAXITER, LOG + MAXITER)).sum()),
         n_float64=int(((st == F64) | (st == F64 + MAXITER)).sum()),
-        n_log_domain=int((st >= LOG).sum()),
+        n_log_domain=int(np.isin(st, (LOG, LOG + MAXITER)).sum()),
+        n_bypass=int((st == BYPASS).sum()),
         seconds_prepare=t_prep, seconds=time.perf_counter() - t0,
         **{k: v for k, v in opts._asdict().items() if k not in ("batch", "chunk_rows",
                                                                 "precision", "warm_start",
-                                                                "finer")},
+                                                                "finer", "bypass")},
         mass_tol_effective=mass_tol_eff, kappa_tol=kappa_tol,
         n_refined=n_refined, n_exact_fallback=n_exact, kappa_gap=kgap,
         kappa_gap_max=float(np.max(kgap[problem.solve])) if n_solved else 0.0,
@@ -287,7 +295,7 @@ def _solve_levels(problem, prep, opts: EngineOptions, outs, progress: bool,
         chunk_ptr, chunk_lv = make_chunks(cx, lv_loc, target, opts.chunk_rows)
         cfg = Settings(eps_lv, tol_st, int(opts.max_iter), float(opts.omega), path,
                        float(problem.alpha), uniform, bool(opts.warm_start), float(finer),
-                       float(uvmax))
+                       float(uvmax), bool(opts.bypass))
         with one_blas_thread(batched):
             run_parallel(solve_chunks, min(nthr, len(chunk_ptr) - 1), kern, costs, meas,
                          cfg, cx, cy, chunk_ptr, chunk_lv, outs)

@@ -38,6 +38,7 @@ def solve_w1(
     half_idleness: bool = True,
     warm_start: bool = True,
     finer: bool = True,
+    bypass: bool = True,
     slice_connections: int | None = DEFAULTS["slice_connections"],
     validate: bool = True,
     log: bool = False,
@@ -136,6 +137,16 @@ def solve_w1(
         ``"sinkhorn"`` with ``kappa_tol``: the in-place finer stage of one-at-a-time problems
         described under ``kappa_tol`` (default True; False sends them to the refinement pass,
         for comparison).
+    bypass : bool
+        ``"sinkhorn"`` with ``alpha >= 1/2``: a connection whose optimal plan moves no more mass
+        along the connection itself than it must (:math:`2\alpha - 1`; the rest of x's mass
+        goes to y's successors, all of x's predecessors' to y) gets that plan's cost, in
+        closed form, instead of Sinkhorn iterations. It is optimal exactly when
+        :math:`d(x, y) \ge \max_{z, w} (c_{zy} + c_{xw} - c_{zw})`, checked per connection
+        on its own atoms (:func:`~._primitives.bypass`, with its dual bound); the value is then
+        exact up to the rounding of the path lengths (kappa_gap <= 1e-9). On ViT-B/16's MLP
+        layers 39-42% of the connections, on ResNet-50's 1x1 convs 82-84% (log:
+        ``n_bypass``). Default True; False iterates on every connection, for comparison.
     slice_connections : int or None
         ``"sinkhorn"``: solve a layer pair with more connections than this in slices of Y
         columns of about this many connections each (:meth:`LayerPairProblem.columns`), so the
@@ -157,7 +168,8 @@ def solve_w1(
         Only if ``log=True``. Always ``backend``, ``name``, ``n_solved``, ``seconds``, ``eps``,
         ``tol``. ``"sinkhorn"``: ``uniform_support``, ``k_z``, ``k_w`` (union support sizes,
         or the largest row support when ragged), ``iterations_mean``, ``iterations_max``,
-        ``n_not_converged``, ``n_float64``, ``n_log_domain``, ``seconds_prepare``, ``max_iter``,
+        ``n_not_converged``, ``n_float64``, ``n_log_domain``, ``n_bypass`` (solved by the bypass
+        plan), ``seconds_prepare``, ``max_iter``,
         ``omega``, ``eps_scaling``, ``levels``, ``mass_tol``, ``mass_tol_effective``,
         ``kappa_tol``, ``n_refined`` (connections solved again at a smaller eps),
         ``n_exact_fallback`` (connections re-solved exactly), ``kappa_gap`` ((n_x, n_y)
@@ -183,7 +195,7 @@ def solve_w1(
             raise ValueError(f"slice_connections must be >= 1 or None, got {slice_connections}")
         opts = EngineOptions(eps, tol, max_iter, omega, eps_scaling, levels, mass_tol,
                              int(batch), chunk_rows, precision, bool(warm_start),
-                             bool(finer))
+                             bool(finer), bool(bypass))
         half = half_idleness and problem.alpha > HALF
         W, info = _sliced(at_half_idleness(problem) if half else problem, opts, progress,
                           kappa_tol, slice_connections, keep_gap=log)
@@ -264,8 +276,8 @@ def column_slices(solve: np.ndarray, budget: int | None) -> list:
 
 
 #: How the log entries of column slices combine (the others are the first slice's).
-_SUMMED = ("n_solved", "n_not_converged", "n_float64", "n_log_domain", "seconds_prepare",
-           "seconds", "n_refined", "n_exact_fallback", "seconds_certificate")
+_SUMMED = ("n_solved", "n_not_converged", "n_float64", "n_log_domain", "n_bypass",
+           "seconds_prepare", "seconds", "n_refined", "n_exact_fallback", "seconds_certificate")
 _MAXED = ("iterations_max", "k_z", "k_w", "kappa_gap_max")
 
 
