@@ -52,7 +52,7 @@ FIELDS = ["source", "layer", "n", "measure", "alpha", "topk", "backend", "layer_
           "seconds", "conn_per_s", "speedup_vs_emd2", "acc_connections", "max_abs_dkappa",
           "mean_dkappa", "spearman", "iterations_mean", "eps", "tol", "threads", "density",
           "kappa_tol", "n_refined", "n_exact_fallback", "kappa_gap_max", "alpha_solved",
-          "curvature"]
+          "n_bypass", "curvature"]
 
 
 def with_solve(problem, pairs):
@@ -146,7 +146,7 @@ def run(args):
         set_num_threads(args.threads)
     threads = get_num_threads()
     opts = dict(eps=args.eps, tol=args.tol, max_iter=args.max_iter, precision=args.precision,
-                half_idleness=not args.solve_at_alpha)
+                half_idleness=not args.solve_at_alpha, bypass=not args.no_bypass)
     # compile (or load the cache) outside the timings
     t0 = time.perf_counter()
     solve_w1(random_layer_pair(8, 0, measure=args.measure), **opts)
@@ -227,7 +227,8 @@ def bench_problem(P, where: dict, args, opts, threads) -> list:
                          iterations_mean=st.get("iterations_mean", np.nan), eps=args.eps,
                          tol=args.tol, kappa_tol=kt, n_refined=st.get("n_refined", 0),
                          n_exact_fallback=st["n_exact_fallback"],
-                         kappa_gap_max=st["kappa_gap_max"], alpha_solved=st["alpha_solved"]))
+                         kappa_gap_max=st["kappa_gap_max"], alpha_solved=st["alpha_solved"],
+                         n_bypass=st.get("n_bypass", 0)))
         if st.get("n_not_converged"):
             print(f"  n={n}: {be}: {st['n_not_converged']} problems hit max_iter", flush=True)
     # ---- POT sinkhorn2 loop on the exact subset
@@ -341,6 +342,9 @@ def parse(argv=None):
     p.add_argument("--solve-at-alpha", action="store_true",
                    help="numba: solve at alpha itself, not at the equivalent idleness 1/2 "
                         "(half_idleness=False; for the comparison)")
+    p.add_argument("--no-bypass", action="store_true",
+                   help="numba: iterate on every connection, also where the bypass plan is "
+                        "optimal (bypass=False; for the comparison)")
     p.add_argument("--no-sinkhorn2", action="store_true")
     p.add_argument("--no-batch", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="numba threads (0: numba default)")
