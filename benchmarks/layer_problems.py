@@ -17,6 +17,19 @@ version run alternately. Subcommands:
   the previous connection's row potentials, the column ones by c-transform), against
   ``solve_w1`` per connection on the problem's first ``--columns`` columns; with the largest
   |kappa - exact kappa| of the certified values on the sample.
+* ``detours``: what a connection the bypass plan leaves to the solver looks like (alpha >=
+  1/2). Its W1 is ``U - (1-alpha) * profit``, the bypass plan's cost less the best exchange:
+  the transport of at most ``p_z`` out of each predecessor and ``r_w`` into each successor,
+  gaining ``G_zw = c_zy + c_xw - c_zw - d`` per unit where that is positive. Per layer, on
+  ``--sample`` random connections: the share bypassed; of the rest, how many of the ``kz x
+  kw`` detours gain (a sparse gain matrix would make the exchange a small exact problem), the
+  greedy exchange's shortfall and the bracket between it and the cheap upper bound
+  ``min(sum_z p_z max_w G_zw, sum_w r_w max_z G_zw)``, in kappa units; on ``--check`` of
+  them the reduction against ``ot.emd2`` of the whole problem. Also how little the supports
+  of neighbouring rows share (what solving them together on one block would need): the
+  median size of the union of 4 consecutive rows' supports, and of all rows'.
+* ``times``: run ``end_to_end.py`` (its arguments after ``--``) and time the solve of every
+  layer problem (wall seconds, microseconds per solved connection), in the order solved.
 
 Usage::
 
@@ -28,6 +41,9 @@ Usage::
         encoder_layer_0.mlp.3 -- --only vit_b_16 --vit-layers 2 --threads 2 --out /tmp/e.json
     python benchmarks/layer_problems.py solve /tmp/vit.pkl --columns 96 --repeat 3
     python benchmarks/layer_problems.py exact /tmp/vit.pkl --columns 96 --sample 2000
+    python benchmarks/layer_problems.py detours /tmp/vit.pkl --sample 3000
+    python benchmarks/layer_problems.py times --out /tmp/t.jsonl \\
+        -- --only vit_b_16 --vit-layers 2 --threads 2 --out /tmp/e.json
 """
 from __future__ import annotations
 
@@ -45,30 +61,38 @@ LOG_KEYS = ("n_solved", "iterations_mean", "n_float64", "n_bypass", "n_refined",
             "n_exact_fallback", "kappa_gap_max")
 
 
-def dump(out: str, layers: list, e2e_args: list) -> None:
-    """Run the end-to-end benchmark; pickle the first problem of each layer in ``layers``."""
+def _run_end_to_end(wrap, e2e_args: list) -> None:
+    """Run ``end_to_end.py`` with ``e2e_args``, the library's ``solve_problem`` replaced by
+    ``wrap(solve_problem)`` for the run and restored after it, also after an error."""
     import tp_curvature.curvature as curvature
 
     solve_problem = curvature.solve_problem
-    kept = {}
-
-    def capture(prob, cfg):
-        hit = [name for name in layers if name in prob.name and name not in kept]
-        if hit:           # pickled before the solve (kappa overwrites the problem's arrays)
-            kept[hit[0]] = pickle.dumps((prob, dict(cfg.backend_options)))
-            print(f"kept {prob.name} {prob.d_xy.shape}", flush=True)
-            if len(kept) == len(layers):
-                Path(out).write_bytes(pickle.dumps(
-                    {name: pickle.loads(b) for name, b in kept.items()}))
-                raise SystemExit(0)
-        return solve_problem(prob, cfg)
-
-    curvature.solve_problem = capture
+    curvature.solve_problem = wrap(solve_problem)
     try:
         sys.argv = ["end_to_end.py", *e2e_args]
         runpy.run_path(str(Path(__file__).with_name("end_to_end.py")), run_name="__main__")
     finally:
         curvature.solve_problem = solve_problem
+
+
+def dump(out: str, layers: list, e2e_args: list) -> None:
+    """Run the end-to-end benchmark; pickle the first problem of each layer in ``layers``."""
+    kept = {}
+
+    def wrap(solve_problem):
+        def capture(prob, cfg):
+            hit = [name for name in layers if name in prob.name and name not in kept]
+            if hit:       # pickled before the solve (kappa overwrites the problem's arrays)
+                kept[hit[0]] = pickle.dumps((prob, dict(cfg.backend_options)))
+                print(f"kept {prob.name} {prob.d_xy.shape}", flush=True)
+                if len(kept) == len(layers):
+                    Path(out).write_bytes(pickle.dumps(
+                        {name: pickle.loads(b) for name, b in kept.items()}))
+                    raise SystemExit(0)
+            return solve_problem(prob, cfg)
+        return capture
+
+    _run_end_to_end(wrap, e2e_args)
     raise SystemExit(f"only {sorted(kept)} of {layers} were found")
 
 
@@ -178,6 +202,148 @@ def exact(path: str, columns: int | None, sample: int, run: int, repeat: int,
         write_jsonl(out, rows)
 
 
+def _greedy_exchange(G, p, r) -> float:
+    """Profit of the greedy exchange: the gaining detours in decreasing gain, each taking as
+    much as its predecessor's and successor's capacities left (``p``, ``r``) allow."""
+    import numpy as np
+
+    p = p.copy()
+    r = r.copy()
+    zs, ws = np.nonzero(G > 0)
+    profit = 0.0
+    for k in np.argsort(-G[zs, ws], kind="stable"):
+        z, w = zs[k], ws[k]
+        t = min(p[z], r[w])
+        if t > 0:
+            profit += t * G[z, w]
+            p[z] -= t
+            r[w] -= t
+    return profit
+
+
+def _exchange_profit(G, p, r) -> float:
+    """Exact best exchange (a transport with a slack row and column, by ``ot.emd2``)."""
+    import numpy as np
+    import ot
+
+    M = np.zeros((G.shape[0] + 1, G.shape[1] + 1))
+    M[:-1, :-1] = -np.maximum(G, 0.0)
+    return -float(ot.emd2(np.append(p, 1.0), np.append(r, 1.0), M))
+
+
+def _detour_stats(prob, x: int, y: int, check: bool):
+    """One connection's exchange problem: None if it is trivial (a delta side), else a dict
+    (``gaining`` = 0: bypassed)."""
+    import numpy as np
+    import ot
+
+    from tp_curvature.transport import connection_problem
+    from tp_curvature.transport._drivers import BYPASS_GAP
+
+    a, b, M = connection_problem(prob, x, y)
+    if a.size < 2 or b.size < 2:
+        return None
+    al = prob.alpha
+    d = M[-1, -1]
+    p, r = a[:-1] / (1.0 - al), b[:-1] / (1.0 - al)
+    G = M[:-1, -1][:, None] + M[-1, :-1][None, :] - M[:-1, :-1] - d
+    gains = G > BYPASS_GAP * d
+    row = dict(gaining=int(gains.sum()), entries=G.size, rows=int(gains.any(1).sum()),
+               cols=int(gains.any(0).sum()))
+    if not row["gaining"]:
+        return row
+    G = np.where(gains, G, 0.0)
+    profit = _exchange_profit(G, p, r)
+    row["greedy_short"] = (profit - _greedy_exchange(G, p, r)) / d
+    row["bracket"] = (min(p @ G.max(1), r @ G.max(0)) - profit) / d + row["greedy_short"]
+    if check:
+        u = (2.0 * al - 1.0) * d + a[:-1] @ M[:-1, -1] + b[:-1] @ M[-1, :-1]
+        row["reduction_err"] = abs(float(ot.emd2(a, b, M)) - (u - (1.0 - al) * profit)) / d
+    return row
+
+
+def _support_unions(idx, mass, group: int = 4) -> tuple:
+    """Median size of the union of ``group`` consecutive rows' supports, and the size of the
+    union of all rows' (atoms of positive mass)."""
+    import numpy as np
+
+    sizes = [np.unique(idx[i:i + group][mass[i:i + group] > 0]).size
+             for i in range(0, idx.shape[0] - group + 1, group)]
+    return float(np.median(sizes)) if sizes else 0.0, int(np.unique(idx[mass > 0]).size)
+
+
+def detours(path: str, sample: int, check: int, seed: int, out: str | None) -> None:
+    """The bypassed share and the structure of the other connections' exchange problems on
+    ``sample`` random connections of each pickled problem (module docstring)."""
+    import numpy as np
+    from tqdm import tqdm
+
+    q = [10, 50, 90]
+    rows = []
+    for name, prob, _ in _pickled(path, None):
+        if prob.alpha < 0.5:
+            print(f"{name}: alpha {prob.alpha} < 1/2, no forced mass: skipped", flush=True)
+            continue
+        xs, ys = np.nonzero(prob.solve)
+        pick = np.random.default_rng(seed).choice(xs.size, min(sample, xs.size), replace=False)
+        stats = [_detour_stats(prob, xs[k], ys[k], n < check)
+                 for n, k in enumerate(tqdm(pick, desc=name, leave=False))]
+        stats = [s for s in stats if s is not None]
+        rest = [s for s in stats if s["gaining"]]
+        row = dict(layer=name, alpha=prob.alpha, sampled=len(stats),
+                   bypassed=round(1.0 - len(rest) / max(len(stats), 1), 4))
+        for side, idx, mass in (("pred", prob.pred_idx, prob.pred_mass),
+                                ("succ", prob.succ_idx, prob.succ_mass)):
+            row[f"{side}_k"] = int(idx.shape[1])
+            row[f"{side}_union_of_4"], row[f"{side}_union"] = _support_unions(idx, mass)
+        if rest:
+            col = {k: np.array([s[k] for s in rest], dtype=float)
+                   for k in ("gaining", "entries", "rows", "cols", "greedy_short", "bracket")}
+            share = col["gaining"] / col["entries"]
+            row.update(
+                gaining_share_p10_50_90=np.percentile(share, q).round(3).tolist(),
+                gaining_median=float(np.median(col["gaining"])),
+                gaining_rows_cols_median=[float(np.median(col["rows"])),
+                                          float(np.median(col["cols"]))],
+                one_row_or_column=round(float(((col["rows"] == 1) | (col["cols"] == 1))
+                                              .mean()), 4),
+                greedy_short_p10_50_90=np.percentile(col["greedy_short"], q).round(4).tolist(),
+                bracket_p10_50_90=np.percentile(col["bracket"], q).round(4).tolist(),
+                bracket_within_0_02=round(float((col["bracket"] <= 0.02).mean()), 4))
+            err = [s["reduction_err"] for s in rest if "reduction_err" in s]
+            if err:
+                row["reduction_max_err"] = float(max(err))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if out:
+        write_jsonl(out, rows)
+
+
+def times(out: str | None, e2e_args: list) -> list:
+    """Run the end-to-end benchmark; the wall time of each layer problem's solve."""
+    rows = []
+
+    def wrap(solve_problem):
+        def timed(prob, cfg):
+            t0 = time.perf_counter()
+            result = solve_problem(prob, cfg)
+            seconds = time.perf_counter() - t0
+            n = int(prob.solve.sum())
+            rows.append(dict(layer=prob.name, shape=list(prob.d_xy.shape),
+                             k_z=int(prob.pred_idx.shape[1]), k_w=int(prob.succ_idx.shape[1]),
+                             connections=n, seconds=round(seconds, 4),
+                             us_per_connection=round(seconds / n * 1e6, 3) if n else None))
+            return result
+        return timed
+
+    _run_end_to_end(wrap, e2e_args)
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    if out:
+        write_jsonl(out, rows)
+    return rows
+
+
 def _overrides(pairs: list) -> dict:
     """``["bypass=false", "eps=0.01"]`` -> ``{"bypass": False, "eps": 0.01}`` (JSON values)."""
     out = {}
@@ -210,6 +376,15 @@ def main() -> None:
     e.add_argument("--run", type=int, default=50, help="connections out of each sampled x")
     e.add_argument("--repeat", type=int, default=3)
     e.add_argument("--out", default=None, help="JSON lines")
+    t = sub.add_parser("detours", help="the exchange problems the bypass plan leaves")
+    t.add_argument("pickle")
+    t.add_argument("--sample", type=int, default=3000, help="random connections per layer")
+    t.add_argument("--check", type=int, default=200,
+                   help="of them, check the reduction against ot.emd2")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default=None, help="JSON lines")
+    m = sub.add_parser("times", help="time each layer problem's solve in an end_to_end.py run")
+    m.add_argument("--out", default=None, help="JSON lines")
     argv = sys.argv[1:]
     rest = []
     if "--" in argv:
@@ -220,8 +395,12 @@ def main() -> None:
         dump(a.out, a.layers, rest)
     elif a.cmd == "solve":
         solve(a.pickle, a.columns, a.repeat, a.out, _overrides(a.set))
-    else:
+    elif a.cmd == "exact":
         exact(a.pickle, a.columns, a.sample, a.run, a.repeat, a.out)
+    elif a.cmd == "detours":
+        detours(a.pickle, a.sample, a.check, a.seed, a.out)
+    else:
+        times(a.out, rest)
 
 
 if __name__ == "__main__":

@@ -101,3 +101,69 @@ def test_exact_times_the_network_simplex_on_runs_out_of_one_x(tmp_path, capsys):
     x, y = runs[0][0]
     a, b, M = connection_problem(P, x, y)
     assert np.isclose(emd_c(a, b, M, 10_000_000, 1, None, None)[1], exact_w1(P, x, y))
+
+
+def test_the_exchange_greedy_falls_short_of_the_exact_profit_within_the_bracket():
+    """Two predecessors and two successors of unit capacity: the greedy exchange takes the
+    best detour (gain 3) and blocks the pair of gain 2 + 2; the exact profit is 4, the cheap
+    bound min(sum p max_w G, sum r max_z G) = 5. Non-gaining entries never count."""
+    import numpy as np
+
+    G = np.array([[3.0, 2.0], [2.0, -1.0]])
+    one = np.ones(2)
+    assert layer_problems._greedy_exchange(G, one, one) == 3.0
+    assert np.isclose(layer_problems._exchange_profit(G, one, one), 4.0)
+    assert np.isclose(layer_problems._exchange_profit(-G, one, one), 1.0)   # only the -(-1)
+    assert layer_problems._greedy_exchange(-np.abs(G), one, one) == 0.0
+
+
+def test_detours_reduce_each_connection_to_its_exchange_exactly(tmp_path, capsys):
+    """On a random flow-measure layer pair at alpha 0.7 (forced mass 0.4 along the connection),
+    the reduction ``W1 = U - (1-alpha) profit`` matches ``ot.emd2`` of the whole problem on
+    every checked connection; the shares and quantiles are ordered (greedy shortfall >= 0,
+    the bracket at least the shortfall); a layer at alpha < 1/2 is skipped with a message."""
+    P = random_layer_pair(14, seed=3, topk=6, measure="flow", alpha=0.7)
+    Q = random_layer_pair(10, seed=2, topk=5, alpha=0.3)
+    path = tmp_path / "p.pkl"
+    path.write_bytes(pickle.dumps({"a": (P, {}), "b": (Q, {})}))
+    out = tmp_path / "rows.jsonl"
+    layer_problems.detours(str(path), 150, 150, 0, str(out))
+    row, = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["layer"] == "a" and row["sampled"] == 150 and 0 < row["bypassed"] < 1
+    assert row["reduction_max_err"] < 1e-9
+    lo, mid, hi = row["greedy_short_p10_50_90"]
+    assert 0 <= lo <= mid <= hi
+    assert all(b >= g for b, g in zip(row["bracket_p10_50_90"], row["greedy_short_p10_50_90"]))
+    assert 0 < row["gaining_share_p10_50_90"][1] <= 1
+    assert "b: alpha 0.3 < 1/2" in capsys.readouterr().out
+    assert row["pred_k"] == 6 and 6 <= row["pred_union_of_4"] <= min(24, row["pred_union"])
+
+
+def test_support_unions_count_live_atoms_of_consecutive_rows():
+    """Rows {0, 1}, {1, 2}, {5, 6}, {6 (and a zero-mass 7)}: unions of two rows 3 and 2
+    (padding and zero-mass atoms not counted), of all rows 5; an incomplete last group is left
+    out."""
+    import numpy as np
+
+    idx = np.array([[0, 1], [1, 2], [5, 6], [6, 7], [9, -1]])
+    mass = np.array([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [1.0, 0.0], [1.0, 0.0]])
+    assert layer_problems._support_unions(idx, mass, group=2) == (2.5, 6)
+    assert layer_problems._support_unions(idx[:4], mass[:4], group=2) == (2.5, 5)
+
+
+@pytest.mark.slow
+def test_times_reports_every_layer_problem_solved_and_restores_the_solver(tmp_path):
+    """A ResNet-56 run on two images: one row per layer problem solved (its warm-up's and the
+    clock's), each with its solved connections and a positive time; the solver is restored."""
+    import tp_curvature.curvature as curvature
+
+    solve_problem = curvature.solve_problem
+    args = ["--only", "resnet56", "--calib", "2", "--threads", "1",
+            "--out", str(tmp_path / "e.json")]
+    rows = layer_problems.times(str(tmp_path / "t.jsonl"), args)
+    assert curvature.solve_problem is solve_problem
+    assert len(rows) >= 2 * 55 and len(rows) == len((tmp_path / "t.jsonl").read_text()
+                                                    .splitlines())
+    assert all(r["seconds"] > 0 for r in rows)
+    assert sum(r["connections"] for r in rows) > 2 * 90_000
+    assert any("layer3" in r["layer"] for r in rows)
