@@ -6,6 +6,7 @@ Two measurements, each in one process so the ratios compare like with like:
   images, 32x32) against GroupTaylorImportance's forward + backward on the same batch and the
   same pruner; both times include scoring every group of one ``BasePruner`` step. Both run
   once on two images first, untimed (:func:`warm_up`: imports, Numba cache, first export).
+  ``--repeat N`` makes N paired measurements in the process (a noisy machine's check).
 * ``resnet50``: CurvatureImportance of torchvision ResNet-50 (random weights) at 224x224, wall
   time and peak resident memory (``ru_maxrss``) of the process.
 * ``repair_resnet20`` (256 images, 32x32) and ``repair_resnet50`` (16 images, 224x224): the
@@ -29,6 +30,7 @@ Usage::
 
     python benchmarks/end_to_end.py                 # resnet56 and resnet50, library default
     python benchmarks/end_to_end.py --only resnet56 --calib 256
+    python benchmarks/end_to_end.py --only resnet56 --repeat 5 --threads 2   # paired runs
     python benchmarks/end_to_end.py --only resnet50 --calib 16 --topk 8
     python benchmarks/end_to_end.py --only repair_resnet20 --threads 2
     python benchmarks/end_to_end.py --only repair_resnet50 --threads 2
@@ -75,32 +77,22 @@ def config_columns(config: CurvatureConfig) -> dict:
                 topk=config.topk, backend=config.backend)
 
 
-def bench_resnet56(calib: int, config: CurvatureConfig, seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    model = resnet56(10, 3).eval()
-    x = torch.randn(calib, 3, 32, 32)
-    y = torch.randint(0, 10, (calib,))
+def _resnet56_once(model: nn.Module, x, y, config: CurvatureConfig) -> dict:
+    """One paired measurement: Taylor's forward+backward and scoring, an eager forward, then
+    curvature's calibration and scoring, each on its own copy of ``model``."""
     example = x[:1]
-    warm_up(model, x[:2], y[:2], config)
-
-    # Taylor: forward + backward on the batch, then score every group
     m_t = copy.deepcopy(model)
     t0 = time.perf_counter()
     loss = nn.functional.cross_entropy(m_t(x), y)
     loss.backward()
     t_fb = time.perf_counter() - t0
-    taylor = tp.importance.GroupTaylorImportance()
     t1 = time.perf_counter()
-    n_groups = n_scored(score_all_groups(m_t, example, taylor)[0])
+    n_groups = n_scored(score_all_groups(m_t, example, tp.importance.GroupTaylorImportance())[0])
     t_taylor_score = time.perf_counter() - t1
-
-    # an eager forward of the batch (what the calibration pass is compared with)
-    with torch.no_grad():
+    with torch.no_grad():  # an eager forward of the batch (what calibration is compared with)
         t0 = time.perf_counter()
         model(x)
         t_fwd = time.perf_counter() - t0
-
-    # Curvature: calibrate (hooks + one forward) + graph + kernels + scoring
     m_c = copy.deepcopy(model)
     imp = CurvatureImportance(config)
     t0 = time.perf_counter()
@@ -110,13 +102,39 @@ def bench_resnet56(calib: int, config: CurvatureConfig, seed: int = 0) -> dict:
     score_all_groups(m_c, example, imp)
     t_curv = time.perf_counter() - t1
     n_conn = sum(cc.n_solved for cc in imp.channel_curvatures().values())
-    total_c = t_cal + t_curv
-    total_t = t_fb + t_taylor_score
-    return dict(model="resnet56", calib=calib, **config_columns(config), groups=n_groups,
-                connections=n_conn, eager_forward_s=t_fwd, taylor_forward_backward_s=t_fb,
-                taylor_total_s=total_t, curvature_calibrate_s=t_cal,
-                curvature_scoring_s=t_curv, curvature_total_s=total_c,
-                ratio_vs_taylor_fb=total_c / t_fb, ratio_vs_taylor_total=total_c / total_t)
+    return dict(groups=n_groups, connections=n_conn, eager_forward_s=t_fwd,
+                taylor_forward_backward_s=t_fb, taylor_total_s=t_fb + t_taylor_score,
+                curvature_calibrate_s=t_cal, curvature_scoring_s=t_curv,
+                curvature_total_s=t_cal + t_curv)
+
+
+def bench_resnet56(calib: int, config: CurvatureConfig, seed: int = 0, repeat: int = 1) -> dict:
+    """Curvature against Taylor on a CIFAR ResNet-56, ``repeat`` paired measurements in one
+    process (:func:`_resnet56_once`). The row's times are the medians over the runs, its
+    ratios the per-run ratios' mean (``_std``: their standard deviation) and the ratio of the
+    best times (``ratio_vs_taylor_fb_of_best``), the least disturbed by other load."""
+    import numpy as np
+
+    torch.manual_seed(seed)
+    model = resnet56(10, 3).eval()
+    x = torch.randn(calib, 3, 32, 32)
+    y = torch.randint(0, 10, (calib,))
+    warm_up(model, x[:2], y[:2], config)
+    runs = [_resnet56_once(model, x, y, config) for _ in range(repeat)]
+    row = dict(model="resnet56", calib=calib, **config_columns(config), repeat=repeat,
+               groups=runs[0]["groups"], connections=runs[0]["connections"])
+    for key in runs[0]:
+        if key.endswith("_s"):
+            row[key] = float(np.median([r[key] for r in runs]))
+            row[key + "_runs"] = [r[key] for r in runs]
+    for name, ref in (("fb", "taylor_forward_backward_s"), ("total", "taylor_total_s")):
+        ratios = np.array([r["curvature_total_s"] / r[ref] for r in runs])
+        row[f"ratio_vs_taylor_{name}"] = float(ratios.mean())
+        row[f"ratio_vs_taylor_{name}_std"] = float(ratios.std(ddof=1)) if repeat > 1 else 0.0
+        row[f"ratio_vs_taylor_{name}_runs"] = ratios.tolist()
+    row["ratio_vs_taylor_fb_of_best"] = (min(row["curvature_total_s_runs"])
+                                         / min(row["taylor_forward_backward_s_runs"]))
+    return row
 
 
 def warm_up(model: nn.Module, x, y, config: CurvatureConfig) -> None:
@@ -269,10 +287,13 @@ def print_table(rows: list) -> None:
                   f"Gram {r['gram_mib']:.0f} MiB, peak RSS {r['peak_rss_mib']:.0f} MiB |")
             continue
         if r["model"] == "resnet56":
+            n = r["repeat"]
+            spread = (f" ± {r['ratio_vs_taylor_fb_std']:.2f} (mean of {n} paired runs; best "
+                      f"times {r['ratio_vs_taylor_fb_of_best']:.2f}x)" if n > 1 else "")
             print(f"| resnet56 | {r['calib']} | {r['topk']} | {r['connections']} | "
                   f"{r['curvature_total_s']:.2f} | Taylor fwd+bwd {r['taylor_forward_backward_s']:.2f} s"
-                  f" (+ scoring {r['taylor_total_s']:.2f} s) | {r['ratio_vs_taylor_fb']:.2f}x fwd+bwd,"
-                  f" {r['ratio_vs_taylor_total']:.2f}x total |")
+                  f" (+ scoring {r['taylor_total_s']:.2f} s) | {r['ratio_vs_taylor_fb']:.2f}x"
+                  f"{spread} fwd+bwd, {r['ratio_vs_taylor_total']:.2f}x total |")
         elif r["model"] in ZOO:
             if "curvature_total_s" not in r:
                 print(f"| {r['model']} | {r['calib']} | {r['topk']} | {r['connections']} | "
@@ -308,6 +329,9 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true",
                     help="vit_b_16 / timm_efficientnet_b0: stop after calibration")
     add_curvature_arguments(ap.add_argument_group("curvature (the definition timed)"))
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="resnet56: paired Taylor / curvature measurements in the process "
+                         "(times: medians; ratio: mean ± std of the pairs, and of the best times)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="results/end_to_end.json")
     args = ap.parse_args(argv)
@@ -316,7 +340,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     rows = []
     if args.only in (None, "resnet56"):
-        rows.append(bench_resnet56(args.calib or 256, config))
+        rows.append(bench_resnet56(args.calib or 256, config, repeat=args.repeat))
     if args.only in (None, "resnet50"):
         rows.append(bench_resnet50(args.calib or 16, config))
     if args.only in REPAIR:
