@@ -254,8 +254,9 @@ def _detour_stats(prob, x: int, y: int, check: bool):
         return row
     G = np.where(gains, G, 0.0)
     profit = _exchange_profit(G, p, r)
-    row["greedy_short"] = (profit - _greedy_exchange(G, p, r)) / d
-    row["bracket"] = (min(p @ G.max(1), r @ G.max(0)) - profit) / d + row["greedy_short"]
+    greedy = _greedy_exchange(G, p, r)
+    row["greedy_short"] = (profit - greedy) / d
+    row["bracket"] = (min(p @ G.max(1), r @ G.max(0)) - greedy) / d
     if check:
         u = (2.0 * al - 1.0) * d + a[:-1] @ M[:-1, -1] + b[:-1] @ M[-1, :-1]
         row["reduction_err"] = abs(float(ot.emd2(a, b, M)) - (u - (1.0 - al) * profit)) / d
@@ -333,12 +334,11 @@ def times(out: str | None, e2e_args: list) -> list:
                              k_z=int(prob.pred_idx.shape[1]), k_w=int(prob.succ_idx.shape[1]),
                              connections=n, seconds=round(seconds, 4),
                              us_per_connection=round(seconds / n * 1e6, 3) if n else None))
+            print(json.dumps(rows[-1]), flush=True)
             return result
         return timed
 
     _run_end_to_end(wrap, e2e_args)
-    for row in rows:
-        print(json.dumps(row), flush=True)
     if out:
         write_jsonl(out, rows)
     return rows
