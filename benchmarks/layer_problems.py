@@ -239,6 +239,7 @@ def _detour_stats(prob, x: int, y: int, check: bool):
 
     from tp_curvature.transport import connection_problem
     from tp_curvature.transport._drivers import BYPASS_GAP
+    from tp_curvature.transport._primitives import bypass
 
     a, b, M = connection_problem(prob, x, y)
     if a.size < 2 or b.size < 2:
@@ -257,8 +258,9 @@ def _detour_stats(prob, x: int, y: int, check: bool):
     greedy = _greedy_exchange(G, p, r)
     row["greedy_short"] = (profit - greedy) / d
     row["bracket"] = (min(p @ G.max(1), r @ G.max(0)) - greedy) / d
-    if check:
-        u = (2.0 * al - 1.0) * d + a[:-1] @ M[:-1, -1] + b[:-1] @ M[-1, :-1]
+    if check:         # the bypass plan's cost U from the solver's own primitive
+        u, _ = bypass(np.ascontiguousarray(M[:-1, :-1]), np.arange(p.size), np.arange(r.size),
+                      M[:-1, -1].copy(), M[-1, :-1].copy(), p, r, d, al, np.inf)
         row["reduction_err"] = abs(float(ot.emd2(a, b, M)) - (u - (1.0 - al) * profit)) / d
     return row
 
